@@ -1,0 +1,3 @@
+"""Stable Diffusion in MLX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,31 @@
+"""Typed errors of the library; the server maps each to one gRPC status (grpc_service)."""
+
+from __future__ import annotations
+
+
+class MlxSdError(Exception):
+    """Base of every error the library raises on purpose."""
+
+
+class InvalidRequest(MlxSdError):
+    """A request field is out of range or malformed; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class ModelNotFound(MlxSdError):
+    """A model file the request needs is missing; `path` names it."""
+
+    def __init__(self, path: str, message: str = "model file not found") -> None:
+        super().__init__(f"{message}: {path}")
+        self.path = path
+
+
+class CheckpointError(MlxSdError):
+    """A checkpoint is unreadable, of an unsupported format, or does not match the architecture."""
+
+
+class Unimplemented(MlxSdError):
+    """A feature the API names but this build does not provide yet."""
