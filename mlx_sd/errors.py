@@ -29,3 +29,11 @@ class CheckpointError(MlxSdError):
 
 class Unimplemented(MlxSdError):
     """A feature the API names but this build does not provide yet."""
+
+
+class QueueFull(MlxSdError):
+    """The generation queue is at its configured depth; the client may retry later."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__(f"the generation queue is full ({depth} waiting); try again later")
+        self.depth = depth

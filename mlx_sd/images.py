@@ -1,0 +1,66 @@
+"""Finished images: PNG bytes that carry their generation parameters, A1111-style."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """What it takes to reproduce one image, written as A1111's "parameters" text."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    sampler: str
+    cfg_scale: float
+    seed: int
+    width: int
+    height: int
+    model_name: str
+    model_hash: str
+    # Hires fix: the first pass size and the second pass strength, when it ran.
+    first_pass_size: tuple[int, int] | None = None
+    denoising_strength: float | None = None
+    upscaler: str | None = None
+
+    def text(self) -> str:
+        fields = [
+            ("Steps", self.steps),
+            ("Sampler", self.sampler),
+            ("CFG scale", _number(self.cfg_scale)),
+            ("Seed", self.seed),
+            ("Size", f"{self.width}x{self.height}"),
+            ("Model hash", self.model_hash),
+            ("Model", self.model_name),
+        ]
+        if self.first_pass_size is not None:
+            w, h = self.first_pass_size
+            fields += [
+                ("Denoising strength", _number(self.denoising_strength or 0.0)),
+                ("First pass size", f"{w}x{h}"),
+                ("Hires resize", f"{self.width}x{self.height}"),
+                ("Hires upscaler", self.upscaler or "Lanczos"),
+            ]
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(", ".join(f"{k}: {v}" for k, v in fields))
+        return "\n".join(lines)
+
+
+def _number(x: float) -> str:
+    return f"{x:g}"
+
+
+def encode_png(pixels: np.ndarray, parameters: str) -> bytes:
+    """PNG bytes of an HxWx3 uint8 image, with `parameters` in a tEXt chunk (A1111's key)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
