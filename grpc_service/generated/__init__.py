@@ -1,0 +1,1 @@
+"""Code generated from protos/ by `python -m grpc_service.codegen`; never edit it by hand."""

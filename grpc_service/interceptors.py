@@ -1,0 +1,108 @@
+"""Server interceptors: the shared-secret check, then the mapping of errors to statuses."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from grpc_service.auth import AUTH_METADATA_KEY, BEARER_PREFIX
+from grpc_service.status import status_for
+
+log = logging.getLogger(__name__)
+
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+
+_HANDLER_KINDS = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
+def _with_behavior(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior, bool], Behavior]) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` whose behaviour is `wrap(behavior, streams_responses)`."""
+    attribute, make_handler = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
+    return make_handler(
+        wrap(getattr(handler, attribute), handler.response_streaming),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class SharedSecretInterceptor(grpc.ServerInterceptor):
+    """Rejects, before any work is done, every RPC without `authorization: Bearer <secret>`."""
+
+    def __init__(self, secret: str) -> None:
+        self._expected = (BEARER_PREFIX + secret).encode()
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or self._authorized(handler_call_details.invocation_metadata or ()):
+            return handler
+        return _with_behavior(handler, lambda _behavior, _streams: _reject_unauthenticated)
+
+    def _authorized(self, metadata: tuple[tuple[str, str | bytes], ...]) -> bool:
+        given = [value for key, value in metadata if key == AUTH_METADATA_KEY]
+        if len(given) != 1:
+            return False
+        value = given[0].encode() if isinstance(given[0], str) else given[0]
+        return hmac.compare_digest(value, self._expected)
+
+
+def _reject_unauthenticated(_request: Any, context: grpc.ServicerContext) -> None:
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong shared secret (authorization: Bearer <secret>)")
+
+
+class ErrorStatusInterceptor(grpc.ServerInterceptor):
+    """Turns exceptions escaping a handler into statuses (grpc_service.status), logging unexpected ones."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        return _with_behavior(handler, lambda behavior, streams: _mapping_errors(method, behavior, streams))
+
+
+def _mapping_errors(method: str, behavior: Behavior, streams_responses: bool) -> Behavior:
+    if streams_responses:
+
+        def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from behavior(request, context)
+            except Exception as error:
+                _abort_with_status(method, error, context)
+
+        return streaming
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behavior(request, context)
+        except Exception as error:
+            _abort_with_status(method, error, context)
+
+    return unary
+
+
+def _abort_with_status(method: str, error: Exception, context: grpc.ServicerContext) -> None:
+    if not context.is_active():
+        # The client cancelled or went away; grpc itself quietly ends RPCs whose request
+        # stream broke for that reason, and there is nobody to send a status to.
+        raise error
+    code, details = status_for(error)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("%s failed: %s", method, details, exc_info=error)
+    context.abort(code, details)

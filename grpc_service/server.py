@@ -1,0 +1,134 @@
+"""Builds and runs the gRPC server from explicit settings (nothing is read from the environment here)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from grpc_service.defaults import DEFAULT_HOST, DEFAULT_PORT
+from grpc_service.engine import GenerationEngine, PipelineUnavailable
+from grpc_service.files import DEFAULT_MAX_UPLOAD_BYTES, ModelDirectory
+from grpc_service.generated import imageservice_pb2_grpc as pb_grpc
+from grpc_service.interceptors import ErrorStatusInterceptor, SharedSecretInterceptor
+from grpc_service.servicer import ImageGenerationServicer
+from grpc_service.tls import TlsError, TlsIdentity, ensure_self_signed, load_identity
+
+# Room for a batch of large PNGs in one response and for big upload chunks.
+MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024**2
+MAX_SEND_MESSAGE_BYTES = 256 * 1024**2
+WORKER_THREADS = 16
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+log = logging.getLogger(__name__)
+
+
+class ServerStartError(Exception):
+    """The server cannot start as configured (TLS material, address); the message says why."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    models_dir: Path
+    config_dir: Path  # holds the generated TLS pair when no certificate is given
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT  # 0 picks a free port
+    tls: bool = True
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    shared_secret: str | None = None
+    response_compression: bool = True
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    server: grpc.Server
+    address: str  # host:port actually bound
+    tls: TlsIdentity | None
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def stop(self, grace: float | None = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Refuses new RPCs, lets running ones finish for `grace` seconds, then cancels them."""
+        self.server.stop(grace).wait()
+
+
+def tls_identity(settings: ServerSettings) -> TlsIdentity:
+    """The given certificate and key, or the generated pair; raises ServerStartError if unusable."""
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ServerStartError("give both --tls-cert and --tls-key, or neither")
+    try:
+        if settings.tls_cert is None or settings.tls_key is None:
+            return ensure_self_signed(settings.config_dir)
+        identity = load_identity(settings.tls_cert, settings.tls_key)
+    except TlsError as exc:
+        raise ServerStartError(f"TLS setup failed: {exc}") from exc
+    if identity.not_after <= dt.datetime.now(dt.UTC):
+        raise ServerStartError(f"the TLS certificate {settings.tls_cert} expired on {identity.not_after:%Y-%m-%d}")
+    return identity
+
+
+def start_server(settings: ServerSettings, engine: GenerationEngine | None = None) -> RunningServer:
+    """Starts serving in background threads. `engine` defaults to the PipelineUnavailable stand-in."""
+    identity = tls_identity(settings) if settings.tls else None
+    settings.models_dir.mkdir(parents=True, exist_ok=True)
+    models = ModelDirectory(settings.models_dir, settings.max_upload_bytes)
+    interceptors: list[grpc.ServerInterceptor] = []
+    if settings.shared_secret:
+        interceptors.append(SharedSecretInterceptor(settings.shared_secret))
+    interceptors.append(ErrorStatusInterceptor())
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="rpc"),
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
+        ],
+        compression=grpc.Compression.Gzip if settings.response_compression else grpc.Compression.NoCompression,
+    )
+    servicer = ImageGenerationServicer(models, engine or PipelineUnavailable(models.root))
+    pb_grpc.add_ImageGenerationServiceServicer_to_server(servicer, server)
+    host = f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
+    address = f"{host}:{settings.port}"
+    try:
+        if identity is None:
+            port = server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials([(identity.key_pem, identity.cert_pem)])
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise ServerStartError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise ServerStartError(f"cannot listen on {address}")
+    server.start()
+    return RunningServer(server, f"{host}:{port}", identity)
+
+
+def run_until_signalled(running: RunningServer) -> signal.Signals:
+    """Blocks until SIGINT or SIGTERM, then stops the server gracefully; returns the signal."""
+    received: list[signal.Signals] = []
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum))
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(timeout=1.0):  # a timed wait keeps the main thread responsive to signals
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("received %s; stopping (grace %.0f s)", received[0].name, SHUTDOWN_GRACE_SECONDS)
+    running.stop()
+    return received[0]

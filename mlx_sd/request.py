@@ -1,0 +1,101 @@
+"""The domain form of an image-generation request, and its validation against documented limits.
+
+The API's fields are proto3 scalars, so "not set" arrives as 0: `validated()` replaces 0 by the
+documented default for width, height, steps, cfg_scale, batch_size and batch_count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from mlx_sd.errors import InvalidRequest
+from mlx_sd.sampling.registry import SAMPLER_NAMES, canonical_sampler_name
+
+SIDE_MULTIPLE = 64
+MIN_SIDE = 64
+MAX_SIDE = 2048
+DEFAULT_SIDE = 512
+MIN_STEPS = 1
+MAX_STEPS = 150
+DEFAULT_STEPS = 20
+MAX_CFG_SCALE = 30.0
+DEFAULT_CFG_SCALE = 7.0
+MAX_BATCH_SIZE = 8
+MAX_BATCH_COUNT = 100
+MAX_PROMPT_CHARS = 10_000
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate. A negative seed asks for a random one (the pipeline picks it)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int = DEFAULT_SIDE
+    height: int = DEFAULT_SIDE
+    steps: int = DEFAULT_STEPS
+    cfg_scale: float = DEFAULT_CFG_SCALE
+    seed: int = -1
+    sampler: str = ""
+    restore_faces: bool = False
+    enable_hr: bool = False
+    denoising_strength: float = 0.0
+    batch_size: int = 1
+    batch_count: int = 1
+
+    def validated(self) -> GenerationRequest:
+        """This request with defaults filled in and the sampler name canonical.
+
+        Raises InvalidRequest naming the first field that is out of its documented range.
+        """
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
+                raise InvalidRequest(name, f"longer than {MAX_PROMPT_CHARS} characters")
+        width = _side("width", self.width)
+        height = _side("height", self.height)
+        steps = _int_in_range("steps", self.steps or DEFAULT_STEPS, MIN_STEPS, MAX_STEPS)
+        cfg_scale = _float_in_range("cfg_scale", self.cfg_scale or DEFAULT_CFG_SCALE, 0.0, MAX_CFG_SCALE)
+        strength = _float_in_range("denoising_strength", self.denoising_strength, 0.0, 1.0)
+        batch_size = _int_in_range("batch_size", self.batch_size or 1, 1, MAX_BATCH_SIZE)
+        batch_count = _int_in_range("batch_count", self.batch_count or 1, 1, MAX_BATCH_COUNT)
+        seed = _int_in_range("seed", self.seed, INT64_MIN, INT64_MAX)
+        sampler = canonical_sampler_name(self.sampler)
+        if sampler is None:
+            raise InvalidRequest("sampler", f"unknown sampler {self.sampler!r}; supported: {', '.join(SAMPLER_NAMES)}")
+        return dataclasses.replace(
+            self,
+            width=width,
+            height=height,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            sampler=sampler,
+            denoising_strength=strength,
+            batch_size=batch_size,
+            batch_count=batch_count,
+        )
+
+
+def _int_in_range(field: str, value: int, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise InvalidRequest(field, f"must be between {low} and {high} (got {value})")
+    return value
+
+
+def _float_in_range(field: str, value: float, low: float, high: float) -> float:
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidRequest(field, f"must be a finite number between {low:g} and {high:g} (got {value})")
+    return float(value)
+
+
+def _side(field: str, value: int) -> int:
+    value = value or DEFAULT_SIDE
+    if value % SIDE_MULTIPLE or not MIN_SIDE <= value <= MAX_SIDE:
+        raise InvalidRequest(
+            field, f"must be a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and {MAX_SIDE} (got {value})"
+        )
+    return value

@@ -1,0 +1,99 @@
+"""Shared fixtures: a real gRPC server on a loopback port (TLS on by default) and clients for it.
+
+The server modules are imported inside the fixtures, so test files that use none of them do not
+depend on them importing cleanly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    import grpc
+
+    from grpc_service.client import ClientSettings, ImageServiceClient
+    from grpc_service.generated import imageservice_pb2_grpc as pb_grpc
+    from grpc_service.server import RunningServer
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "models"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    return tmp_path / "config"
+
+
+@pytest.fixture
+def server_factory(models_dir: Path, config_dir: Path) -> Iterator[Callable[..., RunningServer]]:
+    """start(engine=None, **settings) -> a started server on 127.0.0.1 with a free port; stopped at teardown."""
+    from grpc_service.server import ServerSettings, start_server
+
+    started: list[RunningServer] = []
+
+    def start(engine: Any = None, **overrides: Any) -> RunningServer:
+        fields = {"models_dir": models_dir, "config_dir": config_dir, "host": "127.0.0.1", "port": 0, **overrides}
+        running = start_server(ServerSettings(**fields), engine)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop(None)
+
+
+@pytest.fixture
+def server(server_factory: Callable[..., RunningServer]) -> RunningServer:
+    return server_factory()
+
+
+def client_settings(running: RunningServer, **overrides: Any) -> ClientSettings:
+    """Settings that trust the server's own certificate and check it against the name localhost."""
+    from grpc_service.client import ClientSettings
+
+    fields: dict[str, Any] = {"server": f"localhost:{running.port}"}
+    if running.tls is None:
+        fields["tls"] = False
+    else:
+        fields["ca_file"] = running.tls.cert_path
+    return ClientSettings(**{**fields, **overrides})
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[..., ImageServiceClient]]:
+    from grpc_service.client import ImageServiceClient
+
+    clients: list[ImageServiceClient] = []
+
+    def make(running: RunningServer, **overrides: Any) -> ImageServiceClient:
+        clients.append(ImageServiceClient(client_settings(running, **overrides)))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def stub_for() -> Iterator[Callable[..., pb_grpc.ImageGenerationServiceStub]]:
+    """A raw stub, for RPCs and message shapes the client helper does not cover."""
+    from grpc_service.client import open_channel
+    from grpc_service.generated import imageservice_pb2_grpc as pb_grpc
+
+    channels: list[grpc.Channel] = []
+
+    def make(running: RunningServer, **overrides: Any) -> pb_grpc.ImageGenerationServiceStub:
+        channels.append(open_channel(client_settings(running, **overrides)))
+        return pb_grpc.ImageGenerationServiceStub(channels[-1])
+
+    yield make
+    for channel in channels:
+        channel.close()

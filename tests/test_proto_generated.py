@@ -1,0 +1,121 @@
+"""The committed generated code matches protos/, and the .proto matches the API spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import descriptor_pb2
+
+from grpc_service.codegen import PROTO_FILES, compile_descriptor_set
+from grpc_service.generated import imageservice_pb2 as pb
+
+FieldType = descriptor_pb2.FieldDescriptorProto
+
+# The spec's messages: field name -> (number, type, repeated). These never change.
+SPEC_MESSAGES = {
+    "EchoRequest": {},
+    "EchoResponse": {"message": (1, FieldType.TYPE_STRING, False)},
+    "FilesExistRequest": {"files": (1, FieldType.TYPE_STRING, True)},
+    "FilesExistResponse": {
+        "files": (1, FieldType.TYPE_STRING, True),
+        "exists": (2, FieldType.TYPE_BOOL, True),
+        "errors": (3, FieldType.TYPE_STRING, True),
+    },
+    "ImageGenerationRequest": {
+        "prompt": (1, FieldType.TYPE_STRING, False),
+        "negative_prompt": (2, FieldType.TYPE_STRING, False),
+        "width": (3, FieldType.TYPE_INT32, False),
+        "height": (4, FieldType.TYPE_INT32, False),
+        "steps": (5, FieldType.TYPE_INT32, False),
+        "cfg_scale": (6, FieldType.TYPE_FLOAT, False),
+        "seed": (7, FieldType.TYPE_INT64, False),
+        "sampler": (8, FieldType.TYPE_STRING, False),
+        "restore_faces": (9, FieldType.TYPE_BOOL, False),
+        "enable_hr": (10, FieldType.TYPE_BOOL, False),
+        "denoising_strength": (11, FieldType.TYPE_FLOAT, False),
+        "batch_size": (12, FieldType.TYPE_INT32, False),
+        "batch_count": (13, FieldType.TYPE_INT32, False),
+    },
+    "ImageGenerationResponse": {
+        "images": (1, FieldType.TYPE_BYTES, True),
+        "info": (2, FieldType.TYPE_STRING, True),
+        "events": (3, FieldType.TYPE_MESSAGE, True),
+    },
+    "SignpostEvent": {
+        "name": (1, FieldType.TYPE_STRING, False),
+        "timestamp": (2, FieldType.TYPE_INT64, False),
+        "type": (3, FieldType.TYPE_ENUM, False),
+    },
+    "UploadFileRequest": {
+        "filename": (1, FieldType.TYPE_STRING, False),
+        "chunk_data": (2, FieldType.TYPE_BYTES, False),
+    },
+    "UploadFileResponse": {"success": (1, FieldType.TYPE_BOOL, False), "message": (2, FieldType.TYPE_STRING, False)},
+}
+SPEC_EVENT_TYPES = [
+    "TEXT_ENCODED",
+    "IMAGE_DECODED",
+    "IMAGE_ENCODED",
+    "SAMPLING",
+    "FACE_RESTORED",
+    "IMAGE_UPSCALED",
+    "SECOND_PASS_IMAGE_DECODED",
+    "SECOND_PASS_IMAGE_ENCODED",
+    "SECOND_PASS_SAMPLING",
+]
+SPEC_RPCS = {  # name -> (client streaming, server streaming)
+    "Echo": (False, False),
+    "FilesExist": (False, False),
+    "GenerateImage": (False, True),
+    "UploadFile": (True, False),
+}
+
+
+def committed_descriptor() -> descriptor_pb2.FileDescriptorProto:
+    """The FileDescriptorProto embedded, serialized, in the committed imageservice_pb2 module."""
+    return descriptor_pb2.FileDescriptorProto.FromString(pb.DESCRIPTOR.serialized_pb)
+
+
+def without_derived_parts(proto: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileDescriptorProto:
+    """Drops what protoc adds to a descriptor set but not to generated code (comments, JSON names)."""
+    proto.ClearField("source_code_info")
+    pending = list(proto.message_type)
+    while pending:
+        message = pending.pop()
+        pending.extend(message.nested_type)
+        for field in message.field:
+            field.ClearField("json_name")
+    return proto
+
+
+def test_committed_code_is_not_stale(tmp_path: Path) -> None:
+    pytest.importorskip("grpc_tools", reason="grpcio-tools (the test extra) compiles the .proto")
+    out = tmp_path / "descriptors.pb"
+    compile_descriptor_set(out)
+    compiled = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
+    assert [f.name for f in compiled.file] == list(PROTO_FILES)
+    fresh = without_derived_parts(compiled.file[0])
+    assert fresh == committed_descriptor(), "run `python -m grpc_service.codegen` and commit the result"
+
+
+def test_proto_declares_a_package() -> None:
+    assert committed_descriptor().package == "mlxsd.v1"
+
+
+def test_messages_are_the_specs() -> None:
+    messages = {m.name: m for m in committed_descriptor().message_type}
+    assert set(messages) == set(SPEC_MESSAGES)
+    for name, fields in SPEC_MESSAGES.items():
+        actual = {f.name: (f.number, f.type, f.label == FieldType.LABEL_REPEATED) for f in messages[name].field}
+        assert actual == fields, name
+    assert messages["ImageGenerationResponse"].field[2].type_name == ".mlxsd.v1.SignpostEvent"
+    event_enum = messages["SignpostEvent"].enum_type[0]
+    assert event_enum.name == "EventType"
+    assert [(v.name, v.number) for v in event_enum.value] == [(n, i) for i, n in enumerate(SPEC_EVENT_TYPES)]
+
+
+def test_service_has_the_specs_rpcs() -> None:
+    (service,) = committed_descriptor().service
+    assert service.name == "ImageGenerationService"
+    assert {m.name: (m.client_streaming, m.server_streaming) for m in service.method} == SPEC_RPCS
