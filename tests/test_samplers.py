@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from mlx_sd.random import BatchGenerator
-from mlx_sd.sampling import registry, samplers_multistep
+from mlx_sd.sampling import catalog, registry, samplers_multistep
 from mlx_sd.sampling.samplers import noise_source
 from mlx_sd.sampling.denoisers import eps_denoiser, guided, lcm_denoiser, v_denoiser
 from mlx_sd.sampling.schedules import sigma_to_t, train_sigmas
@@ -58,7 +58,7 @@ def run(case: str) -> list[mx.array]:
     """Our sampler for `case`: the latent after every step, in the VP form diffusers reports for the
     diffusers-style samplers (the last one as the pipeline will decode it, via `output_latents`)."""
     name, steps, batch, override = CASES[case]
-    spec = registry.sampler_spec(name)
+    spec = catalog.sampler_spec(name)
     train = train_sigmas()
     sigmas = spec.sigmas(steps, train)
     noise = noise_source(BatchGenerator.consecutive(SEED, batch), channels_last=False)  # torch's NCHW
@@ -92,7 +92,7 @@ def test_stopping_iteration_stops_sampling() -> None:
         calls.append(sigma)
         return x * 0.5
 
-    steps = registry.sampler_spec("Heun").sample(denoise, mx.ones((1, 2)), np.array([3.0, 2.0, 1.0, 0.0]), None)
+    steps = catalog.sampler_spec("Heun").sample(denoise, mx.ones((1, 2)), np.array([3.0, 2.0, 1.0, 0.0]), None)
     first = next(steps)
     steps.close()
     assert first.index == 0 and len(calls) == 2  # one Heun step: two model calls, nothing after
@@ -100,7 +100,7 @@ def test_stopping_iteration_stops_sampling() -> None:
 
 def test_stochastic_sampler_requires_noise() -> None:
     with pytest.raises(ValueError, match="noise source"):
-        next(registry.sampler_spec("Euler a").sample(lambda x, s: x, mx.ones((1,)), np.array([1.0, 0.0]), None))
+        next(catalog.sampler_spec("Euler a").sample(lambda x, s: x, mx.ones((1,)), np.array([1.0, 0.0]), None))
 
 
 def test_lms_coefficients_integrate_the_lagrange_basis() -> None:
@@ -156,12 +156,12 @@ def test_lcm_boundary_condition_at_large_and_small_timesteps() -> None:
 
 
 def test_sampler_name_lookup() -> None:
-    assert registry.sampler_spec("dpm++ 2m karras") is registry.SAMPLERS["DPM++ 2M Karras"]
-    assert registry.sampler_spec("  EULER A ") is registry.SAMPLERS["Euler a"]
-    assert registry.sampler_spec("") is registry.SAMPLERS[registry.DEFAULT_SAMPLER]
-    assert registry.sampler_spec("DPM++ 3M") is None
+    assert catalog.sampler_spec("dpm++ 2m karras") is catalog.SAMPLERS["DPM++ 2M Karras"]
+    assert catalog.sampler_spec("  EULER A ") is catalog.SAMPLERS["Euler a"]
+    assert catalog.sampler_spec("") is catalog.SAMPLERS[registry.DEFAULT_SAMPLER]
+    assert catalog.sampler_spec("DPM++ 3M") is None
     assert registry.canonical_sampler_name("unipc") == "UniPC"
-    assert set(registry.SAMPLERS) == set(registry.SAMPLER_NAMES)
+    assert set(catalog.SAMPLERS) == set(registry.SAMPLER_NAMES)
 
 
 def test_channels_last_noise_puts_each_value_where_torch_does() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_sd.sampling import registry, schedules
+from mlx_sd.sampling import catalog, schedules
 
 FIXTURES = np.load(Path(__file__).parent / "fixtures" / "samplers" / "schedules.npz")
 STEP_COUNTS = (1, 2, 8, 20, 50)
@@ -50,14 +50,14 @@ def test_t_to_sigma_inverts_sigma_to_t() -> None:
     ],
 )
 def test_sampler_sigmas_match_reference(sampler: str, reference: str, rtol: float, steps: int) -> None:
-    ours = registry.sampler_spec(sampler).sigmas(steps, TRAIN)
+    ours = catalog.sampler_spec(sampler).sigmas(steps, TRAIN)
     np.testing.assert_allclose(ours, FIXTURES[reference.format(steps)], rtol=rtol)
 
 
 @pytest.mark.parametrize("steps", [s for s in STEP_COUNTS if s > 1])
 def test_karras_sigmas_match_diffusers(steps: int) -> None:
     # (for one step diffusers takes sigma_max from its 1-step linspace schedule, i.e. sigma_min)
-    ours = registry.sampler_spec("DPM++ SDE Karras").sigmas(steps, TRAIN)
+    ours = catalog.sampler_spec("DPM++ SDE Karras").sigmas(steps, TRAIN)
     np.testing.assert_allclose(ours, FIXTURES[f"euler_karras/{steps}/sigmas"], rtol=DIFFUSERS_RTOL)
 
 
@@ -73,10 +73,10 @@ def test_timesteps_match_diffusers(steps: int) -> None:
 
 @pytest.mark.parametrize("steps", STEP_COUNTS)
 def test_ddim_and_lcm_sigmas_sit_on_their_timesteps(steps: int) -> None:
-    ddim = registry.sampler_spec("DDIM").sigmas(steps, TRAIN)
+    ddim = catalog.sampler_spec("DDIM").sigmas(steps, TRAIN)
     ddim_t = schedules.sigma_to_t(ddim, TRAIN)
     np.testing.assert_allclose(ddim_t, [*schedules.leading_timesteps(steps), 0], atol=1e-9)
-    lcm = registry.sampler_spec("LCM").sigmas(steps, TRAIN)
+    lcm = catalog.sampler_spec("LCM").sigmas(steps, TRAIN)
     assert lcm[-1] == 0.0
     np.testing.assert_allclose(schedules.sigma_to_t(lcm[:-1], TRAIN), schedules.lcm_timesteps(steps), atol=1e-9)
 
