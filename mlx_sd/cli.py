@@ -254,5 +254,27 @@ def upload(
     typer.echo(message)
 
 
+@app.command("convert")
+def convert_command(
+    source: Annotated[
+        Path, typer.Argument(help="SD-1 checkpoint: single .safetensors file, diffusers folder or model directory.")
+    ],
+    destination: Annotated[
+        Path, typer.Argument(help="A .safetensors file to write, or a cache folder the server loads from.")
+    ],
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
+    vae: Annotated[Path | None, typer.Option(help="Standalone VAE replacing the checkpoint's.", dir_okay=False)] = None,
+) -> None:
+    """Convert a checkpoint to MLX weights once, so later loads skip the conversion."""
+    from convert import convert_checkpoint
+    from mlx_sd.errors import MlxSdError
+
+    try:
+        written = convert_checkpoint(source, destination, dtype, vae_path=vae)
+    except (MlxSdError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {written}")
+
+
 if __name__ == "__main__":
     app()

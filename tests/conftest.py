@@ -20,6 +20,22 @@ if TYPE_CHECKING:
     from grpc_service.server import RunningServer
 
 
+SD1_TINY = Path(__file__).parent / "fixtures" / "sd1_tiny"
+
+
+@pytest.fixture(scope="session")
+def sd1_single_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD-1 model as an original single-file checkpoint (composed from the committed
+    diffusers form; see tests/fixtures/sd1_tiny/README.md). Treat it as read-only."""
+    from safetensors.numpy import save_file
+
+    from tests.fixtures.sd1_keymap import single_file_from_diffusers
+
+    path = tmp_path_factory.mktemp("sd1_single_file") / "model.safetensors"
+    save_file(single_file_from_diffusers(SD1_TINY), str(path))
+    return path
+
+
 @pytest.fixture
 def models_dir(tmp_path: Path) -> Path:
     path = tmp_path / "models"

@@ -1,0 +1,187 @@
+"""Checkpoint files -> MLX modules: rename, check strictly, then convert tensor by tensor.
+
+Every problem of a checkpoint (missing, unexpected or mis-shaped weights, in any network) is
+collected first and reported in one `CheckpointError`, before any tensor data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from convert import keymaps
+from convert.formats import CheckpointLayout, SafetensorsHeader, read_config, read_header
+from convert.infer_config import INFER
+from convert.transforms import mlx_shape, to_mlx
+from mlx_sd.errors import CheckpointError
+from mlx_sd.models.clip import CLIPTextConfig, CLIPTextModel
+from mlx_sd.models.unet import UNet2DConditionModel, UNetConfig
+from mlx_sd.models.vae import AutoencoderKL, VAEConfig
+
+NETWORKS = ("text_encoder", "unet", "vae")
+MODEL_TYPES: dict[str, type[nn.Module]] = {
+    "text_encoder": CLIPTextModel,
+    "unet": UNet2DConditionModel,
+    "vae": AutoencoderKL,
+}
+CONFIG_TYPES = {"text_encoder": CLIPTextConfig, "unet": UNetConfig, "vae": VAEConfig}
+_SHOWN = 10  # names listed per category in an error; the rest are counted
+
+
+@dataclass(frozen=True)
+class SD1Configs:
+    """Per-network configs; a None entry is read from the checkpoint (config.json or shapes)."""
+
+    text_encoder: CLIPTextConfig | None = None
+    unet: UNetConfig | None = None
+    vae: VAEConfig | None = None
+
+    def to_dict(self) -> dict[str, dict[str, Any] | None]:
+        return {n: dataclasses.asdict(c) if (c := getattr(self, n)) else None for n in NETWORKS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, dict[str, Any] | None]) -> SD1Configs:
+        return cls(**{n: CONFIG_TYPES[n].from_dict(data[n]) if data.get(n) else None for n in NETWORKS})
+
+
+@dataclass
+class SD1Models:
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+
+    @property
+    def configs(self) -> SD1Configs:
+        return SD1Configs(self.text_encoder.config, self.unet.config, self.vae.config)
+
+
+@dataclass
+class NetworkSource:
+    """One network's tensors in the checkpoint files, under our names."""
+
+    keys: dict[str, tuple[Path, str]] = field(default_factory=dict)  # our name -> (file, key there)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # our name -> checkpoint shape
+    unexpected: list[str] = field(default_factory=list)
+    config_json: dict[str, Any] | None = None
+
+    def add_file(self, header: SafetensorsHeader, keys: dict[str, str], keymap: keymaps.KeyMap) -> None:
+        """`keys` maps each key as the tables see it (section prefix removed) to its key in the file."""
+        for key, file_key in keys.items():
+            name = keymap.rename(key)
+            if name is None or name in self.keys:
+                self.unexpected.append(file_key)
+            else:
+                self.keys[name] = (header.path, file_key)
+                self.shapes[name] = header.tensors[file_key].shape
+
+
+def _weight_keys(header: SafetensorsHeader) -> list[str]:
+    return [k for k in header.tensors if not keymaps.IGNORED_KEYS.fullmatch(k)]
+
+
+def _vae_keymap(keys: list[str]) -> keymaps.KeyMap:
+    return keymaps.vae_original_for(keys) if keymaps.is_original_vae(keys) else keymaps.VAE_DIFFUSERS
+
+
+def plan_sources(layout: CheckpointLayout) -> tuple[dict[str, NetworkSource], list[str]]:
+    """Rename every tensor of the layout's files; also returns keys that belong to no network."""
+    sources = {n: NetworkSource() for n in NETWORKS}
+    stray: list[str] = []
+    if layout.single_file is not None:
+        header = read_header(layout.single_file)
+        sections: dict[str, dict[str, str]] = {n: {} for n in NETWORKS}
+        for key in _weight_keys(header):
+            prefix = next((p for p in keymaps.SINGLE_FILE_SECTIONS if key.startswith(p)), None)
+            if prefix is None:
+                stray.append(key)
+            else:
+                sections[keymaps.SINGLE_FILE_SECTIONS[prefix]][key[len(prefix) :]] = key
+        section_maps = {
+            "unet": keymaps.unet_original_for(sections["unet"]),
+            "vae": keymaps.vae_original_for(sections["vae"]),
+            "text_encoder": keymaps.CLIP,
+        }
+        for network in NETWORKS:
+            if not (network == "vae" and layout.vae_override):  # an override replaces that section
+                sources[network].add_file(header, sections[network], section_maps[network])
+    for network, path in (layout.diffusers or {}).items():
+        header = read_header(path)
+        keys = _weight_keys(header)
+        keymap = {"unet": keymaps.UNET_DIFFUSERS, "vae": _vae_keymap(keys), "text_encoder": keymaps.CLIP}[network]
+        sources[network].add_file(header, {k: k for k in keys}, keymap)
+        sources[network].config_json = read_config(path)
+    if layout.vae_override is not None:
+        header = read_header(layout.vae_override)
+        keys = _weight_keys(header)
+        sources["vae"].add_file(header, {k: k for k in keys}, _vae_keymap(keys))
+    return sources, stray
+
+
+def _resolve_config(network: str, source: NetworkSource, override: Any) -> Any:
+    if override is not None:
+        return override
+    if source.config_json is not None:
+        try:
+            return CONFIG_TYPES[network].from_dict(source.config_json)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{network} config.json: {e}") from None
+    return INFER[network](source.shapes)
+
+
+def _abridged(label: str, names: list[str]) -> str:
+    shown = ", ".join(names[:_SHOWN])
+    more = f", ... ({len(names) - _SHOWN} more)" if len(names) > _SHOWN else ""
+    return f"{len(names)} {label}: {shown}{more}"
+
+
+def _problems(source: NetworkSource, expected: dict[str, mx.array]) -> list[str]:
+    missing = [n for n in expected if n not in source.keys]
+    unexpected = source.unexpected + [source.keys[n][1] for n in source.keys if n not in expected]
+    mis_shaped = [
+        f"{source.keys[n][1]} {source.shapes[n]} (model wants {tuple(p.shape)} in MLX layout)"
+        for n, p in expected.items()
+        if n in source.keys and mlx_shape(source.shapes[n], p.ndim) != tuple(p.shape)
+    ]
+    return [
+        _abridged(label, names)
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("with a wrong shape", mis_shaped))
+        if names
+    ]
+
+
+def assemble(layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | None = None) -> SD1Models:
+    """Build the three networks from a checkpoint layout; raises `CheckpointError` on any mismatch."""
+    configs = configs or SD1Configs()
+    sources, stray = plan_sources(layout)
+    # Parameters start as unevaluated random-init graphs, so building costs no memory until loaded.
+    models = {n: MODEL_TYPES[n](_resolve_config(n, sources[n], getattr(configs, n))) for n in NETWORKS}
+    expected = {n: dict(tree_flatten(models[n].parameters())) for n in NETWORKS}
+
+    report = [f"  {n}: {'; '.join(p)}" for n in NETWORKS if (p := _problems(sources[n], expected[n]))]
+    if stray:
+        report.append(f"  (no network): {_abridged('unexpected', stray)}")
+    if report:
+        files = ", ".join(str(p) for p in layout.files)
+        raise CheckpointError(f"{files} does not match the SD-1 architecture:\n" + "\n".join(report))
+
+    opened: dict[Path, dict[str, mx.array]] = {}
+    for network in NETWORKS:
+        weights = []
+        for name, param in expected[network].items():
+            path, key = sources[network].keys[name]
+            # mx.load maps the file lazily; popping each tensor lets its source buffer go once converted.
+            if path not in opened:
+                opened[path] = mx.load(str(path))
+            source = opened[path].pop(key)
+            tensor = to_mlx(source, param.ndim, dtype)
+            mx.eval(tensor)
+            weights.append((name, tensor))
+            del source
+        models[network].load_weights(weights, strict=True)
+    return SD1Models(**models)

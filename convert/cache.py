@@ -1,0 +1,137 @@
+"""Converted MLX weights on disk, so later loads skip conversion.
+
+A converted file is safetensors in MLX layout, keys `<network>.<our name>`, whose metadata records
+the format version, the dtype, the configs and a fingerprint of every source file. As a cache entry
+it is trusted only while all recorded fingerprints still match the sources; it is written to a
+temporary name and renamed into place, so a crash never leaves a half-written entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from convert.assemble import MODEL_TYPES, NETWORKS, SD1Configs, SD1Models
+from convert.formats import CheckpointLayout, read_header
+from mlx_sd.errors import CheckpointError
+
+FORMAT = "mlx-sd-sd1"
+FORMAT_VERSION = "1"
+
+# The fingerprint hashes the header (names, shapes, offsets) plus this many evenly spaced blocks of
+# tensor data: ~1 MiB read instead of hashing 2 GB, yet a different fine-tune of the same layout
+# (same header, same size, perhaps a preserved mtime) still changes it.
+_SAMPLE_BLOCKS = 16
+_SAMPLE_BYTES = 64 * 1024
+
+
+def fingerprint(path: Path) -> dict[str, Any]:
+    """Identity of a source file: resolved path, size, mtime_ns and a sampled content hash."""
+    stat = path.stat()
+    digest = hashlib.sha256(read_header(path).raw)
+    digest.update(str(stat.st_size).encode())
+    with path.open("rb") as f:
+        for i in range(_SAMPLE_BLOCKS):
+            f.seek(stat.st_size * i // _SAMPLE_BLOCKS)
+            digest.update(f.read(_SAMPLE_BYTES))
+    return {
+        "path": str(path.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "sha256_sampled": digest.hexdigest(),
+    }
+
+
+def source_fingerprints(layout: CheckpointLayout) -> list[dict[str, Any]]:
+    return [fingerprint(p) for p in layout.files]
+
+
+def is_converted(path: Path) -> bool:
+    return path.suffix == ".safetensors" and read_header(path).metadata.get("format") == FORMAT
+
+
+def cache_entry(
+    cache_dir: Path, source: Path, vae_path: Path | None, dtype: mx.Dtype, configs: SD1Configs | None
+) -> Path:
+    """The entry's name depends on what was asked for; whether it is still valid, on the sources."""
+    request = {
+        "source": str(source.resolve()),
+        "vae": str(vae_path.resolve()) if vae_path else None,
+        "dtype": dtype_name(dtype),
+        "configs": (configs or SD1Configs()).to_dict(),
+    }
+    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir / f"sd1-{key}.safetensors"
+
+
+def is_fresh(entry: Path, sources: list[dict[str, Any]]) -> bool:
+    """True when `entry` is a converted file of this format version made from exactly `sources`."""
+    if not entry.is_file():
+        return False
+    try:
+        metadata = read_header(entry).metadata
+    except CheckpointError:
+        return False
+    return (
+        metadata.get("format") == FORMAT
+        and metadata.get("format_version") == FORMAT_VERSION
+        and json.loads(metadata.get("sources", "null")) == sources
+    )
+
+
+def write_converted(models: SD1Models, path: Path, sources: list[dict[str, Any]]) -> None:
+    """Save all three networks atomically (temporary file, fsync, rename)."""
+    arrays = {f"{n}.{k}": v for n in NETWORKS for k, v in tree_flatten(getattr(models, n).parameters())}
+    dtypes = {v.dtype for v in arrays.values()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype_name(dtypes.pop()) if len(dtypes) == 1 else "mixed",
+        "configs": json.dumps(models.configs.to_dict()),
+        "sources": json.dumps(sources),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # mx.save_safetensors appends ".safetensors" to names without it, so the temp name keeps it.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
+    try:
+        mx.save_safetensors(str(tmp), arrays, metadata=metadata)
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_converted(path: Path, dtype: mx.Dtype) -> SD1Models:
+    """Load a converted file: no renaming or re-layout, only a cast when `dtype` differs."""
+    metadata = read_header(path).metadata
+    if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} is not an mlx-sd converted file of format version {FORMAT_VERSION}; convert the source again"
+        )
+    configs = SD1Configs.from_dict(json.loads(metadata["configs"]))
+    arrays = mx.load(str(path))
+    models = {}
+    for network in NETWORKS:
+        prefix = f"{network}."
+        model = MODEL_TYPES[network](getattr(configs, network))
+        weights = [(k[len(prefix) :], arrays.pop(k).astype(dtype)) for k in list(arrays) if k.startswith(prefix)]
+        try:
+            model.load_weights(weights, strict=True)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: damaged converted file ({network}: {e})") from None
+        mx.eval(model.parameters())
+        models[network] = model
+    if arrays:
+        raise CheckpointError(f"{path}: damaged converted file (unexpected keys: {sorted(arrays)[:10]})")
+    return SD1Models(**models)
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")

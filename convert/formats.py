@@ -1,0 +1,158 @@
+"""Checkpoint files on disk: safetensors headers, pickle refusal, and where each network's file is.
+
+Only safetensors is ever read. Pickle-based formats can run arbitrary code when loaded, so they are
+refused by name and, for files that claim to be safetensors, by their first bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlx_sd.errors import CheckpointError, ModelNotFound
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+# A safetensors header is JSON; real SD headers are ~100 KB, so anything huge is not one.
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# Folder names of the model-directory layout and of a diffusers pipeline folder.
+SINGLE_FILE_DIR = "stable-diffusion"
+VAE_DIR = "vae"
+MODEL_FILE = "model.safetensors"  # the file name in both folders of a model directory
+DIFFUSERS_WEIGHT_NAMES = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"),
+    "text_encoder": ("model.safetensors", "model.fp16.safetensors"),
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    raw: bytes  # the JSON bytes, hashed for the cache fingerprint
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+def refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path} is a pickle checkpoint ({path.suffix}); pickle files can run code when loaded, "
+            "so they are refused. Convert it to .safetensors with a trusted tool first."
+        )
+
+
+def _describe_magic(head: bytes) -> str | None:
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (PyTorch's pickle-based .pt/.ckpt format)"
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        return "a Python pickle"
+    return None
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Parse a safetensors header without reading any tensor data."""
+    refuse_pickle(path)
+    if not path.is_file():
+        raise ModelNotFound(str(path), "checkpoint file not found")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if (kind := _describe_magic(head)) is not None:
+            raise CheckpointError(f"{path} is {kind}, not safetensors; pickle data is never loaded")
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes)")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, _MAX_HEADER_BYTES):
+            raise CheckpointError(f"{path} is not a safetensors file (bad header length {length})")
+        raw = f.read(length)
+    try:
+        entries = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a safetensors file (unreadable header: {e})") from None
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (header is not a JSON object)")
+    metadata = entries.pop("__metadata__", None) or {}
+    try:
+        tensors = {k: TensorInfo(v["dtype"], tuple(v["shape"])) for k, v in entries.items()}
+    except (TypeError, KeyError) as e:
+        raise CheckpointError(f"{path} has a malformed safetensors header ({e!r})") from None
+    return SafetensorsHeader(path, raw, tensors, metadata)
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Which file holds which network. `single_file` holds all three unless a folder form is used."""
+
+    single_file: Path | None = None
+    diffusers: dict[str, Path] | None = None  # network -> weights file; its config.json sits beside it
+    vae_override: Path | None = None
+
+    @property
+    def files(self) -> list[Path]:
+        files = [self.single_file] if self.single_file else list((self.diffusers or {}).values())
+        if self.vae_override is not None:
+            files.append(self.vae_override)
+        return files
+
+
+def _diffusers_weights(folder: Path, network: str) -> Path:
+    sub = folder / network
+    for name in DIFFUSERS_WEIGHT_NAMES[network]:
+        if (sub / name).is_file():
+            return sub / name
+    pickles = sorted(p.name for p in sub.glob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        refuse_pickle(sub / pickles[0])
+    raise CheckpointError(f"diffusers folder {folder}: no {' or '.join(DIFFUSERS_WEIGHT_NAMES[network])} in {sub}")
+
+
+def find_layout(source: Path, vae_path: Path | None = None) -> CheckpointLayout:
+    """Locate the weights of an SD-1 model given a file, a diffusers folder or a model directory.
+
+    A model directory holds `stable-diffusion/` (a single file `model.safetensors` or a diffusers
+    folder) and optionally `vae/model.safetensors`, which replaces the checkpoint's VAE.
+    """
+    if not source.exists():
+        raise ModelNotFound(str(source), "model not found")
+    if vae_path is not None and not vae_path.is_file():
+        raise ModelNotFound(str(vae_path), "VAE file not found")
+    if source.is_file():
+        refuse_pickle(source)
+        return CheckpointLayout(single_file=source, vae_override=vae_path)
+    if (source / "unet").is_dir():
+        # An overridden VAE need not be present in the folder.
+        networks = {n: _diffusers_weights(source, n) for n in DIFFUSERS_WEIGHT_NAMES if not (n == "vae" and vae_path)}
+        return CheckpointLayout(diffusers=networks, vae_override=vae_path)
+    inner = source / SINGLE_FILE_DIR
+    if inner.is_dir():
+        standalone_vae = source / VAE_DIR / MODEL_FILE
+        vae = vae_path or (standalone_vae if standalone_vae.is_file() else None)
+        single_file = inner / MODEL_FILE
+        return find_layout(single_file if single_file.exists() else inner, vae)
+    pickles = sorted(p for p in source.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        refuse_pickle(pickles[0])
+    raise CheckpointError(
+        f"no SD-1 checkpoint in {source}: expected {SINGLE_FILE_DIR}/{MODEL_FILE} "
+        "or a diffusers folder with unet/, vae/ and text_encoder/"
+    )
+
+
+def read_config(weights_file: Path) -> dict:
+    """The diffusers/transformers config.json beside a weights file."""
+    path = weights_file.parent / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"diffusers folder is missing {path}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None

@@ -1,0 +1,92 @@
+"""Public entry points: load an SD-1 model for inference, or convert it once for fast loads."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlx.core as mx
+
+from convert.assemble import SD1Configs, SD1Models, assemble
+from convert.cache import cache_entry, is_converted, is_fresh, read_converted, source_fingerprints, write_converted
+from convert.formats import find_layout
+from mlx_sd.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def resolve_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype:
+    """None picks fp16 on Metal and fp32 on CPU, where fp16 matmuls are slow and imprecise."""
+    if dtype is None:
+        return mx.float16 if mx.metal.is_available() else mx.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def load_sd1(
+    source: str | Path,
+    *,
+    dtype: mx.Dtype | str | None = None,
+    vae_path: str | Path | None = None,
+    configs: SD1Configs | None = None,
+    cache_dir: str | Path | None = None,
+) -> SD1Models:
+    """Load the text encoder, UNet and VAE of an SD-1 model.
+
+    `source` is a single-file checkpoint, a diffusers folder, a model directory
+    (`stable-diffusion/` + optional `vae/model.safetensors`) or a file written by `convert_checkpoint`.
+    `vae_path` replaces the checkpoint's VAE. `configs` overrides what would be read from the
+    checkpoint. With `cache_dir`, a converted copy is reused while its sources are unchanged and
+    (re)written otherwise.
+    """
+    source, dtype = Path(source), resolve_dtype(dtype)
+    vae_path = Path(vae_path) if vae_path is not None else None
+    if source.is_file() and is_converted(source):
+        if vae_path is not None or configs is not None:
+            raise CheckpointError(f"{source} is already converted; convert again to change its VAE or configs")
+        return read_converted(source, dtype)
+
+    layout = find_layout(source, vae_path)
+    if cache_dir is None:
+        return assemble(layout, dtype, configs)
+
+    entry = cache_entry(Path(cache_dir), source, vae_path, dtype, configs)
+    sources = source_fingerprints(layout)
+    if is_fresh(entry, sources):
+        return read_converted(entry, dtype)
+    models = assemble(layout, dtype, configs)
+    try:
+        write_converted(models, entry, sources)
+    except OSError as e:  # a cache that cannot be written only costs speed
+        log.warning("could not write the converted-weights cache %s: %s", entry, e)
+    return models
+
+
+def convert_checkpoint(
+    source: str | Path,
+    destination: str | Path,
+    dtype: mx.Dtype | str = "float32",
+    *,
+    vae_path: str | Path | None = None,
+    configs: SD1Configs | None = None,
+) -> Path:
+    """Write the MLX-layout weights of `source` and return the file written.
+
+    A `destination` directory is used as a cache directory (the entry `load_sd1(source,
+    cache_dir=destination)` looks for); otherwise it names the `.safetensors` file to write.
+    """
+    source, destination, dtype = Path(source), Path(destination), resolve_dtype(dtype)
+    vae_path = Path(vae_path) if vae_path is not None else None
+    layout = find_layout(source, vae_path)
+    if destination.is_dir():
+        destination = cache_entry(destination, source, vae_path, dtype, configs)
+    elif destination.suffix != ".safetensors":
+        raise ValueError(f"destination must be a directory or a .safetensors file, got {destination}")
+    sources = source_fingerprints(layout)
+    write_converted(assemble(layout, dtype, configs), destination, sources)
+    return destination

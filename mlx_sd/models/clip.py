@@ -1,0 +1,125 @@
+"""The CLIP text encoder (CLIPTextModel, ViT-L/14 for SD-1) in MLX.
+
+Parameter names follow transformers' `text_model.*` with that prefix dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def quick_gelu(x: mx.array) -> mx.array:
+    """OpenAI CLIP's sigmoid approximation of GELU, which its weights were trained with."""
+    return x * mx.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": nn.gelu}
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """Keyed like transformers' `text_encoder/config.json`; defaults are CLIP ViT-L/14's."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> CLIPTextConfig:
+        """Build from a transformers config dict; unknown keys are ignored."""
+        if config.get("hidden_act", "quick_gelu") not in _ACTIVATIONS:
+            raise ValueError(f"unsupported CLIP config: hidden_act={config['hidden_act']!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, n, dim = x.shape
+        head_dim = dim // self.heads
+
+        def split_heads(t: mx.array) -> mx.array:
+            return t.reshape(b, n, self.heads, head_dim).transpose(0, 2, 1, 3)
+
+        q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5, mask="causal")
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, n, dim))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, config: CLIPTextConfig) -> None:
+        super().__init__()
+        self.activation = _ACTIVATIONS[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, config: CLIPTextConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = CLIPAttention(config.hidden_size, config.num_attention_heads)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CLIPMLP(config)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, config: CLIPTextConfig) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def __call__(self, input_ids: mx.array) -> mx.array:
+        positions = mx.arange(input_ids.shape[1])
+        return self.token_embedding(input_ids) + self.position_embedding(positions)[None]
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, config: CLIPTextConfig) -> None:
+        super().__init__()
+        self.layers = [CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)]
+
+
+class CLIPTextModel(nn.Module):
+    """Token ids (B, tokens) -> hidden states (B, tokens, hidden_size) for the UNet's cross-attention."""
+
+    def __init__(self, config: CLIPTextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = CLIPEmbeddings(config)
+        self.encoder = CLIPEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def __call__(self, input_ids: mx.array, skip_last_layers: int = 0) -> mx.array:
+        """`skip_last_layers=1` is "CLIP skip 2": the penultimate layer's output, still final-normed."""
+        if not 0 <= skip_last_layers < len(self.encoder.layers):
+            raise ValueError(f"skip_last_layers must be in [0, {len(self.encoder.layers)}), got {skip_last_layers}")
+        x = self.embeddings(input_ids)
+        for layer in self.encoder.layers[: len(self.encoder.layers) - skip_last_layers]:
+            x = layer(x)
+        return self.final_layer_norm(x)

@@ -1,0 +1,82 @@
+"""Building blocks shared by the UNet and the VAE (NHWC; parameter names follow diffusers)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def upsample_nearest(x: mx.array, size: tuple[int, int]) -> mx.array:
+    """Nearest-neighbour resize of an NHWC tensor to `size` (torch's `mode="nearest"` indexing)."""
+    _, height, width, _ = x.shape
+    if size == (2 * height, 2 * width):
+        # The common exact 2x case as a broadcast, which avoids two gathers.
+        b, _, _, c = x.shape
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (b, height, 2, width, 2, c))
+        return x.reshape(b, 2 * height, 2 * width, c)
+    rows = (mx.arange(size[0]) * height) // size[0]
+    cols = (mx.arange(size[1]) * width) // size[1]
+    return x[:, rows][:, :, cols]
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv twice with a residual; `temb_channels=None` is the VAE's variant."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int | None,
+        groups: int,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, pytorch_compatible=True)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        if temb_channels is not None:
+            self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps, pytorch_compatible=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
+        h = self.conv1(nn.silu(self.norm1(x)))
+        if temb is not None:
+            h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
+        h = self.conv2(nn.silu(self.norm2(h)))
+        shortcut = self.conv_shortcut(x) if "conv_shortcut" in self else x
+        return shortcut + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention with diffusers' names (`to_q`, `to_k`, `to_v`, `to_out.0`)."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        context_dim: int | None = None,
+        qkv_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, query_dim, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=qkv_bias)
+        self.to_out = [nn.Linear(query_dim, query_dim)]
+
+    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
+        context = x if context is None else context
+        b, n, dim = x.shape
+        head_dim = dim // self.heads
+
+        def split_heads(t: mx.array) -> mx.array:
+            return t.reshape(b, t.shape[1], self.heads, head_dim).transpose(0, 2, 1, 3)
+
+        q = split_heads(self.to_q(x))
+        k = split_heads(self.to_k(context))
+        v = split_heads(self.to_v(context))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5)
+        return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, dim))

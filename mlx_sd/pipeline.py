@@ -1,0 +1,167 @@
+"""Text to image: prompt -> text encoder -> sampler loop over the UNet -> VAE -> PNGs.
+
+`Pipeline(store)(request, is_cancelled)` yields a ProgressEvent as each stage and each sampling step
+finishes, then one GenerationResult. It stops between steps once `is_cancelled()` is true.
+
+Seeds follow A1111: image i of a request uses seed + i, and every image draws its noise from its own
+torch-compatible CPU generator, so an image can be reproduced alone from the seed in its parameters.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_sd import hires
+from mlx_sd.errors import Unimplemented
+from mlx_sd.events import EventType, GenerationResult, ProgressEvent
+from mlx_sd.images import Parameters, encode_png
+from mlx_sd.model_store import LoadedModel, ModelStore
+from mlx_sd.random import BatchGenerator
+from mlx_sd.request import GenerationRequest
+from mlx_sd.sampling import catalog, schedules
+from mlx_sd.sampling.catalog import SamplerSpec
+from mlx_sd.sampling.denoisers import eps_denoiser, guided
+from mlx_sd.sampling.samplers import noise_source
+
+Event = ProgressEvent | GenerationResult
+LATENT_SCALE = 8  # pixels per latent cell in each direction
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One sampling pass: its event type and label, for progress."""
+
+    event: EventType
+    label: str
+
+
+_FIRST = _Pass(EventType.SAMPLING, "sampling")
+_SECOND = _Pass(EventType.SECOND_PASS_SAMPLING, "hires sampling")
+
+
+class Pipeline:
+    def __init__(self, store: ModelStore) -> None:
+        self._store = store
+        self._train_sigmas = schedules.train_sigmas()
+
+    def __call__(self, request: GenerationRequest, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Event]:
+        """Generate the images of a validated request."""
+        if request.restore_faces:
+            raise Unimplemented("restore_faces: face restoration is not available in this build yet")
+        model = self._store.get()
+        seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
+        cond, uncond = _encode_prompts(model, request)
+        yield ProgressEvent(EventType.TEXT_ENCODED, "text encoded")
+
+        # The model's native side: 512 for SD 1.x, whose UNet was trained on 64x64 latents.
+        native = model.models.unet.config.sample_size * LATENT_SCALE
+        first_pass = hires.first_pass_size(request.width, request.height, native) if request.enable_hr else None
+        strength = request.denoising_strength or hires.DEFAULT_STRENGTH
+        images, infos = [], []
+        for batch in range(request.batch_count):
+            seeds = [seed + batch * request.batch_size + i for i in range(request.batch_size)]
+            pixels = yield from self._batch(model, request, seeds, cond, uncond, first_pass, strength, is_cancelled)
+            if pixels is None:
+                return
+            for item_seed, image in zip(seeds, pixels):
+                text = Parameters(
+                    prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
+                    sampler=request.sampler, cfg_scale=request.cfg_scale, seed=item_seed,
+                    width=request.width, height=request.height, model_name=model.name, model_hash=model.hash,
+                    first_pass_size=first_pass, denoising_strength=strength if first_pass else None,
+                ).text()
+                images.append(encode_png(image, text))
+                infos.append(text)
+        yield GenerationResult(images, infos)
+
+    def _batch(self, model: LoadedModel, request: GenerationRequest, seeds: list[int], cond: mx.array,
+               uncond: mx.array, first_pass: tuple[int, int] | None, strength: float,
+               is_cancelled: Callable[[], bool]) -> Iterator[Event]:
+        """Sample and decode one batch; returns its (B, H, W, 3) uint8 pixels, or None if cancelled."""
+        spec = catalog.sampler_spec(request.sampler)
+        width, height = first_pass or (request.width, request.height)
+        denoise = spec.denoiser(
+            eps_denoiser(guided(_unet_in_its_dtype(model), _batched(cond, len(seeds)), _batched(uncond, len(seeds)),
+                                request.cfg_scale), self._train_sigmas),
+            self._train_sigmas,
+        )
+        noise = noise_source(BatchGenerator(seeds))
+        sigmas = spec.sigmas(request.steps, self._train_sigmas)
+        x = spec.initial_latents(noise((len(seeds), height // LATENT_SCALE, width // LATENT_SCALE, 4)), sigmas)
+        latents = yield from _sample(spec, denoise, x, sigmas, noise, _FIRST, is_cancelled)
+        if latents is None:
+            return None
+        pixels = _decode(model, latents)
+        yield ProgressEvent(EventType.IMAGE_DECODED, "image decoded")
+        if first_pass is None:
+            return pixels
+
+        pixels = hires.resize_lanczos(pixels, request.width, request.height)
+        yield ProgressEvent(EventType.IMAGE_UPSCALED, f"upscaled to {request.width}x{request.height}")
+        encoded = _encode_image(model, pixels)
+        yield ProgressEvent(EventType.SECOND_PASS_IMAGE_ENCODED, "upscaled image encoded")
+        # The second pass re-seeds each image's generator, as A1111 does for its hires noise.
+        noise = noise_source(BatchGenerator(seeds))
+        sigmas = spec.sigmas(request.steps, self._train_sigmas)[hires.img2img_start(request.steps, strength):]
+        x = encoded + noise(encoded.shape) * float(sigmas[0])
+        latents = yield from _sample(spec, denoise, x, sigmas, noise, _SECOND, is_cancelled)
+        if latents is None:
+            return None
+        pixels = _decode(model, latents)
+        yield ProgressEvent(EventType.SECOND_PASS_IMAGE_DECODED, "hires image decoded")
+        return pixels
+
+
+def _sample(spec: SamplerSpec, denoise, x: mx.array, sigmas: np.ndarray, noise, stage: _Pass,
+            is_cancelled: Callable[[], bool]) -> Iterator[Event]:
+    """Run a sampler with one progress event per step; returns the latents to decode, or None."""
+    total = len(sigmas) - 1
+    for step in spec.sample(denoise, x, sigmas, noise):
+        x = step.x
+        yield ProgressEvent(stage.event, f"{stage.label} step {step.index + 1}/{total}")
+        if is_cancelled():
+            return None
+    return spec.output_latents(x, sigmas)
+
+
+def _encode_prompts(model: LoadedModel, request: GenerationRequest) -> tuple[mx.array, mx.array]:
+    """(1, W*77, C) embeddings of the prompt and the negative prompt; prompts longer than 75 tokens
+    are encoded in 75-token windows whose embeddings are concatenated (see `mlx_sd.tokenizer`)."""
+    ids = model.tokenizer.tokenize_windows([request.prompt, request.negative_prompt])
+    prompts, windows, length = ids.shape
+    hidden = model.models.text_encoder(mx.array(ids.reshape(prompts * windows, length)))
+    hidden = hidden.reshape(prompts, windows * length, hidden.shape[-1]).astype(mx.float32)
+    mx.eval(hidden)
+    return hidden[:1], hidden[1:]
+
+
+def _batched(embedding: mx.array, size: int) -> mx.array:
+    return mx.repeat(embedding, size, axis=0)
+
+
+def _unet_in_its_dtype(model: LoadedModel):
+    """The UNet, fed in its weights' dtype (fp16 on Metal) and answering in fp32, the samplers' dtype."""
+    unet = model.models.unet
+    dtype = unet.conv_in.weight.dtype
+    return lambda x, t, context: unet(x.astype(dtype), t, context.astype(dtype)).astype(mx.float32)
+
+
+def _decode(model: LoadedModel, latents: mx.array) -> np.ndarray:
+    vae = model.models.vae
+    dtype = vae.post_quant_conv.weight.dtype if "post_quant_conv" in vae else vae.decoder.conv_in.weight.dtype
+    images = vae.decode((latents / vae.config.scaling_factor).astype(dtype)).astype(mx.float32)
+    pixels = mx.round(mx.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(mx.uint8)
+    return np.array(pixels)
+
+
+def _encode_image(model: LoadedModel, pixels: np.ndarray) -> mx.array:
+    """Latents of (B, H, W, 3) uint8 images: the posterior mean, so the result is deterministic."""
+    vae = model.models.vae
+    dtype = vae.encoder.conv_in.weight.dtype
+    mean, _ = vae.encode((mx.array(pixels).astype(mx.float32) / 127.5 - 1.0).astype(dtype))
+    return mean.astype(mx.float32) * vae.config.scaling_factor
