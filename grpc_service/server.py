@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 
 from grpc_service.defaults import DEFAULT_HOST, DEFAULT_PORT
-from grpc_service.engine import GenerationEngine, PipelineUnavailable
+from grpc_service.engine import GenerationEngine
 from grpc_service.files import DEFAULT_MAX_UPLOAD_BYTES, ModelDirectory
 from grpc_service.generated import imageservice_pb2_grpc as pb_grpc
 from grpc_service.interceptors import ErrorStatusInterceptor, SharedSecretInterceptor
@@ -45,6 +45,8 @@ class ServerSettings:
     shared_secret: str | None = None
     response_compression: bool = True
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    cache_dir: Path | None = None  # converted weights, reused while their source is unchanged
+    max_queued: int = 8  # generations waiting behind the running one; more get RESOURCE_EXHAUSTED
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def tls_identity(settings: ServerSettings) -> TlsIdentity:
 
 
 def start_server(settings: ServerSettings, engine: GenerationEngine | None = None) -> RunningServer:
-    """Starts serving in background threads. `engine` defaults to the PipelineUnavailable stand-in."""
+    """Starts serving in background threads. `engine` defaults to the MLX pipeline over the model dir."""
     identity = tls_identity(settings) if settings.tls else None
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     models = ModelDirectory(settings.models_dir, settings.max_upload_bytes)
@@ -95,7 +97,11 @@ def start_server(settings: ServerSettings, engine: GenerationEngine | None = Non
         ],
         compression=grpc.Compression.Gzip if settings.response_compression else grpc.Compression.NoCompression,
     )
-    servicer = ImageGenerationServicer(models, engine or PipelineUnavailable(models.root))
+    if engine is None:
+        from mlx_sd.engine import create_engine  # MLX is loaded only when the real pipeline is wanted
+
+        engine = create_engine(models.root, cache_dir=settings.cache_dir, max_queued=settings.max_queued)
+    servicer = ImageGenerationServicer(models, engine)
     pb_grpc.add_ImageGenerationServiceServicer_to_server(servicer, server)
     host = f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
     address = f"{host}:{settings.port}"

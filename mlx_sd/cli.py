@@ -18,7 +18,7 @@ import typer
 from grpc_service.auth import SHARED_SECRET_ENV, SecretError, resolve_shared_secret
 from grpc_service.defaults import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SERVER
 from mlx_sd import __version__
-from mlx_sd.paths import config_dir_help, default_config_dir, default_models_dir, models_dir_help
+from mlx_sd.paths import config_dir_help, default_cache_dir, default_config_dir, default_models_dir, models_dir_help
 
 if TYPE_CHECKING:
     from grpc_service.client import ImageServiceClient
@@ -130,6 +130,18 @@ def serve(
             file_okay=False,
         ),
     ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where converted weights are cached so later starts load faster.",
+            show_default="the user cache folder's mlx-sd/converted",
+            file_okay=False,
+        ),
+    ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Convert weights on every load; cache nothing.")] = False,
+    max_queue: Annotated[
+        int, typer.Option(help="Generations that may wait behind the running one; more are refused.", min=1)
+    ] = 8,
 ) -> None:
     """Run the gRPC server until SIGINT/SIGTERM (TLS on, with a generated certificate unless one is given)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -148,6 +160,8 @@ def serve(
         shared_secret=_secret(shared_secret, shared_secret_file),
         response_compression=not no_response_compression,
         max_upload_bytes=parse_size(max_upload_size),
+        cache_dir=None if no_cache else cache_dir or default_cache_dir(),
+        max_queued=max_queue,
     )
     try:
         running = start_server(settings)

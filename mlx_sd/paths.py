@@ -41,3 +41,8 @@ def config_dir_help() -> str:
     if sys.platform.startswith("linux"):
         return "$XDG_CONFIG_HOME/mlx-sd, usually ~/.config/mlx-sd"
     return "the user config folder's mlx-sd"
+
+
+def default_cache_dir() -> Path:
+    """Where converted weights are cached (macOS: ~/Library/Caches/mlx-sd/converted)."""
+    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False)) / "converted"

@@ -188,12 +188,12 @@ def test_without_the_model_file_the_answer_is_not_found(server, stub_for) -> Non
     assert "stable-diffusion/model.safetensors" in error.details()
 
 
-def test_with_the_model_file_the_pipeline_is_reported_unavailable(server, stub_for, models_dir: Path) -> None:
+def test_an_unreadable_model_file_is_an_internal_error_naming_it(server, stub_for, models_dir: Path) -> None:
     (models_dir / "stable-diffusion").mkdir()
     (models_dir / "stable-diffusion" / "model.safetensors").write_bytes(b"weights")
     error = rpc_error(lambda: generate(stub_for(server), prompt="x"))
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "pipeline is not available" in error.details()
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "stable-diffusion/model.safetensors is not a safetensors file" in error.details()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,24 @@
+"""The generation engine a front door (server or CLI) drives: the pipeline on its own MLX thread."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_sd.model_store import ModelStore
+from mlx_sd.pipeline import Pipeline
+from mlx_sd.worker import GenerationWorker
+
+DEFAULT_MAX_QUEUED = 8
+
+
+def create_engine(models_dir: Path, *, cache_dir: Path | None = None, dtype: mx.Dtype | str | None = None,
+                  max_queued: int = DEFAULT_MAX_QUEUED) -> GenerationWorker:
+    """A worker running the pipeline over `models_dir`; calling it yields a request's events.
+
+    Converted weights are cached in `cache_dir` (none when None). Memory MLX kept for reuse is
+    handed back after every job, so an idle server holds only the loaded model.
+    """
+    store = ModelStore(models_dir, dtype=dtype, cache_dir=cache_dir)
+    return GenerationWorker(Pipeline(store), max_queued=max_queued, after_job=mx.clear_cache)
