@@ -1,0 +1,165 @@
+"""The generation pipeline on the tiny SD-1 model: image parity with diffusers, events, seeds, hires fix.
+
+Goldens: tests/fixtures/pipeline (see its README), made by diffusers' StableDiffusionPipeline and by
+A1111's k-diffusion path on the same weights, noise and schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlx_sd.errors import ModelNotFound, Unimplemented
+from mlx_sd.events import EventType, GenerationResult, ProgressEvent
+from mlx_sd.model_store import ModelStore
+from mlx_sd.pipeline import Pipeline
+from mlx_sd.request import GenerationRequest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN = np.load(FIXTURES / "pipeline" / "golden.npz")
+CASES = json.loads((FIXTURES / "pipeline" / "cases.json").read_text())["cases"]
+# fp32 end to end, measured against the reference path: model error moves the image by < 1e-4
+# (fixture README); 5e-4 leaves room for that and still catches a wrong timestep or sigma (>= 2e-3).
+IMAGE_ATOL = 5e-4
+
+
+def tiny_models_dir(root: Path) -> Path:
+    shutil.copytree(FIXTURES / "sd1_tiny" / "diffusers", root / "stable-diffusion")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    return Pipeline(ModelStore(tiny_models_dir(tmp_path_factory.mktemp("models"))))
+
+
+def request(**fields) -> GenerationRequest:
+    base = dict(prompt="a photo of an astronaut riding a horse", negative_prompt="blurry", width=64, height=64,
+                steps=3, cfg_scale=7.5, seed=1234, sampler="Euler a")
+    return GenerationRequest(**{**base, **fields}).validated()
+
+
+def run(pipeline: Pipeline, req: GenerationRequest) -> tuple[list[ProgressEvent], GenerationResult]:
+    items = list(pipeline(req))
+    assert isinstance(items[-1], GenerationResult)
+    assert all(isinstance(i, ProgressEvent) for i in items[:-1])
+    return items[:-1], items[-1]
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+@pytest.mark.parametrize("case", ["euler", "euler_a", "euler_a_cfg1", "dpmpp_2m_karras"])
+def test_images_match_the_reference(pipeline: Pipeline, case: str) -> None:
+    spec = CASES[case]
+    req = request(prompt=spec["prompt"], negative_prompt=spec["negative_prompt"], width=spec["width"],
+                  height=spec["height"], steps=spec["steps"], cfg_scale=spec["cfg"], seed=spec["seed"],
+                  sampler=spec["sampler"])
+    _, result = run(pipeline, req)
+    ours = pixels(result.images[0]).astype(np.float64)
+    expected = GOLDEN[spec["expected_image"]].astype(np.float64) * 255
+    # PNG pixels are rounded to whole levels: 0.5 of rounding plus the float tolerance.
+    assert np.abs(ours - expected).max() <= 0.5 + IMAGE_ATOL * 255
+
+
+def test_dpmpp_2m_karras_differs_from_diffusers_only_by_its_timestep_rounding(pipeline: Pipeline) -> None:
+    # diffusers rounds DPM-Solver's model timesteps to integers (fixture README); A1111 and we do not.
+    spec = CASES["dpmpp_2m_karras"]
+    _, result = run(pipeline, request(steps=spec["steps"], sampler=spec["sampler"], seed=spec["seed"]))
+    gap = np.abs(pixels(result.images[0]) - GOLDEN["dpmpp_2m_karras/diffusers/image"] * 255).max() / 255
+    assert gap < 4e-3
+
+
+def test_events_images_and_parameters(pipeline: Pipeline) -> None:
+    events, result = run(pipeline, request(width=128, height=64, batch_size=2, batch_count=2, seed=40, steps=2))
+    per_batch = [EventType.SAMPLING] * 2 + [EventType.IMAGE_DECODED]
+    assert [e.type for e in events] == [EventType.TEXT_ENCODED] + per_batch * 2
+    assert [e.name for e in events if e.type == EventType.SAMPLING] == ["sampling step 1/2", "sampling step 2/2"] * 2
+    assert all(b.timestamp_ms >= a.timestamp_ms for a, b in zip(events, events[1:]))
+    assert len(result.images) == len(result.info) == 4
+    for i, (png, info) in enumerate(zip(result.images, result.info)):
+        image = Image.open(io.BytesIO(png))
+        assert image.size == (128, 64)
+        assert image.text["parameters"] == info
+        assert info.startswith("a photo of an astronaut riding a horse\nNegative prompt: blurry\n")
+        assert f"Seed: {40 + i}," in info and "Size: 128x64" in info and "Sampler: Euler a" in info
+
+
+def test_the_same_request_gives_the_same_bytes(pipeline: Pipeline) -> None:
+    assert run(pipeline, request())[1].images == run(pipeline, request())[1].images
+
+
+def test_image_i_of_a_batch_is_the_image_of_seed_plus_i(pipeline: Pipeline) -> None:
+    batch = run(pipeline, request(batch_size=2, seed=77))[1].images
+    alone = run(pipeline, request(seed=78))[1].images
+    # The batched UNet may round differently from a batch of one, by a level at most.
+    assert np.abs(pixels(batch[1]).astype(int) - pixels(alone[0])).max() <= 1
+    assert np.abs(pixels(batch[0]).astype(int) - pixels(batch[1])).max() > 10
+
+
+def test_a_random_seed_is_reported_and_reproduces_the_image(pipeline: Pipeline) -> None:
+    _, first = run(pipeline, request(seed=-1))
+    seed = int(first.info[0].split("Seed: ")[1].split(",")[0])
+    assert 0 <= seed < 2**32
+    assert run(pipeline, request(seed=seed))[1].images == first.images
+
+
+def test_a_prompt_longer_than_one_window_is_used_whole(pipeline: Pipeline) -> None:
+    long = " ".join(["a red house by the sea"] * 20)  # ~120 tokens: two windows
+    tail_changed = long + " at night"
+    assert run(pipeline, request(prompt=long))[1].images != run(pipeline, request(prompt=tail_changed))[1].images
+
+
+def test_hires_fix_runs_a_second_pass_at_the_requested_size(pipeline: Pipeline) -> None:
+    # The tiny UNet's native side is 16 latents = 128 px, so 192x128 is larger than native.
+    events, result = run(pipeline, request(width=192, height=128, enable_hr=True, steps=4, denoising_strength=0.5))
+    types = [e.type for e in events]
+    assert types == (
+        [EventType.TEXT_ENCODED] + [EventType.SAMPLING] * 4 + [EventType.IMAGE_DECODED, EventType.IMAGE_UPSCALED,
+         EventType.SECOND_PASS_IMAGE_ENCODED] + [EventType.SECOND_PASS_SAMPLING] * 2
+        + [EventType.SECOND_PASS_IMAGE_DECODED]
+    )
+    assert Image.open(io.BytesIO(result.images[0])).size == (192, 128)
+    assert "Denoising strength: 0.5, First pass size: 128x128, Hires resize: 192x128" in result.info[0]
+
+
+def test_hires_fix_at_or_below_native_size_is_a_single_pass(pipeline: Pipeline) -> None:
+    events, result = run(pipeline, request(width=128, height=128, enable_hr=True, steps=2))
+    assert EventType.SECOND_PASS_SAMPLING not in {e.type for e in events}
+    assert result.images == run(pipeline, request(width=128, height=128, steps=2))[1].images
+
+
+def test_cancellation_stops_within_a_step(pipeline: Pipeline) -> None:
+    seen: list[ProgressEvent] = []
+    for item in pipeline(request(steps=10), lambda: len(seen) >= 3):
+        seen.append(item)
+    assert [e.type for e in seen] == [EventType.TEXT_ENCODED, EventType.SAMPLING, EventType.SAMPLING]
+
+
+def test_restore_faces_is_refused_before_any_work(pipeline: Pipeline) -> None:
+    with pytest.raises(Unimplemented, match="restore_faces"):
+        next(pipeline(dataclasses.replace(request(), restore_faces=True)))
+
+
+def test_a_missing_model_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound, match="stable-diffusion/model.safetensors"):
+        next(Pipeline(ModelStore(tmp_path))(request()))
+
+
+def test_the_model_is_reloaded_when_its_files_change(tmp_path: Path) -> None:
+    models = tiny_models_dir(tmp_path)
+    pipeline = Pipeline(ModelStore(models))
+    before = run(pipeline, request(steps=2))[1]
+    assert run(pipeline, request(steps=2))[1].images == before.images
+    (models / "vae").mkdir()
+    shutil.copy(FIXTURES / "sd1_tiny" / "vae_original" / "model.safetensors", models / "vae" / "model.safetensors")
+    after = run(pipeline, request(steps=2))[1]
+    assert after.images != before.images
