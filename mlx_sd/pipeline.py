@@ -25,8 +25,8 @@ from mlx_sd.random import BatchGenerator
 from mlx_sd.request import GenerationRequest
 from mlx_sd.sampling import catalog, schedules
 from mlx_sd.sampling.catalog import SamplerSpec
-from mlx_sd.sampling.denoisers import eps_denoiser, guided
-from mlx_sd.sampling.samplers import noise_source
+from mlx_sd.sampling.denoisers import Denoiser, EpsModel, eps_denoiser, guided
+from mlx_sd.sampling.samplers import Noise, noise_source
 
 Event = ProgressEvent | GenerationResult
 LATENT_SCALE = 8  # pixels per latent cell in each direction
@@ -117,7 +117,7 @@ class Pipeline:
         return pixels
 
 
-def _sample(spec: SamplerSpec, denoise, x: mx.array, sigmas: np.ndarray, noise, stage: _Pass,
+def _sample(spec: SamplerSpec, denoise: Denoiser, x: mx.array, sigmas: np.ndarray, noise: Noise, stage: _Pass,
             is_cancelled: Callable[[], bool]) -> Iterator[Event]:
     """Run a sampler with one progress event per step; returns the latents to decode, or None."""
     total = len(sigmas) - 1
@@ -144,7 +144,7 @@ def _batched(embedding: mx.array, size: int) -> mx.array:
     return mx.repeat(embedding, size, axis=0)
 
 
-def _unet_in_its_dtype(model: LoadedModel):
+def _unet_in_its_dtype(model: LoadedModel) -> EpsModel:
     """The UNet, fed in its weights' dtype (fp16 on Metal) and answering in fp32, the samplers' dtype."""
     unet = model.models.unet
     dtype = unet.conv_in.weight.dtype
