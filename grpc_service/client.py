@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +18,10 @@ from grpc_service.files import FileCheck
 from grpc_service.generated import imageservice_pb2 as pb
 from grpc_service.generated import imageservice_pb2_grpc as pb_grpc
 from grpc_service.server import MAX_RECEIVE_MESSAGE_BYTES, MAX_SEND_MESSAGE_BYTES
+from grpc_service.servicer import items_from_response, request_to_proto
 from grpc_service.tls import fingerprint, normalize_fingerprint
+from mlx_sd.events import GenerationResult, ProgressEvent
+from mlx_sd.request import GenerationRequest
 
 UPLOAD_CHUNK_BYTES = 4 * 1024**2
 UNARY_TIMEOUT_SECONDS = 30.0
@@ -104,10 +108,25 @@ class ImageServiceClient:
     def upload(self, local: Path, remote: str, on_progress: Callable[[int], None] | None = None) -> str:
         """Sends `local` to `remote` (relative to the model directory); returns the server's message.
 
+        The file's SHA-256 goes with it, so the server keeps it only if it arrived intact (else DATA_LOSS).
         `on_progress` gets the number of bytes each sent chunk carried.
         """
-        reply = self._stub.UploadFile(_upload_messages(local, remote, on_progress), metadata=self._metadata)
-        return reply.message
+        with local.open("rb") as handle:
+            sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+        messages = _upload_messages(local, remote, sha256, on_progress)
+        return self._stub.UploadFile(messages, metadata=self._metadata).message
+
+    def generate(self, request: GenerationRequest) -> Iterator[ProgressEvent | GenerationResult]:
+        """Runs GenerateImage: the progress events as the server streams them, then the result.
+
+        Stopping early (an exception, or the iterator closed) cancels the call, so the server stops too.
+        """
+        call = self._stub.GenerateImage(request_to_proto(request), metadata=self._metadata)
+        try:
+            for response in call:
+                yield from items_from_response(response)
+        finally:
+            call.cancel()
 
     def close(self) -> None:
         self._channel.close()
@@ -122,15 +141,15 @@ class ImageServiceClient:
 
 
 def _upload_messages(
-    local: Path, remote: str, on_progress: Callable[[int], None] | None
+    local: Path, remote: str, sha256: str, on_progress: Callable[[int], None] | None
 ) -> Iterator[pb.UploadFileRequest]:
     with local.open("rb") as handle:
-        filename = remote  # only the first message names the file
+        filename = remote  # only the first message names the file and carries the hash
         while True:
             chunk = handle.read(UPLOAD_CHUNK_BYTES)
             if not chunk and not filename:
                 return
-            yield pb.UploadFileRequest(filename=filename, chunk_data=chunk)
+            yield pb.UploadFileRequest(filename=filename, chunk_data=chunk, sha256=sha256 if filename else "")
             filename = ""
             if on_progress:
                 on_progress(len(chunk))

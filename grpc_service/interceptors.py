@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
-from grpc_service.auth import AUTH_METADATA_KEY, BEARER_PREFIX
+from grpc_service.auth import AUTH_METADATA_KEY, BEARER_PREFIX, FailureLimiter, peer_address
 from grpc_service.status import status_for
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,16 @@ def _with_behavior(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior, boo
 
 
 class SharedSecretInterceptor(grpc.ServerInterceptor):
-    """Rejects, before any work is done, every RPC without `authorization: Bearer <secret>`."""
+    """Rejects, before any work is done, every RPC without `authorization: Bearer <secret>`.
 
-    def __init__(self, secret: str) -> None:
+    An address with repeated failures (see `limiter`) is refused with RESOURCE_EXHAUSTED for a
+    while, without its secret being compared. The peer's address is known only to the handler's
+    context, so the check runs as the first step of the handler.
+    """
+
+    def __init__(self, secret: str, limiter: FailureLimiter) -> None:
         self._expected = (BEARER_PREFIX + secret).encode()
+        self._limiter = limiter
 
     def intercept_service(
         self,
@@ -46,9 +53,24 @@ class SharedSecretInterceptor(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        if handler is None or self._authorized(handler_call_details.invocation_metadata or ()):
+        if handler is None:
             return handler
-        return _with_behavior(handler, lambda _behavior, _streams: _reject_unauthenticated)
+        metadata = handler_call_details.invocation_metadata or ()
+        return _with_behavior(handler, lambda behavior, _streams: self._admitting(behavior, metadata))
+
+    def _admitting(self, behavior: Behavior, metadata: tuple[tuple[str, str | bytes], ...]) -> Behavior:
+        def admitted(request: Any, context: grpc.ServicerContext) -> Any:
+            address = peer_address(context.peer())
+            if (wait := self._limiter.blocked_for(address)) > 0:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"too many failed authentications from this address; try again in {math.ceil(wait)} s")
+            if not self._authorized(metadata):
+                self._limiter.record_failure(address)
+                _reject_unauthenticated(request, context)
+            self._limiter.record_success(address)
+            return behavior(request, context)
+
+        return admitted
 
     def _authorized(self, metadata: tuple[tuple[str, str | bytes], ...]) -> bool:
         given = [value for key, value in metadata if key == AUTH_METADATA_KEY]

@@ -6,25 +6,36 @@ import datetime as dt
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from grpc_service.auth import FailureLimit, FailureLimiter
 from grpc_service.defaults import DEFAULT_HOST, DEFAULT_PORT
 from grpc_service.engine import GenerationEngine
 from grpc_service.files import DEFAULT_MAX_UPLOAD_BYTES, ModelDirectory
 from grpc_service.generated import imageservice_pb2_grpc as pb_grpc
 from grpc_service.interceptors import ErrorStatusInterceptor, SharedSecretInterceptor
+from grpc_service.request_logging import RequestLogInterceptor
 from grpc_service.servicer import ImageGenerationServicer
 from grpc_service.tls import TlsError, TlsIdentity, ensure_self_signed, load_identity
+from mlx_sd.worker import GenerationWorker
 
 # Room for a batch of large PNGs in one response and for big upload chunks.
 MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024**2
 MAX_SEND_MESSAGE_BYTES = 256 * 1024**2
 WORKER_THREADS = 16
 SHUTDOWN_GRACE_SECONDS = 5.0
+# After the grace, how long cancelled generations get to end with a status of their own (they stop at
+# their next step) before gRPC cancels them outright, and how long the MLX thread gets to end.
+SHUTDOWN_CANCEL_SECONDS = 5.0
+WORKER_JOIN_SECONDS = 30.0
+# Once the MLX thread has stopped, the time a cancelled generation's RPC gets to send its UNAVAILABLE
+# before gRPC cuts the remaining calls off.
+ERROR_DELIVERY_SECONDS = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +58,9 @@ class ServerSettings:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     cache_dir: Path | None = None  # converted weights, reused while their source is unchanged
     max_queued: int = 8  # generations waiting behind the running one; more get RESOURCE_EXHAUSTED
+    memory_budget: int | None = None  # bytes for weights plus a request's work; None: mlx_sd.memory_budget's default
+    shutdown_grace: float = SHUTDOWN_GRACE_SECONDS  # running calls may finish this long after SIGTERM
+    auth_failure_limit: FailureLimit = FailureLimit()  # per-address backoff after wrong shared secrets
 
 
 @dataclass(frozen=True)
@@ -54,14 +68,30 @@ class RunningServer:
     server: grpc.Server
     address: str  # host:port actually bound
     tls: TlsIdentity | None
+    models: ModelDirectory | None = None  # its unfinished uploads are discarded at stop
+    worker: GenerationWorker | None = None  # the generation thread, stopped at stop
+    shutdown_grace: float = SHUTDOWN_GRACE_SECONDS
 
     @property
     def port(self) -> int:
         return int(self.address.rsplit(":", 1)[1])
 
     def stop(self, grace: float | None = SHUTDOWN_GRACE_SECONDS) -> None:
-        """Refuses new RPCs, lets running ones finish for `grace` seconds, then cancels them."""
-        self.server.stop(grace).wait()
+        """Refuses new RPCs at once and cancels queued generations; running calls get `grace` seconds
+        (None: none) to finish, then are cancelled: a generation stops within a step with UNAVAILABLE.
+        Returns once every call has ended, the MLX thread too, and no upload's temporary file is left."""
+        if grace is None:
+            self.server.stop(None)
+        else:  # generations get a margin to end with UNAVAILABLE rather than being cut off by gRPC
+            deadline = time.monotonic() + grace
+            self.server.stop(grace + SHUTDOWN_CANCEL_SECONDS)
+        if self.worker is not None and not self.worker.shutdown(grace or 0.0, timeout=WORKER_JOIN_SECONDS):
+            log.warning("the generation thread did not stop within %.0f s", WORKER_JOIN_SECONDS)
+        # A second stop shortens the first one's grace: other calls get theirs, but no less than a
+        # cancelled generation needs to report why it ended.
+        self.server.stop(None if grace is None else max(ERROR_DELIVERY_SECONDS, deadline - time.monotonic())).wait()
+        if self.models is not None:
+            self.models.close()
 
 
 def tls_identity(settings: ServerSettings) -> TlsIdentity:
@@ -81,12 +111,16 @@ def tls_identity(settings: ServerSettings) -> TlsIdentity:
 
 def start_server(settings: ServerSettings, engine: GenerationEngine | None = None) -> RunningServer:
     """Starts serving in background threads. `engine` defaults to the MLX pipeline over the model dir."""
+    started = time.time()
     identity = tls_identity(settings) if settings.tls else None
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     models = ModelDirectory(settings.models_dir, settings.max_upload_bytes)
-    interceptors: list[grpc.ServerInterceptor] = []
+    if removed := models.remove_stale_uploads(older_than=started):  # left by a server that was killed
+        log.info("removed %d unfinished upload(s) left in %s", removed, models.root)
+    # The request log goes first, so it also records the calls the later ones refuse.
+    interceptors: list[grpc.ServerInterceptor] = [RequestLogInterceptor()]
     if settings.shared_secret:
-        interceptors.append(SharedSecretInterceptor(settings.shared_secret))
+        interceptors.append(SharedSecretInterceptor(settings.shared_secret, FailureLimiter(settings.auth_failure_limit)))
     interceptors.append(ErrorStatusInterceptor())
     server = grpc.server(
         ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="rpc"),
@@ -100,7 +134,8 @@ def start_server(settings: ServerSettings, engine: GenerationEngine | None = Non
     if engine is None:
         from mlx_sd.engine import create_engine  # MLX is loaded only when the real pipeline is wanted
 
-        engine = create_engine(models.root, cache_dir=settings.cache_dir, max_queued=settings.max_queued)
+        engine = create_engine(models.root, cache_dir=settings.cache_dir, max_queued=settings.max_queued,
+                               memory_budget=settings.memory_budget)
     servicer = ImageGenerationServicer(models, engine)
     pb_grpc.add_ImageGenerationServiceServicer_to_server(servicer, server)
     host = f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
@@ -116,7 +151,8 @@ def start_server(settings: ServerSettings, engine: GenerationEngine | None = Non
     if port == 0:
         raise ServerStartError(f"cannot listen on {address}")
     server.start()
-    return RunningServer(server, f"{host}:{port}", identity)
+    worker = engine if isinstance(engine, GenerationWorker) else None
+    return RunningServer(server, f"{host}:{port}", identity, models, worker, settings.shutdown_grace)
 
 
 def run_until_signalled(running: RunningServer) -> signal.Signals:
@@ -135,6 +171,6 @@ def run_until_signalled(running: RunningServer) -> signal.Signals:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    log.info("received %s; stopping (grace %.0f s)", received[0].name, SHUTDOWN_GRACE_SECONDS)
-    running.stop()
+    log.info("received %s; stopping (grace %.0f s)", received[0].name, running.shutdown_grace)
+    running.stop(running.shutdown_grace)
     return received[0]

@@ -5,6 +5,7 @@ Errors are raised as library errors and turned into statuses by grpc_service.int
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 
 import grpc
@@ -14,10 +15,11 @@ from grpc_service.files import ModelDirectory
 from grpc_service.generated import imageservice_pb2 as pb
 from grpc_service.generated import imageservice_pb2_grpc as pb_grpc
 from mlx_sd.errors import InvalidRequest
-from mlx_sd.events import GenerationResult, ProgressEvent
+from mlx_sd.events import EventType, GenerationResult, ProgressEvent
 from mlx_sd.request import GenerationRequest
 
 ECHO_MESSAGE = "HELLO"
+_EVENT_TYPES = frozenset(EventType)  # IntEnum members compare equal to their ints
 
 
 def request_from_proto(message: pb.ImageGenerationRequest) -> GenerationRequest:
@@ -43,6 +45,19 @@ def response_from_item(item: ProgressEvent | GenerationResult) -> pb.ImageGenera
         event = pb.SignpostEvent(name=item.name, timestamp=item.timestamp_ms, type=int(item.type))
         return pb.ImageGenerationResponse(events=[event])
     return pb.ImageGenerationResponse(images=item.images, info=item.info)
+
+
+def request_to_proto(request: GenerationRequest) -> pb.ImageGenerationRequest:
+    return pb.ImageGenerationRequest(**dataclasses.asdict(request))  # the field names are the proto's
+
+
+def items_from_response(message: pb.ImageGenerationResponse) -> Iterator[ProgressEvent | GenerationResult]:
+    """The domain items of one streamed response (the client side of `response_from_item`)."""
+    for event in message.events:
+        if event.type in _EVENT_TYPES:  # proto3 enums are open: skip stages a newer server may add
+            yield ProgressEvent(EventType(event.type), event.name, event.timestamp)
+    if message.images or message.info:
+        yield GenerationResult(list(message.images), list(message.info))
 
 
 class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
@@ -72,7 +87,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
         first = next(request_iterator, None)
         if first is None or not first.filename:
             raise InvalidRequest("filename", "the first message of an upload must name the file")
-        upload = self._models.start_upload(first.filename)
+        upload = self._models.start_upload(first.filename, first.sha256)
         context.add_callback(upload.discard)  # also clean up if the RPC dies while we are blocked
         with upload:
             for chunk in _chunks(first, request_iterator):
@@ -82,9 +97,11 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
 
 
 def _chunks(first: pb.UploadFileRequest, rest: Iterable[pb.UploadFileRequest]) -> Iterator[bytes]:
-    """The chunks of an upload; later messages may repeat the file name but not change it."""
+    """The chunks of an upload; later messages may repeat the file name and hash but not change them."""
     yield first.chunk_data
     for message in rest:
         if message.filename and message.filename != first.filename:
             raise InvalidRequest("filename", "changed in the middle of an upload")
+        if message.sha256 and message.sha256 != first.sha256:
+            raise InvalidRequest("sha256", "changed in the middle of an upload")
         yield message.chunk_data

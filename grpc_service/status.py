@@ -4,26 +4,44 @@ from __future__ import annotations
 
 import grpc
 
-from mlx_sd.errors import CheckpointError, InvalidRequest, MlxSdError, ModelNotFound, QueueFull, Unimplemented
+from mlx_sd.errors import (
+    CheckpointError,
+    ChecksumMismatch,
+    InvalidRequest,
+    MissingWeights,
+    MlxSdError,
+    ModelNotFound,
+    ResourceExhausted,
+    ShuttingDown,
+    Unimplemented,
+)
 
 # First match wins, so subclasses come before their bases. CheckpointError is INTERNAL (not
 # FAILED_PRECONDITION) because the spec's clients know only the statuses it lists; a full queue
-# is RESOURCE_EXHAUSTED, gRPC's "try again later".
+# (or memory, or disk) is RESOURCE_EXHAUSTED, gRPC's "try again later"; an upload whose bytes do not
+# match their declared SHA-256 is DATA_LOSS (resend it), not INVALID_ARGUMENT (fix the request).
 STATUS_BY_ERROR: tuple[tuple[type[MlxSdError], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (MissingWeights, grpc.StatusCode.FAILED_PRECONDITION),  # the issue asks for it: install, then retry
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
-    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ChecksumMismatch, grpc.StatusCode.DATA_LOSS),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (CheckpointError, grpc.StatusCode.INTERNAL),
     (MlxSdError, grpc.StatusCode.INTERNAL),
 )
 
 INTERNAL_ERROR_DETAILS = "internal server error (the cause is in the server's log)"
+# Details travel in trailing metadata, which clients cap (8 KiB by default) after percent-encoding
+# (up to 3 bytes a character); messages that quote a hostile client's strings are cut to fit.
+MAX_DETAILS_CHARS = 1000
 
 
 def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
     """The status and details a client sees for `error`; unexpected errors reveal nothing."""
     for error_type, code in STATUS_BY_ERROR:
         if isinstance(error, error_type):
-            return code, str(error)
+            details = str(error)
+            return code, details if len(details) <= MAX_DETAILS_CHARS else details[: MAX_DETAILS_CHARS - 1] + "…"
     return grpc.StatusCode.INTERNAL, INTERNAL_ERROR_DETAILS

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -18,7 +19,24 @@ import typer
 from grpc_service.auth import SHARED_SECRET_ENV, SecretError, resolve_shared_secret
 from grpc_service.defaults import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SERVER
 from mlx_sd import __version__
+from mlx_sd.config import CONFIG_FILE_META_KEY, SERVE_ARGS, ServeCommand, config_app
+from mlx_sd.discovery import advertise, discover_command
+from mlx_sd.doctor import doctor_command
 from mlx_sd.paths import config_dir_help, default_cache_dir, default_config_dir, default_models_dir, models_dir_help
+from mlx_sd.request import (
+    DEFAULT_CFG_SCALE,
+    DEFAULT_SIDE,
+    DEFAULT_STEPS,
+    MAX_BATCH_COUNT,
+    MAX_BATCH_SIZE,
+    MAX_CFG_SCALE,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_SIDE,
+    SIDE_MULTIPLE,
+)
+from mlx_sd.sampling.registry import DEFAULT_SAMPLER
+from mlx_sd.service import service_app
 
 if TYPE_CHECKING:
     from grpc_service.client import ImageServiceClient
@@ -60,11 +78,20 @@ FingerprintOption = Annotated[
 NoTlsOption = Annotated[
     bool, typer.Option("--no-tls", "--insecure", help="Talk plaintext to a server started with --no-tls.")
 ]
+CacheDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Where converted weights are cached so later starts load faster.",
+        show_default="the user cache folder's mlx-sd/converted",
+        file_okay=False,
+    ),
+]
+NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Convert weights on every load; cache nothing.")]
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 def parse_size(text: str) -> int:
@@ -76,11 +103,22 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * unit
 
 
+def _cache_dir(cache_dir: Path | None, no_cache: bool) -> Path | None:
+    return None if no_cache else cache_dir or default_cache_dir()
+
+
 def _secret(value: str | None, file: Path | None) -> str | None:
     try:
         return resolve_shared_secret(value, file)
     except SecretError as exc:
         raise typer.BadParameter(str(exc)) from exc
+
+
+def _configure_blas() -> None:
+    """Load the fast BLAS before anything imports mlx.core (see mlx_sd.backend)."""
+    from mlx_sd.backend import configure
+
+    configure()
 
 
 def _version(value: bool) -> None:
@@ -91,14 +129,28 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
     ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="Settings file of serve.", show_default=f"config.toml in {config_dir_help()}", dir_okay=False
+        ),
+    ] = None,
 ) -> None:
     """Stable Diffusion in MLX, served over a Draw Things-compatible gRPC API."""
+    ctx.meta[CONFIG_FILE_META_KEY] = config
 
 
-@app.command()
+class LogLevel(StrEnum):
+    debug = "debug"  # also logs prompts
+    info = "info"  # one line per request
+    warning = "warning"
+
+
+@app.command(cls=ServeCommand)
 def serve(
     models_dir: Annotated[
         Path | None,
@@ -130,21 +182,31 @@ def serve(
             file_okay=False,
         ),
     ] = None,
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="Where converted weights are cached so later starts load faster.",
-            show_default="the user cache folder's mlx-sd/converted",
-            file_okay=False,
-        ),
-    ] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Convert weights on every load; cache nothing.")] = False,
+    cache_dir: CacheDirOption = None,
+    no_cache: NoCacheOption = False,
     max_queue: Annotated[
         int, typer.Option(help="Generations that may wait behind the running one; more are refused.", min=1)
     ] = 8,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory for the model plus one generation, e.g. 12GiB; requests estimated to need more are refused.",
+            show_default="Metal's recommended working set, else 3/4 of physical memory",
+        ),
+    ] = None,
+    shutdown_grace: Annotated[
+        float, typer.Option(help="Seconds running calls may finish after SIGTERM/SIGINT before being cancelled.", min=0)
+    ] = 5.0,
+    no_bonjour: Annotated[
+        bool, typer.Option("--no-bonjour", help="Do not advertise the server on the local network (Bonjour).")
+    ] = False,
+    log_level: Annotated[LogLevel, typer.Option(help="debug also logs prompts; info: one line per request.")] = (
+        LogLevel.info
+    ),
 ) -> None:
     """Run the gRPC server until SIGINT/SIGTERM (TLS on, with a generated certificate unless one is given)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_blas()
     from grpc_service.server import ServerSettings, ServerStartError, run_until_signalled, start_server
 
     if no_tls and (tls_cert or tls_key):
@@ -160,8 +222,10 @@ def serve(
         shared_secret=_secret(shared_secret, shared_secret_file),
         response_compression=not no_response_compression,
         max_upload_bytes=parse_size(max_upload_size),
-        cache_dir=None if no_cache else cache_dir or default_cache_dir(),
+        cache_dir=_cache_dir(cache_dir, no_cache),
         max_queued=max_queue,
+        memory_budget=parse_size(memory_budget) if memory_budget else None,
+        shutdown_grace=shutdown_grace,
     )
     try:
         running = start_server(settings)
@@ -176,7 +240,12 @@ def serve(
         typer.secho("warning: TLS is off; requests and responses travel unencrypted", err=True, fg="yellow")
     if settings.shared_secret and not running.tls:
         typer.secho("warning: the shared secret is sent in plaintext without TLS", err=True, fg="yellow")
+    fingerprint = running.tls.fingerprint if running.tls else None
+    auth = bool(settings.shared_secret)
+    advertisement = None if no_bonjour else advertise(host, running.port, tls_fingerprint=fingerprint, auth=auth)
     run_until_signalled(running)
+    if advertisement is not None:
+        advertisement.close()
     typer.echo("stopped")
 
 
@@ -280,6 +349,7 @@ def convert_command(
     vae: Annotated[Path | None, typer.Option(help="Standalone VAE replacing the checkpoint's.", dir_okay=False)] = None,
 ) -> None:
     """Convert a checkpoint to MLX weights once, so later loads skip the conversion."""
+    _configure_blas()
     from convert import convert_checkpoint
     from mlx_sd.errors import MlxSdError
 
@@ -288,6 +358,152 @@ def convert_command(
     except (MlxSdError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"wrote {written}")
+
+
+_SIDE_HELP = f"{{}} in pixels, a multiple of {SIDE_MULTIPLE} ({MIN_SIDE}-{MAX_SIDE})."
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    negative: Annotated[str, typer.Option(help="What to keep out of the image (the negative prompt).")] = "",
+    steps: Annotated[int, typer.Option(help=f"Sampling steps (1-{MAX_STEPS}).")] = DEFAULT_STEPS,
+    sampler: Annotated[str, typer.Option(help="Sampler, any case, e.g. 'Euler a' (see the README).")] = DEFAULT_SAMPLER,
+    seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed+i. Negative: random.")] = -1,
+    width: Annotated[int, typer.Option(help=_SIDE_HELP.format("Width"))] = DEFAULT_SIDE,
+    height: Annotated[int, typer.Option(help=_SIDE_HELP.format("Height"))] = DEFAULT_SIDE,
+    cfg: Annotated[
+        float, typer.Option(help=f"Classifier-free guidance scale (0-{MAX_CFG_SCALE:g}).")
+    ] = DEFAULT_CFG_SCALE,
+    batch_size: Annotated[int, typer.Option(help=f"Images sampled together (1-{MAX_BATCH_SIZE}).")] = 1,
+    batch_count: Annotated[int, typer.Option(help=f"Batches run one after another (1-{MAX_BATCH_COUNT}).")] = 1,
+    hires: Annotated[
+        bool, typer.Option("--hires", help="Hires fix: sample at the model's native size, upscale, then refine.")
+    ] = False,
+    denoise: Annotated[
+        float, typer.Option(help="Denoising strength of the hires second pass (0-1; 0 means 0.7).")
+    ] = 0.0,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for the PNGs (created when missing).", file_okay=False)
+    ] = Path("."),
+    models_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder of the models (local only).", show_default=models_dir_help(), file_okay=False),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Weights dtype: float32, float16 or bfloat16 (local only).",
+            show_default="float16 on Metal, float32 on CPU",
+        ),
+    ] = None,
+    cache_dir: CacheDirOption = None,
+    no_cache: NoCacheOption = False,
+    server: Annotated[
+        str | None, typer.Option("--server", "-s", help="Generate on this server (host:port) instead of locally.")
+    ] = None,
+    ca: CaOption = None,
+    fingerprint: FingerprintOption = None,
+    no_tls: NoTlsOption = False,
+    shared_secret: SecretOption = None,
+    shared_secret_file: SecretFileOption = None,
+) -> None:
+    """Generate images locally, or on a server with --server; writes PNGs and prints their paths.
+
+    An invalid value exits with status 2, any other failure with 1, Ctrl-C with 130.
+    """
+    _configure_blas()
+    from mlx_sd.cli_generate import follow, local_engine, option_error, validated_as_sent, write_images
+    from mlx_sd.errors import InvalidRequest, MlxSdError, ModelNotFound
+    from mlx_sd.request import GenerationRequest
+
+    if server is None:
+        misplaced, rule = {"--ca": ca, "--fingerprint": fingerprint, "--no-tls": no_tls}, "need --server"
+    else:
+        misplaced = {"--models-dir": models_dir, "--dtype": dtype, "--cache-dir": cache_dir, "--no-cache": no_cache}
+        rule = "apply to local generation only"
+    if given := [name for name, value in misplaced.items() if value]:
+        raise typer.BadParameter(f"{', '.join(given)}: {rule}")
+    if dtype is not None:
+        from convert.loader import DTYPES
+
+        if dtype not in DTYPES:
+            raise typer.BadParameter(f"expected one of {', '.join(DTYPES)}, got {dtype!r}", param_hint="--dtype")
+    try:
+        request = validated_as_sent(GenerationRequest(
+            prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps, cfg_scale=cfg,
+            seed=seed, sampler=sampler, enable_hr=hires, denoising_strength=denoise, batch_size=batch_size,
+            batch_count=batch_count,
+        ))
+    except InvalidRequest as exc:
+        _fail(option_error(exc), code=2)
+
+    root = models_dir or default_models_dir()
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # before generating, so a bad --out fails fast
+        if server is None:
+            with local_engine(root, _cache_dir(cache_dir, no_cache), dtype) as engine:
+                result = follow(engine(request), request)
+        else:
+            with _connected(server, ca, fingerprint, no_tls, shared_secret, shared_secret_file) as client:
+                result = follow(client.generate(request), request)
+        for path in write_images(result, out):
+            typer.echo(path)
+    except KeyboardInterrupt:
+        _fail("cancelled", code=130)
+    except ModelNotFound as exc:
+        _fail(f"{exc} (in {root})")
+    except (MlxSdError, OSError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def upscale(
+    image: Annotated[Path, typer.Argument(help="Image to upscale.", exists=True, dir_okay=False, readable=True)],
+    scale: Annotated[
+        float | None, typer.Option(help="Output size over input size; default: the network's own (e.g. 4).", min=0.1)
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="PNG to write; default: IMAGE_x<scale>.png beside it.",
+                                  dir_okay=False)
+    ] = None,
+    models_dir: Annotated[
+        Path | None, typer.Option(help="Folder of the models.", show_default=models_dir_help(), file_okay=False)
+    ] = None,
+) -> None:
+    """Upscale an image with the Real-ESRGAN network in MODELS_DIR/upscaler/model.safetensors."""
+    _configure_blas()
+    from mlx_sd.errors import MlxSdError
+    from mlx_sd.upscale import UPSCALER_FILE, upscale_file
+
+    try:
+        written = upscale_file(image, out, (models_dir or default_models_dir()) / UPSCALER_FILE, scale)
+    except (MlxSdError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {written}")
+
+
+@app.command("convert-pth")
+def convert_pth_command(
+    source: Annotated[Path, typer.Argument(help="Released PyTorch weights (.pth), e.g. GFPGANv1.4.pth.",
+                                           exists=True, dir_okay=False)],
+    destination: Annotated[Path, typer.Argument(help="The .safetensors file to write.", dir_okay=False)],
+) -> None:
+    """Convert upscaler / face-restoration .pth weights to safetensors (needs PyTorch; loads tensors only)."""
+    from convert.pth import convert_pth
+    from mlx_sd.errors import MlxSdError
+
+    try:
+        written = convert_pth(source, destination)
+    except MlxSdError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {written}")
+
+
+app.add_typer(config_app, name="config")
+app.add_typer(service_app, name="service")
+app.command("discover")(discover_command)
+app.command("doctor", context_settings=SERVE_ARGS)(doctor_command)
 
 
 if __name__ == "__main__":

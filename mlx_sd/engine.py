@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_sd.memory_budget import MemoryBudget, default_budget_bytes
 from mlx_sd.model_store import ModelStore
 from mlx_sd.pipeline import Pipeline
 from mlx_sd.worker import GenerationWorker
@@ -14,11 +15,16 @@ DEFAULT_MAX_QUEUED = 8
 
 
 def create_engine(models_dir: Path, *, cache_dir: Path | None = None, dtype: mx.Dtype | str | None = None,
-                  max_queued: int = DEFAULT_MAX_QUEUED) -> GenerationWorker:
+                  max_queued: int = DEFAULT_MAX_QUEUED, memory_budget: int | None = None) -> GenerationWorker:
     """A worker running the pipeline over `models_dir`; calling it yields a request's events.
 
     Converted weights are cached in `cache_dir` (none when None). Memory MLX kept for reuse is
-    handed back after every job, so an idle server holds only the loaded model.
+    handed back after every job, so an idle server holds only the loaded model. Requests that do not
+    fit in `memory_budget` bytes (default: `default_budget_bytes()`) are refused before they start.
     """
     store = ModelStore(models_dir, dtype=dtype, cache_dir=cache_dir)
-    return GenerationWorker(Pipeline(store), max_queued=max_queued, after_job=mx.clear_cache)
+    budget = MemoryBudget(memory_budget or default_budget_bytes())
+    # MLX streams belong to the thread that made them; unless that thread destroys them as it ends
+    # (after close()), the process aborts at exit with "terminate called without an active exception".
+    return GenerationWorker(Pipeline(store, budget), max_queued=max_queued, after_job=mx.clear_cache,
+                            on_exit=mx.clear_streams)

@@ -23,6 +23,14 @@ class ModelNotFound(MlxSdError):
         self.path = path
 
 
+class MissingWeights(ModelNotFound):
+    """An optional network the request asks for (face restoration) has no weights installed;
+    `path` names the missing file. The request cannot run until it is installed."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, "weights not installed in the model directory")
+
+
 class CheckpointError(MlxSdError):
     """A checkpoint is unreadable, of an unsupported format, or does not match the architecture."""
 
@@ -31,9 +39,29 @@ class Unimplemented(MlxSdError):
     """A feature the API names but this build does not provide yet."""
 
 
-class QueueFull(MlxSdError):
+class ResourceExhausted(MlxSdError):
+    """A limit of the server (queue, memory, disk) is reached for now; the client may retry later."""
+
+
+class QueueFull(ResourceExhausted):
     """The generation queue is at its configured depth; the client may retry later."""
 
     def __init__(self, depth: int) -> None:
         super().__init__(f"the generation queue is full ({depth} waiting); try again later")
         self.depth = depth
+
+
+class MemoryBudgetExceeded(ResourceExhausted):
+    """A request does not fit in the memory budget beside what is already held."""
+
+
+class StorageFull(ResourceExhausted):
+    """The disk holding the model directory is full."""
+
+
+class ChecksumMismatch(MlxSdError):
+    """Received data does not match the SHA-256 the client declared for it."""
+
+
+class ShuttingDown(MlxSdError):
+    """The server is stopping and takes no new work."""

@@ -27,6 +27,7 @@ class Parameters:
     first_pass_size: tuple[int, int] | None = None
     denoising_strength: float | None = None
     upscaler: str | None = None
+    face_restoration: str | None = None  # the restorer's name, when faces were restored
 
     def text(self) -> str:
         fields = [
@@ -38,6 +39,8 @@ class Parameters:
             ("Model hash", self.model_hash),
             ("Model", self.model_name),
         ]
+        if self.face_restoration is not None:
+            fields.append(("Face restoration", self.face_restoration))
         if self.first_pass_size is not None:
             w, h = self.first_pass_size
             fields += [

@@ -43,6 +43,10 @@ class ModelStore:
         self._loaded: LoadedModel | None = None
         self._stamp: tuple | None = None
 
+    @property
+    def models_dir(self) -> Path:
+        return self._models_dir
+
     def get(self) -> LoadedModel:
         stamp = self._file_stamp()
         if self._loaded is None or stamp != self._stamp:

@@ -17,12 +17,13 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_sd import hires
-from mlx_sd.errors import Unimplemented
 from mlx_sd.events import EventType, GenerationResult, ProgressEvent
 from mlx_sd.images import Parameters, encode_png
+from mlx_sd.memory_budget import MemoryBudget, ModelShape
 from mlx_sd.model_store import LoadedModel, ModelStore
 from mlx_sd.random import BatchGenerator
 from mlx_sd.request import GenerationRequest
+from mlx_sd.restoration import Restoration
 from mlx_sd.sampling import catalog, schedules
 from mlx_sd.sampling.catalog import SamplerSpec
 from mlx_sd.sampling.denoisers import Denoiser, EpsModel, eps_denoiser, guided
@@ -45,15 +46,22 @@ _SECOND = _Pass(EventType.SECOND_PASS_SAMPLING, "hires sampling")
 
 
 class Pipeline:
-    def __init__(self, store: ModelStore) -> None:
+    def __init__(self, store: ModelStore, memory_budget: MemoryBudget | None = None) -> None:
         self._store = store
+        self._memory_budget = memory_budget
+        self._restoration = Restoration(store.models_dir)
         self._train_sigmas = schedules.train_sigmas()
 
     def __call__(self, request: GenerationRequest, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Event]:
         """Generate the images of a validated request."""
-        if request.restore_faces:
-            raise Unimplemented("restore_faces: face restoration is not available in this build yet")
+        # Before any sampling: missing face-restoration weights fail the request at once.
+        restorer = self._restoration.face_restorer() if request.restore_faces else None
         model = self._store.get()
+        if self._memory_budget is not None:  # before this request allocates anything
+            unet, vae = model.models.unet, model.models.vae
+            self._memory_budget.check(request.width, request.height, request.batch_size,
+                                      unet.conv_in.weight.dtype.size, mx.get_active_memory(),
+                                      ModelShape.of(unet.config, vae.config))
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
         cond, uncond = _encode_prompts(model, request)
         yield ProgressEvent(EventType.TEXT_ENCODED, "text encoded")
@@ -68,12 +76,17 @@ class Pipeline:
             pixels = yield from self._batch(model, request, seeds, cond, uncond, first_pass, strength, is_cancelled)
             if pixels is None:
                 return
+            if restorer is not None:
+                pixels = np.stack([restorer(image) for image in pixels])
+                yield ProgressEvent(EventType.FACE_RESTORED, "faces restored")
             for item_seed, image in zip(seeds, pixels):
                 text = Parameters(
                     prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
                     sampler=request.sampler, cfg_scale=request.cfg_scale, seed=item_seed,
                     width=request.width, height=request.height, model_name=model.name, model_hash=model.hash,
                     first_pass_size=first_pass, denoising_strength=strength if first_pass else None,
+                    upscaler=self._restoration.upscaler_name() if first_pass else None,
+                    face_restoration="GFPGAN" if restorer is not None else None,
                 ).text()
                 images.append(encode_png(image, text))
                 infos.append(text)
@@ -101,7 +114,7 @@ class Pipeline:
         if first_pass is None:
             return pixels
 
-        pixels = hires.resize_lanczos(pixels, request.width, request.height)
+        pixels = self._upscale(pixels, request.width, request.height)
         yield ProgressEvent(EventType.IMAGE_UPSCALED, f"upscaled to {request.width}x{request.height}")
         encoded = _encode_image(model, pixels)
         yield ProgressEvent(EventType.SECOND_PASS_IMAGE_ENCODED, "upscaled image encoded")
@@ -115,6 +128,14 @@ class Pipeline:
         pixels = _decode(model, latents)
         yield ProgressEvent(EventType.SECOND_PASS_IMAGE_DECODED, "hires image decoded")
         return pixels
+
+
+    def _upscale(self, pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+        """The hires fix's resize: Real-ESRGAN when installed (then Lanczos to the exact size)."""
+        upscaler = self._restoration.upscaler()
+        if upscaler is None:
+            return hires.resize_lanczos(pixels, width, height)
+        return np.stack([upscaler.upscale(image, size=(width, height)) for image in pixels])
 
 
 def _sample(spec: SamplerSpec, denoise: Denoiser, x: mx.array, sigmas: np.ndarray, noise: Noise, stage: _Pass,

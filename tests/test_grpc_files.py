@@ -178,3 +178,12 @@ def test_upload_into_a_folder_name_is_refused(server, stub_for, models_dir: Path
         stub_for(server).UploadFile(upload_messages(("vae", b"x")))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "folder" in caught.value.details()
+
+
+def test_a_huge_hostile_name_is_refused_with_a_status_that_fits(server, stub_for, models_dir: Path) -> None:
+    # The reason quotes the name; cut to size, it still fits the client's trailing-metadata limit.
+    with pytest.raises(grpc.RpcError) as caught:
+        stub_for(server).UploadFile(upload_messages(("\0" * 10_000, b"x")))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("filename")
+    assert list(models_dir.iterdir()) == []

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_sd.errors import ModelNotFound, Unimplemented
+from mlx_sd.errors import MissingWeights, ModelNotFound
 from mlx_sd.events import EventType, GenerationResult, ProgressEvent
 from mlx_sd.model_store import ModelStore
 from mlx_sd.pipeline import Pipeline
@@ -144,8 +144,8 @@ def test_cancellation_stops_within_a_step(pipeline: Pipeline) -> None:
     assert [e.type for e in seen] == [EventType.TEXT_ENCODED, EventType.SAMPLING, EventType.SAMPLING]
 
 
-def test_restore_faces_is_refused_before_any_work(pipeline: Pipeline) -> None:
-    with pytest.raises(Unimplemented, match="restore_faces"):
+def test_restore_faces_without_its_weights_is_refused_before_any_work(pipeline: Pipeline) -> None:
+    with pytest.raises(MissingWeights, match="face_restoration/gfpgan.safetensors"):
         next(pipeline(dataclasses.replace(request(), restore_faces=True)))
 
 

@@ -104,12 +104,14 @@ class SignpostEvent(_message.Message):
     def __init__(self, name: _Optional[str] = ..., timestamp: _Optional[int] = ..., type: _Optional[_Union[SignpostEvent.EventType, str]] = ...) -> None: ...
 
 class UploadFileRequest(_message.Message):
-    __slots__ = ("filename", "chunk_data")
+    __slots__ = ("filename", "chunk_data", "sha256")
     FILENAME_FIELD_NUMBER: _ClassVar[int]
     CHUNK_DATA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     filename: str
     chunk_data: bytes
-    def __init__(self, filename: _Optional[str] = ..., chunk_data: _Optional[bytes] = ...) -> None: ...
+    sha256: str
+    def __init__(self, filename: _Optional[str] = ..., chunk_data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class UploadFileResponse(_message.Message):
     __slots__ = ("success", "message")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_sd.models.activations import silu
+from mlx_sd.models.attention import scaled_dot_product_attention
+
 
 def upsample_nearest(x: mx.array, size: tuple[int, int]) -> mx.array:
     """Nearest-neighbour resize of an NHWC tensor to `size` (torch's `mode="nearest"` indexing)."""
@@ -41,10 +44,10 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
+        h = self.conv1(silu(self.norm1(x)))
         if temb is not None:
-            h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
-        h = self.conv2(nn.silu(self.norm2(h)))
+            h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
+        h = self.conv2(silu(self.norm2(h)))
         shortcut = self.conv_shortcut(x) if "conv_shortcut" in self else x
         return shortcut + h
 
@@ -78,5 +81,5 @@ class Attention(nn.Module):
         q = split_heads(self.to_q(x))
         k = split_heads(self.to_k(context))
         v = split_heads(self.to_v(context))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5)
+        out = scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5)
         return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, dim))

@@ -11,6 +11,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_sd.models.activations import gelu, silu
 from mlx_sd.models.layers import Attention, ResnetBlock2D, upsample_nearest
 
 # Config values the SD-1 architecture has; anything else in a config.json is another model family.
@@ -95,7 +96,7 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(nn.silu(self.linear_1(x)))
+        return self.linear_2(silu(self.linear_1(x)))
 
 
 class GEGLU(nn.Module):
@@ -105,7 +106,7 @@ class GEGLU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         hidden, gate = mx.split(self.proj(x), 2, axis=-1)
-        return hidden * nn.gelu(gate)
+        return hidden * gelu(gate)
 
 
 class FeedForward(nn.Module):
@@ -310,4 +311,4 @@ class UNet2DConditionModel(nn.Module):
                 # Upsample to the next skip's size so odd latent sizes round-trip like diffusers.
                 x = block.upsamplers[0](x, skips[-1].shape[1:3])
 
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))

@@ -9,6 +9,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_sd.models.activations import silu
 from mlx_sd.models.layers import Attention, ResnetBlock2D, upsample_nearest
 
 # The VAE's norms all use this epsilon in diffusers and in the original LDM code.
@@ -129,7 +130,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
 
 
 class Decoder(nn.Module):
@@ -154,7 +155,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
 
 
 class AutoencoderKL(nn.Module):

@@ -1,0 +1,167 @@
+"""Choose the BLAS that MLX's CPU backend calls on Linux.
+
+The mlx[cpu] wheel resolves `cblas_sgemm` & co. from a bundled reference BLAS that is about
+50x slower than an optimised one. The dynamic linker searches libraries loaded with
+RTLD_GLOBAL before a module's own dependencies, so loading a fast BLAS that way *before*
+`mlx.core` is first imported makes MLX use it. Matrix products and convolutions (MLX lowers
+convolutions to GEMM) are where the CPU time goes.
+
+This is the package's one deliberate exception to "no import-time environment reads": the
+choice has to be made before MLX loads, i.e. before settings are parsed, so `configure()`
+reads `MLX_SD_BLAS` (and sets `OPENBLAS_CORETYPE` if the user has not). Entry points call
+`configure()` before anything imports `mlx.core`; importing this module does nothing.
+
+`MLX_SD_BLAS`: `auto` (default: the first candidate found, in `PREFERENCE` order),
+`reference` (MLX's bundled BLAS), a candidate name (`mkl`, `openblas`), or a library path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import sys
+import sysconfig
+from collections.abc import Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "MLX_SD_BLAS"
+# Fastest first, as measured by benchmarks/blas_candidates.py (see the README).
+PREFERENCE = ("mkl", "openblas")
+
+
+@dataclass(frozen=True)
+class Blas:
+    """A BLAS library: `path` is None for the one MLX was built with."""
+
+    name: str
+    path: Path | None = None
+
+
+REFERENCE = Blas("reference")
+ACCELERATE = Blas("accelerate")
+
+
+def candidate_paths(data_dir: Path, site_dir: Path, multiarch: str | None) -> dict[str, list[Path]]:
+    """Where each fast BLAS would be, by name.
+
+    PyPI's `mkl` installs into the environment's data prefix (`<venv>/lib`); Debian's
+    `libopenblas0-*` packages provide the `libopenblas.so.0` alternative. OpenBLAS builds
+    shipped inside numpy/scipy wheels export prefixed symbols (`scipy_cblas_sgemm`), which
+    MLX cannot bind to, so they are not candidates.
+    """
+    system_dirs = [Path("/usr/lib") / multiarch] if multiarch else []
+    system_dirs += [Path("/usr/lib64"), Path("/usr/lib")]
+    return {
+        "mkl": [data_dir / "lib" / "libmkl_rt.so.3", data_dir / "lib" / "libmkl_rt.so.2"],
+        "openblas": [d / "libopenblas.so.0" for d in system_dirs]
+        + [site_dir / "cmeel.prefix" / "lib" / "libopenblas.so.0"],
+    }
+
+
+def find_candidates(paths: dict[str, list[Path]], exists: Callable[[Path], bool] = Path.exists) -> list[Blas]:
+    """The installed candidates in preference order (first existing path of each)."""
+    found = []
+    for name in PREFERENCE:
+        path = next((p for p in paths.get(name, []) if exists(p)), None)
+        if path is not None:
+            found.append(Blas(name, path))
+    return found
+
+
+def select(choice: str, candidates: Iterable[Blas]) -> Blas:
+    """Resolve an `MLX_SD_BLAS` value against the installed candidates."""
+    candidates = list(candidates)
+    if choice == "reference":
+        return REFERENCE
+    if choice == "auto":
+        return candidates[0] if candidates else REFERENCE
+    if "/" in choice:
+        name = Path(choice).name
+        return Blas(next((n for n in PREFERENCE if n in name), "custom"), Path(choice))
+    for blas in candidates:
+        if blas.name == choice:
+            return blas
+    raise ValueError(f"{ENV_VAR}={choice!r}: not installed (found: {[b.name for b in candidates] or 'none'})")
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def openblas_coretype(flags: set[str]) -> str | None:
+    """The OpenBLAS kernel family for these CPU flags.
+
+    Some OpenBLAS releases (Debian 12's 0.3.21) misdetect virtualised Xeons as "Prescott"
+    and run ~4x slower; naming the family from the flags avoids that.
+    """
+    if "avx512f" in flags:
+        return "SkylakeX"
+    if "avx2" in flags:
+        return "Haswell"
+    if "avx" in flags:
+        return "Sandybridge"
+    return None
+
+
+def preload(
+    blas: Blas,
+    env: MutableMapping[str, str],
+    flags: Callable[[], set[str]] = cpu_flags,
+    load: Callable[..., object] = ctypes.CDLL,
+) -> Blas:
+    """Load `blas` globally; on failure log why and return the reference BLAS instead."""
+    if blas.path is None:
+        return blas
+    if blas.name == "openblas" and "OPENBLAS_CORETYPE" not in env:
+        coretype = openblas_coretype(flags())
+        if coretype:
+            env["OPENBLAS_CORETYPE"] = coretype  # read by OpenBLAS when it loads
+    try:
+        load(str(blas.path), mode=ctypes.RTLD_GLOBAL)
+    except OSError as exc:
+        log.warning("could not load %s BLAS (%s); using MLX's reference BLAS, which is much slower", blas.name, exc)
+        return REFERENCE
+    return blas
+
+
+@functools.cache
+def configure() -> Blas:
+    """Pick and load the BLAS once per process; call before `mlx.core` is imported.
+
+    Logs one line naming the BLAS in use.
+    """
+    if sys.platform == "darwin":
+        return ACCELERATE  # MLX uses Accelerate (and Metal); nothing to do
+    if sys.platform != "linux":
+        return REFERENCE
+    if "mlx.core" in sys.modules:
+        log.warning("mlx.core was imported before the BLAS was chosen; keeping the one it bound")
+        return Blas("already-bound")
+    paths = candidate_paths(
+        Path(sysconfig.get_paths()["data"]),
+        Path(sysconfig.get_paths()["purelib"]),
+        sysconfig.get_config_var("MULTIARCH"),
+    )
+    choice = os.environ.get(ENV_VAR, "auto").strip() or "auto"
+    chosen = select(choice, find_candidates(paths))
+    blas = preload(chosen, os.environ)
+    if blas is not chosen:
+        return blas  # preload logged the failure and the fallback
+    if blas.path is None:
+        log.info("BLAS: MLX's bundled reference BLAS (slow; `pip install mkl` or install OpenBLAS)")
+    else:
+        coretype = os.environ.get("OPENBLAS_CORETYPE", "") if blas.name == "openblas" else ""
+        log.info("BLAS: %s (%s%s)", blas.name, blas.path, f", OPENBLAS_CORETYPE={coretype}" if coretype else "")
+    return blas

@@ -1,0 +1,53 @@
+"""Scaled dot-product attention over (batch, heads, tokens, head_dim), in the fastest correct
+form for the device.
+
+On the GPU MLX's fused `mx.fast.scaled_dot_product_attention` is best. On the CPU that op
+becomes matmul-softmax-matmul, and MLX's CPU `exp` is scalar (~12 ns per element here, 8x
+numpy's vectorised one), so at 512² the softmax over 2x8 4096x4096 scores dominates the UNet.
+The CPU form therefore evaluates its inputs and runs each (batch, head) slice through numpy,
+in fp32, in cache-sized blocks of query rows, with the normalisation moved after the value
+product (a tokens x head_dim division instead of tokens x tokens). Blocks go one at a time,
+so about 2 MiB of scores are alive, against 1 GiB for the whole batch at 512². See benchmarks/attention_cpu.py.
+
+The CPU form leaves MLX's lazy graph (it evaluates q, k and v), so it cannot be traced by
+`mx.compile` or differentiated; only the GPU path is compiled.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+# The CPU path computes scores in blocks of query rows of about BLOCK_SCORES floats (2 MiB),
+# so that its max/subtract/exp/sum passes run in the L2 cache: 4x faster than whole 4096x4096
+# slices here. Blocks under MIN_ROWS rows were slower again (per-call and BLAS overheads).
+BLOCK_SCORES = 1 << 19
+MIN_ROWS = 128
+
+
+def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+    scores = (q * np.float32(scale)) @ k.T
+    scores -= scores.max(axis=-1, keepdims=True)  # weights <= 1: exp cannot overflow
+    np.exp(scores, out=scores)
+    out = scores @ v
+    out /= scores.sum(axis=-1, keepdims=True)
+    return out
+
+
+def cpu_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, rows: int | None = None) -> mx.array:
+    """softmax(q kᵀ scale) v in fp32 with numpy, one (batch, head) slice and block of `rows`
+    query rows at a time (query rows are independent); by default about BLOCK_SCORES scores."""
+    b, h, n, d = q.shape
+    qs, ks, vs = (np.array(t.astype(mx.float32)).reshape(b * h, t.shape[2], d) for t in (q, k, v))
+    rows = rows or max(MIN_ROWS, BLOCK_SCORES // ks.shape[1])
+    out = np.empty_like(qs)
+    for i in range(b * h):
+        for start in range(0, n, rows):
+            out[i, start:start + rows] = _attend(qs[i, start:start + rows], ks[i], vs[i], scale)
+    return mx.array(out.reshape(b, h, n, d)).astype(q.dtype)
+
+
+def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    if mx.default_device() == mx.gpu:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    return cpu_attention(q, k, v, scale)

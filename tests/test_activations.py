@@ -1,0 +1,32 @@
+"""The CPU (numpy) SiLU and exact GELU against MLX's own, including the tails."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_sd.models import activations
+
+# Values across the ranges that matter, plus the tails where exp under/overflows.
+X = np.concatenate([np.linspace(-12, 12, 20001, dtype=np.float32),
+                    np.array([-1e4, -100, -89, -87, 87, 89, 100, 1e4, 0.0, -0.0], dtype=np.float32)])
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [(activations.silu, nn.silu), (activations.gelu, nn.gelu)],
+                         ids=["silu", "gelu"])
+def test_cpu_activation_matches_mlx(ours, theirs) -> None:
+    x = mx.array(X)
+    with mx.stream(mx.cpu):
+        got, expected = np.array(ours(x)), np.array(theirs(x))
+    assert np.isfinite(got).all()
+    # erf's approximation error is <= 1.5e-7 absolute; |x| scales it, and fp32 rounding adds 1 ulp.
+    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [activations.silu, activations.gelu], ids=["silu", "gelu"])
+def test_dtype_and_shape_are_kept(fn) -> None:
+    x = mx.random.normal((2, 3, 4, 5)).astype(mx.bfloat16)
+    out = fn(x)
+    assert out.dtype == mx.bfloat16 and out.shape == x.shape

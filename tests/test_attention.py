@@ -1,0 +1,81 @@
+"""The CPU attention (numpy, one (batch, head) slice at a time, normalised after the value
+product) against float64 softmax attention and MLX's fused kernel.
+
+Tolerance: fp32 attention over <= 1024 keys agrees with float64 to ~1e-6 relative; 1e-5
+(atol and rtol) leaves room for summation order and still catches any formula error, which
+shows up at 1e-2 or more.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_sd.models.attention import cpu_attention, scaled_dot_product_attention
+
+TOL = 1e-5
+
+
+def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+    s = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k.astype(np.float64)) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhqk,bhkd->bhqd", p / p.sum(-1, keepdims=True), v.astype(np.float64))
+
+
+def inputs(shape_q: tuple[int, ...], kv_tokens: int, spread: float, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    b, h, _, d = shape_q
+    return [rng.standard_normal(s, dtype=np.float32) * spread for s in (shape_q, (b, h, kv_tokens, d), (b, h, kv_tokens, d))]
+
+
+@pytest.mark.parametrize(
+    ("shape_q", "kv_tokens"),
+    [((2, 8, 256, 40), 256), ((2, 8, 256, 40), 77), ((1, 1, 1024, 64), 1024), ((2, 3, 5, 8), 7)],
+    ids=["self", "cross", "vae-like", "odd"],
+)
+def test_cpu_attention_matches_float64_softmax(shape_q: tuple[int, ...], kv_tokens: int) -> None:
+    q, k, v = inputs(shape_q, kv_tokens, spread=1.0)
+    scale = shape_q[-1] ** -0.5
+    out = cpu_attention(mx.array(q), mx.array(k), mx.array(v), scale)
+    assert out.shape == shape_q and out.dtype == mx.float32
+    np.testing.assert_allclose(np.array(out), reference(q, k, v, scale), rtol=TOL, atol=TOL)
+
+
+def test_blocks_of_query_rows_give_the_same_result() -> None:
+    q, k, v = (mx.array(a) for a in inputs((1, 2, 100, 8), 30, spread=1.0))
+    whole = cpu_attention(q, k, v, 0.3)
+    blocked = cpu_attention(q, k, v, 0.3, rows=7)  # the last block is short
+    np.testing.assert_allclose(np.array(blocked), np.array(whole), rtol=1e-6, atol=1e-7)
+
+
+def test_large_logits_do_not_overflow() -> None:
+    # Logits in the hundreds: exp without the max subtraction would overflow to inf.
+    q, k, v = inputs((1, 2, 64, 16), 64, spread=6.0)
+    out = np.array(cpu_attention(mx.array(q), mx.array(k), mx.array(v), 1.0))
+    assert np.isfinite(out).all()
+    # fp32 logits of ~300 are themselves rounded by ~2e-5, which exp turns into ~1e-4 in the
+    # weights: a property of fp32 inputs (MLX's fused kernel differs as much), not of the formula.
+    np.testing.assert_allclose(out, reference(q, k, v, 1.0), rtol=1e-3, atol=1e-3)
+
+
+def test_cpu_attention_matches_mlx_fused_kernel() -> None:
+    q, k, v = (mx.array(a) for a in inputs((2, 4, 128, 40), 128, spread=1.0, seed=1))
+    fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=40**-0.5)
+    np.testing.assert_allclose(np.array(cpu_attention(q, k, v, 40**-0.5)), np.array(fused), rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_half_precision_inputs_keep_their_dtype(dtype: mx.Dtype) -> None:
+    q, k, v = (mx.array(a).astype(dtype) for a in inputs((1, 2, 32, 16), 32, spread=1.0))
+    out = cpu_attention(q, k, v, 0.25)
+    assert out.dtype == dtype
+    full = [np.array(t.astype(mx.float32)) for t in (q, k, v)]
+    np.testing.assert_allclose(np.array(out.astype(mx.float32)), reference(*full, 0.25), atol=2e-2)
+
+
+def test_dispatch_uses_the_cpu_form_on_the_cpu() -> None:
+    q, k, v = (mx.array(a) for a in inputs((1, 1, 8, 4), 8, spread=1.0))
+    with mx.stream(mx.cpu):
+        out = scaled_dot_product_attention(q, k, v, 0.5)
+    assert mx.array_equal(out, cpu_attention(q, k, v, 0.5))

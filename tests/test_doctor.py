@@ -1,0 +1,166 @@
+"""`mlx-sd doctor`: each check's verdict and hint, and the command's output and exit status."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+from typer.testing import CliRunner
+
+from grpc_service.auth import SHARED_SECRET_ENV
+from grpc_service.tls import ensure_self_signed
+from mlx_sd import service
+from mlx_sd.cli import app
+from mlx_sd.doctor import (
+    Level,
+    check_config_file,
+    check_mlx,
+    check_models,
+    check_port,
+    check_service,
+    check_tls,
+)
+from mlx_sd.service import CommandResult, ServiceStatus
+
+NOW = dt.datetime.now(dt.UTC)
+RUNNING = ServiceStatus(True, True, 42, "running (pid 42)")
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield listener.getsockname()[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_mlx_reports_the_device_and_memory() -> None:
+    check = check_mlx()
+    assert check.level in (Level.OK, Level.WARN)
+    assert ("Metal GPU" in check.message or "CPU only" in check.message) and "GiB of memory" in check.message
+
+
+def test_models_missing_folder(tmp_path: Path) -> None:
+    check = check_models(tmp_path / "nowhere")
+    assert check.level is Level.WARN and "does not exist yet" in check.message
+    assert "stable-diffusion/model.safetensors" in check.hint
+
+
+def test_models_without_a_checkpoint_lists_what_is_there(tmp_path: Path) -> None:
+    (tmp_path / "loras").mkdir()
+    save_file({"w": np.zeros(4, dtype=np.float32)}, str(tmp_path / "loras" / "style.safetensors"))
+    check = check_models(tmp_path)
+    assert check.level is Level.WARN and "1 model files" in check.message and "no usable SD-1 model" in check.message
+    assert check.details == ["loras/style.safetensors (0.0 GiB)"]
+
+
+def test_models_with_a_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "stable-diffusion").mkdir()
+    save_file({"w": np.zeros(4, dtype=np.float32)}, str(tmp_path / "stable-diffusion" / "model.safetensors"))
+    check = check_models(tmp_path)
+    assert check.level is Level.OK and "SD-1 model stable-diffusion/model.safetensors" in check.message
+
+
+def test_tls_off_is_a_warning(tmp_path: Path) -> None:
+    assert check_tls(False, None, None, tmp_path, NOW).level is Level.WARN
+
+
+def test_tls_not_generated_yet_is_fine(tmp_path: Path) -> None:
+    check = check_tls(True, None, None, tmp_path, NOW)
+    assert check.level is Level.OK and "generated at the first start" in check.message
+
+
+def test_tls_generated_certificate_and_its_expiry(tmp_path: Path) -> None:
+    identity = ensure_self_signed(tmp_path)
+    valid = check_tls(True, None, None, tmp_path, NOW)
+    assert valid.level is Level.OK and identity.fingerprint in valid.message
+    soon = check_tls(True, None, None, tmp_path, identity.not_after - dt.timedelta(days=10))
+    assert soon.level is Level.WARN and "expires in" in soon.message
+    expired = check_tls(True, None, None, tmp_path, identity.not_after + dt.timedelta(days=1))
+    assert expired.level is Level.WARN and "generated at the next start" in expired.hint
+
+
+def test_tls_given_certificate_expired_or_broken_fails(tmp_path: Path) -> None:
+    identity = ensure_self_signed(tmp_path)
+    key = tmp_path / "tls" / "server-key.pem"
+    later = identity.not_after + dt.timedelta(days=1)
+    assert check_tls(True, identity.cert_path, key, tmp_path, later).level is Level.FAIL
+    broken = tmp_path / "broken.pem"
+    broken.write_text("nope")
+    check = check_tls(True, broken, key, tmp_path, NOW)
+    assert check.level is Level.FAIL and "not a PEM certificate" in check.message
+
+
+def test_port_free_or_busy(busy_port: int) -> None:
+    assert check_port("127.0.0.1", free_port(), None).level is Level.OK
+    busy = check_port("127.0.0.1", busy_port, None)
+    assert busy.level is Level.FAIL and "--port" in busy.hint
+    assert check_port("127.0.0.1", busy_port, RUNNING).level is Level.OK  # the service holds it
+
+
+class Manager:
+    def __init__(self, label: str, status: ServiceStatus) -> None:
+        self.label, self.path, self._status = label, Path(f"/agents/{label}.plist"), status
+
+    def status(self) -> ServiceStatus:
+        return self._status
+
+
+def test_service_states() -> None:
+    missing = ServiceStatus(False, False, None, "not loaded")
+    stopped = ServiceStatus(True, False, None, "inactive (dead)")
+    assert check_service([Manager("a", missing)])[0].level is Level.WARN
+    check, _ = check_service([Manager("a", stopped)])
+    assert check.level is Level.WARN and "mlx-sd service start" in check.hint
+    check, status = check_service([Manager("ours", missing), Manager("homebrew.mxcl.mlx-sd", RUNNING)])
+    assert check.level is Level.OK and "homebrew.mxcl.mlx-sd" in check.message and status is RUNNING
+
+
+def test_config_file_with_a_readable_secret(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[serve]\nshared-secret = "x"\n')
+    path.chmod(0o644)
+    check = check_config_file(path, {"shared_secret": "x"}, None)
+    assert check.level is Level.WARN and check.hint == f"chmod 600 {path}"
+    path.chmod(0o600)
+    assert check_config_file(path, {"shared_secret": "x"}, None).level is Level.OK
+    assert check_config_file(path, None, "broken").level is Level.FAIL
+
+
+@pytest.fixture
+def config(tmp_path: Path, monkeypatch) -> Path:
+    """A config file with folders in tmp_path; systemd answers that the unit is inactive."""
+    show = CommandResult(0, "ActiveState=inactive\nSubState=dead\nMainPID=0\n")
+    monkeypatch.setattr(service, "current_platform", lambda: "linux")
+    monkeypatch.setattr(service, "run_command", lambda args, capture=True: show)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv(SHARED_SECRET_ENV, raising=False)
+    path = tmp_path / "config.toml"
+    path.write_text('[serve]\nhost = "127.0.0.1"\nmodels-dir = "models"\nconfig-dir = "conf"\n')
+    return path
+
+
+def test_doctor_command_fails_on_a_busy_port(config: Path, busy_port: int) -> None:
+    result = CliRunner().invoke(app, ["--config", str(config), "doctor", "--port", str(busy_port)])
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("FAIL  port") and str(busy_port) in line for line in lines)
+    assert any(line.startswith("WARN  service") for line in lines)
+    assert any(line.startswith("WARN  models") for line in lines)
+
+
+def test_doctor_command_passes_without_failures(config: Path) -> None:
+    result = CliRunner().invoke(app, ["--config", str(config), "doctor", "--port", str(free_port())])
+    assert result.exit_code == 0, result.stdout
+    assert "FAIL" not in result.stdout and "hint:" in result.stdout

@@ -1,0 +1,71 @@
+"""restore_faces and the hires fix's upscaler inside the pipeline, on the tiny SD-1 model with the
+restoration fixtures installed in its model directory (see tests/fixtures/restoration/README.md)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from mlx_sd.errors import MissingWeights
+from mlx_sd.events import EventType, ProgressEvent
+from mlx_sd.faces import DETECTOR_FILE, RESTORER_FILE
+from mlx_sd.model_store import ModelStore
+from mlx_sd.pipeline import Pipeline
+from mlx_sd.request import GenerationRequest
+from mlx_sd.upscale import UPSCALER_FILE
+
+FIXTURES = Path(__file__).parent / "fixtures"
+RESTORATION = FIXTURES / "restoration"
+
+
+def _request(**fields) -> GenerationRequest:
+    base = dict(prompt="a portrait", width=64, height=64, steps=2, cfg_scale=7.5, seed=7, sampler="Euler")
+    return GenerationRequest(**{**base, **fields}).validated()
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    shutil.copytree(FIXTURES / "sd1_tiny" / "diffusers", tmp_path / "stable-diffusion")
+    return tmp_path
+
+
+def _install_faces(models_dir: Path) -> None:
+    (models_dir / "face_restoration").mkdir(exist_ok=True)
+    save_file(dict(np.load(RESTORATION / "gfpgan_weights.npz")), str(models_dir / RESTORER_FILE))
+    shutil.copy(RESTORATION / "retinaface.safetensors", models_dir / DETECTOR_FILE)
+
+
+def test_missing_face_weights_fail_before_sampling(models_dir: Path) -> None:
+    pipeline = Pipeline(ModelStore(models_dir))
+    with pytest.raises(MissingWeights, match=RESTORER_FILE):
+        next(pipeline(_request(restore_faces=True)))
+    (models_dir / "face_restoration").mkdir()
+    save_file(dict(np.load(RESTORATION / "gfpgan_weights.npz")), str(models_dir / RESTORER_FILE))
+    with pytest.raises(MissingWeights, match=DETECTOR_FILE):
+        next(pipeline(_request(restore_faces=True)))
+
+
+def test_restore_faces_emits_face_restored_per_batch(models_dir: Path) -> None:
+    _install_faces(models_dir)
+    items = list(Pipeline(ModelStore(models_dir))(_request(restore_faces=True, batch_count=2)))
+    events = [i.type for i in items if isinstance(i, ProgressEvent)]
+    assert events.count(EventType.FACE_RESTORED) == 2
+    assert events.index(EventType.IMAGE_DECODED) < events.index(EventType.FACE_RESTORED)
+    assert len(items[-1].images) == 2
+    assert all("Face restoration: GFPGAN" in info for info in items[-1].info)
+
+
+def test_hires_fix_uses_the_installed_upscaler(models_dir: Path) -> None:
+    request = _request(width=192, height=128, enable_hr=True, denoising_strength=0.5)
+    pipeline = Pipeline(ModelStore(models_dir))
+    lanczos = list(pipeline(request))[-1]
+    (models_dir / "upscaler").mkdir()
+    shutil.copy(RESTORATION / "esrgan_compact.safetensors", models_dir / UPSCALER_FILE)
+    items = list(pipeline(request))
+    assert EventType.IMAGE_UPSCALED in [i.type for i in items if isinstance(i, ProgressEvent)]
+    assert "Hires upscaler: Real-ESRGAN" in items[-1].info[0] and "Lanczos" in lanczos.info[0]
+    assert items[-1].images[0] != lanczos.images[0]

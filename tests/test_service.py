@@ -1,0 +1,304 @@
+"""`mlx-sd service`: the launchd plist and the systemd unit, and the commands with launchctl/systemctl faked."""
+
+from __future__ import annotations
+
+import plistlib
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from grpc_service.auth import SHARED_SECRET_ENV
+from mlx_sd import service
+from mlx_sd.cli import app
+from mlx_sd.service import (
+    DEFAULT_LABEL,
+    CommandResult,
+    LaunchAgent,
+    ServiceError,
+    SystemdUserUnit,
+    launchd_plist,
+    serve_program,
+    systemd_quote,
+    systemd_unit,
+)
+
+PROGRAM = ["/opt/homebrew/bin/mlx-sd", "serve", "--port", "7860"]
+LAUNCHCTL_PRINT = """gui/501/com.drawthings.grpcserver = {
+\tactive count = 1
+\tpath = /Users/me/Library/LaunchAgents/com.drawthings.grpcserver.plist
+\tstate = running
+\tprogram = /opt/homebrew/bin/mlx-sd
+\tpid = 4242
+}
+"""
+
+
+class FakeRunner:
+    """Answers system commands from a table of (prefix -> result) and records every call."""
+
+    def __init__(self, answers: dict[tuple[str, ...], CommandResult] | None = None) -> None:
+        self.answers = answers or {}
+        self.calls: list[tuple[list[str], bool]] = []
+
+    def __call__(self, args: list[str], *, capture: bool = True) -> CommandResult:
+        self.calls.append((args, capture))
+        for prefix, result in self.answers.items():
+            if tuple(args[: len(prefix)]) == prefix:
+                return result
+        return CommandResult(0, "")
+
+    @property
+    def commands(self) -> list[list[str]]:
+        return [args for args, _ in self.calls]
+
+
+NOT_LOADED = {("launchctl", "print"): CommandResult(113, "Could not find service")}
+LOADED = {("launchctl", "print"): CommandResult(0, LAUNCHCTL_PRINT)}
+
+
+def agent(home: Path, answers=None) -> tuple[LaunchAgent, FakeRunner]:
+    fake = FakeRunner(answers)
+    return LaunchAgent(DEFAULT_LABEL, home, 501, fake), fake
+
+
+def test_plist_is_a_background_agent_that_restarts(tmp_path: Path) -> None:
+    log = tmp_path / "Library/Logs/mlx-sd/mlx-sd.log"
+    plist = plistlib.loads(launchd_plist(DEFAULT_LABEL, PROGRAM, log))
+    assert plist == {
+        "Label": "com.drawthings.grpcserver",
+        "ProgramArguments": PROGRAM,
+        "RunAtLoad": True,
+        "KeepAlive": True,
+        "ProcessType": "Background",
+        "StandardOutPath": str(log),
+        "StandardErrorPath": str(log),
+        "EnvironmentVariables": {"PYTHONUNBUFFERED": "1"},
+    }
+
+
+def test_systemd_unit() -> None:
+    unit = systemd_unit(["/home/me/.venv/bin/mlx-sd", "serve", "/home/me/My Models"])
+    assert unit.splitlines() == [
+        "[Unit]",
+        f"Description={service.DESCRIPTION}",
+        "",
+        "[Service]",
+        'ExecStart=/home/me/.venv/bin/mlx-sd serve "/home/me/My Models"',
+        "Restart=always",
+        "RestartSec=5",
+        "Environment=PYTHONUNBUFFERED=1",
+        "",
+        "[Install]",
+        "WantedBy=default.target",
+    ]
+
+
+@pytest.mark.parametrize(
+    "arg, quoted",
+    [
+        ("plain", "plain"),
+        ("100%", "100%%"),
+        ("$HOME", "$$HOME"),
+        ('a "b"', '"a \\"b\\""'),
+        ("x;y", '"x;y"'),
+        ("", '""'),
+    ],
+)
+def test_systemd_quoting(arg: str, quoted: str) -> None:
+    assert systemd_quote(arg) == quoted
+
+
+def test_serve_program_prefers_the_mlx_sd_script(tmp_path: Path) -> None:
+    script = tmp_path / "bin" / "mlx-sd"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\n")
+    assert serve_program(str(script), "/usr/bin/python3") == [str(script)]
+    assert serve_program("/usr/lib/pytest", "/usr/bin/python3") == ["/usr/bin/python3", "-m", "mlx_sd.cli"]
+
+
+def test_launchd_install_writes_the_plist_and_bootstraps(tmp_path: Path) -> None:
+    manager, fake = agent(tmp_path, NOT_LOADED)
+    manager.install(PROGRAM)
+    plist_path = tmp_path / "Library/LaunchAgents/com.drawthings.grpcserver.plist"
+    assert plistlib.loads(plist_path.read_bytes())["ProgramArguments"] == PROGRAM
+    assert (tmp_path / "Library/Logs/mlx-sd").is_dir()
+    assert fake.commands == [
+        ["launchctl", "print", "gui/501/com.drawthings.grpcserver"],
+        ["launchctl", "bootstrap", "gui/501", str(plist_path)],
+    ]
+
+
+def test_launchd_reinstall_unloads_the_old_definition_first(tmp_path: Path) -> None:
+    manager, fake = agent(tmp_path, LOADED)
+    manager.install(PROGRAM)
+    assert [c[1] for c in fake.commands] == ["print", "bootout", "bootstrap"]
+    assert fake.commands[1] == ["launchctl", "bootout", "gui/501/com.drawthings.grpcserver"]
+
+
+def test_launchd_failure_is_reported_with_launchctl_output(tmp_path: Path) -> None:
+    manager, _ = agent(tmp_path, {**NOT_LOADED, ("launchctl", "bootstrap"): CommandResult(5, "Input/output error")})
+    with pytest.raises(ServiceError, match="launchctl bootstrap .* failed \\(5\\): Input/output error"):
+        manager.install(PROGRAM)
+
+
+def test_launchd_start_stop_uninstall(tmp_path: Path) -> None:
+    manager, fake = agent(tmp_path, NOT_LOADED)
+    with pytest.raises(ServiceError, match="not installed"):
+        manager.start()
+    manager.install(PROGRAM)
+    manager.start()
+    assert fake.commands[-1][:2] == ["launchctl", "bootstrap"]
+    assert manager.stop() == [f"{DEFAULT_LABEL} is not running"]
+
+    manager._runner = loaded = FakeRunner(LOADED)
+    manager.start()
+    assert loaded.commands[-1] == ["launchctl", "kickstart", "gui/501/com.drawthings.grpcserver"]
+    manager.stop()
+    assert loaded.commands[-1] == ["launchctl", "bootout", "gui/501/com.drawthings.grpcserver"]
+    manager.uninstall()
+    assert not manager.path.exists()
+
+
+def test_launchd_status(tmp_path: Path) -> None:
+    manager, _ = agent(tmp_path, LOADED)
+    status = manager.status()
+    assert (status.installed, status.running, status.pid, status.detail) == (False, True, 4242, "running (pid 4242)")
+    stopped, _ = agent(tmp_path, NOT_LOADED)
+    assert stopped.status().running is False and stopped.status().detail == "not loaded"
+
+
+def test_launchd_logs(tmp_path: Path) -> None:
+    manager, fake = agent(tmp_path)
+    with pytest.raises(ServiceError, match="no log yet"):
+        manager.logs(5, follow=False)
+    manager.log_file.parent.mkdir(parents=True)
+    manager.log_file.write_text("".join(f"line {i}\n" for i in range(100)))
+    assert manager.logs(3, follow=False) == ["line 97", "line 98", "line 99"]
+    manager.logs(3, follow=True)
+    assert fake.calls[-1] == (["tail", "-n", "3", "-F", str(manager.log_file)], False)
+
+
+def unit(tmp_path: Path, answers=None) -> tuple[SystemdUserUnit, FakeRunner]:
+    fake = FakeRunner(answers)
+    return SystemdUserUnit("mlx-sd", tmp_path / "config", fake), fake
+
+
+def test_systemd_install_start_stop_uninstall(tmp_path: Path) -> None:
+    manager, fake = unit(tmp_path)
+    manager.install(PROGRAM)
+    assert (tmp_path / "config/systemd/user/mlx-sd.service").read_text() == systemd_unit(PROGRAM)
+    manager.start()
+    manager.stop()
+    manager.uninstall()
+    assert not manager.path.exists()
+    assert fake.commands == [
+        ["systemctl", "--user", "daemon-reload"],
+        ["systemctl", "--user", "enable", "mlx-sd.service"],
+        ["systemctl", "--user", "restart", "mlx-sd.service"],
+        ["systemctl", "--user", "start", "mlx-sd.service"],
+        ["systemctl", "--user", "stop", "mlx-sd.service"],
+        ["systemctl", "--user", "disable", "--now", "mlx-sd.service"],
+        ["systemctl", "--user", "daemon-reload"],
+    ]
+
+
+def test_systemd_status_and_logs(tmp_path: Path) -> None:
+    show = CommandResult(0, "ActiveState=active\nSubState=running\nMainPID=77\n")
+    manager, fake = unit(tmp_path, {("systemctl", "--user", "show"): show})
+    status = manager.status()
+    assert (status.running, status.pid, status.detail) == (True, 77, "running (pid 77)")
+    manager.logs(20, follow=True)
+    assert fake.calls[-1] == (
+        ["journalctl", "--user", "--unit", "mlx-sd.service", "--lines", "20", "--no-pager", "--follow"],
+        False,
+    )
+
+
+def test_systemd_failure_is_reported(tmp_path: Path) -> None:
+    manager, _ = unit(tmp_path, {("systemctl",): CommandResult(1, "Failed to connect to bus")})
+    with pytest.raises(ServiceError, match="Failed to connect to bus"):
+        manager.install(PROGRAM)
+
+
+# The commands, through the CLI, on a faked platform and home.
+
+
+@pytest.fixture
+def fake_system(monkeypatch, tmp_path: Path) -> FakeRunner:
+    fake = FakeRunner(NOT_LOADED)
+    monkeypatch.setattr(service, "run_command", fake)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv(SHARED_SECRET_ENV, raising=False)
+    return fake
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_install_on_macos_runs_serve_with_the_flags_given(fake_system, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(service, "current_platform", lambda: "darwin")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("service", "install", "--port", "7860", "--no-tls", "models", "--label", "org.example.sd")
+    assert result.exit_code == 0, result.output
+    plist_path = tmp_path / "home/Library/LaunchAgents/org.example.sd.plist"
+    plist = plistlib.loads(plist_path.read_bytes())
+    assert plist["Label"] == "org.example.sd"
+    assert plist["ProgramArguments"] == [
+        sys.executable,
+        "-m",
+        "mlx_sd.cli",
+        "serve",
+        str(tmp_path / "models"),
+        "--port",
+        "7860",
+        "--no-tls",
+    ]
+    assert plist["StandardOutPath"] == str(tmp_path / "home/Library/Logs/mlx-sd/mlx-sd.log")
+    assert fake_system.commands[-1] == ["launchctl", "bootstrap", f"gui/{service.os.getuid()}", str(plist_path)]
+    assert f"installed {plist_path}" in result.stdout
+
+
+def test_install_on_linux_passes_the_config_file_along(fake_system, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(service, "current_platform", lambda: "linux")
+    config = tmp_path / "my.toml"
+    result = invoke("--config", config, "service", "install", "--max-queue", "2")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "xdg/systemd/user/mlx-sd.service").read_text()
+    assert f"-m mlx_sd.cli --config {config} serve --max-queue 2\n" in text
+    assert ["systemctl", "--user", "restart", "mlx-sd.service"] in fake_system.commands
+
+
+def test_install_refuses_a_secret_on_the_command_line(fake_system) -> None:
+    result = invoke("service", "install", "--shared-secret", "s3cret")
+    assert result.exit_code == 1 and "--shared-secret-file" in result.stderr
+    assert "s3cret" not in result.output and fake_system.commands == []
+
+
+def test_install_rejects_flags_serve_does_not_know(fake_system) -> None:
+    result = invoke("service", "install", "--prot", "1")
+    assert result.exit_code == 2 and "--prot" in result.stderr
+
+
+def test_install_warns_that_the_environment_secret_stays_behind(fake_system, monkeypatch) -> None:
+    monkeypatch.setattr(service, "current_platform", lambda: "linux")
+    result = CliRunner().invoke(app, ["service", "install"], env={SHARED_SECRET_ENV: "s3cret"})
+    assert result.exit_code == 0 and "will not see MLX_SD_SHARED_SECRET" in result.stderr
+
+
+def test_status_exit_code(fake_system, monkeypatch) -> None:
+    monkeypatch.setattr(service, "current_platform", lambda: "darwin")
+    result = invoke("service", "status")
+    assert result.exit_code == 3 and "not installed" in result.stdout and "not loaded" in result.stdout
+    fake_system.answers = LOADED
+    result = invoke("service", "status")
+    assert result.exit_code == 0 and "running (pid 4242)" in result.stdout
+
+
+def test_unsupported_platform(fake_system, monkeypatch) -> None:
+    monkeypatch.setattr(service, "current_platform", lambda: "win32")
+    result = invoke("service", "start")
+    assert result.exit_code == 1 and "macOS (launchd) and Linux (systemd)" in result.stderr
