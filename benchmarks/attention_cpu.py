@@ -43,7 +43,7 @@ VARIANTS: dict[str, Fn] = {
     "sdpa, one head at a time": lambda q, k, v, s: mx.concatenate(
         [mx.fast.scaled_dot_product_attention(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], scale=s)
          for i in range(q.shape[1])], axis=1),
-    "numpy per slice, deferred (ours)": attn.cpu_attention,
+    "numpy, blocks of query rows (ours)": attn.cpu_attention,
 }
 
 

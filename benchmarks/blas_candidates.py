@@ -73,7 +73,8 @@ def main() -> None:
         return
     rows = []
     for choice in args.choices:
-        command = [sys.executable, __file__, "--child", "--repeat", str(args.repeat)] + (["--unet"] if args.unet else [])
+        command = [sys.executable, __file__, "--child", "--repeat", str(args.repeat)]
+        command += ["--unet"] if args.unet else []
         env = dict(os.environ, MLX_SD_BLAS=choice)
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:

@@ -1,6 +1,7 @@
-"""Where a full-size UNet forward spends its time on MLX's CPU backend, by kind of operation.
+"""Where a full-size UNet forward (or VAE decode) spends its time on MLX's CPU backend, by kind
+of operation.
 
-    nice .venv/bin/python benchmarks/profile_unet.py [--size 512] [--batch 2]
+    nice .venv/bin/python benchmarks/profile_unet.py [--size 512] [--batch 2] [--vae]
 
 Each profiled operation evaluates its inputs first and its output after, so its time is its
 own; the sum is a little above an unprofiled forward (no overlap between ops). Needs the random
@@ -23,7 +24,7 @@ import mlx.core as mx  # noqa: E402  (after the BLAS is chosen)
 import mlx.nn as nn  # noqa: E402
 
 from convert import load_sd1  # noqa: E402
-from mlx_sd.models import layers, unet  # noqa: E402
+from mlx_sd.models import layers, unet, vae  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / ".cache" / "sd15-random" / "stable-diffusion" / "model.safetensors"
@@ -45,16 +46,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--vae", action="store_true", help="profile a VAE decode instead")
     args = parser.parse_args()
-    model = load_sd1(CHECKPOINT, dtype="float32", cache_dir=REPO / ".cache" / "converted").unet
+    models = load_sd1(CHECKPOINT, dtype="float32", cache_dir=REPO / ".cache" / "converted")
     key = mx.random.key(0)
     x = mx.random.normal((args.batch, args.size // 8, args.size // 8, 4), key=key)
     context = mx.random.normal((args.batch, 77, 768), key=key)
     t = mx.array([500] * args.batch)
-    mx.eval(model(x, t, context))  # warm-up
+    forward = (lambda: models.vae.decode(x)) if args.vae else (lambda: models.unet(x, t, context))
+    mx.eval(forward())  # warm-up
 
     start = time.perf_counter()
-    mx.eval(model(x, t, context))
+    mx.eval(forward())
     plain = time.perf_counter() - start
 
     totals: dict[str, float] = defaultdict(float)
@@ -67,19 +70,21 @@ def main() -> None:
     originals = {k: getattr(*k) for k in patches}
     for (cls, attr), name in patches.items():
         setattr(cls, attr, timed(totals, name, originals[(cls, attr)]))
-    fn_patches = {(layers, "scaled_dot_product_attention"): "attention core", (unet.nn, "gelu"): "gelu",
-                  (layers.nn, "silu"): "silu"}
+    fn_patches = {(layers, "scaled_dot_product_attention"): "attention core", (unet, "gelu"): "gelu",
+                  (layers, "silu"): "silu", (unet, "silu"): "silu", (vae, "silu"): "silu",
+                  (unet, "upsample_nearest"): "upsample", (vae, "upsample_nearest"): "upsample"}
     fn_originals = {k: getattr(*k) for k in fn_patches}
     for (mod, attr), name in fn_patches.items():
         setattr(mod, attr, timed(totals, name, fn_originals[(mod, attr)]))
     try:
         start = time.perf_counter()
-        mx.eval(model(x, t, context))
+        mx.eval(forward())
         profiled = time.perf_counter() - start
     finally:
         for (cls, attr), fn in {**originals, **fn_originals}.items():
             setattr(cls, attr, fn)
-    print(f"UNet forward, batch {args.batch}, {args.size}²: {plain:.2f} s (profiled run {profiled:.2f} s)")
+    what = "VAE decode" if args.vae else "UNet forward"
+    print(f"{what}, batch {args.batch}, {args.size}²: {plain:.2f} s (profiled run {profiled:.2f} s)")
     for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {name:>15}: {seconds:6.2f} s  {100 * seconds / profiled:5.1f}%")
     print(f"  {'other':>15}: {profiled - sum(totals.values()):6.2f} s")

@@ -212,7 +212,8 @@ def main() -> None:
     lines = [f"# SD-1.5 (random weights, full size) on {machine()}", "",
              f"{date.today()}; ours: mlx-sd (MLX CPU); reference: diffusers + torch {args.threads} threads; "
              f"median of {args.repeat} after a warm-up (end to end and loads: one run); time / peak RSS; "
-             "ratio = ours / diffusers' faster dtype (lower is better).", "",
+             "ratio = ours / diffusers' faster dtype (lower is better). Our inputs are fp32, so "
+             "`ours float16` means fp16-stored weights computed in fp32 (MLX promotes per op).", "",
              "| stage | " + " | ".join(f"ours {d}" for d in args.ours_dtypes.split(",")) + " | "
              + " | ".join(f"diffusers {d}" for d in args.ref_dtypes.split(",")) + " | ratio (time) | ratio (RSS) |",
              "|---" * (3 + len(args.ours_dtypes.split(",")) + len(args.ref_dtypes.split(","))) + "|"]

@@ -26,7 +26,8 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.n
 def inputs(shape_q: tuple[int, ...], kv_tokens: int, spread: float, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     b, h, _, d = shape_q
-    return [rng.standard_normal(s, dtype=np.float32) * spread for s in (shape_q, (b, h, kv_tokens, d), (b, h, kv_tokens, d))]
+    shapes = (shape_q, (b, h, kv_tokens, d), (b, h, kv_tokens, d))
+    return [rng.standard_normal(s, dtype=np.float32) * spread for s in shapes]
 
 
 @pytest.mark.parametrize(

@@ -167,7 +167,9 @@ def test_sigterm_lets_work_finish_within_the_grace(serve, tiny_models: Path) -> 
         try:
             server.stub.Echo(pb.EchoRequest(), timeout=2)
         except grpc.RpcError as error:
-            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            # gRPC refuses calls to a stopping server with UNAVAILABLE, or CANCELLED for one that
+            # raced the stop into the transport.
+            assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
             return True
         return False
 
