@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import hmac
 import logging
 import math
@@ -25,17 +26,30 @@ _HANDLER_KINDS = {
 }
 
 
-def _with_behavior(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior, bool], Behavior]) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` whose behaviour is `wrap(behavior, streams_responses)`."""
-    attribute, make_handler = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
-    return make_handler(
-        wrap(getattr(handler, attribute), handler.response_streaming),
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+class BehaviorInterceptor(grpc.ServerInterceptor, abc.ABC):
+    """An interceptor that wraps the behaviour of every method it serves; subclasses say how."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        attribute, make_handler = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
+        return make_handler(
+            self.wrap(getattr(handler, attribute), handler, handler_call_details),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    @abc.abstractmethod
+    def wrap(self, behavior: Behavior, handler: grpc.RpcMethodHandler, call: grpc.HandlerCallDetails) -> Behavior:
+        """The behaviour to run instead of `behavior`, a method of kind `handler` called as `call`."""
 
 
-class SharedSecretInterceptor(grpc.ServerInterceptor):
+class SharedSecretInterceptor(BehaviorInterceptor):
     """Rejects, before any work is done, every RPC without `authorization: Bearer <secret>`.
 
     An address with repeated failures (see `limiter`) is refused with RESOURCE_EXHAUSTED for a
@@ -47,16 +61,8 @@ class SharedSecretInterceptor(grpc.ServerInterceptor):
         self._expected = (BEARER_PREFIX + secret).encode()
         self._limiter = limiter
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return handler
-        metadata = handler_call_details.invocation_metadata or ()
-        return _with_behavior(handler, lambda behavior, _streams: self._admitting(behavior, metadata))
+    def wrap(self, behavior: Behavior, handler: grpc.RpcMethodHandler, call: grpc.HandlerCallDetails) -> Behavior:
+        return self._admitting(behavior, call.invocation_metadata or ())
 
     def _admitting(self, behavior: Behavior, metadata: tuple[tuple[str, str | bytes], ...]) -> Behavior:
         def admitted(request: Any, context: grpc.ServicerContext) -> Any:
@@ -84,19 +90,11 @@ def _reject_unauthenticated(_request: Any, context: grpc.ServicerContext) -> Non
     context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong shared secret (authorization: Bearer <secret>)")
 
 
-class ErrorStatusInterceptor(grpc.ServerInterceptor):
+class ErrorStatusInterceptor(BehaviorInterceptor):
     """Turns exceptions escaping a handler into statuses (grpc_service.status), logging unexpected ones."""
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        return _with_behavior(handler, lambda behavior, streams: _mapping_errors(method, behavior, streams))
+    def wrap(self, behavior: Behavior, handler: grpc.RpcMethodHandler, call: grpc.HandlerCallDetails) -> Behavior:
+        return _mapping_errors(call.method, behavior, handler.response_streaming)
 
 
 def _mapping_errors(method: str, behavior: Behavior, streams_responses: bool) -> Behavior:

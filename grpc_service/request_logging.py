@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from grpc_service.auth import AUTH_METADATA_KEY
-from grpc_service.interceptors import Behavior, _with_behavior
+from grpc_service.interceptors import Behavior, BehaviorInterceptor
 
 log = logging.getLogger("mlx_sd.requests")
 
@@ -74,22 +74,11 @@ def _outcome(context: grpc.ServicerContext, failed: bool) -> str:
     return "CANCELLED" if not context.is_active() else "UNKNOWN"
 
 
-class RequestLogInterceptor(grpc.ServerInterceptor):
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        rpc = handler_call_details.method.rsplit("/", 1)[-1]
-        metadata = handler_call_details.invocation_metadata or ()
-        has_credentials = any(key == AUTH_METADATA_KEY for key, _ in metadata)
-        return _with_behavior(
-            handler,
-            lambda behavior, streams: _logged(rpc, has_credentials, behavior, handler.request_streaming, streams),
-        )
+class RequestLogInterceptor(BehaviorInterceptor):
+    def wrap(self, behavior: Behavior, handler: grpc.RpcMethodHandler, call: grpc.HandlerCallDetails) -> Behavior:
+        rpc = call.method.rsplit("/", 1)[-1]
+        has_credentials = any(key == AUTH_METADATA_KEY for key, _ in call.invocation_metadata or ())
+        return _logged(rpc, has_credentials, behavior, handler.request_streaming, handler.response_streaming)
 
 
 def _logged(
