@@ -13,7 +13,6 @@ from mlx_sd.errors import (
     ModelNotFound,
     ResourceExhausted,
     ShuttingDown,
-    Unimplemented,
 )
 
 # First match wins, so subclasses come before their bases. CheckpointError is INTERNAL (not
@@ -24,7 +23,6 @@ STATUS_BY_ERROR: tuple[tuple[type[MlxSdError], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (MissingWeights, grpc.StatusCode.FAILED_PRECONDITION),  # the issue asks for it: install, then retry
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
-    (Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ChecksumMismatch, grpc.StatusCode.DATA_LOSS),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),

@@ -35,10 +35,6 @@ class CheckpointError(MlxSdError):
     """A checkpoint is unreadable, of an unsupported format, or does not match the architecture."""
 
 
-class Unimplemented(MlxSdError):
-    """A feature the API names but this build does not provide yet."""
-
-
 class ResourceExhausted(MlxSdError):
     """A limit of the server (queue, memory, disk) is reached for now; the client may retry later."""
 

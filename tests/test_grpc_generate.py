@@ -14,7 +14,7 @@ from PIL import Image
 
 from grpc_service.generated import imageservice_pb2 as pb
 from grpc_service.status import INTERNAL_ERROR_DETAILS
-from mlx_sd.errors import CheckpointError, InvalidRequest, ModelNotFound, QueueFull, Unimplemented
+from mlx_sd.errors import CheckpointError, InvalidRequest, MissingWeights, ModelNotFound, QueueFull
 from mlx_sd.events import EventType, GenerationResult, ProgressEvent
 from mlx_sd.request import (
     DEFAULT_CFG_SCALE,
@@ -201,7 +201,8 @@ def test_an_unreadable_model_file_is_an_internal_error_naming_it(server, stub_fo
     [
         (InvalidRequest("seed", "bad"), grpc.StatusCode.INVALID_ARGUMENT, "seed: bad"),
         (ModelNotFound("vae/model.safetensors"), grpc.StatusCode.NOT_FOUND, "vae/model.safetensors"),
-        (Unimplemented("no upscaler"), grpc.StatusCode.UNIMPLEMENTED, "no upscaler"),
+        (MissingWeights("face_restoration/gfpgan.safetensors"), grpc.StatusCode.FAILED_PRECONDITION,
+         "face_restoration/gfpgan.safetensors"),
         (CheckpointError("unknown checkpoint layout"), grpc.StatusCode.INTERNAL, "unknown checkpoint layout"),
         (QueueFull(8), grpc.StatusCode.RESOURCE_EXHAUSTED, "queue is full"),
     ],
