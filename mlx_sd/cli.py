@@ -89,6 +89,21 @@ CacheDirOption = Annotated[
 NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Convert weights on every load; cache nothing.")]
 
 
+class WeightsDtype(StrEnum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+DtypeOption = Annotated[
+    WeightsDtype | None,
+    typer.Option(
+        help="How the model's weights are held in memory; on the CPU the work is done in float32 either way.",
+        show_default="float16 on Metal, float32 on CPU",
+    ),
+]
+
+
 def _fail(message: str, code: int = 1) -> NoReturn:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
@@ -184,6 +199,7 @@ def serve(
     ] = None,
     cache_dir: CacheDirOption = None,
     no_cache: NoCacheOption = False,
+    dtype: DtypeOption = None,
     max_queue: Annotated[
         int, typer.Option(help="Generations that may wait behind the running one; more are refused.", min=1)
     ] = 8,
@@ -224,6 +240,7 @@ def serve(
         max_upload_bytes=parse_size(max_upload_size),
         cache_dir=_cache_dir(cache_dir, no_cache),
         max_queued=max_queue,
+        dtype=dtype,
         memory_budget=parse_size(memory_budget) if memory_budget else None,
         shutdown_grace=shutdown_grace,
     )
@@ -390,13 +407,7 @@ def generate(
         Path | None,
         typer.Option(help="Folder of the models (local only).", show_default=models_dir_help(), file_okay=False),
     ] = None,
-    dtype: Annotated[
-        str | None,
-        typer.Option(
-            help="Weights dtype: float32, float16 or bfloat16 (local only).",
-            show_default="float16 on Metal, float32 on CPU",
-        ),
-    ] = None,
+    dtype: DtypeOption = None,
     cache_dir: CacheDirOption = None,
     no_cache: NoCacheOption = False,
     server: Annotated[
@@ -424,11 +435,6 @@ def generate(
         rule = "apply to local generation only"
     if given := [name for name, value in misplaced.items() if value]:
         raise typer.BadParameter(f"{', '.join(given)}: {rule}")
-    if dtype is not None:
-        from convert.loader import DTYPES
-
-        if dtype not in DTYPES:
-            raise typer.BadParameter(f"expected one of {', '.join(DTYPES)}, got {dtype!r}", param_hint="--dtype")
     try:
         request = validated_as_sent(GenerationRequest(
             prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps, cfg_scale=cfg,

@@ -21,6 +21,7 @@ from mlx_sd.events import EventType, GenerationResult, ProgressEvent
 from mlx_sd.images import Parameters, encode_png
 from mlx_sd.memory_budget import MemoryBudget, ModelShape
 from mlx_sd.model_store import LoadedModel, ModelStore
+from mlx_sd.models.layers import activation_dtype
 from mlx_sd.random import BatchGenerator
 from mlx_sd.request import GenerationRequest
 from mlx_sd.restoration import Restoration
@@ -166,15 +167,16 @@ def _batched(embedding: mx.array, size: int) -> mx.array:
 
 
 def _unet_in_its_dtype(model: LoadedModel) -> EpsModel:
-    """The UNet, fed in its weights' dtype (fp16 on Metal) and answering in fp32, the samplers' dtype."""
+    """The UNet, fed in its compute dtype (fp16 weights on Metal: fp16) and answering in fp32, the
+    samplers' dtype."""
     unet = model.models.unet
-    dtype = unet.conv_in.weight.dtype
+    dtype = activation_dtype(unet.conv_in.weight.dtype)
     return lambda x, t, context: unet(x.astype(dtype), t, context.astype(dtype)).astype(mx.float32)
 
 
 def _decode(model: LoadedModel, latents: mx.array) -> np.ndarray:
     vae = model.models.vae
-    dtype = vae.post_quant_conv.weight.dtype if "post_quant_conv" in vae else vae.decoder.conv_in.weight.dtype
+    dtype = activation_dtype(vae.decoder.conv_in.weight.dtype)
     images = vae.decode((latents / vae.config.scaling_factor).astype(dtype)).astype(mx.float32)
     pixels = mx.round(mx.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(mx.uint8)
     return np.array(pixels)
@@ -183,6 +185,6 @@ def _decode(model: LoadedModel, latents: mx.array) -> np.ndarray:
 def _encode_image(model: LoadedModel, pixels: np.ndarray) -> mx.array:
     """Latents of (B, H, W, 3) uint8 images: the posterior mean, so the result is deterministic."""
     vae = model.models.vae
-    dtype = vae.encoder.conv_in.weight.dtype
+    dtype = activation_dtype(vae.encoder.conv_in.weight.dtype)
     mean, _ = vae.encode((mx.array(pixels).astype(mx.float32) / 127.5 - 1.0).astype(dtype))
     return mean.astype(mx.float32) * vae.config.scaling_factor

@@ -163,3 +163,10 @@ def test_the_model_is_reloaded_when_its_files_change(tmp_path: Path) -> None:
     shutil.copy(FIXTURES / "sd1_tiny" / "vae_original" / "model.safetensors", models / "vae" / "model.safetensors")
     after = run(pipeline, request(steps=2))[1]
     assert after.images != before.images
+
+
+def test_fp16_stored_weights_compute_in_fp32_on_the_cpu(pipeline: Pipeline, tmp_path: Path) -> None:
+    # The tiny model's weights are exact in fp16, so only the compute dtype could change the image.
+    half = Pipeline(ModelStore(tiny_models_dir(tmp_path), dtype="float16"))
+    ours = pixels(run(half, request())[1].images[0]).astype(int)
+    assert np.abs(ours - pixels(run(pipeline, request())[1].images[0])).max() <= 1

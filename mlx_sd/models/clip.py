@@ -11,6 +11,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_sd.models.layers import activation_dtype
 
 
 def quick_gelu(x: mx.array) -> mx.array:
@@ -120,10 +121,7 @@ class CLIPTextModel(nn.Module):
         if not 0 <= skip_last_layers < len(self.encoder.layers):
             raise ValueError(f"skip_last_layers must be in [0, {len(self.encoder.layers)}), got {skip_last_layers}")
         x = self.embeddings(input_ids)
-        if mx.default_device() == mx.cpu:
-            # fp16/bf16 matmuls bypass BLAS on the CPU (~100x slower): keep the weights' storage
-            # dtype but compute in fp32; later layers follow the activations' dtype.
-            x = x.astype(mx.float32)
+        x = x.astype(activation_dtype(x.dtype))  # later layers follow the activations' dtype
         for layer in self.encoder.layers[: len(self.encoder.layers) - skip_last_layers]:
             x = layer(x)
         return self.final_layer_norm(x)

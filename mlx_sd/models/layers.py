@@ -9,6 +9,13 @@ from mlx_sd.models.activations import silu
 from mlx_sd.models.attention import scaled_dot_product_attention
 
 
+def activation_dtype(weights: mx.Dtype) -> mx.Dtype:
+    """The dtype to compute in for weights stored as `weights`: the same on the GPU, but fp32 on the
+    CPU, where fp16/bf16 matmuls and convolutions bypass BLAS (~100x slower). Ops then promote the
+    stored weights as they go, so fp16 storage still halves the memory the weights hold."""
+    return weights if mx.default_device() == mx.gpu else mx.float32
+
+
 def upsample_nearest(x: mx.array, size: tuple[int, int]) -> mx.array:
     """Nearest-neighbour resize of an NHWC tensor to `size` (torch's `mode="nearest"` indexing)."""
     _, height, width, _ = x.shape
