@@ -59,6 +59,7 @@ class ServerSettings:
     cache_dir: Path | None = None  # converted weights, reused while their source is unchanged
     max_queued: int = 8  # generations waiting behind the running one; more get RESOURCE_EXHAUSTED
     dtype: str | None = None  # how weights are held: float32/float16/bfloat16; None: float16 on Metal, float32 on CPU
+    quantize_bits: int | None = None  # 4 or 8: quantize the UNet's and text encoder's linear layers
     memory_budget: int | None = None  # bytes for weights plus a request's work; None: mlx_sd.memory_budget's default
     shutdown_grace: float = SHUTDOWN_GRACE_SECONDS  # running calls may finish this long after SIGTERM
     auth_failure_limit: FailureLimit = FailureLimit()  # per-address backoff after wrong shared secrets
@@ -136,7 +137,7 @@ def start_server(settings: ServerSettings, engine: GenerationEngine | None = Non
         from mlx_sd.engine import create_engine  # MLX is loaded only when the real pipeline is wanted
 
         engine = create_engine(models.root, cache_dir=settings.cache_dir, dtype=settings.dtype,
-                               max_queued=settings.max_queued,
+                               quantize_bits=settings.quantize_bits, max_queued=settings.max_queued,
                                memory_budget=settings.memory_budget)
     servicer = ImageGenerationServicer(models, engine)
     pb_grpc.add_ImageGenerationServiceServicer_to_server(servicer, server)

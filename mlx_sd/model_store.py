@@ -14,6 +14,7 @@ from convert.assemble import SD1Configs, SD1Models
 from convert.formats import MODEL_FILE, SINGLE_FILE_DIR, CheckpointLayout, find_layout
 from convert.loader import load_sd1
 from mlx_sd.errors import ModelNotFound
+from mlx_sd.models.quantize import quantize
 from mlx_sd.tokenizer import CLIPTokenizer, default_tokenizer
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,11 @@ class ModelStore:
     `<models_dir>/vae/model.safetensors`, and loads again when any of those files changes."""
 
     def __init__(self, models_dir: Path, *, dtype: mx.Dtype | str | None = None,
-                 cache_dir: Path | None = None, configs: SD1Configs | None = None) -> None:
+                 cache_dir: Path | None = None, configs: SD1Configs | None = None,
+                 quantize_bits: int | None = None) -> None:
         self._models_dir = Path(models_dir)
         self._dtype = dtype
+        self._quantize_bits = quantize_bits
         self._cache_dir = cache_dir
         self._configs = configs
         self._loaded: LoadedModel | None = None
@@ -66,6 +69,9 @@ class ModelStore:
     def _load(self) -> LoadedModel:
         started = time.monotonic()
         models = load_sd1(self._models_dir, dtype=self._dtype, cache_dir=self._cache_dir, configs=self._configs)
+        if self._quantize_bits is not None:  # the VAE is all convolutions, which MLX cannot quantize
+            for network in (models.unet, models.text_encoder):
+                quantize(network, self._quantize_bits)
         layout = self._layout()
         # A single file is named by its stem, as A1111 does; a diffusers folder by the UNet's file.
         checkpoint = layout.single_file or layout.diffusers["unet"]

@@ -149,3 +149,16 @@ def test_the_progress_total_agrees_with_the_servers_float32_strength(server_fact
     result = run("a red fox", *options, *trust(server))
     assert [p.name for p in written(result)] == ["5-0.png"]
     assert re.search(r"\b16/16\b", result.stderr)
+
+
+@pytest.mark.parametrize("bits", ["3", "16"])
+def test_quantize_takes_only_8_or_4_bits(tmp_path: Path, bits: str) -> None:
+    result = local(tmp_path, tmp_path, "a red fox", "--quantize", bits)
+    assert result.exit_code == 2 and "must be 8 or 4" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantized_local_generation_writes_its_images(tiny_models: Path, tmp_path: Path) -> None:
+    result = local(tiny_models, tmp_path / "out", "a red fox", *SMALL, "--quantize", "8", "--seed", "3")
+    assert result.exit_code == 0, result.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["3-0.png"]

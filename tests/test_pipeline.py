@@ -170,3 +170,11 @@ def test_fp16_stored_weights_compute_in_fp32_on_the_cpu(pipeline: Pipeline, tmp_
     half = Pipeline(ModelStore(tiny_models_dir(tmp_path), dtype="float16"))
     ours = pixels(run(half, request())[1].images[0]).astype(int)
     assert np.abs(ours - pixels(run(pipeline, request())[1].images[0])).max() <= 1
+
+
+def test_a_quantized_model_generates_nearly_the_same_image(pipeline: Pipeline, tmp_path: Path) -> None:
+    store = ModelStore(tiny_models_dir(tmp_path), quantize_bits=8)
+    quantized = pixels(run(Pipeline(store), request())[1].images[0]).astype(int)
+    assert any(type(m).__name__ == "QuantizedLinear" for _, m in store.get().models.unet.named_modules())
+    difference = np.abs(quantized - pixels(run(pipeline, request())[1].images[0]))
+    assert 0 < difference.max() <= 8 and difference.mean() < 1  # 8-bit weights: close, not equal
