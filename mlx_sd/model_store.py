@@ -15,6 +15,7 @@ from convert.formats import MODEL_FILE, SINGLE_FILE_DIR, CheckpointLayout, find_
 from convert.loader import load_sd1
 from mlx_sd.errors import ModelNotFound
 from mlx_sd.models.quantize import quantize
+from mlx_sd.reloading import ReloadingValue
 from mlx_sd.tokenizer import CLIPTokenizer, default_tokenizer
 
 log = logging.getLogger(__name__)
@@ -43,28 +44,19 @@ class ModelStore:
         self._quantize_bits = quantize_bits
         self._cache_dir = cache_dir
         self._configs = configs
-        self._loaded: LoadedModel | None = None
-        self._stamp: tuple | None = None
+        self._loaded = ReloadingValue(lambda: self._layout().files, self._load)
 
     @property
     def models_dir(self) -> Path:
         return self._models_dir
 
     def get(self) -> LoadedModel:
-        stamp = self._file_stamp()
-        if self._loaded is None or stamp != self._stamp:
-            self._loaded = None  # drop the old weights before the new ones arrive
-            self._loaded = self._load()
-            self._stamp = stamp
-        return self._loaded
+        return self._loaded.get()
 
     def _layout(self) -> CheckpointLayout:
         if not (self._models_dir / SINGLE_FILE_DIR).exists():
             raise ModelNotFound(CHECKPOINT, "model file not found in the model directory")
         return find_layout(self._models_dir)
-
-    def _file_stamp(self) -> tuple:
-        return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in self._layout().files)
 
     def _load(self) -> LoadedModel:
         started = time.monotonic()
