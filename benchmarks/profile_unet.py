@@ -1,7 +1,7 @@
 """Where a full-size UNet forward (or VAE decode) spends its time on MLX's CPU backend, by kind
 of operation.
 
-    nice .venv/bin/python benchmarks/profile_unet.py [--size 512] [--batch 2] [--vae]
+    nice .venv/bin/python benchmarks/profile_unet.py [--size 512] [--batch 2] [--vae] [--dtype float32]
 
 Each profiled operation evaluates its inputs first and its output after, so its time is its
 own; the sum is a little above an unprofiled forward (no overlap between ops). Needs the random
@@ -25,6 +25,7 @@ import mlx.nn as nn  # noqa: E402
 
 from convert import load_sd1  # noqa: E402
 from mlx_sd.models import layers, unet, vae  # noqa: E402
+from mlx_sd.models.group_norm import GroupNorm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / ".cache" / "sd15-random" / "stable-diffusion" / "model.safetensors"
@@ -47,8 +48,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--vae", action="store_true", help="profile a VAE decode instead")
+    parser.add_argument("--dtype", default="float32", help="weights: float32, float16 or bfloat16")
     args = parser.parse_args()
-    models = load_sd1(CHECKPOINT, dtype="float32", cache_dir=REPO / ".cache" / "converted")
+    models = load_sd1(CHECKPOINT, dtype=args.dtype, cache_dir=REPO / ".cache" / "converted")
     key = mx.random.key(0)
     x = mx.random.normal((args.batch, args.size // 8, args.size // 8, 4), key=key)
     context = mx.random.normal((args.batch, 77, 768), key=key)
@@ -62,9 +64,9 @@ def main() -> None:
 
     totals: dict[str, float] = defaultdict(float)
     patches = {
-        (nn.Conv2d, "__call__"): "conv",
-        (nn.Linear, "__call__"): "linear",
-        (nn.GroupNorm, "__call__"): "group norm",
+        (layers.Conv2d, "__call__"): "conv",
+        (layers.Linear, "__call__"): "linear",
+        (GroupNorm, "__call__"): "group norm",
         (nn.LayerNorm, "__call__"): "layer norm",
     }
     originals = {k: getattr(*k) for k in patches}

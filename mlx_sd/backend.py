@@ -11,6 +11,8 @@ choice has to be made before MLX loads, i.e. before settings are parsed, so `con
 reads `MLX_SD_BLAS` (and sets `OPENBLAS_CORETYPE` if the user has not). Entry points call
 `configure()` before anything imports `mlx.core`; importing this module does nothing.
 
+On glibc, `configure()` also keeps freed heap pages mapped for reuse (see `keep_heap_pages`).
+
 `MLX_SD_BLAS`: `auto` (default: the first candidate found, in `PREFERENCE` order),
 `reference` (MLX's bundled BLAS), a candidate name (`mkl`, `openblas`), or a library path.
 """
@@ -18,9 +20,11 @@ reads `MLX_SD_BLAS` (and sets `OPENBLAS_CORETYPE` if the user has not). Entry po
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import functools
 import logging
 import os
+import platform
 import sys
 import sysconfig
 from collections.abc import Callable, Iterable, MutableMapping
@@ -136,6 +140,38 @@ def preload(
     return blas
 
 
+# glibc's mallopt parameters.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+def keep_heap_pages(libc: ctypes.CDLL | None = None) -> bool:
+    """Keep freed memory mapped for reuse (glibc only); returns whether it was set.
+
+    glibc serves blocks over its mmap threshold (at most 32 MiB) from fresh mappings and unmaps
+    them when freed, and MLX keeps no buffer cache on the CPU, so each large activation pays a
+    page fault per 4 KiB page: an elementwise op over 84 MB took 34 ms, against 13 ms with the
+    heap's pages kept for reuse. `trim_heap()` hands the pages back when a job ends.
+    """
+    libc = libc or _glibc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def trim_heap(libc: ctypes.CDLL | None = None) -> None:
+    """Return the heap's free pages to the system (glibc only)."""
+    libc = libc or _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 @functools.cache
 def configure() -> Blas:
     """Pick and load the BLAS once per process; call before `mlx.core` is imported.
@@ -146,6 +182,7 @@ def configure() -> Blas:
         return ACCELERATE  # MLX uses Accelerate (and Metal); nothing to do
     if sys.platform != "linux":
         return REFERENCE
+    keep_heap_pages()
     if "mlx.core" in sys.modules:
         log.warning("mlx.core was imported before the BLAS was chosen; keeping the one it bound")
         return Blas("already-bound")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_sd.backend import trim_heap
 from mlx_sd.memory_budget import MemoryBudget, default_budget_bytes
 from mlx_sd.model_store import ModelStore
 from mlx_sd.pipeline import Pipeline
@@ -28,5 +29,10 @@ def create_engine(models_dir: Path, *, cache_dir: Path | None = None, dtype: mx.
     budget = MemoryBudget(memory_budget or default_budget_bytes())
     # MLX streams belong to the thread that made them; unless that thread destroys them as it ends
     # (after close()), the process aborts at exit with "terminate called without an active exception".
-    return GenerationWorker(Pipeline(store, budget), max_queued=max_queued, after_job=mx.clear_cache,
+    return GenerationWorker(Pipeline(store, budget), max_queued=max_queued, after_job=_release_memory,
                             on_exit=mx.clear_streams)
+
+
+def _release_memory() -> None:
+    mx.clear_cache()
+    trim_heap()

@@ -10,10 +10,12 @@ from its width x height x batch_size (h = height/8 and w = width/8 latent cells,
 - VAE decode: the full-resolution feature maps, height x width x channels x batch x itemsize x
   VAE_LIVE_MAPS, plus the mid-block's single-head attention, T^2 x batch x itemsize.
 
-VAE_LIVE_MAPS is measured: decoding on MLX's CPU backend peaks at 38-45 feature maps of the
-decoder's full-resolution width (SD 1.x's VAE and the tiny test model, 128 to 512 pixels), mostly
-the unfolded inputs of its 3x3 convolutions. The terms are added although they peak at different
-times, so the bound stays safe; on Metal it is on the generous side.
+VAE_LIVE_MAPS is measured. With MLX's convolutions, which unfold each 3x3 convolution's input to
+nine times its size, decoding peaked at 38-45 feature maps of the decoder's full-resolution width
+(SD 1.x's VAE and the tiny test model, 128 to 512 pixels, MLX's CPU backend): the GPU figure,
+unmeasured on Metal and likely generous there. The CPU computes convolutions as shifted GEMMs
+without unfolding (mlx_sd.models.cpu_gemm) and peaks at 3.3-4.5 maps (SD 1.x's VAE at 256² and
+512²). The terms are added although they peak at different times, so the bound stays safe.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ LATENT_SCALE = 8  # pixels per latent cell in each direction
 LATENT_CHANNELS = 4
 LATENT_COPIES = 4
 GUIDANCE_PASSES = 2  # classifier-free guidance runs the conditional and unconditional passes as one batch
-VAE_LIVE_MAPS = 48  # full-resolution feature maps alive at the decoder's peak (measured, see above)
+# Full-resolution feature maps alive at the decoder's peak (measured, see above).
+VAE_LIVE_MAPS = 48
+VAE_LIVE_MAPS_CPU = 8
 DEFAULT_BUDGET_FRACTION = 0.75  # of physical memory, where MLX does not recommend a working set
 _GIB = 1024**3
 
@@ -61,14 +65,14 @@ class MemoryEstimate:
 
 
 def estimate_request_bytes(width: int, height: int, batch_size: int, itemsize: int,
-                           shape: ModelShape = ModelShape()) -> MemoryEstimate:
+                           shape: ModelShape = ModelShape(), vae_live_maps: int = VAE_LIVE_MAPS) -> MemoryEstimate:
     """The working memory of generating `batch_size` images of `width` x `height` (see the module doc)."""
     tokens = (width // LATENT_SCALE) * (height // LATENT_SCALE)
     return MemoryEstimate(
         latents=batch_size * LATENT_CHANNELS * tokens * 4 * LATENT_COPIES,
         unet_attention=tokens**2 * shape.attention_heads * batch_size * GUIDANCE_PASSES * itemsize,
         vae_decode=batch_size * itemsize * (
-            width * height * shape.vae_full_resolution_channels * VAE_LIVE_MAPS + tokens**2),
+            width * height * shape.vae_full_resolution_channels * vae_live_maps + tokens**2),
     )
 
 
@@ -93,13 +97,13 @@ class MemoryBudget:
     limit: int
 
     def check(self, width: int, height: int, batch_size: int, itemsize: int, in_use: int,
-              shape: ModelShape = ModelShape()) -> MemoryEstimate:
+              shape: ModelShape = ModelShape(), vae_live_maps: int = VAE_LIVE_MAPS) -> MemoryEstimate:
         """Raises before a request allocates anything when its estimate does not fit.
 
         InvalidRequest when it exceeds the whole budget (it could never run); MemoryBudgetExceeded
         when it does not fit beside the `in_use` bytes already held (the loaded model).
         """
-        estimate = estimate_request_bytes(width, height, batch_size, itemsize, shape)
+        estimate = estimate_request_bytes(width, height, batch_size, itemsize, shape, vae_live_maps)
         needs = f"{width}x{height} with batch_size {batch_size} needs about {format_bytes(estimate.total)}"
         if estimate.total > self.limit:
             raise InvalidRequest("width x height x batch_size",

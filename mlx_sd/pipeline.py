@@ -19,7 +19,7 @@ import numpy as np
 from mlx_sd import hires
 from mlx_sd.events import EventType, GenerationResult, ProgressEvent
 from mlx_sd.images import Parameters, encode_png
-from mlx_sd.memory_budget import MemoryBudget, ModelShape
+from mlx_sd.memory_budget import VAE_LIVE_MAPS, VAE_LIVE_MAPS_CPU, MemoryBudget, ModelShape
 from mlx_sd.model_store import LoadedModel, ModelStore
 from mlx_sd.models.layers import activation_dtype
 from mlx_sd.random import BatchGenerator
@@ -60,9 +60,11 @@ class Pipeline:
         model = self._store.get()
         if self._memory_budget is not None:  # before this request allocates anything
             unet, vae = model.models.unet, model.models.vae
+            on_cpu = mx.default_device() == mx.cpu
             self._memory_budget.check(request.width, request.height, request.batch_size,
-                                      unet.conv_in.weight.dtype.size, mx.get_active_memory(),
-                                      ModelShape.of(unet.config, vae.config))
+                                      activation_dtype(unet.conv_in.weight.dtype).size, mx.get_active_memory(),
+                                      ModelShape.of(unet.config, vae.config),
+                                      VAE_LIVE_MAPS_CPU if on_cpu else VAE_LIVE_MAPS)
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
         cond, uncond = _encode_prompts(model, request)
         yield ProgressEvent(EventType.TEXT_ENCODED, "text encoded")

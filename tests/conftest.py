@@ -12,6 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from mlx_sd.backend import configure
+
+configure()  # as the entry points do: choose the BLAS before any test module imports mlx.core
+
 if TYPE_CHECKING:
     import grpc
 

@@ -43,6 +43,14 @@ def test_cpu_attention_matches_float64_softmax(shape_q: tuple[int, ...], kv_toke
     np.testing.assert_allclose(np.array(out), reference(q, k, v, scale), rtol=TOL, atol=TOL)
 
 
+def test_heads_split_from_token_major_layout_as_the_models_pass_them() -> None:
+    """The models pass (batch, tokens, heads, dim) transposed to (batch, heads, tokens, dim): strided views."""
+    q, k, v = inputs((1, 3, 16, 4), 16, spread=1.0, seed=2)  # batch 1: numpy keeps the heads strided
+    strided = [mx.array(t.transpose(0, 2, 1, 3).copy()).transpose(0, 2, 1, 3) for t in (q, k, v)]
+    out = cpu_attention(*strided, 0.5)
+    np.testing.assert_allclose(np.array(out), reference(q, k, v, 0.5), rtol=TOL, atol=TOL)
+
+
 def test_blocks_of_query_rows_give_the_same_result() -> None:
     q, k, v = (mx.array(a) for a in inputs((1, 2, 100, 8), 30, spread=1.0))
     whole = cpu_attention(q, k, v, 0.3)

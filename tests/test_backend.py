@@ -121,3 +121,32 @@ def test_an_unloadable_blas_falls_back_to_the_reference(tmp_path: Path) -> None:
     name, log_lines = run_child(str(tmp_path / "libopenblas.so.0"), tmp_path / "out.npz")
     assert name == "reference"
     assert len(log_lines) == 1 and "could not load openblas BLAS" in log_lines[0]
+
+
+class FakeLibc:
+    def __init__(self, accepts: bool = True) -> None:
+        self.calls: list[tuple] = []
+        self.accepts = accepts
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append(("mallopt", param, value))
+        return int(self.accepts)
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_heap_pages_are_kept_for_reuse_and_trimmed_on_request() -> None:
+    libc = FakeLibc()
+    assert backend.keep_heap_pages(libc)
+    assert libc.calls == [("mallopt", backend.M_MMAP_MAX, 0), ("mallopt", backend.M_TRIM_THRESHOLD, 2**31 - 1)]
+    backend.trim_heap(libc)
+    assert libc.calls[-1] == ("malloc_trim", 0)
+    assert not backend.keep_heap_pages(FakeLibc(accepts=False))
+
+
+@pytest.mark.skipif(backend._glibc() is None, reason="glibc only")
+def test_the_real_glibc_accepts_the_settings() -> None:
+    assert backend.keep_heap_pages()
+    backend.trim_heap()

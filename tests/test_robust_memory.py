@@ -11,7 +11,7 @@ import pytest
 
 from grpc_service.generated import imageservice_pb2 as pb
 from mlx_sd.errors import InvalidRequest, MemoryBudgetExceeded
-from mlx_sd.memory_budget import MemoryBudget, ModelShape, estimate_request_bytes, format_bytes
+from mlx_sd.memory_budget import VAE_LIVE_MAPS_CPU, MemoryBudget, ModelShape, estimate_request_bytes, format_bytes
 from mlx_sd.model_store import ModelStore
 from mlx_sd.models.unet import UNetConfig
 from mlx_sd.models.vae import VAEConfig
@@ -68,7 +68,7 @@ def test_the_estimate_bounds_the_measured_peak_of_the_tiny_model(tiny_models: Pa
     mx.reset_peak_memory()
     list(pipeline(request))
     measured = mx.get_peak_memory() - weights
-    estimate = estimate_request_bytes(128, 64, 2, 4, TINY_SHAPE).total
+    estimate = estimate_request_bytes(128, 64, 2, 4, TINY_SHAPE, VAE_LIVE_MAPS_CPU).total  # tests run on the CPU
     assert 0 < measured <= estimate < 4 * measured  # an upper bound, and not a wild one
 
 
@@ -77,11 +77,11 @@ def generation(**fields: object) -> pb.ImageGenerationRequest:
 
 
 def test_the_server_refuses_by_the_budget_before_generating(server_factory, stub_for, tiny_models: Path) -> None:
-    fits_alone = estimate_request_bytes(128, 128, 1, 4, TINY_SHAPE).total + 1024  # but not beside the weights
+    fits_alone = estimate_request_bytes(256, 256, 1, 4, TINY_SHAPE, VAE_LIVE_MAPS_CPU).total + 1024  # not beside the weights
     stub = stub_for(server_factory(memory_budget=fits_alone))
     assert list(stub.GenerateImage(generation()))[-1].images  # small enough: runs
     with pytest.raises(grpc.RpcError) as caught:
-        list(stub.GenerateImage(generation(width=128, height=128)))
+        list(stub.GenerateImage(generation(width=256, height=256)))
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert f"memory budget of {format_bytes(fits_alone)}" in caught.value.details()
     with pytest.raises(grpc.RpcError) as caught:

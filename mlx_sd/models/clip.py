@@ -11,7 +11,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_sd.models.layers import activation_dtype
+from mlx_sd.models.layers import Linear, activation_dtype
 
 
 def quick_gelu(x: mx.array) -> mx.array:
@@ -48,10 +48,10 @@ class CLIPAttention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.k_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
         b, n, dim = x.shape
@@ -69,8 +69,8 @@ class CLIPMLP(nn.Module):
     def __init__(self, config: CLIPTextConfig) -> None:
         super().__init__()
         self.activation = _ACTIVATIONS[config.hidden_act]
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.fc2(self.activation(self.fc1(x)))

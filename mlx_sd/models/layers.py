@@ -5,15 +5,43 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_sd.models import cpu_gemm
 from mlx_sd.models.activations import silu
 from mlx_sd.models.attention import scaled_dot_product_attention
+from mlx_sd.models.group_norm import GroupNorm
 
 
 def activation_dtype(weights: mx.Dtype) -> mx.Dtype:
-    """The dtype to compute in for weights stored as `weights`: the same on the GPU, but fp32 on the
-    CPU, where fp16/bf16 matmuls and convolutions bypass BLAS (~100x slower). Ops then promote the
-    stored weights as they go, so fp16 storage still halves the memory the weights hold."""
+    """The dtype of the activations for weights stored as `weights`: the same on the GPU, but fp32
+    on the CPU, where MLX's fp16/bf16 elementwise ops and products are slow. Ops promote the stored
+    weights as they go, so fp16 storage still halves the memory the weights hold; bf16 layers run
+    their products in bf16 through cpu_gemm."""
     return weights if mx.default_device() == mx.gpu else mx.float32
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` that, on the CPU, computes bf16-stored layers with bf16 products (see cpu_gemm)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if cpu_gemm.uses_bf16(self.weight):
+            return cpu_gemm.linear(x, self.weight, self.get("bias"))
+        return super().__call__(x)
+
+
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` that, on the CPU, runs stride-1 "same" convolutions as shifted GEMMs and 1x1
+    convolutions of bf16-stored layers as bf16 products (see cpu_gemm)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        kernel = self.weight.shape[1]
+        plain = self.groups == 1 and self.dilation in (1, (1, 1)) and self.stride == (1, 1)
+        same = kernel == self.weight.shape[2] and self.padding == (kernel // 2,) * 2
+        if plain and same and cpu_gemm.on_cpu():
+            if kernel > 1:
+                return cpu_gemm.conv2d(x, self.weight, self.get("bias"), kernel // 2)
+            if cpu_gemm.uses_bf16(self.weight):
+                return cpu_gemm.linear(x, self.weight.reshape(self.weight.shape[0], -1), self.get("bias"))
+        return super().__call__(x)
 
 
 def upsample_nearest(x: mx.array, size: tuple[int, int]) -> mx.array:
@@ -41,14 +69,14 @@ class ResnetBlock2D(nn.Module):
         eps: float,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, pytorch_compatible=True)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps, pytorch_compatible=True)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         if temb_channels is not None:
-            self.time_emb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps, pytorch_compatible=True)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            self.time_emb_proj = Linear(temb_channels, out_channels)
+        self.norm2 = GroupNorm(groups, out_channels, eps=eps, pytorch_compatible=True)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
         h = self.conv1(silu(self.norm1(x)))
@@ -72,10 +100,10 @@ class Attention(nn.Module):
         super().__init__()
         context_dim = context_dim or query_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, query_dim, bias=qkv_bias)
-        self.to_k = nn.Linear(context_dim, query_dim, bias=qkv_bias)
-        self.to_v = nn.Linear(context_dim, query_dim, bias=qkv_bias)
-        self.to_out = [nn.Linear(query_dim, query_dim)]
+        self.to_q = Linear(query_dim, query_dim, bias=qkv_bias)
+        self.to_k = Linear(context_dim, query_dim, bias=qkv_bias)
+        self.to_v = Linear(context_dim, query_dim, bias=qkv_bias)
+        self.to_out = [Linear(query_dim, query_dim)]
 
     def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
         context = x if context is None else context

@@ -12,7 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_sd.models.activations import gelu, silu
-from mlx_sd.models.layers import Attention, ResnetBlock2D, upsample_nearest
+from mlx_sd.models.group_norm import GroupNorm
+from mlx_sd.models.layers import Attention, Conv2d, Linear, ResnetBlock2D, upsample_nearest
 
 # Config values the SD-1 architecture has; anything else in a config.json is another model family.
 _SD1_ONLY = {
@@ -92,8 +93,8 @@ def timestep_embedding(timesteps: mx.array, dim: int, flip_sin_to_cos: bool, fre
 class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim: int, dim: int) -> None:
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.linear_2(silu(self.linear_1(x)))
@@ -102,7 +103,7 @@ class TimestepEmbedding(nn.Module):
 class GEGLU(nn.Module):
     def __init__(self, dim: int, inner_dim: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner_dim)
+        self.proj = Linear(dim, 2 * inner_dim)
 
     def __call__(self, x: mx.array) -> mx.array:
         hidden, gate = mx.split(self.proj(x), 2, axis=-1)
@@ -113,7 +114,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         # The Identity holds diffusers' dropout slot so that `net.2` keeps its checkpoint name.
-        self.net = [GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)]
+        self.net = [GEGLU(dim, 4 * dim), nn.Identity(), Linear(4 * dim, dim)]
 
     def __call__(self, x: mx.array) -> mx.array:
         for layer in self.net:
@@ -142,10 +143,10 @@ class Transformer2DModel(nn.Module):
 
     def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6, pytorch_compatible=True)
-        self.proj_in = nn.Linear(channels, channels)
+        self.norm = GroupNorm(groups, channels, eps=1e-6, pytorch_compatible=True)
+        self.proj_in = Linear(channels, channels)
         self.transformer_blocks = [BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)]
-        self.proj_out = nn.Linear(channels, channels)
+        self.proj_out = Linear(channels, channels)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
         b, h, w, c = x.shape
@@ -159,7 +160,7 @@ class Transformer2DModel(nn.Module):
 class Downsample2D(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(x)
@@ -168,7 +169,7 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x: mx.array, size: tuple[int, int]) -> mx.array:
         return self.conv(upsample_nearest(x, size))
@@ -238,7 +239,7 @@ class UNet2DConditionModel(nn.Module):
         cross_attn_down = [t.startswith("CrossAttn") for t in config.down_block_types]
         cross_attn_up = [t.startswith("CrossAttn") for t in config.up_block_types]
 
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], 4 * channels[0])
 
         self.down_blocks = []
@@ -276,10 +277,10 @@ class UNet2DConditionModel(nn.Module):
                 )
             )
 
-        self.conv_norm_out = nn.GroupNorm(
+        self.conv_norm_out = GroupNorm(
             config.norm_num_groups, channels[0], eps=config.norm_eps, pytorch_compatible=True
         )
-        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1)
 
     def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array) -> mx.array:
         """x: (B, H, W, C) latents; timesteps: (B,) or scalar; context: (B, tokens, cross_attention_dim)."""

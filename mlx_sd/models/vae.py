@@ -10,7 +10,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_sd.models.activations import silu
-from mlx_sd.models.layers import Attention, ResnetBlock2D, upsample_nearest
+from mlx_sd.models.group_norm import GroupNorm
+from mlx_sd.models.layers import Attention, Conv2d, ResnetBlock2D, upsample_nearest
 
 # The VAE's norms all use this epsilon in diffusers and in the original LDM code.
 _EPS = 1e-6
@@ -47,7 +48,7 @@ class SpatialSelfAttention(Attention):
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__(channels, heads=1, qkv_bias=True)
-        self.group_norm = nn.GroupNorm(groups, channels, eps=_EPS, pytorch_compatible=True)
+        self.group_norm = GroupNorm(groups, channels, eps=_EPS, pytorch_compatible=True)
 
     def __call__(self, x: mx.array) -> mx.array:
         b, h, w, c = x.shape
@@ -71,7 +72,7 @@ class MidBlock(nn.Module):
 class EncoderDownsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = Conv2d(channels, channels, 3, stride=2)
 
     def __call__(self, x: mx.array) -> mx.array:
         # The VAE pads only bottom and right before its stride-2 conv (unlike the UNet's symmetric pad).
@@ -81,7 +82,7 @@ class EncoderDownsample(nn.Module):
 class DecoderUpsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(upsample_nearest(x, (2 * x.shape[1], 2 * x.shape[2])))
@@ -112,7 +113,7 @@ class Encoder(nn.Module):
         super().__init__()
         channels, groups = config.block_out_channels, config.norm_num_groups
         last = len(channels) - 1
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.down_blocks = [
             ResolutionBlock(
                 [(channels[max(i - 1, 0)] if j == 0 else out, out) for j in range(config.layers_per_block)],
@@ -122,8 +123,8 @@ class Encoder(nn.Module):
             for i, out in enumerate(channels)
         ]
         self.mid_block = MidBlock(channels[-1], groups, config.mid_block_add_attention)
-        self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=_EPS, pytorch_compatible=True)
-        self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
+        self.conv_norm_out = GroupNorm(groups, channels[-1], eps=_EPS, pytorch_compatible=True)
+        self.conv_out = Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)
@@ -138,7 +139,7 @@ class Decoder(nn.Module):
         super().__init__()
         channels, groups = config.block_out_channels[::-1], config.norm_num_groups
         last = len(channels) - 1
-        self.conv_in = nn.Conv2d(config.latent_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, channels[0], 3, padding=1)
         self.mid_block = MidBlock(channels[0], groups, config.mid_block_add_attention)
         self.up_blocks = [
             ResolutionBlock(
@@ -148,8 +149,8 @@ class Decoder(nn.Module):
             )
             for i, out in enumerate(channels)
         ]
-        self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=_EPS, pytorch_compatible=True)
-        self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
+        self.conv_norm_out = GroupNorm(groups, channels[-1], eps=_EPS, pytorch_compatible=True)
+        self.conv_out = Conv2d(channels[-1], config.out_channels, 3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(z))
@@ -168,9 +169,9 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         latent = config.latent_channels
         if config.use_quant_conv:
-            self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
+            self.quant_conv = Conv2d(2 * latent, 2 * latent, 1)
         if config.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+            self.post_quant_conv = Conv2d(latent, latent, 1)
 
     def encode(self, images: mx.array) -> tuple[mx.array, mx.array]:
         """The mean and log-variance of the latent distribution (unscaled)."""

@@ -1,0 +1,97 @@
+"""MLX's CPU convolution and matmul against mlx_sd.models.cpu_gemm, side by side in one run.
+
+    .venv/bin/python benchmarks/cpu_gemm.py [--repeat 5]
+
+Shapes are SD-1.5's at 512²: the VAE decoder's 3x3 convolutions (batch 1) and the UNet's 3x3
+convolutions and linear layers (CFG batch 2). Reports GFLOP/s, peak MLX memory and the time
+ratio new / MLX (lower is better). The bf16 rows need MKL and a CPU with AMX or AVX512-BF16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+from mlx_sd.backend import configure
+
+configure()
+
+import mlx.core as mx  # noqa: E402  (after the BLAS is chosen)
+
+from mlx_sd.models import cpu_gemm  # noqa: E402
+
+CONVS = [  # (batch, height, width, in, out)
+    ("vae 512² 128", (1, 512, 512, 128, 128)),
+    ("vae 256² 256", (1, 256, 256, 256, 256)),
+    ("vae 128² 512", (1, 128, 128, 512, 512)),
+    ("unet 64² 320", (2, 64, 64, 320, 320)),
+    ("unet 32² 640", (2, 32, 32, 640, 640)),
+    ("unet 16² 1280", (2, 16, 16, 1280, 1280)),
+]
+LINEARS = [  # (rows, in, out)
+    ("unet proj 64² 320", (8192, 320, 320)),
+    ("unet geglu 64² 320", (8192, 320, 2560)),
+    ("unet ff out 64² 1280", (8192, 1280, 320)),
+    ("unet proj 16² 1280", (512, 1280, 1280)),
+]
+
+
+def median_time(fn: Callable[[], mx.array], repeat: int) -> tuple[float, float]:
+    """Median seconds of `repeat` runs after a warm-up, and the peak MLX memory of one run (MiB)."""
+    mx.eval(fn())
+    mx.reset_peak_memory()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), mx.get_peak_memory() / 2**20
+
+
+def report(name: str, flops: float, variants: dict[str, Callable[[], mx.array]], repeat: int) -> None:
+    results = {label: median_time(fn, repeat) for label, fn in variants.items()}
+    base = next(iter(results.values()))[0]
+    cells = [f"{label} {flops / t / 1e9:5.0f} GF/s {t * 1e3:7.1f} ms {peak:6.0f} MiB ({t / base:.2f}x)"
+             for label, (t, peak) in results.items()]
+    print(f"{name:22s} " + " | ".join(cells), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    gemm = cpu_gemm.gemm()
+    if gemm is None:
+        raise SystemExit("no fast BLAS loaded; cpu_gemm is not used here")
+    bf16 = gemm.bf16 is not None
+    print(f"BLAS {configure().name}; bf16 GEMM {'available' if bf16 else 'unavailable'}")
+    key = mx.random.key(0)
+    for name, (b, h, w, cin, cout) in CONVS:
+        x = mx.random.normal((b, h, w, cin), key=key)
+        weight = mx.random.normal((cout, 3, 3, cin), key=key) * 0.05
+        weight16 = weight.astype(mx.bfloat16)
+        mx.eval(x, weight, weight16)
+        variants = {
+            "mlx": lambda: mx.conv2d(x, weight, padding=1),
+            "fp32": lambda: cpu_gemm.conv2d(x, weight, None, 1),
+        }
+        if bf16:
+            variants["bf16"] = lambda: cpu_gemm.conv2d(x, weight16, None, 1)
+        report(name, 2 * b * h * w * cin * cout * 9, variants, args.repeat)
+    if bf16:
+        for name, (rows, k, n) in LINEARS:
+            x = mx.random.normal((rows, k), key=key)
+            weight = mx.random.normal((n, k), key=key) * 0.05
+            weight16 = weight.astype(mx.bfloat16)
+            mx.eval(x, weight, weight16)
+            report(name, 2 * rows * k * n, {
+                "mlx fp32": lambda: x @ weight.T,
+                "mlx bf16 weights": lambda: x @ weight16.T,
+                "bf16": lambda: cpu_gemm.linear(x, weight16, None),
+            }, args.repeat)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""GroupNorm that is fast on MLX's CPU backend, with `nn.GroupNorm`'s parameters and results.
+
+`nn.GroupNorm(..., pytorch_compatible=True)` transposes the channels into groups and back around
+`mx.fast.layer_norm` (composed ops on the CPU), then applies the affine map: several
+single-threaded passes over the tensor, ~17 ns per element at 512x512x128. On the CPU this form
+reads the evaluated input once with numpy, in cache-sized blocks, for per-channel sums of the
+deviations from a rough per-channel mean; combines them into group moments in float64; and
+applies mean, variance, weight and bias together as `x * a + b` with per-(batch, channel) a, b.
+benchmarks/group_norm_cpu.py (Xeon, 2 cores): 5.7x faster at (1, 512, 512, 128), 3.6x at
+(1, 64, 64, 512), 2.0x at (2, 16, 16, 1280), 1.1x at (2, 8, 8, 1280); a 512² VAE decode went
+from 21.9 s to 16.1 s.
+
+Summing deviations keeps the variance exact where float32 E[x²] - E[x]² would cancel. Against
+float64 it is also more accurate than nn.GroupNorm: 2e-6 against 3e-3 at (1, 512, 512, 128), and
+2e-3 against 3e-2 at mean 100, std 0.01 (where float32 inputs themselves limit both). Like the
+CPU attention, the fast form evaluates its input, so it cannot be traced by `mx.compile`; on the
+GPU, and for non-float32 input, it is `nn.GroupNorm` itself.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+# Deviations are summed over blocks of about BLOCK floats (512 KiB), so that the subtract and
+# the two sums after it run in the L2 cache.
+BLOCK = 1 << 17
+# About this many rows give the rough per-channel mean the deviations are taken from: it only
+# has to be within a few standard deviations of the true mean for the sums not to cancel.
+SHIFT_SAMPLES = 64
+
+
+def group_moments(x: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 mean and (biased) variance, each (B, groups), of x: (B, N, C) float32, whose
+    groups are runs of C // groups consecutive channels over all N positions."""
+    b, n, c = x.shape
+    shift = x[:, :: max(1, n // SHIFT_SAMPLES)].mean(axis=1)
+    rows = max(1, BLOCK // c)
+    s1 = np.zeros((b, c))
+    s2 = np.zeros((b, c))
+    d = np.empty((rows, c), np.float32)
+    for i in range(b):
+        for start in range(0, n, rows):
+            block = x[i, start:start + rows]
+            dev = np.subtract(block, shift[i], out=d[:len(block)])
+            s1[i] += np.einsum("nc->c", dev)
+            s2[i] += np.einsum("nc,nc->c", dev, dev)
+    # x - mean = (x - shift) + (shift - mean), summed per channel, then over the group's channels.
+    s1, s2 = s1.reshape(b, groups, -1), s2.reshape(b, groups, -1)
+    shift = shift.reshape(b, groups, -1).astype(np.float64)
+    count = n * s1.shape[-1]
+    mean = (n * shift + s1).sum(-1) / count
+    offset = shift - mean[..., None]
+    var = (s2 + 2 * offset * s1 + n * offset**2).sum(-1) / count
+    return mean, var
+
+
+class GroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` with a fast CPU path for float32 input (see the module docstring)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if mx.default_device() != mx.cpu or x.dtype != mx.float32 or not self.pytorch_compatible:
+            return super().__call__(x)
+        b, c = x.shape[0], x.shape[-1]
+        flat = x.reshape(b, -1, c)
+        mean, var = group_moments(np.asarray(flat), self.num_groups)
+        # Per-(batch, channel) scale and shift: y = (x - mean) * rstd * weight + bias.
+        rstd = 1 / np.sqrt(var + self.eps)
+        scale, offset = (mx.array(np.repeat(t, c // self.num_groups, axis=1)[:, None], mx.float32)
+                         for t in (rstd, -mean * rstd))
+        if "weight" in self:
+            scale, offset = scale * self.weight, offset * self.weight + self.bias
+        return (flat * scale + offset).reshape(x.shape)

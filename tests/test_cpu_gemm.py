@@ -1,0 +1,120 @@
+"""The CPU convolution and bf16 GEMM paths against float64 references, and when layers use them."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_sd.models import cpu_gemm
+from mlx_sd.models.layers import Conv2d, Linear
+
+pytestmark = pytest.mark.skipif(cpu_gemm.gemm() is None, reason="no fast BLAS loaded (reference BLAS)")
+needs_bf16 = pytest.mark.skipif(
+    cpu_gemm.gemm() is None or cpu_gemm.gemm().bf16 is None, reason="no bf16 GEMM on this CPU/BLAS"
+)
+
+
+def bf16_rounded(x: np.ndarray) -> np.ndarray:
+    """`x` rounded to bf16 (via MLX), as float64."""
+    return np.array(mx.array(x).astype(mx.bfloat16).astype(mx.float32)).astype(np.float64)
+
+
+def conv_reference(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, padding: int) -> np.ndarray:
+    """NHWC correlation in float64 by summing the kernel's shifted taps."""
+    batch, height, width, _ = x.shape
+    out_channels, kernel = weight.shape[0], weight.shape[1]
+    padded = np.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+    out = np.zeros((batch, height, width, out_channels))
+    for dy in range(kernel):
+        for dx in range(kernel):
+            out += padded[:, dy:dy + height, dx:dx + width] @ weight[:, dy, dx].T
+    return out + bias
+
+
+def relative_error(ours: mx.array, reference: np.ndarray) -> float:
+    return float(np.abs(np.array(ours, dtype=np.float64) - reference).max() / np.abs(reference).max())
+
+
+def random(*shape: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# Odd sizes on purpose: width != height, channel counts that fit no SIMD width, and images taller
+# than one block of GEMM rows.
+CONV_CASES = [((2, 5, 7, 3), 4, 3), ((1, 9, 6, 13), 8, 3), ((1, 4, 4, 6), 5, 5), ((1, 70, 66, 8), 16, 3)]
+
+
+@pytest.mark.parametrize(("shape", "out_channels", "kernel"), CONV_CASES)
+def test_fp32_conv_matches_float64(shape: tuple, out_channels: int, kernel: int, monkeypatch) -> None:
+    monkeypatch.setattr(cpu_gemm, "BLOCK_ROWS", 512)  # several blocks in the largest case
+    x, w, b = random(*shape, seed=0), random(out_channels, kernel, kernel, shape[-1], seed=1), random(out_channels, seed=2)
+    ours = cpu_gemm.conv2d(mx.array(x), mx.array(w), mx.array(b), kernel // 2)
+    assert ours.dtype == mx.float32 and ours.shape == (*shape[:3], out_channels)
+    assert relative_error(ours, conv_reference(x.astype(np.float64), w.astype(np.float64), b, kernel // 2)) < 1e-6
+
+
+@needs_bf16
+@pytest.mark.parametrize(("shape", "out_channels", "kernel"), CONV_CASES)
+def test_bf16_conv_is_exact_on_bf16_operands(shape: tuple, out_channels: int, kernel: int) -> None:
+    """Products of bf16 values are exact in fp32, so only fp32 accumulation error remains."""
+    x, w, b = random(*shape, seed=3), random(out_channels, kernel, kernel, shape[-1], seed=4), random(out_channels, seed=5)
+    weight = mx.array(w).astype(mx.bfloat16)
+    ours = cpu_gemm.conv2d(mx.array(x), weight, mx.array(b).astype(mx.bfloat16), kernel // 2)
+    reference = conv_reference(bf16_rounded(x), bf16_rounded(w), bf16_rounded(b), kernel // 2)
+    assert ours.dtype == mx.float32
+    assert relative_error(ours, reference) < 1e-6
+
+
+@needs_bf16
+def test_bf16_linear_is_exact_on_bf16_operands() -> None:
+    x, w, b = random(2, 7, 33, seed=6), random(19, 33, seed=7), random(19, seed=8)
+    ours = cpu_gemm.linear(mx.array(x), mx.array(w).astype(mx.bfloat16), mx.array(b).astype(mx.bfloat16))
+    reference = bf16_rounded(x) @ bf16_rounded(w).T + bf16_rounded(b)
+    assert ours.shape == (2, 7, 19) and ours.dtype == mx.float32
+    assert relative_error(ours, reference) < 1e-6
+
+
+def test_matmul_reads_strided_operands_and_refuses_a_strided_output() -> None:
+    a, b = random(6, 5, seed=12), random(7, 5, seed=13)
+    out = np.empty((6, 7), np.float32)
+    cpu_gemm.matmul(np.asfortranarray(a), b[:, :], out, transpose_b=True, alpha=0.5)
+    np.testing.assert_allclose(out, 0.5 * a.astype(np.float64) @ b.T, rtol=1e-6, atol=1e-6)
+    cpu_gemm.matmul(a, b.T, out)  # a transposed view as b
+    np.testing.assert_allclose(out, a.astype(np.float64) @ b.T, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cpu_gemm.matmul(a, b, np.empty((7, 6), np.float32).T, transpose_b=True)
+
+
+def test_layers_take_the_fast_path_only_where_it_applies(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(cpu_gemm, "conv2d", lambda *args: calls.append("conv2d"))
+    x = mx.array(random(1, 8, 8, 4, seed=9))
+    Conv2d(4, 4, 3, padding=1)(x)
+    assert calls == ["conv2d"]
+    for layer in (Conv2d(4, 4, 3, stride=2, padding=1), Conv2d(4, 4, 3), Conv2d(4, 4, 1)):
+        reference = nn.Conv2d.__call__(layer, x)
+        assert mx.array_equal(layer(x), reference)  # MLX's own convolution: fp32 1x1 is a GEMM there
+    assert calls == ["conv2d"]
+
+
+@needs_bf16
+def test_bf16_layers_compute_in_bf16_and_fp32_layers_do_not(monkeypatch) -> None:
+    calls = []
+    real_linear = cpu_gemm.linear
+    monkeypatch.setattr(cpu_gemm, "linear", lambda *args: calls.append(args[1].dtype) or real_linear(*args))
+    x = mx.array(random(2, 3, 3, 8, seed=10))
+    for layer in (Linear(8, 6), Conv2d(8, 6, 1)):
+        layer(x)
+        layer.set_dtype(mx.bfloat16)
+        assert layer(x).dtype == mx.float32
+    assert calls == [mx.bfloat16, mx.bfloat16]
+
+
+def test_without_a_fast_blas_layers_use_mlx(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_gemm, "gemm", lambda: None)
+    monkeypatch.setattr(cpu_gemm, "conv2d", lambda *args: pytest.fail("fast path taken"))
+    layer, x = Conv2d(4, 4, 3, padding=1), mx.array(random(1, 6, 6, 4, seed=11))
+    layer.set_dtype(mx.bfloat16)
+    assert mx.array_equal(layer(x), nn.Conv2d.__call__(layer, x))
