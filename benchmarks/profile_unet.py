@@ -67,13 +67,14 @@ def main() -> None:
         (layers.Conv2d, "__call__"): "conv",
         (layers.Linear, "__call__"): "linear",
         (GroupNorm, "__call__"): "group norm",
+        (GroupNorm, "with_silu"): "group norm + silu",
         (nn.LayerNorm, "__call__"): "layer norm",
     }
     originals = {k: getattr(*k) for k in patches}
     for (cls, attr), name in patches.items():
         setattr(cls, attr, timed(totals, name, originals[(cls, attr)]))
     fn_patches = {(layers, "scaled_dot_product_attention"): "attention core", (unet, "gelu"): "gelu",
-                  (layers, "silu"): "silu", (unet, "silu"): "silu", (vae, "silu"): "silu",
+                  (layers, "silu"): "silu", (unet, "silu"): "silu",
                   (unet, "upsample_nearest"): "upsample", (vae, "upsample_nearest"): "upsample"}
     fn_originals = {k: getattr(*k) for k in fn_patches}
     for (mod, attr), name in fn_patches.items():

@@ -25,7 +25,17 @@ def test_cpu_activation_matches_mlx(ours, theirs) -> None:
     np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("fn", [activations.silu, activations.gelu], ids=["silu", "gelu"])
+def test_quick_gelu_matches_float64() -> None:
+    with mx.stream(mx.cpu):
+        got = np.array(activations.quick_gelu(mx.array(X)))
+    x = X.astype(np.float64)
+    with np.errstate(over="ignore"):
+        expected = x / (1 + np.exp(-1.702 * x))
+    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [activations.silu, activations.gelu, activations.quick_gelu],
+                         ids=["silu", "gelu", "quick_gelu"])
 def test_dtype_and_shape_are_kept(fn) -> None:
     x = mx.random.normal((2, 3, 4, 5)).astype(mx.bfloat16)
     out = fn(x)

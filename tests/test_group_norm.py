@@ -11,6 +11,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlx_sd.models.activations import silu
 from mlx_sd.models.group_norm import BLOCK, GroupNorm, group_moments
 
 TOL = 1e-5
@@ -124,3 +125,14 @@ def test_other_inputs_fall_back_to_nn_group_norm() -> None:
     new.pytorch_compatible = old.pytorch_compatible = False
     x = mx.array(normal((2, 8, 8, 64)))
     assert mx.array_equal(new(x), old(x))
+
+
+@pytest.mark.parametrize("shape", [(1, 37, 41, 128), (2, 8, 8, 320)])
+def test_with_silu_fuses_the_activation(shape: tuple[int, ...]) -> None:
+    new, _ = modules(32, shape[-1])
+    x = normal(shape, mean=0.5, std=2.0)
+    normed = reference(x, 32, new.eps, np.array(new.weight), np.array(new.bias))
+    expected = normed / (1 + np.exp(-normed))
+    np.testing.assert_allclose(np.array(new.with_silu(mx.array(x))), expected, rtol=TOL, atol=TOL)
+    half = mx.array(x).astype(mx.float16)  # the fallback path
+    assert mx.array_equal(new.with_silu(half), silu(new(half)))

@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_sd.models import cpu_gemm, cpu_threads
+from mlx_sd.models.cpu_buffers import new_array
 
 # The CPU path computes scores in blocks of query rows of about BLOCK_SCORES floats (2 MiB),
 # so that its max/subtract/exp/sum passes run in the L2 cache: 4x faster than whole 4096x4096
@@ -43,7 +44,7 @@ def cpu_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, rows: int
     qs, ks, vs = (np.ascontiguousarray(t.astype(mx.float32)).reshape(b * h, t.shape[2], d) for t in (q, k, v))
     keys = ks.shape[1]
     rows = rows or max(MIN_ROWS, BLOCK_SCORES // keys)
-    out = np.empty_like(qs)
+    result, out = new_array(qs.shape)
     blocks = [(i, start) for i in range(b * h) for start in range(0, n, rows)]
 
     def attend_blocks(first: int, last: int) -> None:
@@ -53,7 +54,7 @@ def cpu_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, rows: int
             _attend(qs[i, start:stop], ks[i], vs[i], scale, scores[:stop - start], out[i, start:stop])
 
     cpu_threads.for_each_chunk(attend_blocks, len(blocks))
-    return mx.array(out.reshape(b, h, n, d)).astype(q.dtype)
+    return result.reshape(b, h, n, d).astype(q.dtype)
 
 
 def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:

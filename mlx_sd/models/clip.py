@@ -11,12 +11,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlx_sd.models.activations import quick_gelu
 from mlx_sd.models.layers import Linear, activation_dtype
-
-
-def quick_gelu(x: mx.array) -> mx.array:
-    """OpenAI CLIP's sigmoid approximation of GELU, which its weights were trained with."""
-    return x * mx.sigmoid(1.702 * x)
 
 
 _ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": nn.gelu}

@@ -30,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_sd import backend
+from mlx_sd.models.cpu_buffers import new_array
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 # Output rows per GEMM call: large enough to amortise the call, small enough that the rows
@@ -107,15 +108,6 @@ def _operand(x: mx.array, bf16: bool) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def _output(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
-    """A new fp32 MLX array and a writable numpy view of its buffer for the BLAS to fill.
-    Importing a numpy result instead (`mx.array(ndarray)`) copies at about 2 GB/s here, which
-    takes longer than most of the GEMMs themselves."""
-    out = mx.zeros(shape, mx.float32)
-    mx.eval(out)
-    return out, np.asarray(out)
-
-
 def _plus(y: mx.array, bias: mx.array | None) -> mx.array:
     return y if bias is None else y + bias.astype(mx.float32)
 
@@ -125,10 +117,10 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
     *lead, k = x.shape
     n = weight.shape[0]
     a, b = _operand(x.reshape(-1, k), True), _operand(weight, True)
-    y, out = _output((a.shape[0], n))
+    y, out = new_array((a.shape[0], n), bias)  # the bias is added by accumulating onto it
     gemm().bf16(ROW_MAJOR, NO_TRANS, TRANS, a.shape[0], n, k, 1.0, a.ctypes.data, k, b.ctypes.data, k,
-                0.0, out.ctypes.data, n)
-    return _plus(y.reshape(*lead, n), bias)
+                0.0 if bias is None else 1.0, out.ctypes.data, n)
+    return y.reshape(*lead, n)
 
 
 def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int) -> mx.array:
@@ -146,7 +138,7 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int) -
     # The last `reach` rows would read past the end and are never needed.
     reach = (kernel - 1) * (row + 1)
     total = batch * rows * row - reach
-    y, out = _output((batch, rows, row, out_channels))
+    y, out = new_array((batch, rows, row, out_channels))
     taps = kernel * kernel
     for start in range(0, total, BLOCK_ROWS):
         m = min(BLOCK_ROWS, total - start)

@@ -23,6 +23,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx_sd.models import cpu_threads
+from mlx_sd.models.activations import sigmoid_gate, silu
+from mlx_sd.models.cpu_buffers import new_array
+
 # Deviations are summed over blocks of about BLOCK floats (512 KiB), so that the subtract and
 # the two sums after it run in the L2 cache.
 BLOCK = 1 << 17
@@ -31,21 +35,31 @@ BLOCK = 1 << 17
 SHIFT_SAMPLES = 64
 
 
+def _row_blocks(x: np.ndarray) -> list[tuple[int, int, int]]:
+    """(batch index, start, stop) of blocks of about BLOCK floats over x: (B, N, C)."""
+    b, n, c = x.shape
+    rows = max(1, BLOCK // c)
+    return [(i, start, min(start + rows, n)) for i in range(b) for start in range(0, n, rows)]
+
+
 def group_moments(x: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
     """Float64 mean and (biased) variance, each (B, groups), of x: (B, N, C) float32, whose
     groups are runs of C // groups consecutive channels over all N positions."""
     b, n, c = x.shape
     shift = x[:, :: max(1, n // SHIFT_SAMPLES)].mean(axis=1)
-    rows = max(1, BLOCK // c)
-    s1 = np.zeros((b, c))
-    s2 = np.zeros((b, c))
-    d = np.empty((rows, c), np.float32)
-    for i in range(b):
-        for start in range(0, n, rows):
-            block = x[i, start:start + rows]
-            dev = np.subtract(block, shift[i], out=d[:len(block)])
+    blocks = _row_blocks(x)
+    partial: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def sum_blocks(first: int, last: int) -> None:
+        s1, s2 = np.zeros((b, c)), np.zeros((b, c))
+        for i, start, stop in blocks[first:last]:
+            dev = x[i, start:stop] - shift[i]
             s1[i] += np.einsum("nc->c", dev)
             s2[i] += np.einsum("nc,nc->c", dev, dev)
+        partial.append((s1, s2))  # list.append is atomic
+
+    cpu_threads.for_each_chunk(sum_blocks, len(blocks))
+    s1, s2 = (sum(p[j] for p in partial) for j in (0, 1))
     # x - mean = (x - shift) + (shift - mean), summed per channel, then over the group's channels.
     s1, s2 = s1.reshape(b, groups, -1), s2.reshape(b, groups, -1)
     shift = shift.reshape(b, groups, -1).astype(np.float64)
@@ -60,15 +74,36 @@ class GroupNorm(nn.GroupNorm):
     """`nn.GroupNorm` with a fast CPU path for float32 input (see the module docstring)."""
 
     def __call__(self, x: mx.array) -> mx.array:
+        return self._normalize(x, then_silu=False)
+
+    def with_silu(self, x: mx.array) -> mx.array:
+        """silu(self(x)); on the CPU the SiLU is applied in the same pass as the normalisation."""
+        return self._normalize(x, then_silu=True)
+
+    def _normalize(self, x: mx.array, then_silu: bool) -> mx.array:
         if mx.default_device() != mx.cpu or x.dtype != mx.float32 or not self.pytorch_compatible:
-            return super().__call__(x)
+            y = super().__call__(x)
+            return silu(y) if then_silu else y
         b, c = x.shape[0], x.shape[-1]
-        flat = x.reshape(b, -1, c)
-        mean, var = group_moments(np.asarray(flat), self.num_groups)
+        flat = np.asarray(x.reshape(b, -1, c))
+        mean, var = group_moments(flat, self.num_groups)
         # Per-(batch, channel) scale and shift: y = (x - mean) * rstd * weight + bias.
-        rstd = 1 / np.sqrt(var + self.eps)
-        scale, offset = (mx.array(np.repeat(t, c // self.num_groups, axis=1)[:, None], mx.float32)
-                         for t in (rstd, -mean * rstd))
-        if "weight" in self:
-            scale, offset = scale * self.weight, offset * self.weight + self.bias
-        return (flat * scale + offset).reshape(x.shape)
+        rstd = np.repeat(1 / np.sqrt(var + self.eps), c // self.num_groups, axis=1)
+        mean = np.repeat(mean, c // self.num_groups, axis=1)
+        weight, bias = ((np.asarray(self[n].astype(mx.float32), np.float64) if n in self else d)
+                        for n, d in (("weight", 1.0), ("bias", 0.0)))
+        scale = (rstd * weight).astype(np.float32)
+        offset = (bias - mean * rstd * weight).astype(np.float32)
+        result, out = new_array(flat.shape)
+        blocks = _row_blocks(flat)
+
+        def apply_blocks(first: int, last: int) -> None:
+            for i, start, stop in blocks[first:last]:
+                y = out[i, start:stop]
+                np.multiply(flat[i, start:stop], scale[i], out=y)
+                y += offset[i]
+                if then_silu:
+                    y[...] = sigmoid_gate(y, 1.0)
+
+        cpu_threads.for_each_chunk(apply_blocks, len(blocks))
+        return result.reshape(x.shape)

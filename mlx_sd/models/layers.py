@@ -79,10 +79,10 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
-        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv1(self.norm1.with_silu(x))
         if temb is not None:
             h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
-        h = self.conv2(silu(self.norm2(h)))
+        h = self.conv2(self.norm2.with_silu(h))
         shortcut = self.conv_shortcut(x) if "conv_shortcut" in self else x
         return shortcut + h
 

@@ -312,4 +312,4 @@ class UNet2DConditionModel(nn.Module):
                 # Upsample to the next skip's size so odd latent sizes round-trip like diffusers.
                 x = block.upsamplers[0](x, skips[-1].shape[1:3])
 
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out.with_silu(x))

@@ -9,7 +9,6 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_sd.models.activations import silu
 from mlx_sd.models.group_norm import GroupNorm
 from mlx_sd.models.layers import Attention, Conv2d, ResnetBlock2D, upsample_nearest
 
@@ -131,7 +130,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out.with_silu(x))
 
 
 class Decoder(nn.Module):
@@ -156,7 +155,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out.with_silu(x))
 
 
 class AutoencoderKL(nn.Module):
