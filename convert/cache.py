@@ -119,9 +119,8 @@ def read_converted(path: Path, dtype: mx.Dtype) -> SD1Models:
     arrays = mx.load(str(path))
     models = {}
     for network in NETWORKS:
-        prefix = f"{network}."
         model = MODEL_TYPES[network](getattr(configs, network))
-        weights = [(k[len(prefix) :], arrays.pop(k).astype(dtype)) for k in list(arrays) if k.startswith(prefix)]
+        weights = _take_network(arrays, network, dtype)
         try:
             model.load_weights(weights, strict=True)
         except ValueError as e:
@@ -131,6 +130,17 @@ def read_converted(path: Path, dtype: mx.Dtype) -> SD1Models:
     if arrays:
         raise CheckpointError(f"{path}: damaged converted file (unexpected keys: {sorted(arrays)[:10]})")
     return SD1Models(**models)
+
+
+def _take_network(arrays: dict[str, mx.array], network: str, dtype: mx.Dtype) -> list[tuple[str, mx.array]]:
+    """Pop one network's weights from a converted file's arrays, named as in the network."""
+    prefix = f"{network}."
+    return [(k[len(prefix):], arrays.pop(k).astype(dtype)) for k in list(arrays) if k.startswith(prefix)]
+
+
+def lazy_network_weights(path: Path, network: str, dtype: mx.Dtype) -> list[tuple[str, mx.array]]:
+    """One network's weights in a converted file, unevaluated: nothing is read until they are used."""
+    return _take_network(mx.load(str(path)), network, dtype)
 
 
 def dtype_name(dtype: mx.Dtype) -> str:

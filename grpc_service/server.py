@@ -60,6 +60,7 @@ class ServerSettings:
     max_queued: int = 8  # generations waiting behind the running one; more get RESOURCE_EXHAUSTED
     dtype: str | None = None  # how weights are held: float32/float16/bfloat16; None: float16 on Metal, float32 on CPU
     quantize_bits: int | None = None  # 4 or 8: quantize the UNet's and text encoder's linear layers
+    low_memory: bool = False  # free the text encoder between prompt encodings (needs cache_dir)
     memory_budget: int | None = None  # bytes for weights plus a request's work; None: mlx_sd.memory_budget's default
     shutdown_grace: float = SHUTDOWN_GRACE_SECONDS  # running calls may finish this long after SIGTERM
     auth_failure_limit: FailureLimit = FailureLimit()  # per-address backoff after wrong shared secrets
@@ -138,7 +139,7 @@ def start_server(settings: ServerSettings, engine: GenerationEngine | None = Non
 
         engine = create_engine(models.root, cache_dir=settings.cache_dir, dtype=settings.dtype,
                                quantize_bits=settings.quantize_bits, max_queued=settings.max_queued,
-                               memory_budget=settings.memory_budget)
+                               memory_budget=settings.memory_budget, low_memory=settings.low_memory)
     servicer = ImageGenerationServicer(models, engine)
     pb_grpc.add_ImageGenerationServiceServicer_to_server(servicer, server)
     host = f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host

@@ -66,12 +66,13 @@ def option_error(error: InvalidRequest) -> str:
 
 @contextlib.contextmanager
 def local_engine(models_dir: Path, cache_dir: Path | None, dtype: str | None,
-                 quantize_bits: int | None = None) -> Iterator[GenerationWorker]:
+                 quantize_bits: int | None = None, low_memory: bool = False) -> Iterator[GenerationWorker]:
     """The pipeline on its worker thread; on leaving, waits for the job in flight, which stops at the
     next sampling step once its reader has gone (say after Ctrl-C)."""
     from mlx_sd.engine import create_engine
 
-    engine = create_engine(models_dir, cache_dir=cache_dir, dtype=dtype, quantize_bits=quantize_bits, max_queued=1)
+    engine = create_engine(models_dir, cache_dir=cache_dir, dtype=dtype, quantize_bits=quantize_bits, max_queued=1,
+                           low_memory=low_memory)
     try:
         yield engine
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import mlx.core as mx
 
 from convert.assemble import SD1Configs, SD1Models
 from convert.formats import MODEL_FILE, SINGLE_FILE_DIR, CheckpointLayout, find_layout
-from convert.loader import load_sd1
+from convert.cache import cache_entry, lazy_network_weights
+from convert.loader import load_sd1, resolve_dtype
 from mlx_sd.errors import ModelNotFound
 from mlx_sd.models.quantize import quantize
 from mlx_sd.reloading import ReloadingValue
@@ -30,15 +32,29 @@ class LoadedModel:
     tokenizer: CLIPTokenizer
     name: str  # shown in each image's parameters
     hash: str  # A1111's short model hash: the first 10 hex digits of the checkpoint's SHA-256
+    # Low-memory mode: frees the text encoder's weights, which are read again when next used.
+    release_text_encoder: Callable[[], None] | None = None
 
 
 class ModelStore:
     """Loads `<models_dir>/stable-diffusion/` (single file or diffusers folder) and the optional
-    `<models_dir>/vae/model.safetensors`, and loads again when any of those files changes."""
+    `<models_dir>/vae/model.safetensors`, and loads again when any of those files changes.
+
+    `low_memory` keeps the text encoder's weights (~250 MB in fp16) out of memory between prompt
+    encodings: they are read back from the converted cache for each request and freed after it.
+    It needs the cache, and leaves the text encoder unquantized.
+    """
 
     def __init__(self, models_dir: Path, *, dtype: mx.Dtype | str | None = None,
                  cache_dir: Path | None = None, configs: SD1Configs | None = None,
-                 quantize_bits: int | None = None) -> None:
+                 quantize_bits: int | None = None, low_memory: bool = False) -> None:
+        if low_memory and cache_dir is None:
+            raise ValueError("low-memory mode reads the text encoder back from the converted-weights cache; "
+                             "it cannot be used without the cache")
+        if low_memory and quantize_bits is not None:
+            raise ValueError("low-memory mode and quantization cannot be combined: the text encoder is read "
+                             "back unquantized from the cache")
+        self._low_memory = low_memory
         self._models_dir = Path(models_dir)
         self._dtype = dtype
         self._quantize_bits = quantize_bits
@@ -64,6 +80,7 @@ class ModelStore:
         if self._quantize_bits is not None:  # the VAE is all convolutions, which MLX cannot quantize
             for network in (models.unet, models.text_encoder):
                 quantize(network, self._quantize_bits)
+        release = self._text_encoder_release(models) if self._low_memory else None
         layout = self._layout()
         # A single file is named by its stem, as A1111 does; a diffusers folder by the UNet's file.
         checkpoint = layout.single_file or layout.diffusers["unet"]
@@ -72,7 +89,22 @@ class ModelStore:
         tokenizer = CLIPTokenizer.from_folder(tokenizer_dir) if tokenizer_dir.is_dir() else default_tokenizer()
         log.info("loaded %s%s in %.1f s", checkpoint,
                  f" with VAE {layout.vae_override}" if layout.vae_override else "", time.monotonic() - started)
-        return LoadedModel(models, tokenizer, name, _short_hash(checkpoint))
+        return LoadedModel(models, tokenizer, name, _short_hash(checkpoint), release)
+
+    def _text_encoder_release(self, models: SD1Models) -> Callable[[], None] | None:
+        """A function that swaps the text encoder's weights for unevaluated reads of the cache entry
+        `load_sd1` used, freeing their memory until they are next used; it is run once now."""
+        dtype = resolve_dtype(self._dtype)
+        entry = cache_entry(Path(self._cache_dir), self._models_dir, None, dtype, self._configs)
+        if not entry.is_file():
+            log.warning("low-memory mode is off: the converted-weights cache %s could not be written", entry)
+            return None
+
+        def release() -> None:
+            models.text_encoder.load_weights(lazy_network_weights(entry, "text_encoder", dtype), strict=True)
+
+        release()
+        return release
 
 
 def _short_hash(path: Path) -> str:

@@ -67,6 +67,8 @@ class Pipeline:
                                       VAE_LIVE_MAPS_CPU if on_cpu else VAE_LIVE_MAPS)
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
         cond, uncond = _encode_prompts(model, request)
+        if model.release_text_encoder is not None:
+            model.release_text_encoder()
         yield ProgressEvent(EventType.TEXT_ENCODED, "text encoded")
 
         # The model's native side: 512 for SD 1.x, whose UNet was trained on 64x64 latents.

@@ -123,6 +123,11 @@ def test_serve_refuses_a_broken_certificate(tmp_path: Path) -> None:
     assert "TLS setup failed" in result.stderr and str(cert) in result.stderr
 
 
+def test_serve_refuses_low_memory_without_the_cache(tmp_path: Path) -> None:
+    result = run("serve", tmp_path / "models", "--port", "0", "--low-memory", "--no-cache")
+    assert result.exit_code == 2 and "needs the cache" in result.stderr
+
+
 @pytest.mark.parametrize(
     "text, size", [("8GiB", 8 * 1024**3), ("512M", 512 * 1024**2), ("1000", 1000), ("4 kib", 4096)]
 )

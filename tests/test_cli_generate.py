@@ -162,3 +162,17 @@ def test_quantized_local_generation_writes_its_images(tiny_models: Path, tmp_pat
     result = local(tiny_models, tmp_path / "out", "a red fox", *SMALL, "--quantize", "8", "--seed", "3")
     assert result.exit_code == 0, result.stderr
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["3-0.png"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [(["--no-cache"], "needs the cache"),
+                                                (["--quantize", "8"], "don't combine")])
+def test_low_memory_needs_the_cache_and_no_quantization(tmp_path: Path, extra: list[str], message: str) -> None:
+    result = run("a red fox", "--models-dir", tmp_path, "--out", tmp_path, "--low-memory", *extra)
+    assert result.exit_code == 2 and message in result.stderr
+
+
+def test_low_memory_local_generation_writes_its_images(tiny_models: Path, tmp_path: Path) -> None:
+    result = run("a red fox", *SMALL, "--low-memory", "--seed", "3", "--models-dir", tiny_models,
+                 "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["3-0.png"]

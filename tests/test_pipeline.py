@@ -12,8 +12,10 @@ import json
 import shutil
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from PIL import Image
 
 from mlx_sd.errors import MissingWeights, ModelNotFound
@@ -178,3 +180,28 @@ def test_a_quantized_model_generates_nearly_the_same_image(pipeline: Pipeline, t
     assert any(type(m).__name__ == "QuantizedLinear" for _, m in store.get().models.unet.named_modules())
     difference = np.abs(quantized - pixels(run(pipeline, request())[1].images[0]))
     assert 0 < difference.max() <= 8 and difference.mean() < 1  # 8-bit weights: close, not equal
+
+
+def test_low_memory_mode_frees_the_text_encoder_and_gives_the_same_image(pipeline: Pipeline, tmp_path: Path) -> None:
+    store = ModelStore(tiny_models_dir(tmp_path / "models"), cache_dir=tmp_path / "cache", low_memory=True)
+    low = Pipeline(store)
+    encoder = store.get().models.text_encoder
+    size = sum(p.nbytes for _, p in tree_flatten(encoder.parameters()))
+    for _ in range(2):  # the second request reads the weights back
+        held = mx.get_active_memory()
+        images = run(low, request())[1].images
+        mx.clear_cache()
+        assert mx.get_active_memory() <= held  # the text encoder was freed again after encoding
+        assert images == run(pipeline, request())[1].images
+    before = mx.get_active_memory()
+    mx.eval(encoder.parameters())  # what a resident text encoder holds
+    assert mx.get_active_memory() - before >= size
+    store.get().release_text_encoder()
+    assert mx.get_active_memory() <= before
+
+
+@pytest.mark.parametrize(("options", "message"), [({"cache_dir": None}, "without the cache"),
+                                                   ({"quantize_bits": 8}, "cannot be combined")])
+def test_low_memory_mode_needs_the_cache_and_no_quantization(tmp_path: Path, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelStore(tmp_path, low_memory=True, **{"cache_dir": tmp_path, **options})
