@@ -40,3 +40,12 @@ def test_dtype_and_shape_are_kept(fn) -> None:
     x = mx.random.normal((2, 3, 4, 5)).astype(mx.bfloat16)
     out = fn(x)
     assert out.dtype == mx.bfloat16 and out.shape == x.shape
+
+
+def test_geglu_gates_the_first_half_with_the_gelu_of_the_second() -> None:
+    x = mx.array(np.random.default_rng(0).standard_normal((2, 300, 2 * 48), dtype=np.float32) * 3)
+    hidden, gate = mx.split(x, 2, axis=-1)
+    with mx.stream(mx.cpu):
+        got = activations.geglu(x)
+    assert got.shape == (2, 300, 48) and got.dtype == mx.float32
+    np.testing.assert_allclose(np.array(got), np.array(hidden * nn.gelu(gate)), rtol=2e-6, atol=5e-6)

@@ -91,6 +91,26 @@ def gelu(x: mx.array) -> mx.array:
     return _numpy(_gelu, x) if _on_cpu() else nn.gelu(x)
 
 
+def geglu(x: mx.array) -> mx.array:
+    """GEGLU's gate: the first half of the last axis times the GELU of the second half; on the CPU
+    in one numpy pass over blocks of rows."""
+    if not _on_cpu():
+        hidden, gate = mx.split(x, 2, axis=-1)
+        return hidden * nn.gelu(gate)
+    width = x.shape[-1] // 2
+    rows = np.ascontiguousarray(x.astype(mx.float32)).reshape(-1, width * 2)
+    result, out = new_array((rows.shape[0], width))
+    step = max(1, BLOCK // width)
+
+    def run(first: int, last: int) -> None:
+        for start in range(first * step, min(last * step, len(rows)), step):
+            block = rows[start:start + step]
+            np.multiply(block[:, :width], _gelu(block[:, width:]), out=out[start:start + step])
+
+    cpu_threads.for_each_chunk(run, -(-len(rows) // step))
+    return result.reshape(*x.shape[:-1], width).astype(x.dtype)
+
+
 def quick_gelu(x: mx.array) -> mx.array:
     """OpenAI CLIP's sigmoid approximation of GELU, x * sigmoid(1.702 x), which its weights were trained with."""
     return _numpy(_quick_gelu, x) if _on_cpu() else x * mx.sigmoid(1.702 * x)

@@ -11,7 +11,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_sd.models.activations import gelu, silu
+from mlx_sd.models.activations import geglu, silu
 from mlx_sd.models.group_norm import GroupNorm
 from mlx_sd.models.layers import Attention, Conv2d, Linear, ResnetBlock2D, upsample_nearest
 
@@ -106,8 +106,7 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim, 2 * inner_dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        hidden, gate = mx.split(self.proj(x), 2, axis=-1)
-        return hidden * gelu(gate)
+        return geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
