@@ -1,17 +1,17 @@
 """Convolutions and bf16 matrix products on the CPU, called straight into the fast BLAS.
 
-Two gaps in MLX's CPU backend cost most of the UNet's and the VAE's time (measured with
-benchmarks/cpu_gemm.py on a 2-core AMX Xeon):
+Two gaps in MLX's CPU backend (measured with benchmarks/cpu_gemm.py on a 2-core AMX Xeon):
 
-- `conv2d` builds an im2col buffer nine times the input (1.1 GiB for a 512² VAE layer) and
-  reaches 80-170 GFLOP/s. A 3x3 convolution is the sum of nine 1x1 convolutions of shifted
+- `conv2d` builds an im2col buffer nine times the input (1.5 GiB peak for one 512² VAE layer)
+  and reaches 170-350 GFLOP/s. A 3x3 convolution is the sum of nine 1x1 convolutions of shifted
   inputs. Laid out on a zero-padded image flattened to rows of `W + 2` pixels, each shift is a
   constant offset, so each tap is one GEMM reading the padded input in place and accumulating
-  into the output (beta = 1): no im2col, and 250-340 GFLOP/s from the same BLAS. The two
+  into the output (beta = 1): no im2col, a fifth of the memory, and 270-370 GFLOP/s in fp32
+  from the same BLAS (1.6x MLX's speed at the VAE's largest layers, even at the UNet's). The
   padding columns produce junk outputs, which are dropped.
 - MLX has no bf16 GEMM on the CPU: bf16 weights are widened to fp32 on every call. MKL's
   `cblas_gemm_bf16bf16f32` takes bf16 inputs, accumulates in fp32 and runs on AMX or
-  AVX512-BF16 units: 900-1500 GFLOP/s on the UNet's shapes against 350 for fp32.
+  AVX512-BF16 units: 550-1400 GFLOP/s for the convolutions and 500-1000 for the linear layers.
 
 So on the CPU, convolutions go through `conv2d` here, and layers whose weights are stored in
 bf16 (`--dtype bfloat16`) compute their products in bf16 with fp32 accumulation, as torch
