@@ -108,10 +108,6 @@ def _operand(x: mx.array, bf16: bool) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def _plus(y: mx.array, bias: mx.array | None) -> mx.array:
-    return y if bias is None else y + bias.astype(mx.float32)
-
-
 def linear(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
     """x @ weightᵀ + bias with bf16 products and fp32 accumulation; `weight` is (out, in)."""
     *lead, k = x.shape
@@ -149,4 +145,5 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int) -
                  source.ctypes.data + shift * channels * size, channels,
                  w.ctypes.data + tap * channels * size, taps * channels,
                  1.0 if tap else 0.0, out.ctypes.data + start * out_channels * 4, out_channels)
-    return _plus(y[:, :height, :width], bias)
+    y = y[:, :height, :width]
+    return y if bias is None else y + bias.astype(mx.float32)  # the add also drops the junk
