@@ -346,12 +346,14 @@ def files_exist(
     shared_secret: SecretOption = None,
     shared_secret_file: SecretFileOption = None,
 ) -> None:
-    """Ask which files exist in the server's model directory (one line per file)."""
+    """Ask which files exist in the server's model directory (one line per file); exits 1 unless all do."""
     with _connected(server, ca, fingerprint, no_tls, shared_secret, shared_secret_file) as client:
         checks = client.files_exist(files)
     for check in checks:
         status = "exists" if check.exists else f"refused ({check.error})" if check.error else "missing"
         typer.echo(f"{check.name}: {status}")
+    if not all(check.exists for check in checks):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -87,8 +87,9 @@ def test_unreachable_server_fails_clearly(server) -> None:
 def test_files_exist(server, models_dir: Path) -> None:
     (models_dir / "here.bin").write_bytes(b"x")
     result = run("files-exist", "here.bin", "gone.bin", "../etc", *trust(server))
-    assert result.exit_code == 0
+    assert result.exit_code == 1  # like `test -e`: not all of them exist
     assert result.stdout.splitlines() == ["here.bin: exists", "gone.bin: missing", "../etc: refused (contains '..')"]
+    assert run("files-exist", "here.bin", *trust(server)).exit_code == 0
 
 
 def test_upload(server, models_dir: Path, tmp_path: Path) -> None:
