@@ -32,16 +32,24 @@ def _on_cpu() -> bool:
 BLOCK = 1 << 15
 
 
-def _numpy(fn, x: mx.array) -> mx.array:
-    flat = np.ascontiguousarray(x.astype(mx.float32)).reshape(-1)
-    result, out = new_array((flat.size,))
+def _rowwise(fn, x: mx.array, width: int) -> mx.array:
+    """fn over blocks of rows of x viewed as (rows, x.shape[-1]), each block giving `width` columns,
+    spread over the cores and written into a new MLX array of shape (*x.shape[:-1], width)."""
+    rows = np.ascontiguousarray(x.astype(mx.float32)).reshape(-1, x.shape[-1])
+    result, out = new_array((len(rows), width))
+    step = max(1, BLOCK // rows.shape[1])
 
     def run(first: int, last: int) -> None:
-        for start in range(first * BLOCK, min(last * BLOCK, flat.size), BLOCK):
-            out[start:start + BLOCK] = fn(flat[start:start + BLOCK])
+        for start in range(first * step, min(last * step, len(rows)), step):
+            out[start:start + step] = fn(rows[start:start + step])
 
-    cpu_threads.for_each_chunk(run, -(-flat.size // BLOCK))
-    return result.reshape(x.shape).astype(x.dtype)
+    cpu_threads.for_each_chunk(run, -(-len(rows) // step))
+    return result.reshape(*x.shape[:-1], width).astype(x.dtype)
+
+
+def _numpy(fn, x: mx.array) -> mx.array:
+    """An elementwise numpy `fn` over x, in blocks of BLOCK elements."""
+    return _rowwise(fn, x.reshape(-1, 1), 1).reshape(x.shape)
 
 
 def sigmoid_gate(x: np.ndarray, slope: float) -> np.ndarray:
@@ -98,17 +106,7 @@ def geglu(x: mx.array) -> mx.array:
         hidden, gate = mx.split(x, 2, axis=-1)
         return hidden * nn.gelu(gate)
     width = x.shape[-1] // 2
-    rows = np.ascontiguousarray(x.astype(mx.float32)).reshape(-1, width * 2)
-    result, out = new_array((rows.shape[0], width))
-    step = max(1, BLOCK // width)
-
-    def run(first: int, last: int) -> None:
-        for start in range(first * step, min(last * step, len(rows)), step):
-            block = rows[start:start + step]
-            np.multiply(block[:, :width], _gelu(block[:, width:]), out=out[start:start + step])
-
-    cpu_threads.for_each_chunk(run, -(-len(rows) // step))
-    return result.reshape(*x.shape[:-1], width).astype(x.dtype)
+    return _rowwise(lambda block: block[:, :width] * _gelu(block[:, width:]), x, width)
 
 
 def quick_gelu(x: mx.array) -> mx.array:
