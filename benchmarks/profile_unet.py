@@ -21,11 +21,11 @@ from mlx_sd.backend import configure
 configure()
 
 import mlx.core as mx  # noqa: E402  (after the BLAS is chosen)
-import mlx.nn as nn  # noqa: E402
 
 from convert import load_sd1  # noqa: E402
 from mlx_sd.models import layers, unet, vae  # noqa: E402
 from mlx_sd.models.group_norm import GroupNorm  # noqa: E402
+from mlx_sd.models.layer_norm import LayerNorm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / ".cache" / "sd15-random" / "stable-diffusion" / "model.safetensors"
@@ -68,7 +68,7 @@ def main() -> None:
         (layers.Linear, "__call__"): "linear",
         (GroupNorm, "__call__"): "group norm",
         (GroupNorm, "with_silu"): "group norm + silu",
-        (nn.LayerNorm, "__call__"): "layer norm",
+        (LayerNorm, "__call__"): "layer norm",
     }
     originals = {k: getattr(*k) for k in patches}
     for (cls, attr), name in patches.items():

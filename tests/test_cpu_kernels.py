@@ -64,3 +64,25 @@ def test_shape_mismatches_are_refused() -> None:
     with pytest.raises(ValueError, match="shape mismatch"):
         cpu_kernels.scale_shift(np.zeros((4, 8), np.float32), np.zeros(8, np.float32), np.zeros(7, np.float32),
                                 False, np.empty((4, 8), np.float32))
+
+
+def test_channel_moments_accumulate_float64_sums_of_deviations() -> None:
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((600, 40)) * 3 + 50).astype(np.float32)  # several runs of 256 rows
+    shift = x[::60].mean(axis=0)
+    sums, squares = np.full(40, 1.0), np.full(40, 2.0)  # added to, not overwritten
+    cpu_kernels.channel_moments(x, shift, sums, squares)
+    d = x.astype(np.float64) - shift
+    np.testing.assert_allclose(sums - 1.0, d.sum(axis=0), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(squares - 2.0, (d * d).sum(axis=0), rtol=1e-5)
+
+
+def test_layer_norm_matches_float64() -> None:
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((70, 320)) * 5 + 3).astype(np.float32)
+    weight, bias = (rng.standard_normal(320, dtype=np.float32) for _ in range(2))
+    out = np.empty_like(x)
+    cpu_kernels.layer_norm(x, weight, bias, 1e-5, out)
+    xd = x.astype(np.float64)
+    expected = (xd - xd.mean(1, keepdims=True)) / np.sqrt(xd.var(1, keepdims=True) + 1e-5) * weight + bias
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_sd.models.activations import quick_gelu
+from mlx_sd.models.layer_norm import LayerNorm
 from mlx_sd.models.layers import Linear, activation_dtype
 
 
@@ -76,9 +77,9 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     def __init__(self, config: CLIPTextConfig) -> None:
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = CLIPAttention(config.hidden_size, config.num_attention_heads)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -111,7 +112,7 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.embeddings = CLIPEmbeddings(config)
         self.encoder = CLIPEncoder(config)
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def __call__(self, input_ids: mx.array, skip_last_layers: int = 0) -> mx.array:
         """`skip_last_layers=1` is "CLIP skip 2": the penultimate layer's output, still final-normed."""

@@ -124,3 +124,53 @@ void scale_shift(const float *x, ptrdiff_t rows, ptrdiff_t channels, const float
         }
     }
 }
+
+/* Adds to sum[c] and squares[c] the sums over rows of d and d² for d = x[i, c] - shift[c]
+ * (rows x channels). Partial sums are float over runs of MOMENT_ROWS rows, then float64. */
+#define MOMENT_ROWS 256
+MULTIVERSION
+void channel_moments(const float *x, ptrdiff_t rows, ptrdiff_t channels, const float *shift, float *scratch,
+                     double *sum, double *squares) {
+    float *s1 = scratch, *s2 = scratch + channels;
+    for (ptrdiff_t start = 0; start < rows; start += MOMENT_ROWS) {
+        ptrdiff_t stop = start + MOMENT_ROWS < rows ? start + MOMENT_ROWS : rows;
+        for (ptrdiff_t c = 0; c < channels; c++)
+            s1[c] = s2[c] = 0;
+        for (ptrdiff_t i = start; i < stop; i++) {
+            const float *in = x + i * channels;
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < channels; c++) {
+                float d = in[c] - shift[c];
+                s1[c] += d;
+                s2[c] += d * d;
+            }
+        }
+        for (ptrdiff_t c = 0; c < channels; c++) {
+            sum[c] += s1[c];
+            squares[c] += s2[c];
+        }
+    }
+}
+
+/* out[i] = (x[i] - mean) / sqrt(var + eps) * weight + bias per row of x (rows x width), with the
+ * row's mean and (biased) variance from two passes over the row. */
+MULTIVERSION
+void layer_norm(const float *x, ptrdiff_t rows, ptrdiff_t width, const float *weight, const float *bias, float eps,
+                float *out) {
+    for (ptrdiff_t i = 0; i < rows; i++) {
+        const float *in = x + i * width;
+        float *y = out + i * width;
+        float total = 0;
+#pragma omp simd reduction(+ : total)
+        for (ptrdiff_t j = 0; j < width; j++)
+            total += in[j];
+        float mean = total / width, squares = 0;
+#pragma omp simd reduction(+ : squares)
+        for (ptrdiff_t j = 0; j < width; j++)
+            squares += (in[j] - mean) * (in[j] - mean);
+        float rstd = 1.0f / __builtin_sqrtf(squares / width + eps);
+#pragma omp simd
+        for (ptrdiff_t j = 0; j < width; j++)
+            y[j] = (in[j] - mean) * rstd * weight[j] + bias[j];
+    }
+}

@@ -1,6 +1,6 @@
-"""The fused CPU kernels of cpu_kernels.c: softmax numerators, GEGLU, SiLU-style gates and
-GroupNorm's scale-and-shift, each one vectorised pass over a block instead of a chain of numpy
-or MLX passes.
+"""The fused CPU kernels of cpu_kernels.c: softmax numerators, GEGLU, SiLU-style gates,
+GroupNorm's moments and scale-and-shift, and LayerNorm, each one vectorised pass over a block
+instead of a chain of numpy or MLX passes.
 
 MLX's CPU elementwise transcendentals are scalar (`nn.silu`, `nn.gelu` about 50 ns per element
 here) and numpy's formulas make a pass over memory per operation (GELU about twenty).
@@ -29,6 +29,8 @@ _SIGNATURES = {
     "geglu": [_POINTER, _SIZE, _SIZE, _POINTER],
     "sigmoid_gate": [_POINTER, _SIZE, _FLOAT, _POINTER],
     "scale_shift": [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, ctypes.c_int, _POINTER],
+    "channel_moments": [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER],
+    "layer_norm": [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _FLOAT, _POINTER],
 }
 
 
@@ -51,9 +53,10 @@ def active() -> bool:
     return mx.default_device() == mx.cpu and kernels() is not None
 
 
-def _pointer(array: np.ndarray) -> int:
-    if array.dtype != np.float32 or not array.flags.c_contiguous:
-        raise ValueError(f"the CPU kernels take C-contiguous float32 arrays, not {array.dtype} strides {array.strides}")
+def _pointer(array: np.ndarray, dtype: type = np.float32) -> int:
+    if array.dtype != dtype or not array.flags.c_contiguous:
+        raise ValueError(f"the CPU kernels take C-contiguous {np.dtype(dtype)} arrays, "
+                         f"not {array.dtype} with strides {array.strides}")
     return array.ctypes.data
 
 
@@ -87,3 +90,22 @@ def scale_shift(x: np.ndarray, scale: np.ndarray, offset: np.ndarray, silu: bool
     if out.shape != x.shape or scale.shape != (channels,) or offset.shape != (channels,):
         raise ValueError(f"shape mismatch: {x.shape}, {scale.shape}, {offset.shape}, {out.shape}")
     kernels().scale_shift(_pointer(x), rows, channels, _pointer(scale), _pointer(offset), int(silu), _pointer(out))
+
+
+def channel_moments(x: np.ndarray, shift: np.ndarray, sums: np.ndarray, squares: np.ndarray) -> None:
+    """Adds to the float64 `sums` and `squares` (channels,) the per-channel sums of d and d² over
+    the rows of x (rows, channels), d = x - shift."""
+    rows, channels = x.shape
+    if shift.shape != (channels,) or sums.shape != (channels,) or squares.shape != (channels,):
+        raise ValueError(f"shape mismatch: {x.shape}, {shift.shape}, {sums.shape}, {squares.shape}")
+    scratch = np.empty(2 * channels, np.float32)
+    kernels().channel_moments(_pointer(x), rows, channels, _pointer(shift), _pointer(scratch),
+                              _pointer(sums, np.float64), _pointer(squares, np.float64))
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray) -> None:
+    """Each row of x (rows, width) normalised to mean 0 and variance 1, then * weight + bias."""
+    rows, width = x.shape
+    if out.shape != x.shape or weight.shape != (width,) or bias.shape != (width,):
+        raise ValueError(f"shape mismatch: {x.shape}, {weight.shape}, {bias.shape}, {out.shape}")
+    kernels().layer_norm(_pointer(x), rows, width, _pointer(weight), _pointer(bias), eps, _pointer(out))

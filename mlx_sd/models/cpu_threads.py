@@ -1,7 +1,7 @@
-"""Independent numpy work spread over the CPU's cores.
+"""Independent numpy and C-kernel work spread over the CPU's cores.
 
-numpy's elementwise passes (the attention's softmax, the activations) run on one thread but
-release the GIL, so blocks of such work can run on a small pool of threads, one per core. Each
+numpy's passes, BLAS calls and the fused kernels (cpu_kernels) run on one thread but release
+the GIL, so blocks of such work can run on a small pool of threads, one per core. Each
 pool thread limits its own BLAS calls to one thread (MKL's per-thread setting), so GEMMs made
 inside the blocks do not oversubscribe the cores. Without that setting (no MKL), work stays on
 the calling thread, as it would be with a 1-core machine.
@@ -14,7 +14,15 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import mlx.core as mx
+import numpy as np
+
 from mlx_sd.models import cpu_gemm
+from mlx_sd.models.cpu_buffers import new_array
+
+# Values per block in map_rows: blocks this size keep a kernel's input and output in the L2
+# cache and amortise the call.
+ROW_BLOCK = 1 << 16
 
 
 def _cores() -> int:
@@ -46,3 +54,19 @@ def for_each_chunk(fn: Callable[[int, int], None], total: int) -> None:
     bounds = [total * i // chunks for i in range(chunks + 1)]
     for future in [pool.submit(fn, start, stop) for start, stop in zip(bounds, bounds[1:])]:
         future.result()
+
+
+def map_rows(kernel: Callable[[np.ndarray, np.ndarray], None], x: mx.array, width: int) -> mx.array:
+    """kernel(rows, out) over blocks of the rows of x viewed as fp32 (rows, x.shape[-1]), each block
+    filling `width` columns of out, spread over the cores; out is a new MLX array of shape
+    (*x.shape[:-1], width) and x's dtype."""
+    rows = np.ascontiguousarray(x.astype(mx.float32)).reshape(-1, x.shape[-1])
+    result, out = new_array((len(rows), width))
+    step = max(1, ROW_BLOCK // rows.shape[1])
+
+    def run(first: int, last: int) -> None:
+        for start in range(first * step, min(last * step, len(rows)), step):
+            kernel(rows[start:start + step], out[start:start + step])
+
+    for_each_chunk(run, -(-len(rows) // step))
+    return result.reshape(*x.shape[:-1], width).astype(x.dtype)

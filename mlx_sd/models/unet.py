@@ -13,6 +13,7 @@ import mlx.nn as nn
 
 from mlx_sd.models.activations import geglu, silu
 from mlx_sd.models.group_norm import GroupNorm
+from mlx_sd.models.layer_norm import LayerNorm
 from mlx_sd.models.layers import Attention, Conv2d, Linear, ResnetBlock2D, upsample_nearest
 
 # Config values the SD-1 architecture has; anything else in a config.json is another model family.
@@ -124,11 +125,11 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, context_dim: int) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = Attention(dim, heads, context_dim=context_dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
