@@ -76,6 +76,21 @@ def test_bf16_linear_is_exact_on_bf16_operands() -> None:
     assert relative_error(ours, reference) < 1e-6
 
 
+@needs_bf16
+def test_bf16_matmul_of_bf16_bits_is_exact_on_bf16_operands() -> None:
+    rng = np.random.default_rng(5)
+    a, b = (rng.standard_normal(shape, dtype=np.float32) for shape in ((33, 300), (300, 20)))
+    bits = [np.array(mx.array(t).astype(mx.bfloat16).view(mx.uint16)) for t in (a, b)]
+    out = np.empty((33, 20), np.float32)
+    cpu_gemm.matmul(*bits, out)
+    np.testing.assert_allclose(out, bf16_rounded(a) @ bf16_rounded(b), rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_refuses_mixed_operand_types() -> None:
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        cpu_gemm.matmul(np.zeros((2, 3), np.float32), np.zeros((3, 2), np.uint16), np.empty((2, 2), np.float32))
+
+
 def test_matmul_reads_strided_operands_and_refuses_a_strided_output() -> None:
     a, b = random(6, 5, seed=12), random(7, 5, seed=13)
     out = np.empty((6, 7), np.float32)

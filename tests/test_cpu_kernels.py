@@ -40,6 +40,17 @@ def test_softmax_numerators_match_float64() -> None:
     assert sums[3] == 1 and sums[4] == 4099
 
 
+def test_softmax_numerators_round_to_bf16_to_nearest_even() -> None:
+    rng = np.random.default_rng(4)
+    scores = (rng.standard_normal((5, 1000)) * 4).astype(np.float32)  # 1000: not a multiple of 32
+    bf16 = np.empty(scores.shape, np.uint16)
+    sums = cpu_kernels.softmax_numerators(scores, bf16)
+    bits = scores.view(np.uint32)
+    expected = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    np.testing.assert_array_equal(bf16, expected)
+    np.testing.assert_allclose(sums, scores.sum(axis=1), rtol=1e-6)
+
+
 @pytest.mark.parametrize("silu", [False, True])
 def test_scale_shift_matches_float64(silu: bool) -> None:
     rng = np.random.default_rng(1)
@@ -86,3 +97,47 @@ def test_layer_norm_matches_float64() -> None:
     xd = x.astype(np.float64)
     expected = (xd - xd.mean(1, keepdims=True)) / np.sqrt(xd.var(1, keepdims=True) + 1e-5) * weight + bias
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    bits = x.astype(np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def test_to_bf16_rounds_to_nearest_even() -> None:
+    x = np.random.default_rng(6).standard_normal(1001).astype(np.float32)  # 31 x 32 + a tail of 9
+    x[:4] = [0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8]  # exact ties: down to even, up to even
+    out = np.empty(x.shape, np.uint16)
+    cpu_kernels.to_bf16(x, out)
+    np.testing.assert_array_equal(out, bf16_bits(x))
+    assert list(out[2:4]) == [0x3F80, 0x3F82]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_pad_image_in_row_ranges_matches_np_pad(bf16: bool) -> None:
+    x = np.random.default_rng(7).standard_normal((2, 5, 7, 3)).astype(np.float32)
+    out = np.full((2, 9, 11, 3), 7, np.uint16 if bf16 else np.float32)  # junk that must go
+    for first, last in [(0, 4), (4, 13), (13, 18)]:  # ranges that split images and their borders
+        cpu_kernels.pad_image(x, 2, first, last, out)
+    expected = np.pad(x, [(0, 0), (2, 2), (2, 2), (0, 0)])
+    np.testing.assert_array_equal(out, bf16_bits(expected) if bf16 else expected)
+
+
+def test_crop_bias_keeps_the_top_left_pixels_plus_bias() -> None:
+    rng = np.random.default_rng(8)
+    source = rng.standard_normal((2, 7, 9, 4)).astype(np.float32)
+    bias = rng.standard_normal(4).astype(np.float32)
+    out, plain = np.empty((2, 5, 6, 4), np.float32), np.empty((2, 5, 6, 4), np.float32)
+    for first, last in [(0, 3), (3, 10)]:
+        cpu_kernels.crop_bias(source, bias, first, last, out)
+        cpu_kernels.crop_bias(source, None, first, last, plain)
+    np.testing.assert_array_equal(out, source[:, :5, :6] + bias)
+    np.testing.assert_array_equal(plain, source[:, :5, :6])
+
+
+def test_image_kernels_refuse_rows_out_of_range() -> None:
+    x = np.zeros((1, 2, 2, 1), np.float32)
+    with pytest.raises(ValueError, match="rows 0:5"):
+        cpu_kernels.pad_image(x, 1, 0, 5, np.empty((1, 4, 4, 1), np.float32))
+    with pytest.raises(ValueError, match="rows 0:3"):
+        cpu_kernels.crop_bias(np.zeros((1, 4, 4, 1), np.float32), None, 0, 3, x)

@@ -8,7 +8,10 @@ Two gaps in MLX's CPU backend (measured with benchmarks/cpu_gemm.py on a 2-core 
   constant offset, so each tap is one GEMM reading the padded input in place and accumulating
   into the output (beta = 1): no im2col, a fifth of the memory, and 270-370 GFLOP/s in fp32
   from the same BLAS (1.6x MLX's speed at the VAE's largest layers, even at the UNet's). The
-  padding columns produce junk outputs, which are dropped.
+  padding columns produce junk outputs, which are dropped. The fused kernels (cpu_kernels)
+  write the padded input, already in the GEMM's input type, and the cropped output plus bias,
+  on all cores: MLX's pad, cast, slice and add each make a single-threaded pass, which had cost
+  as much as the GEMMs at the VAE's 512² layers.
 - MLX has no bf16 GEMM on the CPU: bf16 weights are widened to fp32 on every call. MKL's
   `cblas_gemm_bf16bf16f32` takes bf16 inputs, accumulates in fp32 and runs on AMX or
   AVX512-BF16 units: 550-1400 GFLOP/s for the convolutions and 500-1000 for the linear layers.
@@ -17,19 +20,16 @@ So on the CPU, convolutions go through `conv2d` here, and layers whose weights a
 bf16 (`--dtype bfloat16`) compute their products in bf16 with fp32 accumulation, as torch
 does for bf16 models. Activations, normalisation and everything else stay fp32. These calls
 leave MLX's lazy graph (their inputs are evaluated), as the CPU attention already does. On the
-GPU, or with no fast BLAS loaded, nothing here is used.
+GPU, with no fast BLAS loaded, or without the CPU kernels, nothing here is used.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-from dataclasses import dataclass
-
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd import backend
+from mlx_sd.models import cpu_kernels, cpu_threads
+from mlx_sd.models.blas import gemm
 from mlx_sd.models.cpu_buffers import new_array
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
@@ -38,46 +38,8 @@ ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 BLOCK_ROWS = 4096
 
 
-@dataclass(frozen=True)
-class Gemm:
-    """The BLAS entry points: `sgemm` always; `bf16` where MKL and the processor provide it;
-    `set_local_threads` (the calling thread's BLAS thread count) with MKL."""
-
-    sgemm: ctypes._CFuncPtr
-    bf16: ctypes._CFuncPtr | None
-    set_local_threads: ctypes._CFuncPtr | None
-
-
-def _bind(function: ctypes._CFuncPtr) -> ctypes._CFuncPtr:
-    int_, ptr = ctypes.c_int, ctypes.c_void_p
-    function.argtypes = [int_, int_, int_, int_, int_, int_, ctypes.c_float, ptr, int_, ptr, int_,
-                         ctypes.c_float, ptr, int_]
-    function.restype = None
-    return function
-
-
-@functools.cache
-def gemm() -> Gemm | None:
-    """The fast BLAS that `mlx_sd.backend` loaded, or None (reference BLAS, macOS)."""
-    blas = backend.configure()
-    if blas.path is None:
-        return None
-    try:
-        library = ctypes.CDLL(str(blas.path))
-        sgemm = _bind(library.cblas_sgemm)
-    except (OSError, AttributeError):
-        return None
-    bf16 = getattr(library, "cblas_gemm_bf16bf16f32", None)
-    # Without bf16 units MKL emulates the bf16 products, slower than fp32.
-    has_units = {"amx_bf16", "avx512_bf16"} & backend.cpu_flags()
-    local_threads = getattr(library, "MKL_Set_Num_Threads_Local", None)
-    if local_threads is not None:
-        local_threads.argtypes, local_threads.restype = [ctypes.c_int], ctypes.c_int
-    return Gemm(sgemm, _bind(bf16) if bf16 is not None and has_units else None, local_threads)
-
-
 def on_cpu() -> bool:
-    return mx.default_device() == mx.cpu and gemm() is not None
+    return cpu_kernels.active() and gemm() is not None
 
 
 def uses_bf16(weight: mx.array) -> bool:
@@ -86,33 +48,51 @@ def uses_bf16(weight: mx.array) -> bool:
 
 
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, transpose_b: bool = False, alpha: float = 1.0) -> None:
-    """out = alpha * a @ b (or a @ bᵀ) for fp32 numpy matrices, through the fast BLAS where one is
-    loaded (numpy's own otherwise); `out` must be C-contiguous, as it is written in place."""
+    """out = alpha * a @ b (or a @ bᵀ) into the fp32 `out`, which must be C-contiguous as it is
+    written in place. a and b are fp32 numpy matrices, or both bf16 given as uint16 bits (fp32
+    accumulation; needs `gemm().bf16`). fp32 products go through the fast BLAS where one is
+    loaded, numpy's own otherwise."""
     if not out.flags.c_contiguous:
         raise ValueError("matmul writes `out` in place: it must be C-contiguous")
     a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    if gemm() is None:
+    bf16 = a.dtype == np.uint16
+    if b.dtype != a.dtype or a.dtype not in (np.float32, np.uint16) or out.dtype != np.float32:
+        raise ValueError(f"matmul takes fp32 or bf16-bit operands and an fp32 output, not {a.dtype}, {b.dtype}")
+    if gemm() is None and not bf16:
         np.matmul(a, b.T if transpose_b else b, out=out)
         out *= np.float32(alpha)
         return
     m, k = a.shape
     n = out.shape[1]
-    gemm().sgemm(ROW_MAJOR, NO_TRANS, TRANS if transpose_b else NO_TRANS, m, n, k, alpha, a.ctypes.data, k,
-                 b.ctypes.data, b.shape[1], 0.0, out.ctypes.data, n)
+    call = gemm().bf16 if bf16 else gemm().sgemm
+    call(ROW_MAJOR, NO_TRANS, TRANS if transpose_b else NO_TRANS, m, n, k, alpha, a.ctypes.data, k,
+         b.ctypes.data, b.shape[1], 0.0, out.ctypes.data, n)
 
 
-def _operand(x: mx.array, bf16: bool) -> np.ndarray:
-    """`x`'s data as a C-contiguous numpy array of the GEMM's input type (bf16 as uint16 bits);
-    a view of MLX's buffer when `x` is already contiguous."""
-    x = x.astype(mx.bfloat16).view(mx.uint16) if bf16 else x.astype(mx.float32)
-    return np.ascontiguousarray(x)
+def _weights(weight: mx.array, bf16: bool) -> np.ndarray:
+    """A layer's weight as a C-contiguous numpy array of the GEMM's input type (bf16 as uint16
+    bits): a view of MLX's buffer when it is stored that way."""
+    weight = weight.astype(mx.bfloat16).view(mx.uint16) if bf16 else weight.astype(mx.float32)
+    return np.ascontiguousarray(weight)
+
+
+def _fp32(x: mx.array) -> np.ndarray:
+    return np.ascontiguousarray(x.astype(mx.float32))
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """x rounded to bf16 on all cores (MLX's CPU `astype` runs on one)."""
+    out = np.empty(x.shape, np.uint16)
+    flat, bits = x.reshape(-1), out.reshape(-1)
+    cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.to_bf16(flat[first:last], bits[first:last]), flat.size)
+    return out
 
 
 def linear(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
     """x @ weightᵀ + bias with bf16 products and fp32 accumulation; `weight` is (out, in)."""
     *lead, k = x.shape
     n = weight.shape[0]
-    a, b = _operand(x.reshape(-1, k), True), _operand(weight, True)
+    a, b = _bf16_bits(_fp32(x.reshape(-1, k))), _weights(weight, True)
     y, out = new_array((a.shape[0], n), bias)  # the bias is added by accumulating onto it
     gemm().bf16(ROW_MAJOR, NO_TRANS, TRANS, a.shape[0], n, k, 1.0, a.ctypes.data, k, b.ctypes.data, k,
                 0.0 if bias is None else 1.0, out.ctypes.data, n)
@@ -126,15 +106,18 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int) -
     call, size = (gemm().bf16, 2) if bf16 else (gemm().sgemm, 4)
     batch, height, width, channels = x.shape
     out_channels, kernel = weight.shape[0], weight.shape[1]
-    padded = mx.pad(x.astype(mx.bfloat16 if bf16 else mx.float32), [(0, 0), (padding, padding), (padding, padding), (0, 0)])
-    source, w = _operand(padded, bf16), _operand(weight, bf16)
-    _, rows, row, _ = padded.shape
+    rows, row = height + 2 * padding, width + 2 * padding
+    image = _fp32(x)
+    source = np.empty((batch, rows, row, channels), np.uint16 if bf16 else np.float32)
+    cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.pad_image(image, padding, first, last, source),
+                               batch * rows)
+    w = _weights(weight, bf16)
     # Output pixel p of the flattened padded batch sums input pixels p + dy * row + dx, so the
     # whole batch is one run of rows; those that land in padding are junk and dropped below.
-    # The last `reach` rows would read past the end and are never needed.
+    # The last `reach` rows would read past the end and are never needed (nor written).
     reach = (kernel - 1) * (row + 1)
     total = batch * rows * row - reach
-    y, out = new_array((batch, rows, row, out_channels))
+    sums = np.empty((batch, rows, row, out_channels), np.float32)
     taps = kernel * kernel
     for start in range(0, total, BLOCK_ROWS):
         m = min(BLOCK_ROWS, total - start)
@@ -144,6 +127,8 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int) -
             call(ROW_MAJOR, NO_TRANS, TRANS, m, out_channels, channels, 1.0,
                  source.ctypes.data + shift * channels * size, channels,
                  w.ctypes.data + tap * channels * size, taps * channels,
-                 1.0 if tap else 0.0, out.ctypes.data + start * out_channels * 4, out_channels)
-    y = y[:, :height, :width]
-    return y if bias is None else y + bias.astype(mx.float32)  # the add also drops the junk
+                 1.0 if tap else 0.0, sums.ctypes.data + start * out_channels * 4, out_channels)
+    y, out = new_array((batch, height, width, out_channels))
+    b = None if bias is None else np.asarray(bias.astype(mx.float32))
+    cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.crop_bias(sums, b, first, last, out), batch * height)
+    return y

@@ -17,9 +17,12 @@
 #include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define X86_GCC 1
+#include <immintrin.h>
 /* One build that uses AVX-512 or AVX2 where the processor has them (chosen at load time). */
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
+#define X86_GCC 0
 #define MULTIVERSION
 #endif
 
@@ -47,6 +50,39 @@ static inline float exp_fast(float x) {
     return p * scale;
 }
 
+/* bf16 bits of a finite float, rounded to nearest even. */
+static inline uint16_t bf16_bits(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+#if X86_GCC
+/* The same rounding in one AVX512-BF16 instruction per 32 values: 4x cheaper than the integer form. */
+__attribute__((target("avx512f,avx512bf16")))
+static void to_bf16_avx512(const float *x, ptrdiff_t n, uint16_t *out) {
+    ptrdiff_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+        __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + j + 16), _mm512_loadu_ps(x + j));
+        _mm512_storeu_si512((void *)(out + j), (__m512i)pair);
+    }
+    for (; j < n; j++)
+        out[j] = bf16_bits(x[j]);
+}
+#endif
+
+/* out = x rounded to bf16, n values. */
+void to_bf16(const float *x, ptrdiff_t n, uint16_t *out) {
+#if X86_GCC
+    if (__builtin_cpu_supports("avx512bf16")) {
+        to_bf16_avx512(x, n, out);
+        return;
+    }
+#endif
+    for (ptrdiff_t j = 0; j < n; j++)
+        out[j] = bf16_bits(x[j]);
+}
+
 /* Abramowitz & Stegun 7.1.26: erf(z) = 1 - t (a1 + t (a2 + ...)) e^(-z²), t = 1 / (1 + p z),
  * for z >= 0, with absolute error <= 1.5e-7. GELU(x) = x Φ(x), where Φ(x) = 1 - q for x >= 0
  * and q for x < 0, q = (1 - erf(|x| / √2)) / 2. */
@@ -66,16 +102,34 @@ static inline float sigmoid_gate_one(float x, float slope) {
     return x / (1.0f + exp_fast(-slope * x));
 }
 
-/* Each row of `scores` (rows x cols, contiguous) becomes e^(x - max of the row), in place;
- * sums[i] is the sum of row i's results. */
+/* max(x[0..n)), with LANES independent running maxima: one would chain every vector max
+ * behind the previous one's latency. */
+#define LANES 64
+static inline float row_max(const float *x, ptrdiff_t n) {
+    float lanes[LANES], top = x[0];
+    for (int l = 0; l < LANES; l++)
+        lanes[l] = x[0];
+    ptrdiff_t j = 0;
+    for (; j + LANES <= n; j += LANES) {
+#pragma omp simd
+        for (int l = 0; l < LANES; l++)
+            lanes[l] = x[j + l] > lanes[l] ? x[j + l] : lanes[l];
+    }
+    for (; j < n; j++)
+        top = x[j] > top ? x[j] : top;
+    for (int l = 0; l < LANES; l++)
+        top = lanes[l] > top ? lanes[l] : top;
+    return top;
+}
+
+/* Each row of `scores` (rows x cols, contiguous) becomes e^(x - max of the row), in place, and
+ * also rounded to bf16 into `bf16` unless that is NULL; sums[i] is the sum of row i's float
+ * results (as torch's bf16 attention sums before rounding). */
 MULTIVERSION
-void softmax_numerators(float *scores, ptrdiff_t rows, ptrdiff_t cols, float *sums) {
+void softmax_numerators(float *scores, ptrdiff_t rows, ptrdiff_t cols, uint16_t *bf16, float *sums) {
     for (ptrdiff_t i = 0; i < rows; i++) {
         float *row = scores + i * cols;
-        float top = row[0];
-#pragma omp simd reduction(max : top)
-        for (ptrdiff_t j = 0; j < cols; j++)
-            top = row[j] > top ? row[j] : top;
+        float top = row_max(row, cols);
         float sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (ptrdiff_t j = 0; j < cols; j++) {
@@ -83,6 +137,8 @@ void softmax_numerators(float *scores, ptrdiff_t rows, ptrdiff_t cols, float *su
             sum += row[j];
         }
         sums[i] = sum;
+        if (bf16 != NULL)
+            to_bf16(row, cols, bf16 + i * cols);
     }
 }
 
@@ -172,5 +228,55 @@ void layer_norm(const float *x, ptrdiff_t rows, ptrdiff_t width, const float *we
 #pragma omp simd
         for (ptrdiff_t j = 0; j < width; j++)
             y[j] = (in[j] - mean) * rstd * weight[j] + bias[j];
+    }
+}
+
+/* Rows [first, last) of the zero-padded copy of an NHWC image batch x (B, H, W, C): out is
+ * (B, H + 2 pad, W + 2 pad, C), its rows counted over the whole batch, written as float32 into
+ * `f32`, or as bf16 into `bf16` when `f32` is NULL. */
+void pad_image(const float *x, ptrdiff_t height, ptrdiff_t width, ptrdiff_t channels, ptrdiff_t pad,
+               ptrdiff_t first, ptrdiff_t last, float *f32, uint16_t *bf16) {
+    ptrdiff_t padded_height = height + 2 * pad, row = (width + 2 * pad) * channels;
+    ptrdiff_t border = pad * channels, inside = width * channels;
+    for (ptrdiff_t r = first; r < last; r++) {
+        ptrdiff_t image = r / padded_height, y = r % padded_height - pad;
+        const float *in = x + (image * height + y) * inside;
+        int blank = y < 0 || y >= height;
+        if (f32 != NULL) {
+            float *out = f32 + r * row;
+            memset(out, 0, (size_t)(blank ? row : border) * sizeof *out);
+            if (!blank) {
+                memcpy(out + border, in, (size_t)inside * sizeof *out);
+                memset(out + border + inside, 0, (size_t)border * sizeof *out);
+            }
+        } else {
+            uint16_t *out = bf16 + r * row;
+            memset(out, 0, (size_t)(blank ? row : border) * sizeof *out);
+            if (!blank) {
+                to_bf16(in, inside, out + border);
+                memset(out + border + inside, 0, (size_t)border * sizeof *out);
+            }
+        }
+    }
+}
+
+/* Output rows [first, last) (over the batch, B * H of them) of out (B, H, W, C): the pixels of
+ * src (B, padded_height, padded_width, C) with y < H and x < W, plus bias[c] unless it is NULL. */
+MULTIVERSION
+void crop_bias(const float *src, ptrdiff_t height, ptrdiff_t width, ptrdiff_t padded_height, ptrdiff_t padded_width,
+               ptrdiff_t channels, const float *bias, ptrdiff_t first, ptrdiff_t last, float *out) {
+    for (ptrdiff_t r = first; r < last; r++) {
+        ptrdiff_t image = r / height, y = r % height;
+        const float *in = src + (image * padded_height + y) * padded_width * channels;
+        float *o = out + r * width * channels;
+        if (bias == NULL) {
+            memcpy(o, in, (size_t)(width * channels) * sizeof *o);
+            continue;
+        }
+        for (ptrdiff_t x = 0; x < width; x++) {
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < channels; c++)
+                o[x * channels + c] = in[x * channels + c] + bias[c];
+        }
     }
 }

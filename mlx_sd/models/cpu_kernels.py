@@ -25,12 +25,15 @@ import numpy as np
 _log = logging.getLogger(__name__)
 _SIZE, _POINTER, _FLOAT = ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {
-    "softmax_numerators": [_POINTER, _SIZE, _SIZE, _POINTER],
+    "softmax_numerators": [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER],
     "geglu": [_POINTER, _SIZE, _SIZE, _POINTER],
     "sigmoid_gate": [_POINTER, _SIZE, _FLOAT, _POINTER],
     "scale_shift": [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, ctypes.c_int, _POINTER],
     "channel_moments": [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER],
     "layer_norm": [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _FLOAT, _POINTER],
+    "to_bf16": [_POINTER, _SIZE, _POINTER],
+    "pad_image": [_POINTER] + [_SIZE] * 6 + [_POINTER, _POINTER],
+    "crop_bias": [_POINTER] + [_SIZE] * 5 + [_POINTER, _SIZE, _SIZE, _POINTER],
 }
 
 
@@ -60,11 +63,15 @@ def _pointer(array: np.ndarray, dtype: type = np.float32) -> int:
     return array.ctypes.data
 
 
-def softmax_numerators(scores: np.ndarray) -> np.ndarray:
-    """Replaces each row of `scores` (rows, cols) by exp(row - max(row)); returns the row sums."""
+def softmax_numerators(scores: np.ndarray, bf16: np.ndarray | None = None) -> np.ndarray:
+    """Replaces each row of `scores` (rows, cols) by exp(row - max(row)), also written rounded to
+    bf16 (uint16 bits) into `bf16` if given; returns the row sums of the float values."""
     rows, cols = scores.shape
+    if bf16 is not None and bf16.shape != scores.shape:
+        raise ValueError(f"shape mismatch: {scores.shape} and {bf16.shape}")
     sums = np.empty(rows, np.float32)
-    kernels().softmax_numerators(_pointer(scores), rows, cols, _pointer(sums))
+    kernels().softmax_numerators(_pointer(scores), rows, cols, None if bf16 is None else _pointer(bf16, np.uint16),
+                                 _pointer(sums))
     return sums
 
 
@@ -109,3 +116,34 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, 
     if out.shape != x.shape or weight.shape != (width,) or bias.shape != (width,):
         raise ValueError(f"shape mismatch: {x.shape}, {weight.shape}, {bias.shape}, {out.shape}")
     kernels().layer_norm(_pointer(x), rows, width, _pointer(weight), _pointer(bias), eps, _pointer(out))
+
+
+def to_bf16(x: np.ndarray, out: np.ndarray) -> None:
+    """out (uint16 bits) = x rounded to bf16, nearest even."""
+    if out.shape != x.shape:
+        raise ValueError(f"shape mismatch: {x.shape} and {out.shape}")
+    kernels().to_bf16(_pointer(x), x.size, _pointer(out, np.uint16))
+
+
+def pad_image(x: np.ndarray, pad: int, first: int, last: int, out: np.ndarray) -> None:
+    """Rows [first, last) (counted over the batch) of out = x (B, H, W, C) zero-padded by `pad`
+    pixels on each side, as fp32 or, for a uint16 `out`, as bf16 bits."""
+    b, h, w, c = x.shape
+    if out.shape != (b, h + 2 * pad, w + 2 * pad, c) or not 0 <= first <= last <= b * (h + 2 * pad):
+        raise ValueError(f"cannot pad {x.shape} by {pad} into {out.shape}, rows {first}:{last}")
+    bf16 = out.dtype == np.uint16
+    kernels().pad_image(_pointer(x), h, w, c, pad, first, last, None if bf16 else _pointer(out),
+                        _pointer(out, np.uint16) if bf16 else None)
+
+
+def crop_bias(source: np.ndarray, bias: np.ndarray | None, first: int, last: int, out: np.ndarray) -> None:
+    """Rows [first, last) (counted over the batch) of out (B, H, W, C) = the top-left H x W pixels
+    of source (B, H', W', C), plus `bias` (C,) if given."""
+    b, h, w, c = out.shape
+    _, source_h, source_w, source_c = source.shape
+    if source.shape[0] != b or source_h < h or source_w < w or source_c != c or not 0 <= first <= last <= b * h:
+        raise ValueError(f"cannot crop {source.shape} to {out.shape}, rows {first}:{last}")
+    if bias is not None and bias.shape != (c,):
+        raise ValueError(f"bias {bias.shape} for {c} channels")
+    kernels().crop_bias(_pointer(source), h, w, source_h, source_w, c, None if bias is None else _pointer(bias),
+                        first, last, _pointer(out))

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd.models import cpu_gemm
+from mlx_sd.models.blas import gemm
 from mlx_sd.models.cpu_buffers import new_array
 
 # Values per block in map_rows: blocks this size keep a kernel's input and output in the L2
@@ -30,12 +30,12 @@ def _cores() -> int:
 
 
 def _one_blas_thread() -> None:
-    cpu_gemm.gemm().set_local_threads(1)
+    gemm().set_local_threads(1)
 
 
 @functools.cache
 def _pool() -> tuple[ThreadPoolExecutor, int] | None:
-    cores, functions = _cores(), cpu_gemm.gemm()
+    cores, functions = _cores(), gemm()
     if cores < 2 or functions is None or functions.set_local_threads is None:
         return None
     pool = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="mlx-sd-cpu", initializer=_one_blas_thread)

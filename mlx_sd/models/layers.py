@@ -116,5 +116,6 @@ class Attention(nn.Module):
         q = split_heads(self.to_q(x))
         k = split_heads(self.to_k(context))
         v = split_heads(self.to_v(context))
-        out = scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5)
+        out = scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5,
+                                           bf16_products=cpu_gemm.uses_bf16(self.to_v.weight))
         return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, dim))
