@@ -73,7 +73,7 @@ def main() -> None:
     originals = {k: getattr(*k) for k in patches}
     for (cls, attr), name in patches.items():
         setattr(cls, attr, timed(totals, name, originals[(cls, attr)]))
-    fn_patches = {(layers, "scaled_dot_product_attention"): "attention core", (unet, "geglu"): "geglu",
+    fn_patches = {(layers, "attention"): "attention core", (unet, "geglu"): "geglu",
                   (layers, "silu"): "silu", (unet, "silu"): "silu",
                   (unet, "upsample_nearest"): "upsample", (vae, "upsample_nearest"): "upsample"}
     fn_originals = {k: getattr(*k) for k in fn_patches}

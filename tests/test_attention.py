@@ -1,5 +1,6 @@
-"""The CPU attention (one (batch, head) slice at a time, normalised after the value product)
-against float64 softmax attention and MLX's fused kernel.
+"""The CPU attention (one (batch, head) slice at a time, in place in the token-major
+projections, normalised after the value product) against float64 softmax attention and MLX's
+fused kernel.
 
 Tolerance: fp32 attention over <= 1024 keys agrees with float64 to ~1e-6 relative; 1e-5
 (atol and rtol) leaves room for summation order and still catches any formula error, which
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 from mlx_sd.models.blas import gemm
-from mlx_sd.models.attention import cpu_attention, scaled_dot_product_attention
+from mlx_sd.models import cpu_kernels
+from mlx_sd.models.attention import attention, cpu_attention
 
 TOL = 1e-5
 
@@ -31,6 +33,21 @@ def inputs(shape_q: tuple[int, ...], kv_tokens: int, spread: float, seed: int = 
     return [rng.standard_normal(s, dtype=np.float32) * spread for s in shapes]
 
 
+def tokens(x: np.ndarray) -> mx.array:
+    """(batch, heads, tokens, dim) as the models' token-major projections (batch, tokens, heads * dim)."""
+    b, h, n, d = x.shape
+    return mx.array(x.transpose(0, 2, 1, 3).reshape(b, n, h * d))
+
+
+def per_head(out: mx.array, heads: int) -> np.ndarray:
+    b, n, width = out.shape
+    return np.array(out.astype(mx.float32)).reshape(b, n, heads, width // heads).transpose(0, 2, 1, 3)
+
+
+def run(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, **options) -> np.ndarray:
+    return per_head(cpu_attention(tokens(q), tokens(k), tokens(v), q.shape[1], scale, **options), q.shape[1])
+
+
 @pytest.mark.parametrize(
     ("shape_q", "kv_tokens"),
     [((2, 8, 256, 40), 256), ((2, 8, 256, 40), 77), ((1, 1, 1024, 64), 1024), ((2, 3, 5, 8), 7)],
@@ -39,30 +56,23 @@ def inputs(shape_q: tuple[int, ...], kv_tokens: int, spread: float, seed: int = 
 def test_cpu_attention_matches_float64_softmax(shape_q: tuple[int, ...], kv_tokens: int) -> None:
     q, k, v = inputs(shape_q, kv_tokens, spread=1.0)
     scale = shape_q[-1] ** -0.5
-    out = cpu_attention(mx.array(q), mx.array(k), mx.array(v), scale)
-    assert out.shape == shape_q and out.dtype == mx.float32
-    np.testing.assert_allclose(np.array(out), reference(q, k, v, scale), rtol=TOL, atol=TOL)
-
-
-def test_heads_split_from_token_major_layout_as_the_models_pass_them() -> None:
-    """The models pass (batch, tokens, heads, dim) transposed to (batch, heads, tokens, dim): strided views."""
-    q, k, v = inputs((1, 3, 16, 4), 16, spread=1.0, seed=2)  # batch 1: numpy keeps the heads strided
-    strided = [mx.array(t.transpose(0, 2, 1, 3).copy()).transpose(0, 2, 1, 3) for t in (q, k, v)]
-    out = cpu_attention(*strided, 0.5)
-    np.testing.assert_allclose(np.array(out), reference(q, k, v, 0.5), rtol=TOL, atol=TOL)
+    out = cpu_attention(tokens(q), tokens(k), tokens(v), shape_q[1], scale)
+    b, h, n, d = shape_q
+    assert out.shape == (b, n, h * d) and out.dtype == mx.float32
+    np.testing.assert_allclose(per_head(out, h), reference(q, k, v, scale), rtol=TOL, atol=TOL)
 
 
 def test_blocks_of_query_rows_give_the_same_result() -> None:
-    q, k, v = (mx.array(a) for a in inputs((1, 2, 100, 8), 30, spread=1.0))
-    whole = cpu_attention(q, k, v, 0.3)
-    blocked = cpu_attention(q, k, v, 0.3, rows=7)  # the last block is short
-    np.testing.assert_allclose(np.array(blocked), np.array(whole), rtol=1e-6, atol=1e-7)
+    q, k, v = inputs((1, 2, 100, 8), 30, spread=1.0)
+    whole = run(q, k, v, 0.3)
+    blocked = run(q, k, v, 0.3, rows=7)  # the last block is short
+    np.testing.assert_allclose(blocked, whole, rtol=1e-6, atol=1e-7)
 
 
 def test_large_logits_do_not_overflow() -> None:
     # Logits in the hundreds: exp without the max subtraction would overflow to inf.
     q, k, v = inputs((1, 2, 64, 16), 64, spread=6.0)
-    out = np.array(cpu_attention(mx.array(q), mx.array(k), mx.array(v), 1.0))
+    out = run(q, k, v, 1.0)
     assert np.isfinite(out).all()
     # fp32 logits of ~300 are themselves rounded by ~2e-5, which exp turns into ~1e-4 in the
     # weights: a property of fp32 inputs (MLX's fused kernel differs as much), not of the formula.
@@ -70,18 +80,18 @@ def test_large_logits_do_not_overflow() -> None:
 
 
 def test_cpu_attention_matches_mlx_fused_kernel() -> None:
-    q, k, v = (mx.array(a) for a in inputs((2, 4, 128, 40), 128, spread=1.0, seed=1))
-    fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=40**-0.5)
-    np.testing.assert_allclose(np.array(cpu_attention(q, k, v, 40**-0.5)), np.array(fused), rtol=TOL, atol=TOL)
+    q, k, v = inputs((2, 4, 128, 40), 128, spread=1.0, seed=1)
+    fused = mx.fast.scaled_dot_product_attention(*(mx.array(t) for t in (q, k, v)), scale=40**-0.5)
+    np.testing.assert_allclose(run(q, k, v, 40**-0.5), np.array(fused), rtol=TOL, atol=TOL)
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 def test_half_precision_inputs_keep_their_dtype(dtype: mx.Dtype) -> None:
-    q, k, v = (mx.array(a).astype(dtype) for a in inputs((1, 2, 32, 16), 32, spread=1.0))
-    out = cpu_attention(q, k, v, 0.25)
+    q, k, v = (tokens(a).astype(dtype) for a in inputs((1, 2, 32, 16), 32, spread=1.0))
+    out = cpu_attention(q, k, v, 2, 0.25)
     assert out.dtype == dtype
-    full = [np.array(t.astype(mx.float32)) for t in (q, k, v)]
-    np.testing.assert_allclose(np.array(out.astype(mx.float32)), reference(*full, 0.25), atol=2e-2)
+    full = [per_head(t, 2) for t in (q, k, v)]
+    np.testing.assert_allclose(per_head(out, 2), reference(*full, 0.25), atol=2e-2)
 
 
 def bf16_rounded(x: np.ndarray) -> np.ndarray:
@@ -96,7 +106,7 @@ def test_bf16_value_product_rounds_weights_and_values_only() -> None:
     """Exactly the rounding the bf16 path promises: the unnormalised softmax weights and v to bf16,
     products and sums in fp32, normalised by the sum of the unrounded weights."""
     q, k, v = inputs((2, 3, 200, 40), 300, spread=1.0, seed=3)
-    out = np.array(cpu_attention(mx.array(q), mx.array(k), mx.array(v), 40**-0.5, bf16_products=True))
+    out = run(q, k, v, 40**-0.5, bf16_products=True)
     s = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k.astype(np.float64)) * 40**-0.5
     p = np.exp(s - s.max(-1, keepdims=True))
     expected = np.einsum("bhqk,bhkd->bhqd", bf16_rounded(p), bf16_rounded(v)) / p.sum(-1, keepdims=True)
@@ -108,8 +118,11 @@ def test_bf16_value_product_rounds_weights_and_values_only() -> None:
     assert off_fp32.mean() > 50 * error.mean()
 
 
-def test_dispatch_uses_the_cpu_form_on_the_cpu() -> None:
-    q, k, v = (mx.array(a) for a in inputs((1, 1, 8, 4), 8, spread=1.0))
+def test_both_forms_take_and_give_the_token_major_layout(monkeypatch) -> None:
+    q, k, v = (tokens(a) for a in inputs((2, 4, 24, 8), 10, spread=1.0, seed=4))
     with mx.stream(mx.cpu):
-        out = scaled_dot_product_attention(q, k, v, 0.5)
-    assert mx.array_equal(out, cpu_attention(q, k, v, 0.5))
+        ours = attention(q, k, v, 4, 0.5)
+        monkeypatch.setattr(cpu_kernels, "active", lambda: False)  # as on the GPU: MLX's fused op
+        theirs = attention(q, k, v, 4, 0.5)
+    assert ours.shape == theirs.shape == q.shape
+    np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=TOL, atol=TOL)

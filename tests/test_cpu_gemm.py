@@ -91,6 +91,15 @@ def test_matmul_refuses_mixed_operand_types() -> None:
         cpu_gemm.matmul(np.zeros((2, 3), np.float32), np.zeros((3, 2), np.uint16), np.empty((2, 2), np.float32))
 
 
+def test_matmul_reads_and_writes_row_strided_views_in_place() -> None:
+    """One head's columns of token-major (tokens, heads * dim) arrays, as the attention passes them."""
+    q, k = random(9, 3 * 4, seed=14), random(11, 3 * 4, seed=15)
+    out = np.full((9, 3 * 11), 5.0, np.float32)
+    cpu_gemm.matmul(q[:, 4:8], k[:, 4:8], out[:, 11:22], transpose_b=True)
+    np.testing.assert_allclose(out[:, 11:22], q[:, 4:8].astype(np.float64) @ k[:, 4:8].T, rtol=1e-6, atol=1e-6)
+    assert (out[:, :11] == 5).all() and (out[:, 22:] == 5).all()  # the other heads' columns untouched
+
+
 def test_matmul_reads_strided_operands_and_refuses_a_strided_output() -> None:
     a, b = random(6, 5, seed=12), random(7, 5, seed=13)
     out = np.empty((6, 7), np.float32)
@@ -98,7 +107,7 @@ def test_matmul_reads_strided_operands_and_refuses_a_strided_output() -> None:
     np.testing.assert_allclose(out, 0.5 * a.astype(np.float64) @ b.T, rtol=1e-6, atol=1e-6)
     cpu_gemm.matmul(a, b.T, out)  # a transposed view as b
     np.testing.assert_allclose(out, a.astype(np.float64) @ b.T, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="C-contiguous"):
+    with pytest.raises(ValueError, match="rows must be contiguous"):
         cpu_gemm.matmul(a, b, np.empty((7, 6), np.float32).T, transpose_b=True)
 
 

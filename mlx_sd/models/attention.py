@@ -1,13 +1,13 @@
-"""Scaled dot-product attention over (batch, heads, tokens, head_dim), in the fastest correct
+"""Multi-head scaled dot-product attention over token-major projections, in the fastest correct
 form for the device.
 
 On the GPU MLX's fused `mx.fast.scaled_dot_product_attention` is best. On the CPU that op
 becomes matmul-softmax-matmul, and MLX's CPU `exp` is scalar (~12 ns per element here), so at
 512² the softmax over 2x8 4096x4096 scores dominates the UNet. The CPU form therefore
-evaluates its inputs and runs each (batch, head) slice in fp32, in cache-sized blocks of query
-rows: the scores from the fast BLAS, their exponentials and row sums from one fused kernel
-(cpu_kernels), and the normalisation moved after the value product (a tokens x head_dim
-division instead of tokens x tokens). About 2 MiB of scores are alive per block, against
+evaluates its inputs and runs each (batch, head) slice in fp32, straight from and to the
+projections' token-major layout, in cache-sized blocks of query rows: the scores from the fast BLAS,
+their exponentials and row sums from one fused kernel (cpu_kernels), and the normalisation
+moved after the value product (a tokens x head_dim division instead of tokens x tokens). About 2 MiB of scores are alive per block, against
 1 GiB for the whole batch at 512². The blocks are spread over the cores, each thread's two
 GEMMs going to the fast BLAS on one thread (cpu_threads). See benchmarks/attention_cpu.py.
 
@@ -32,49 +32,67 @@ MIN_ROWS = 128
 
 
 def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, scores: np.ndarray,
-            bf16_scores: np.ndarray | None, out: np.ndarray) -> None:
-    """out = softmax(q kᵀ scale) v for one block of query rows, using `scores` as scratch; with
-    `bf16_scores` (scratch of uint16 bits), the value product is bf16 and v holds bf16 bits."""
+            bf16_scores: np.ndarray | None, values: np.ndarray, out: np.ndarray) -> None:
+    """out = softmax(q kᵀ scale) v for one block of query rows, using `scores` and `values`
+    (rows, head_dim) as scratch; with `bf16_scores` (scratch of uint16 bits), the value product is
+    bf16 and v holds bf16 bits. q, k and v are contiguous: the BLAS reads strided heads about 30%
+    slower, more than the copies cost."""
     cpu_gemm.matmul(q, k, scores, transpose_b=True, alpha=scale)
     sums = cpu_kernels.softmax_numerators(scores, bf16_scores)
-    cpu_gemm.matmul(scores if bf16_scores is None else bf16_scores, v, out)
-    out /= sums[:, None]
+    cpu_gemm.matmul(scores if bf16_scores is None else bf16_scores, v, values)
+    np.divide(values, sums[:, None], out=out)
 
 
-def cpu_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, rows: int | None = None,
+def cpu_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float, rows: int | None = None,
                   bf16_products: bool = False) -> mx.array:
-    """softmax(q kᵀ scale) v on the CPU kernels, in blocks of `rows` query rows of one (batch,
-    head) slice (query rows are independent; by default about BLOCK_SCORES scores), spread over
-    the cores. fp32 throughout, except that with `bf16_products` (which needs MKL's bf16 GEMM)
-    the softmax weights and v are rounded to bf16 for the value product, as torch's bf16
-    attention does: 3x faster on AMX (the scores product, with only head_dim terms, gains
-    nothing and stays fp32)."""
-    b, h, n, d = q.shape
-    qs, ks = (np.ascontiguousarray(t.astype(mx.float32)).reshape(b * h, t.shape[2], d) for t in (q, k))
-    v = v.astype(mx.bfloat16).view(mx.uint16) if bf16_products else v.astype(mx.float32)
-    vs = np.ascontiguousarray(v).reshape(b * h, v.shape[2], d)
+    """Multi-head softmax(q kᵀ scale) v on the CPU kernels, for token-major projections q
+    (batch, tokens, heads * head_dim) and k, v (batch, keys, heads * head_dim); the result has
+    q's layout, the one the output projection reads (no head transposes: each block copies its
+    head's columns to and from small scratch arrays), in blocks of `rows` query rows (query rows are
+    independent; by default about BLOCK_SCORES scores), spread over the cores. fp32
+    throughout, except that with `bf16_products` (which needs MKL's bf16 GEMM) the softmax
+    weights and v are rounded to bf16 for the value product, as torch's bf16 attention does:
+    3x faster on AMX (the scores product, with only head_dim terms, gains nothing and stays fp32)."""
+    batch, n, width = q.shape
+    d = width // heads
+    qs, ks, vs = (np.ascontiguousarray(t.astype(mx.float32)) for t in (q, k, v))
+    if bf16_products:
+        vs = cpu_gemm.bf16_bits(vs)
     keys = ks.shape[1]
     rows = rows or max(MIN_ROWS, BLOCK_SCORES // keys)
     result, out = new_array(qs.shape)
-    blocks = [(i, start) for i in range(b * h) for start in range(0, n, rows)]
+    blocks = [(i, head, start) for i in range(batch) for head in range(heads) for start in range(0, n, rows)]
 
     def attend_blocks(first: int, last: int) -> None:
         scores = np.empty((rows, keys), np.float32)
         bf16_scores = np.empty((rows, keys), np.uint16) if bf16_products else None
-        for i, start in blocks[first:last]:
-            count = min(start + rows, n) - start
-            _attend(qs[i, start:start + count], ks[i], vs[i], scale, scores[:count],
-                    None if bf16_scores is None else bf16_scores[:count], out[i, start:start + count])
+        values = np.empty((rows, d), np.float32)
+        head_keys, head_values, current = np.empty((keys, d), np.float32), np.empty((keys, d), vs.dtype), None
+        for i, head, start in blocks[first:last]:
+            count, columns = min(start + rows, n) - start, slice(head * d, (head + 1) * d)
+            if current != (i, head):
+                current = (i, head)
+                head_keys[...], head_values[...] = ks[i, :, columns], vs[i, :, columns]
+            _attend(np.ascontiguousarray(qs[i, start:start + count, columns]), head_keys, head_values, scale,
+                    scores[:count], None if bf16_scores is None else bf16_scores[:count], values[:count],
+                    out[i, start:start + count, columns])
 
     cpu_threads.for_each_chunk(attend_blocks, len(blocks))
-    return result.reshape(b, h, n, d).astype(q.dtype)
+    return result.astype(q.dtype)
 
 
-def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
-                                 bf16_products: bool = False) -> mx.array:
-    """softmax(q kᵀ scale) v; `bf16_products` asks for the CPU form's bf16 value product (for
-    layers whose own products are bf16), which applies where MKL's bf16 GEMM is available."""
-    if not cpu_kernels.active():
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    bf16_products = bf16_products and gemm() is not None and gemm().bf16 is not None
-    return cpu_attention(q, k, v, scale, bf16_products=bf16_products)
+def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float,
+              bf16_products: bool = False) -> mx.array:
+    """Multi-head softmax(q kᵀ scale) v for token-major projections (batch, tokens, heads *
+    head_dim), returned in the same layout. `bf16_products` asks for the CPU form's bf16 value
+    product (for layers whose own products are bf16), which applies where MKL's bf16 GEMM is."""
+    if cpu_kernels.active():
+        bf16_products = bf16_products and gemm() is not None and gemm().bf16 is not None
+        return cpu_attention(q, k, v, heads, scale, bf16_products=bf16_products)
+    batch, n, width = q.shape
+
+    def split(t: mx.array) -> mx.array:
+        return t.reshape(batch, t.shape[1], heads, width // heads).transpose(0, 2, 1, 3)
+
+    out = mx.fast.scaled_dot_product_attention(split(q), split(k), split(v), scale=scale)
+    return out.transpose(0, 2, 1, 3).reshape(batch, n, width)

@@ -47,14 +47,24 @@ def uses_bf16(weight: mx.array) -> bool:
     return weight.dtype == mx.bfloat16 and on_cpu() and gemm().bf16 is not None
 
 
+def _leading_dimension(x: np.ndarray) -> int | None:
+    """The BLAS leading dimension of a 2-D array whose rows are contiguous runs, else None."""
+    size = x.itemsize
+    row, column = x.strides
+    if x.shape[0] == 1:
+        row = x.shape[1] * size
+    return row // size if column == size and row % size == 0 and row >= x.shape[1] * size else None
+
+
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, transpose_b: bool = False, alpha: float = 1.0) -> None:
-    """out = alpha * a @ b (or a @ bᵀ) into the fp32 `out`, which must be C-contiguous as it is
-    written in place. a and b are fp32 numpy matrices, or both bf16 given as uint16 bits (fp32
-    accumulation; needs `gemm().bf16`). fp32 products go through the fast BLAS where one is
-    loaded, numpy's own otherwise."""
-    if not out.flags.c_contiguous:
-        raise ValueError("matmul writes `out` in place: it must be C-contiguous")
-    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    """out = alpha * a @ b (or a @ bᵀ), written in place into the fp32 `out`. a and b are fp32
+    matrices, or both bf16 given as uint16 bits (fp32 accumulation; needs `gemm().bf16`). Each
+    may be a view whose rows are contiguous runs a fixed stride apart (one head's columns of a
+    token-major projection, say): the BLAS reads and writes those in place. fp32 products go
+    through the fast BLAS where one is loaded, numpy's own otherwise."""
+    ldc = _leading_dimension(out)
+    if ldc is None:
+        raise ValueError("matmul writes `out` in place: its rows must be contiguous")
     bf16 = a.dtype == np.uint16
     if b.dtype != a.dtype or a.dtype not in (np.float32, np.uint16) or out.dtype != np.float32:
         raise ValueError(f"matmul takes fp32 or bf16-bit operands and an fp32 output, not {a.dtype}, {b.dtype}")
@@ -62,11 +72,12 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, transpose_b: bool = Fa
         np.matmul(a, b.T if transpose_b else b, out=out)
         out *= np.float32(alpha)
         return
+    a, b = (x if _leading_dimension(x) else np.ascontiguousarray(x) for x in (a, b))
     m, k = a.shape
     n = out.shape[1]
     call = gemm().bf16 if bf16 else gemm().sgemm
-    call(ROW_MAJOR, NO_TRANS, TRANS if transpose_b else NO_TRANS, m, n, k, alpha, a.ctypes.data, k,
-         b.ctypes.data, b.shape[1], 0.0, out.ctypes.data, n)
+    call(ROW_MAJOR, NO_TRANS, TRANS if transpose_b else NO_TRANS, m, n, k, alpha, a.ctypes.data,
+         _leading_dimension(a), b.ctypes.data, _leading_dimension(b), 0.0, out.ctypes.data, ldc)
 
 
 def _weights(weight: mx.array, bf16: bool) -> np.ndarray:
@@ -80,7 +91,7 @@ def _fp32(x: mx.array) -> np.ndarray:
     return np.ascontiguousarray(x.astype(mx.float32))
 
 
-def _bf16_bits(x: np.ndarray) -> np.ndarray:
+def bf16_bits(x: np.ndarray) -> np.ndarray:
     """x rounded to bf16 on all cores (MLX's CPU `astype` runs on one)."""
     out = np.empty(x.shape, np.uint16)
     flat, bits = x.reshape(-1), out.reshape(-1)
@@ -92,7 +103,7 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
     """x @ weightᵀ + bias with bf16 products and fp32 accumulation; `weight` is (out, in)."""
     *lead, k = x.shape
     n = weight.shape[0]
-    a, b = _bf16_bits(_fp32(x.reshape(-1, k))), _weights(weight, True)
+    a, b = bf16_bits(_fp32(x.reshape(-1, k))), _weights(weight, True)
     y, out = new_array((a.shape[0], n), bias)  # the bias is added by accumulating onto it
     gemm().bf16(ROW_MAJOR, NO_TRANS, TRANS, a.shape[0], n, k, 1.0, a.ctypes.data, k, b.ctypes.data, k,
                 0.0 if bias is None else 1.0, out.ctypes.data, n)

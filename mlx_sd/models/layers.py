@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from mlx_sd.models import cpu_gemm
 from mlx_sd.models.activations import silu
-from mlx_sd.models.attention import scaled_dot_product_attention
+from mlx_sd.models.attention import attention
 from mlx_sd.models.group_norm import GroupNorm
 
 
@@ -107,15 +107,7 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
         context = x if context is None else context
-        b, n, dim = x.shape
-        head_dim = dim // self.heads
-
-        def split_heads(t: mx.array) -> mx.array:
-            return t.reshape(b, t.shape[1], self.heads, head_dim).transpose(0, 2, 1, 3)
-
-        q = split_heads(self.to_q(x))
-        k = split_heads(self.to_k(context))
-        v = split_heads(self.to_v(context))
-        out = scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5,
-                                           bf16_products=cpu_gemm.uses_bf16(self.to_v.weight))
-        return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, dim))
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        out = attention(q, k, v, self.heads, scale=(x.shape[-1] // self.heads) ** -0.5,
+                        bf16_products=cpu_gemm.uses_bf16(self.to_v.weight))
+        return self.to_out[0](out)
