@@ -5,11 +5,12 @@ On the GPU MLX's fused `mx.fast.scaled_dot_product_attention` is best. On the CP
 becomes matmul-softmax-matmul, and MLX's CPU `exp` is scalar (~12 ns per element here), so at
 512² the softmax over 2x8 4096x4096 scores dominates the UNet. The CPU form therefore
 evaluates its inputs and runs each (batch, head) slice in fp32, straight from and to the
-projections' token-major layout, in cache-sized blocks of query rows: the scores from the fast BLAS,
-their exponentials and row sums from one fused kernel (cpu_kernels), and the normalisation
-moved after the value product (a tokens x head_dim division instead of tokens x tokens). About 2 MiB of scores are alive per block, against
-1 GiB for the whole batch at 512². The blocks are spread over the cores, each thread's two
-GEMMs going to the fast BLAS on one thread (cpu_threads). See benchmarks/attention_cpu.py.
+projections' token-major layout, in blocks of query rows: the scores from the fast BLAS, their
+exponentials and row sums from one fused kernel (cpu_kernels), and the normalisation moved
+after the value product (a tokens x head_dim division instead of tokens x tokens). About
+8 MiB of scores are alive per thread, against 1 GiB for the whole batch at 512². The blocks
+are spread over the cores, each thread's two GEMMs going to the fast BLAS on one thread
+(cpu_threads). See benchmarks/attention_cpu.py.
 
 The CPU form leaves MLX's lazy graph (it evaluates q, k and v), so it cannot be traced by
 `mx.compile` or differentiated. Where the CPU kernels were not built it is MLX's op.
@@ -24,10 +25,11 @@ from mlx_sd.models import cpu_gemm, cpu_kernels, cpu_threads
 from mlx_sd.models.blas import gemm
 from mlx_sd.models.cpu_buffers import new_array
 
-# The CPU path computes scores in blocks of query rows of about BLOCK_SCORES floats (2 MiB), so
-# that the softmax pass runs in the L2 cache. Blocks under MIN_ROWS rows were slower again
-# (per-call and BLAS overheads).
-BLOCK_SCORES = 1 << 19
+# The CPU path computes scores in blocks of query rows of about BLOCK_SCORES floats (8 MiB: 512
+# rows of 4096 keys), which bounds the scratch per thread. Smaller blocks kept the scores in the
+# L2 cache but paid more per-block call overhead: at 2x8x4096x40, 128 rows took 0.20 s, 512
+# rows 0.16 s (bf16 value product). Blocks under MIN_ROWS rows were slower again.
+BLOCK_SCORES = 1 << 21
 MIN_ROWS = 128
 
 
