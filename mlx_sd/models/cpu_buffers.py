@@ -1,6 +1,6 @@
-"""Fresh MLX arrays that numpy code (and the BLAS) fill in place, on the CPU.
+"""Fresh MLX arrays that the CPU kernels (and the BLAS) fill in place.
 
-`mx.array(ndarray)` copies at about 2 GB/s here, slower than most of the numpy work whose result
+`mx.array(ndarray)` copies at about 2 GB/s here, slower than most of the kernels whose result
 it would import. An evaluated MLX array on the CPU exposes its buffer to numpy as a writable
 view (the buffer protocol), so the CPU kernels write their results straight into a new MLX
 array instead. The array must be new and not yet used by any MLX operation.

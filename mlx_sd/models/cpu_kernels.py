@@ -4,7 +4,8 @@ instead of a chain of numpy or MLX passes.
 
 MLX's CPU elementwise transcendentals are scalar (`nn.silu`, `nn.gelu` about 50 ns per element
 here) and numpy's formulas make a pass over memory per operation (GELU about twenty).
-benchmarks/cpu_kernels.py measures each kernel against the numpy form it replaced.
+benchmarks/cpu_kernels.py measures each kernel against the numpy form or MLX op it replaced:
+2x (softmax numerators) to 19x (GEGLU) on one thread.
 
 The library is compiled when mlx-sd is installed (setup.py) and is optional: `kernels()` is None
 where it was not built, and the callers then use MLX's own ops. These functions take numpy
