@@ -141,3 +141,17 @@ def test_image_kernels_refuse_rows_out_of_range() -> None:
         cpu_kernels.pad_image(x, 1, 0, 5, np.empty((1, 4, 4, 1), np.float32))
     with pytest.raises(ValueError, match="rows 0:3"):
         cpu_kernels.crop_bias(np.zeros((1, 4, 4, 1), np.float32), None, 0, 3, x)
+
+
+def test_a_library_of_another_version_is_refused(monkeypatch, caplog) -> None:
+    built = cpu_kernels.kernels()
+    cpu_kernels.kernels.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "ABI_VERSION", cpu_kernels.ABI_VERSION + 1)
+    try:
+        with caplog.at_level("WARNING"):
+            assert cpu_kernels.kernels() is None
+        assert "reinstalled" in caplog.text
+    finally:
+        cpu_kernels.kernels.cache_clear()
+    monkeypatch.undo()
+    assert cpu_kernels.kernels() is not None and built is not None

@@ -16,6 +16,11 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The interface version: bump it with any change to an exported function's signature or
+ * meaning, together with ABI_VERSION in cpu_kernels.py, so that a library left over from an
+ * older install is refused instead of called with the wrong arguments. */
+int kernels_abi_version(void) { return 1; }
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #define X86_GCC 1
 #include <immintrin.h>

@@ -38,14 +38,24 @@ _SIGNATURES = {
 }
 
 
+# cpu_kernels.c's kernels_abi_version(): the two change together.
+ABI_VERSION = 1
+
+
 @functools.cache
 def kernels() -> ctypes.CDLL | None:
-    """The compiled library, or None (not built: no C compiler when mlx-sd was installed)."""
+    """The compiled library, or None: not built (no C compiler when mlx-sd was installed), or
+    built from another version of cpu_kernels.c (a checkout updated without reinstalling)."""
     spec = importlib.util.find_spec("mlx_sd.models._cpu_kernels")
     if spec is None or spec.origin is None:
         _log.warning("CPU kernels not built (no C compiler at install?): using MLX's slower CPU ops")
         return None
     library = ctypes.CDLL(spec.origin)
+    version = getattr(library, "kernels_abi_version", lambda: 0)()
+    if version != ABI_VERSION:
+        _log.warning("CPU kernels at %s are version %d, not %d: using MLX's slower CPU ops until mlx-sd "
+                     "is reinstalled (pip install -e .)", spec.origin, version, ABI_VERSION)
+        return None
     for name, argtypes in _SIGNATURES.items():
         function = getattr(library, name)
         function.argtypes, function.restype = argtypes, None
