@@ -126,3 +126,30 @@ def test_both_forms_take_and_give_the_token_major_layout(monkeypatch) -> None:
         theirs = attention(q, k, v, 4, 0.5)
     assert ours.shape == theirs.shape == q.shape
     np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=TOL, atol=TOL)
+
+
+def causal_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+    s = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k.astype(np.float64)) * scale
+    s[..., np.triu_indices(s.shape[-1], 1)[0], np.triu_indices(s.shape[-1], 1)[1]] = -np.inf
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhqk,bhkd->bhqd", p / p.sum(-1, keepdims=True), v.astype(np.float64))
+
+
+def test_causal_attention_sees_only_earlier_keys() -> None:
+    q, k, v = inputs((2, 3, 77, 16), 77, spread=2.0, seed=5)
+    expected = causal_reference(q, k, v, 0.25)
+    np.testing.assert_allclose(run(q, k, v, 0.25, causal=True), expected, rtol=TOL, atol=TOL)
+    # In blocks: each block's rows are queries first_query + r, not r.
+    np.testing.assert_allclose(run(q, k, v, 0.25, causal=True, rows=10), expected, rtol=TOL, atol=TOL)
+    with mx.stream(mx.cpu):
+        fused = mx.fast.scaled_dot_product_attention(*(mx.array(t) for t in (q, k, v)), scale=0.25, mask="causal")
+    np.testing.assert_allclose(np.array(fused), expected, rtol=TOL, atol=TOL)
+
+
+def test_both_forms_agree_on_the_causal_mask(monkeypatch) -> None:
+    q, k, v = (tokens(a) for a in inputs((1, 4, 30, 8), 30, spread=1.0, seed=6))
+    with mx.stream(mx.cpu):
+        ours = attention(q, k, v, 4, 0.5, causal=True)
+        monkeypatch.setattr(cpu_kernels, "active", lambda: False)
+        theirs = attention(q, k, v, 4, 0.5, causal=True)
+    np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=TOL, atol=TOL)

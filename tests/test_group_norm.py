@@ -11,6 +11,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlx_sd.models import cpu_threads
 from mlx_sd.models.activations import silu
 from mlx_sd.models.group_norm import BLOCK, GroupNorm, group_moments
 
@@ -50,7 +51,11 @@ def normal(shape: tuple[int, ...], mean: float = 0.0, std: float = 1.0, seed: in
         ((3, 64), 4),  # (B, C): statistics over the group's channels only
     ],
 )
-def test_matches_float64_reference_and_nn_group_norm(shape: tuple[int, ...], groups: int) -> None:
+@pytest.mark.parametrize("threads", ["calling thread", "pool"])
+def test_matches_float64_reference_and_nn_group_norm(shape: tuple[int, ...], groups: int, threads: str,
+                                                     monkeypatch) -> None:
+    if threads == "pool":  # these small shapes would otherwise all run on the calling thread
+        monkeypatch.setattr(cpu_threads, "SMALL_JOB", 0)
     new, old = modules(groups, shape[-1])
     x = normal(shape, mean=0.5, std=2.0)
     out = new(mx.array(x))

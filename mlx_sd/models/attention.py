@@ -31,22 +31,30 @@ from mlx_sd.models.cpu_buffers import new_array
 # rows 0.16 s (bf16 value product). Blocks under MIN_ROWS rows were slower again.
 BLOCK_SCORES = 1 << 21
 MIN_ROWS = 128
+# What a causal mask puts in place of a later key's score: finite (the kernels assume finite
+# math), and its weight e^-87 ~ 1.6e-38 is far below any sum it joins.
+MASKED = np.float32(-1e30)
 
 
 def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, scores: np.ndarray,
-            bf16_scores: np.ndarray | None, values: np.ndarray, out: np.ndarray) -> None:
+            bf16_scores: np.ndarray | None, values: np.ndarray, out: np.ndarray,
+            first_query: int | None) -> None:
     """out = softmax(q kᵀ scale) v for one block of query rows, using `scores` and `values`
     (rows, head_dim) as scratch; with `bf16_scores` (scratch of uint16 bits), the value product is
-    bf16 and v holds bf16 bits. q, k and v are contiguous: the BLAS reads strided heads about 30%
-    slower, more than the copies cost."""
+    bf16 and v holds bf16 bits. With `first_query`, the block's row r is query first_query + r and
+    sees only the keys up to that one (a causal mask). q, k and v are contiguous: the BLAS reads
+    strided heads about 30% slower, more than the copies cost."""
     cpu_gemm.matmul(q, k, scores, transpose_b=True, alpha=scale)
+    if first_query is not None:
+        queries = np.arange(first_query, first_query + len(scores))
+        np.copyto(scores, MASKED, where=np.arange(scores.shape[1]) > queries[:, None])
     sums = cpu_kernels.softmax_numerators(scores, bf16_scores)
     cpu_gemm.matmul(scores if bf16_scores is None else bf16_scores, v, values)
     np.divide(values, sums[:, None], out=out)
 
 
 def cpu_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float, rows: int | None = None,
-                  bf16_products: bool = False) -> mx.array:
+                  bf16_products: bool = False, causal: bool = False) -> mx.array:
     """Multi-head softmax(q kᵀ scale) v on the CPU kernels, for token-major projections q
     (batch, tokens, heads * head_dim) and k, v (batch, keys, heads * head_dim); the result has
     q's layout, the one the output projection reads (no head transposes: each block copies its
@@ -54,7 +62,8 @@ def cpu_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: floa
     independent; by default about BLOCK_SCORES scores), spread over the cores. fp32
     throughout, except that with `bf16_products` (which needs MKL's bf16 GEMM) the softmax
     weights and v are rounded to bf16 for the value product, as torch's bf16 attention does:
-    3x faster on AMX (the scores product, with only head_dim terms, gains nothing and stays fp32)."""
+    3x faster on AMX (the scores product, with only head_dim terms, gains nothing and stays fp32).
+    `causal` lets query i see keys 0..i only (CLIP's text encoder)."""
     batch, n, width = q.shape
     d = width // heads
     qs, ks, vs = (np.ascontiguousarray(t.astype(mx.float32)) for t in (q, k, v))
@@ -77,24 +86,26 @@ def cpu_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: floa
                 head_keys[...], head_values[...] = ks[i, :, columns], vs[i, :, columns]
             _attend(np.ascontiguousarray(qs[i, start:start + count, columns]), head_keys, head_values, scale,
                     scores[:count], None if bf16_scores is None else bf16_scores[:count], values[:count],
-                    out[i, start:start + count, columns])
+                    out[i, start:start + count, columns], start if causal else None)
 
     cpu_threads.for_each_chunk(attend_blocks, len(blocks))
     return result.astype(q.dtype)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float,
-              bf16_products: bool = False) -> mx.array:
+              bf16_products: bool = False, causal: bool = False) -> mx.array:
     """Multi-head softmax(q kᵀ scale) v for token-major projections (batch, tokens, heads *
-    head_dim), returned in the same layout. `bf16_products` asks for the CPU form's bf16 value
-    product (for layers whose own products are bf16), which applies where MKL's bf16 GEMM is."""
+    head_dim), returned in the same layout; `causal` lets query i see keys 0..i only.
+    `bf16_products` asks for the CPU form's bf16 value product (for layers whose own products
+    are bf16), which applies where MKL's bf16 GEMM is."""
     if cpu_kernels.active():
         bf16_products = bf16_products and gemm() is not None and gemm().bf16 is not None
-        return cpu_attention(q, k, v, heads, scale, bf16_products=bf16_products)
+        return cpu_attention(q, k, v, heads, scale, bf16_products=bf16_products, causal=causal)
     batch, n, width = q.shape
 
     def split(t: mx.array) -> mx.array:
         return t.reshape(batch, t.shape[1], heads, width // heads).transpose(0, 2, 1, 3)
 
-    out = mx.fast.scaled_dot_product_attention(split(q), split(k), split(v), scale=scale)
+    out = mx.fast.scaled_dot_product_attention(split(q), split(k), split(v), scale=scale,
+                                               mask="causal" if causal else None)
     return out.transpose(0, 2, 1, 3).reshape(batch, n, width)

@@ -12,7 +12,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_sd.models import cpu_gemm
 from mlx_sd.models.activations import quick_gelu
+from mlx_sd.models.attention import attention
 from mlx_sd.models.layer_norm import LayerNorm
 from mlx_sd.models.layers import Linear, activation_dtype
 
@@ -52,15 +54,10 @@ class CLIPAttention(nn.Module):
         self.out_proj = Linear(dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        b, n, dim = x.shape
-        head_dim = dim // self.heads
-
-        def split_heads(t: mx.array) -> mx.array:
-            return t.reshape(b, n, self.heads, head_dim).transpose(0, 2, 1, 3)
-
-        q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5, mask="causal")
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, n, dim))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        out = attention(q, k, v, self.heads, scale=(x.shape[-1] // self.heads) ** -0.5, causal=True,
+                        bf16_products=cpu_gemm.uses_bf16(self.v_proj.weight))
+        return self.out_proj(out)
 
 
 class CLIPMLP(nn.Module):

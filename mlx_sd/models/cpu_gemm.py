@@ -95,7 +95,8 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
     """x rounded to bf16 on all cores (MLX's CPU `astype` runs on one)."""
     out = np.empty(x.shape, np.uint16)
     flat, bits = x.reshape(-1), out.reshape(-1)
-    cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.to_bf16(flat[first:last], bits[first:last]), flat.size)
+    cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.to_bf16(flat[first:last], bits[first:last]), flat.size,
+                               flat.size)
     return out
 
 
@@ -121,7 +122,7 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int) -
     image = _fp32(x)
     source = np.empty((batch, rows, row, channels), np.uint16 if bf16 else np.float32)
     cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.pad_image(image, padding, first, last, source),
-                               batch * rows)
+                               batch * rows, image.size)
     w = _weights(weight, bf16)
     # Output pixel p of the flattened padded batch sums input pixels p + dy * row + dx, so the
     # whole batch is one run of rows; those that land in padding are junk and dropped below.
@@ -141,5 +142,6 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int) -
                  1.0 if tap else 0.0, sums.ctypes.data + start * out_channels * 4, out_channels)
     y, out = new_array((batch, height, width, out_channels))
     b = None if bias is None else np.asarray(bias.astype(mx.float32))
-    cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.crop_bias(sums, b, first, last, out), batch * height)
+    cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.crop_bias(sums, b, first, last, out), batch * height,
+                               out.size)
     return y

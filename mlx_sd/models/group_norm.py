@@ -56,7 +56,7 @@ def group_moments(x: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
             cpu_kernels.channel_moments(x[i, start:stop], shift[i], s1[i], s2[i])
         partial.append((s1, s2))  # list.append is atomic
 
-    cpu_threads.for_each_chunk(sum_blocks, len(blocks))
+    cpu_threads.for_each_chunk(sum_blocks, len(blocks), x.size)
     s1, s2 = (sum(p[j] for p in partial) for j in (0, 1))
     # x - mean = (x - shift) + (shift - mean), summed per channel, then over the group's channels.
     s1, s2 = s1.reshape(b, groups, -1), s2.reshape(b, groups, -1)
@@ -99,5 +99,5 @@ class GroupNorm(nn.GroupNorm):
             for i, start, stop in blocks[first:last]:
                 cpu_kernels.scale_shift(flat[i, start:stop], scale[i], offset[i], then_silu, out[i, start:stop])
 
-        cpu_threads.for_each_chunk(apply_blocks, len(blocks))
+        cpu_threads.for_each_chunk(apply_blocks, len(blocks), flat.size)
         return result.reshape(x.shape)
