@@ -29,6 +29,16 @@ CONVS = [  # (batch, height, width, in, out)
     ("unet 64² 320", (2, 64, 64, 320, 320)),
     ("unet 32² 640", (2, 32, 32, 640, 640)),
     ("unet 16² 1280", (2, 16, 16, 1280, 1280)),
+    ("unet 8² 1280", (2, 8, 8, 1280, 1280)),
+]
+# Shapes around cpu_gemm.IM2COL_ROWS, where conv2d switches from shifted GEMMs to one GEMM over
+# the unfolded input: both forms, forced.
+FORMS = [
+    ("unet 4² 1280", (2, 4, 4, 1280, 1280)),
+    ("unet 8² 1280", (2, 8, 8, 1280, 1280)),
+    ("unet 16² 640", (2, 16, 16, 640, 640)),
+    ("unet 32² 320", (2, 32, 32, 320, 320)),
+    ("unet 32² 640", (2, 32, 32, 640, 640)),
 ]
 LINEARS = [  # (rows, in, out)
     ("unet proj 64² 320", (8192, 320, 320)),
@@ -58,6 +68,17 @@ def report(name: str, flops: float, variants: dict[str, Callable[[], mx.array]],
     print(f"{name:22s} " + " | ".join(cells), flush=True)
 
 
+def forced(im2col_rows: int, fn: Callable[[], mx.array]) -> Callable[[], mx.array]:
+    def run() -> mx.array:
+        chosen, cpu_gemm.IM2COL_ROWS = cpu_gemm.IM2COL_ROWS, im2col_rows
+        try:
+            return fn()
+        finally:
+            cpu_gemm.IM2COL_ROWS = chosen
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
@@ -80,6 +101,15 @@ def main() -> None:
         if bf16:
             variants["bf16"] = lambda: cpu_gemm.conv2d(x, weight16, None, 1)
         report(name, 2 * b * h * w * cin * cout * 9, variants, args.repeat)
+    print(f"shifted against unfolded (im2col) convolutions; conv2d unfolds up to {cpu_gemm.IM2COL_ROWS} pixels")
+    for name, (b, h, w, cin, cout) in FORMS:
+        x = mx.random.normal((b, h, w, cin), key=key)
+        weight = (mx.random.normal((cout, 3, 3, cin), key=key) * 0.05).astype(mx.bfloat16 if bf16 else mx.float32)
+        mx.eval(x, weight)
+        report(name, 2 * b * h * w * cin * cout * 9, {
+            "shifted": forced(0, lambda: cpu_gemm.conv2d(x, weight, None, 1)),
+            "unfolded": forced(1 << 30, lambda: cpu_gemm.conv2d(x, weight, None, 1)),
+        }, args.repeat)
     if bf16:
         for name, (rows, k, n) in LINEARS:
             x = mx.random.normal((rows, k), key=key)

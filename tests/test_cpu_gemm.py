@@ -46,9 +46,16 @@ def random(*shape: int, seed: int) -> np.ndarray:
 CONV_CASES = [((2, 5, 7, 3), 4, 3), ((1, 9, 6, 13), 8, 3), ((1, 4, 4, 6), 5, 5), ((1, 70, 66, 8), 16, 3)]
 
 
+@pytest.fixture(params=["shifted", "unfolded"])
+def conv_form(request, monkeypatch) -> str:
+    """Every case through both forms of the convolution, whatever its size would pick."""
+    monkeypatch.setattr(cpu_gemm, "IM2COL_ROWS", 0 if request.param == "shifted" else 1 << 30)
+    monkeypatch.setattr(cpu_gemm, "BLOCK_ROWS", 512)  # several blocks of shifted GEMMs in the largest case
+    return request.param
+
+
 @pytest.mark.parametrize(("shape", "out_channels", "kernel"), CONV_CASES)
-def test_fp32_conv_matches_float64(shape: tuple, out_channels: int, kernel: int, monkeypatch) -> None:
-    monkeypatch.setattr(cpu_gemm, "BLOCK_ROWS", 512)  # several blocks in the largest case
+def test_fp32_conv_matches_float64(shape: tuple, out_channels: int, kernel: int, conv_form: str) -> None:
     x, w, b = random(*shape, seed=0), random(out_channels, kernel, kernel, shape[-1], seed=1), random(out_channels, seed=2)
     ours = cpu_gemm.conv2d(mx.array(x), mx.array(w), mx.array(b), kernel // 2)
     assert ours.dtype == mx.float32 and ours.shape == (*shape[:3], out_channels)
@@ -57,7 +64,7 @@ def test_fp32_conv_matches_float64(shape: tuple, out_channels: int, kernel: int,
 
 @needs_bf16
 @pytest.mark.parametrize(("shape", "out_channels", "kernel"), CONV_CASES)
-def test_bf16_conv_is_exact_on_bf16_operands(shape: tuple, out_channels: int, kernel: int) -> None:
+def test_bf16_conv_is_exact_on_bf16_operands(shape: tuple, out_channels: int, kernel: int, conv_form: str) -> None:
     """Products of bf16 values are exact in fp32, so only fp32 accumulation error remains."""
     x, w, b = random(*shape, seed=3), random(out_channels, kernel, kernel, shape[-1], seed=4), random(out_channels, seed=5)
     weight = mx.array(w).astype(mx.bfloat16)

@@ -155,3 +155,15 @@ def test_a_library_of_another_version_is_refused(monkeypatch, caplog) -> None:
         cpu_kernels.kernels.cache_clear()
     monkeypatch.undo()
     assert cpu_kernels.kernels() is not None and built is not None
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_im2col_rows_hold_the_padded_patches_in_weight_order(bf16: bool) -> None:
+    x = np.random.default_rng(9).standard_normal((2, 4, 5, 3)).astype(np.float32)
+    out = np.full((40, 27), 7, np.uint16 if bf16 else np.float32)
+    for first, last in [(0, 13), (13, 40)]:
+        cpu_kernels.im2col(x, 3, 1, first, last, out)
+    padded = np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(1, 2))  # (B, H, W, C, dy, dx)
+    expected = windows.transpose(0, 1, 2, 4, 5, 3).reshape(40, 27)
+    np.testing.assert_array_equal(out, bf16_bits(expected) if bf16 else expected)

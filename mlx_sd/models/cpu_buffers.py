@@ -15,9 +15,13 @@ import numpy as np
 def new_array(shape: tuple[int, ...], rows: mx.array | None = None) -> tuple[mx.array, np.ndarray]:
     """A new fp32 MLX array (zeros, or `rows` broadcast to `shape`) and a writable numpy view of
     its buffer."""
-    if rows is None:
-        out = mx.zeros(shape, mx.float32)
-    else:
-        out = mx.contiguous(mx.broadcast_to(rows.astype(mx.float32), shape))
+    out = mx.zeros(shape, mx.float32)
+    if rows is not None:
+        # Added to fresh zeros: a contiguous broadcast (or mx.full) of fp32 rows can come back as
+        # `rows`' own buffer, or as a stride-0 view, and writing either would corrupt memory.
+        out = out + rows.astype(mx.float32)
     mx.eval(out)
-    return out, np.asarray(out)
+    view = np.asarray(out)
+    if not (view.flags.c_contiguous and view.flags.writeable):
+        raise RuntimeError(f"MLX returned a {view.strides}-strided array for a new {shape} buffer")
+    return out, view

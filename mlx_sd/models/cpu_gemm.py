@@ -11,7 +11,8 @@ Two gaps in MLX's CPU backend (measured with benchmarks/cpu_gemm.py on a 2-core 
   padding columns produce junk outputs, which are dropped. The fused kernels (cpu_kernels)
   write the padded input, already in the GEMM's input type, and the cropped output plus bias,
   on all cores: MLX's pad, cast, slice and add each make a single-threaded pass, which had cost
-  as much as the GEMMs at the VAE's 512² layers.
+  as much as the GEMMs at the VAE's 512² layers. Small images (the UNet's 8x8 and 16x16
+  levels) instead unfold their input (im2col, also a kernel) into one larger GEMM.
 - MLX has no bf16 GEMM on the CPU: bf16 weights are widened to fp32 on every call. MKL's
   `cblas_gemm_bf16bf16f32` takes bf16 inputs, accumulates in fp32 and runs on AMX or
   AVX512-BF16 units: 550-1400 GFLOP/s for the convolutions and 500-1000 for the linear layers.
@@ -36,6 +37,12 @@ ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 # Output rows per GEMM call: large enough to amortise the call, small enough that the rows
 # being accumulated by the nine taps stay cache-resident.
 BLOCK_ROWS = 4096
+# Convolutions with at most this many output pixels (over the batch) unfold their input into
+# one GEMM of k² C terms: the shifted GEMMs are too small there to keep the BLAS busy (bf16,
+# batch 2: 2.7 ms against 5.6 at 8x8x1280, 2.6 against 3.1 at 16x16x640, 9.2 against 11.7 at
+# 16x16x1280; even at 32x32, slower beyond; benchmarks/cpu_gemm.py), and the unfolded copy is
+# at most a few MiB.
+IM2COL_ROWS = 1024
 
 
 def on_cpu() -> bool:
@@ -113,17 +120,38 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
 
 def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int) -> mx.array:
     """A stride-1 NHWC convolution with an odd square kernel (`weight` is (out, k, k, in)) and
-    `padding` = k // 2, as shifted GEMMs; bf16 products when `weight` is bf16, else fp32."""
+    `padding` = k // 2: as one GEMM over the unfolded input for images of at most IM2COL_ROWS
+    pixels, else as shifted GEMMs; bf16 products when `weight` is bf16, else fp32."""
     bf16 = uses_bf16(weight)
+    image, w = _fp32(x), _weights(weight, bf16)
+    if image.size // image.shape[-1] <= IM2COL_ROWS:
+        return _conv_unfolded(image, w, bias, padding, bf16)
+    return _conv_shifted(image, w, bias, padding, bf16)
+
+
+def _conv_unfolded(image: np.ndarray, w: np.ndarray, bias: mx.array | None, padding: int, bf16: bool) -> mx.array:
+    batch, height, width, channels = image.shape
+    out_channels, kernel = w.shape[0], w.shape[1]
+    pixels, terms = batch * height * width, kernel * kernel * channels
+    patches = np.empty((pixels, terms), np.uint16 if bf16 else np.float32)
+    cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.im2col(image, kernel, padding, first, last, patches),
+                               pixels, patches.size)
+    y, out = new_array((pixels, out_channels), bias)  # the bias is added by accumulating onto it
+    # The weight's (out, k, k, in) rows are already in the patches' (dy, dx, c) order.
+    (gemm().bf16 if bf16 else gemm().sgemm)(
+        ROW_MAJOR, NO_TRANS, TRANS, pixels, out_channels, terms, 1.0, patches.ctypes.data, terms, w.ctypes.data, terms,
+        0.0 if bias is None else 1.0, out.ctypes.data, out_channels)
+    return y.reshape(batch, height, width, out_channels)
+
+
+def _conv_shifted(image: np.ndarray, w: np.ndarray, bias: mx.array | None, padding: int, bf16: bool) -> mx.array:
     call, size = (gemm().bf16, 2) if bf16 else (gemm().sgemm, 4)
-    batch, height, width, channels = x.shape
-    out_channels, kernel = weight.shape[0], weight.shape[1]
+    batch, height, width, channels = image.shape
+    out_channels, kernel = w.shape[0], w.shape[1]
     rows, row = height + 2 * padding, width + 2 * padding
-    image = _fp32(x)
     source = np.empty((batch, rows, row, channels), np.uint16 if bf16 else np.float32)
     cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.pad_image(image, padding, first, last, source),
                                batch * rows, image.size)
-    w = _weights(weight, bf16)
     # Output pixel p of the flattened padded batch sums input pixels p + dy * row + dx, so the
     # whole batch is one run of rows; those that land in padding are junk and dropped below.
     # The last `reach` rows would read past the end and are never needed (nor written).

@@ -19,7 +19,7 @@
 /* The interface version: bump it with any change to an exported function's signature or
  * meaning, together with ABI_VERSION in cpu_kernels.py, so that a library left over from an
  * older install is refused instead of called with the wrong arguments. */
-int kernels_abi_version(void) { return 1; }
+int kernels_abi_version(void) { return 2; }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #define X86_GCC 1
@@ -282,6 +282,35 @@ void crop_bias(const float *src, ptrdiff_t height, ptrdiff_t width, ptrdiff_t pa
 #pragma omp simd
             for (ptrdiff_t c = 0; c < channels; c++)
                 o[x * channels + c] = in[x * channels + c] + bias[c];
+        }
+    }
+}
+
+/* Rows [first, last) of the im2col matrix of an NHWC image batch x (B, H, W, C) for a k x k
+ * convolution with `pad` zero pixels per side and stride 1: row b * H * W + y * W + x holds the
+ * k * k * C values around that output pixel, in (dy, dx, c) order, the weight's (O, k, k, C)
+ * order. Written as float32 into `f32`, or as bf16 into `bf16` when `f32` is NULL. */
+void im2col(const float *x, ptrdiff_t height, ptrdiff_t width, ptrdiff_t channels, ptrdiff_t kernel, ptrdiff_t pad,
+            ptrdiff_t first, ptrdiff_t last, float *f32, uint16_t *bf16) {
+    ptrdiff_t row = kernel * kernel * channels;
+    for (ptrdiff_t r = first; r < last; r++) {
+        ptrdiff_t image = r / (height * width), y = r / width % height, col = r % width;
+        for (ptrdiff_t dy = 0; dy < kernel; dy++) {
+            for (ptrdiff_t dx = 0; dx < kernel; dx++) {
+                ptrdiff_t sy = y + dy - pad, sx = col + dx - pad, at = r * row + (dy * kernel + dx) * channels;
+                int blank = sy < 0 || sy >= height || sx < 0 || sx >= width;
+                const float *in = x + ((image * height + sy) * width + sx) * channels;
+                if (f32 != NULL) {
+                    if (blank)
+                        memset(f32 + at, 0, (size_t)channels * sizeof *f32);
+                    else
+                        memcpy(f32 + at, in, (size_t)channels * sizeof *f32);
+                } else if (blank) {
+                    memset(bf16 + at, 0, (size_t)channels * sizeof *bf16);
+                } else {
+                    to_bf16(in, channels, bf16 + at);
+                }
+            }
         }
     }
 }

@@ -35,11 +35,12 @@ _SIGNATURES = {
     "to_bf16": [_POINTER, _SIZE, _POINTER],
     "pad_image": [_POINTER] + [_SIZE] * 6 + [_POINTER, _POINTER],
     "crop_bias": [_POINTER] + [_SIZE] * 5 + [_POINTER, _SIZE, _SIZE, _POINTER],
+    "im2col": [_POINTER] + [_SIZE] * 7 + [_POINTER, _POINTER],
 }
 
 
 # cpu_kernels.c's kernels_abi_version(): the two change together.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 
 @functools.cache
@@ -158,3 +159,15 @@ def crop_bias(source: np.ndarray, bias: np.ndarray | None, first: int, last: int
         raise ValueError(f"bias {bias.shape} for {c} channels")
     kernels().crop_bias(_pointer(source), h, w, source_h, source_w, c, None if bias is None else _pointer(bias),
                         first, last, _pointer(out))
+
+
+def im2col(x: np.ndarray, kernel: int, pad: int, first: int, last: int, out: np.ndarray) -> None:
+    """Rows [first, last) of out (B * H * W, kernel² * C) = the kernel x kernel patches of
+    x (B, H, W, C) around each pixel, zero-padded by `pad`, in (dy, dx, c) order; fp32, or bf16
+    bits for a uint16 `out`."""
+    b, h, w, c = x.shape
+    if out.shape != (b * h * w, kernel * kernel * c) or not 0 <= first <= last <= b * h * w:
+        raise ValueError(f"cannot unfold {x.shape} by {kernel}x{kernel} into {out.shape}, rows {first}:{last}")
+    bf16 = out.dtype == np.uint16
+    kernels().im2col(_pointer(x), h, w, c, kernel, pad, first, last, None if bf16 else _pointer(out),
+                     _pointer(out, np.uint16) if bf16 else None)
