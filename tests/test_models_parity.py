@@ -15,6 +15,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from convert import SD1Configs, SD1Models, load_sd1
+from mlx_sd.models import cpu_kernels
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sd1_tiny"
 DIFFUSERS = FIXTURES / "diffusers"
@@ -104,6 +105,19 @@ def test_vae_encode_matches_reference(models: SD1Models, dtype: mx.Dtype, golden
     mean, logvar = models.vae.encode(nhwc(golden["vae_encode_image"]).astype(dtype))
     assert relative_error(nchw(mean), golden["vae_encode_mean"]) <= TOLERANCES[dtype]
     assert relative_error(nchw(logvar), golden["vae_encode_logvar"]) <= TOLERANCES[dtype]
+
+
+def test_mlx_ops_alone_match_the_reference(tiny_configs: SD1Configs, sd1_single_file: Path, golden: dict,
+                                           monkeypatch) -> None:
+    """Without the CPU kernels (no C compiler at install) the models run on MLX's own ops, the
+    same ones the GPU runs: they must match too."""
+    monkeypatch.setattr(cpu_kernels, "active", lambda: False)
+    models = load_sd1(sd1_single_file, dtype=mx.float32, configs=tiny_configs)
+    hidden = models.text_encoder(golden["text_input_ids"])
+    assert relative_error(hidden, golden["text_last_hidden_state"]) <= FP32_REL_TOL
+    eps = models.unet(nhwc(golden["unet_sample"]), mx.array(999), golden["text_last_hidden_state"])
+    assert relative_error(nchw(eps), golden["unet_eps_t999"]) <= FP32_REL_TOL
+    assert relative_error(decode(models, golden), golden["vae_decode_out"]) <= FP32_REL_TOL
 
 
 # --- variants of the checkpoint files, fp32 -----------------------------------------------------
