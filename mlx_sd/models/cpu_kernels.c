@@ -1,8 +1,9 @@
 /* Fused elementwise and row kernels for mlx-sd's CPU path, called through ctypes
  * (mlx_sd/models/cpu_kernels.py).
  *
- * Each replaces a chain of numpy passes (softmax: max, subtract, exp, sum; GELU: about twenty)
- * with one or two passes over cache-resident blocks, vectorised by the compiler. The callers
+ * Each replaces a chain of numpy or MLX passes (softmax: max, subtract, exp, sum; GELU: about
+ * twenty; a convolution's pad, cast, slice and bias add) with one or two passes over
+ * cache-resident blocks, vectorised by the compiler. The callers
  * split the work into blocks and spread them over the cores; ctypes releases the GIL.
  *
  * exp is computed here rather than through libm so that every loop vectorises on every

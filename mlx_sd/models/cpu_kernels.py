@@ -1,6 +1,7 @@
-"""The fused CPU kernels of cpu_kernels.c: softmax numerators, GEGLU, SiLU-style gates,
-GroupNorm's moments and scale-and-shift, and LayerNorm, each one vectorised pass over a block
-instead of a chain of numpy or MLX passes.
+"""The fused CPU kernels of cpu_kernels.c: the attention's softmax numerators, GEGLU, SiLU-style
+gates, GroupNorm's moments and scale-and-shift, LayerNorm, rounding to bf16, and the
+convolutions' padding, cropping and unfolding; each one vectorised pass over a block instead of
+a chain of numpy or MLX passes.
 
 MLX's CPU elementwise transcendentals are scalar (`nn.silu`, `nn.gelu` about 50 ns per element
 here) and numpy's formulas make a pass over memory per operation (GELU about twenty).
