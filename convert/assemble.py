@@ -32,6 +32,7 @@ MODEL_TYPES: dict[str, type[nn.Module]] = {
 }
 CONFIG_TYPES = {"text_encoder": CLIPTextConfig, "unet": UNetConfig, "vae": VAEConfig}
 _SHOWN = 10  # names listed per category in an error; the rest are counted
+EVAL_GROUP_BYTES = 64 << 20  # converted tensors evaluated together (see assemble)
 
 
 @dataclass(frozen=True)
@@ -172,16 +173,22 @@ def assemble(layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | No
 
     opened: dict[Path, dict[str, mx.array]] = {}
     for network in NETWORKS:
-        weights = []
+        weights, pending, pending_bytes = [], [], 0
         for name, param in expected[network].items():
             path, key = sources[network].keys[name]
-            # mx.load maps the file lazily; popping each tensor lets its source buffer go once converted.
+            # mx.load reads the file lazily; popping each tensor lets its source buffer go once
+            # converted. Conversions are evaluated in groups of about EVAL_GROUP_BYTES, which
+            # bounds the sources held at once: one evaluation per tensor made an fp16 SD-1.5
+            # load take 1.4 s here, against 1.2 s in groups (the bare reads take 0.7 s).
             if path not in opened:
                 opened[path] = mx.load(str(path))
-            source = opened[path].pop(key)
-            tensor = to_mlx(source, param.ndim, dtype)
-            mx.eval(tensor)
+            tensor = to_mlx(opened[path].pop(key), param.ndim, dtype)
             weights.append((name, tensor))
-            del source
+            pending.append(tensor)
+            pending_bytes += tensor.nbytes
+            if pending_bytes >= EVAL_GROUP_BYTES:
+                mx.eval(pending)
+                pending, pending_bytes = [], 0
+        mx.eval(pending)
         models[network].load_weights(weights, strict=True)
     return SD1Models(**models)
