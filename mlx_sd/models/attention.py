@@ -22,7 +22,6 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_sd.models import cpu_gemm, cpu_kernels, cpu_threads
-from mlx_sd.models.blas import gemm
 from mlx_sd.models.cpu_buffers import new_array
 
 # The CPU path computes scores in blocks of query rows of about BLOCK_SCORES floats (8 MiB: 512
@@ -96,10 +95,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float,
               bf16_products: bool = False, causal: bool = False) -> mx.array:
     """Multi-head softmax(q kᵀ scale) v for token-major projections (batch, tokens, heads *
     head_dim), returned in the same layout; `causal` lets query i see keys 0..i only.
-    `bf16_products` asks for the CPU form's bf16 value product (for layers whose own products
-    are bf16), which applies where MKL's bf16 GEMM is."""
+    `bf16_products` (`cpu_gemm.uses_bf16` of the layer's weights, which holds only where MKL's
+    bf16 GEMM is) gives the CPU form's bf16 value product."""
     if cpu_kernels.active():
-        bf16_products = bf16_products and gemm() is not None and gemm().bf16 is not None
         return cpu_attention(q, k, v, heads, scale, bf16_products=bf16_products, causal=causal)
     batch, n, width = q.shape
 

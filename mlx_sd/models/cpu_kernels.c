@@ -237,6 +237,19 @@ void layer_norm(const float *x, ptrdiff_t rows, ptrdiff_t width, const float *we
     }
 }
 
+/* n values at offset `at` of an output that is float32 (`f32`) or, when `f32` is NULL, bf16:
+ * `in`, rounded for bf16, or zeros when `in` is NULL. */
+static void put_values(const float *in, ptrdiff_t n, float *f32, uint16_t *bf16, ptrdiff_t at) {
+    if (in == NULL && f32 != NULL)
+        memset(f32 + at, 0, (size_t)n * sizeof *f32);
+    else if (in == NULL)
+        memset(bf16 + at, 0, (size_t)n * sizeof *bf16);
+    else if (f32 != NULL)
+        memcpy(f32 + at, in, (size_t)n * sizeof *f32);
+    else
+        to_bf16(in, n, bf16 + at);
+}
+
 /* Rows [first, last) of the zero-padded copy of an NHWC image batch x (B, H, W, C): out is
  * (B, H + 2 pad, W + 2 pad, C), its rows counted over the whole batch, written as float32 into
  * `f32`, or as bf16 into `bf16` when `f32` is NULL. */
@@ -246,23 +259,13 @@ void pad_image(const float *x, ptrdiff_t height, ptrdiff_t width, ptrdiff_t chan
     ptrdiff_t border = pad * channels, inside = width * channels;
     for (ptrdiff_t r = first; r < last; r++) {
         ptrdiff_t image = r / padded_height, y = r % padded_height - pad;
-        const float *in = x + (image * height + y) * inside;
-        int blank = y < 0 || y >= height;
-        if (f32 != NULL) {
-            float *out = f32 + r * row;
-            memset(out, 0, (size_t)(blank ? row : border) * sizeof *out);
-            if (!blank) {
-                memcpy(out + border, in, (size_t)inside * sizeof *out);
-                memset(out + border + inside, 0, (size_t)border * sizeof *out);
-            }
-        } else {
-            uint16_t *out = bf16 + r * row;
-            memset(out, 0, (size_t)(blank ? row : border) * sizeof *out);
-            if (!blank) {
-                to_bf16(in, inside, out + border);
-                memset(out + border + inside, 0, (size_t)border * sizeof *out);
-            }
+        if (y < 0 || y >= height) {
+            put_values(NULL, row, f32, bf16, r * row);
+            continue;
         }
+        put_values(NULL, border, f32, bf16, r * row);
+        put_values(x + (image * height + y) * inside, inside, f32, bf16, r * row + border);
+        put_values(NULL, border, f32, bf16, r * row + border + inside);
     }
 }
 
@@ -298,19 +301,10 @@ void im2col(const float *x, ptrdiff_t height, ptrdiff_t width, ptrdiff_t channel
         ptrdiff_t image = r / (height * width), y = r / width % height, col = r % width;
         for (ptrdiff_t dy = 0; dy < kernel; dy++) {
             for (ptrdiff_t dx = 0; dx < kernel; dx++) {
-                ptrdiff_t sy = y + dy - pad, sx = col + dx - pad, at = r * row + (dy * kernel + dx) * channels;
-                int blank = sy < 0 || sy >= height || sx < 0 || sx >= width;
-                const float *in = x + ((image * height + sy) * width + sx) * channels;
-                if (f32 != NULL) {
-                    if (blank)
-                        memset(f32 + at, 0, (size_t)channels * sizeof *f32);
-                    else
-                        memcpy(f32 + at, in, (size_t)channels * sizeof *f32);
-                } else if (blank) {
-                    memset(bf16 + at, 0, (size_t)channels * sizeof *bf16);
-                } else {
-                    to_bf16(in, channels, bf16 + at);
-                }
+                ptrdiff_t sy = y + dy - pad, sx = col + dx - pad;
+                int inside = sy >= 0 && sy < height && sx >= 0 && sx < width;
+                const float *in = inside ? x + ((image * height + sy) * width + sx) * channels : NULL;
+                put_values(in, channels, f32, bf16, r * row + (dy * kernel + dx) * channels);
             }
         }
     }

@@ -138,15 +138,18 @@ def to_bf16(x: np.ndarray, out: np.ndarray) -> None:
     kernels().to_bf16(_pointer(x), x.size, _pointer(out, np.uint16))
 
 
+def _f32_or_bf16(out: np.ndarray) -> tuple[int | None, int | None]:
+    """The (f32, bf16) output pointers the image kernels take: one is None, by `out`'s dtype."""
+    return (None, _pointer(out, np.uint16)) if out.dtype == np.uint16 else (_pointer(out), None)
+
+
 def pad_image(x: np.ndarray, pad: int, first: int, last: int, out: np.ndarray) -> None:
     """Rows [first, last) (counted over the batch) of out = x (B, H, W, C) zero-padded by `pad`
     pixels on each side, as fp32 or, for a uint16 `out`, as bf16 bits."""
     b, h, w, c = x.shape
     if out.shape != (b, h + 2 * pad, w + 2 * pad, c) or not 0 <= first <= last <= b * (h + 2 * pad):
         raise ValueError(f"cannot pad {x.shape} by {pad} into {out.shape}, rows {first}:{last}")
-    bf16 = out.dtype == np.uint16
-    kernels().pad_image(_pointer(x), h, w, c, pad, first, last, None if bf16 else _pointer(out),
-                        _pointer(out, np.uint16) if bf16 else None)
+    kernels().pad_image(_pointer(x), h, w, c, pad, first, last, *_f32_or_bf16(out))
 
 
 def crop_bias(source: np.ndarray, bias: np.ndarray | None, first: int, last: int, out: np.ndarray) -> None:
@@ -169,6 +172,4 @@ def im2col(x: np.ndarray, kernel: int, pad: int, first: int, last: int, out: np.
     b, h, w, c = x.shape
     if out.shape != (b * h * w, kernel * kernel * c) or not 0 <= first <= last <= b * h * w:
         raise ValueError(f"cannot unfold {x.shape} by {kernel}x{kernel} into {out.shape}, rows {first}:{last}")
-    bf16 = out.dtype == np.uint16
-    kernels().im2col(_pointer(x), h, w, c, kernel, pad, first, last, None if bf16 else _pointer(out),
-                     _pointer(out, np.uint16) if bf16 else None)
+    kernels().im2col(_pointer(x), h, w, c, kernel, pad, first, last, *_f32_or_bf16(out))

@@ -29,7 +29,7 @@ class Linear(nn.Linear):
 
 
 class Conv2d(nn.Conv2d):
-    """`nn.Conv2d` that, on the CPU, runs stride-1 "same" convolutions as shifted GEMMs and 1x1
+    """`nn.Conv2d` that, on the CPU, runs stride-1 "same" convolutions straight on the BLAS and 1x1
     convolutions of bf16-stored layers as bf16 products (see cpu_gemm)."""
 
     def __call__(self, x: mx.array) -> mx.array:
