@@ -9,7 +9,8 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
     "mlx_sd.models._cpu_kernels",
-    sources=["mlx_sd/models/cpu_kernels.c"],
+    sources=["mlx_sd/models/cpu_kernels.c", "mlx_sd/models/amx_attention.c"],
+    depends=["mlx_sd/models/cpu_math.h"],
     # Finite math without signed zeros lets the exp clamps become min/max instructions; without
     # them GCC splits the clamped case into a speculative branch whose subnormal results cost
     # microcode assists (SiLU 9x slower). ISO C mode turns off fused multiply-adds, which the

@@ -22,6 +22,7 @@ import mlx.core as mx  # noqa: E402  (after the BLAS is chosen)
 import numpy as np  # noqa: E402
 
 from mlx_sd.models import attention as attn  # noqa: E402
+from mlx_sd.models import cpu_kernels  # noqa: E402
 from mlx_sd.models.blas import gemm  # noqa: E402
 
 Fn = Callable[[mx.array, mx.array, mx.array, float], mx.array]
@@ -47,15 +48,24 @@ VARIANTS: dict[str, Fn] = {
 }
 
 
-def ours(bf16_products: bool) -> Fn:
+def ours(bf16_products: bool, amx: bool = False) -> Fn:
     """mlx_sd's CPU form. It takes and gives the models' token-major projections (batch, tokens,
     heads * dim); the conversions from and to the layout above are views until the timed
-    evaluation, which copies the three inputs (as the models never need to)."""
+    evaluation, which copies the three inputs (as the models never need to). `amx` selects the
+    fused AMX kernel that bf16 models get where the processor has it; otherwise the BLAS form."""
 
     def run(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
         b, h, n, d = q.shape
         tokens = [t.transpose(0, 2, 1, 3).reshape(b, t.shape[2], h * d) for t in (q, k, v)]
-        out = attn.cpu_attention(*tokens, h, scale, bf16_products=bf16_products)
+        if amx:
+            mx.eval(tokens)
+            out = attn._amx_attention(*(np.asarray(t) for t in tokens), h, scale, causal=False)
+        else:
+            available, cpu_kernels.amx_ready = cpu_kernels.amx_ready, lambda: False
+            try:
+                out = attn.cpu_attention(*tokens, h, scale, bf16_products=bf16_products)
+            finally:
+                cpu_kernels.amx_ready = available
         return out.reshape(b, n, h, d).transpose(0, 2, 1, 3)
 
     return run
@@ -64,6 +74,8 @@ def ours(bf16_products: bool) -> Fn:
 VARIANTS["blocks of query rows, fused softmax (ours)"] = ours(False)
 if gemm() is not None and gemm().bf16 is not None:
     VARIANTS["the same, bf16 value product (bf16 models)"] = ours(True)
+if cpu_kernels.amx_ready():
+    VARIANTS["fused AMX kernel, bf16 products (bf16 models)"] = ours(True, amx=True)
 
 
 def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:

@@ -102,9 +102,11 @@ def bf16_rounded(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.skipif(gemm() is None or gemm().bf16 is None, reason="no bf16 GEMM here")
-def test_bf16_value_product_rounds_weights_and_values_only() -> None:
-    """Exactly the rounding the bf16 path promises: the unnormalised softmax weights and v to bf16,
-    products and sums in fp32, normalised by the sum of the unrounded weights."""
+def test_bf16_value_product_rounds_weights_and_values_only(monkeypatch) -> None:
+    """Exactly the rounding the bf16 path without AMX promises: the unnormalised softmax weights
+    and v to bf16, products and sums in fp32, normalised by the sum of the unrounded weights.
+    (The AMX form, which also rounds q and k, is tested in test_amx_attention.py.)"""
+    monkeypatch.setattr(cpu_kernels, "amx_ready", lambda: False)
     q, k, v = inputs((2, 3, 200, 40), 300, spread=1.0, seed=3)
     out = run(q, k, v, 40**-0.5, bf16_products=True)
     s = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k.astype(np.float64)) * 40**-0.5

@@ -12,6 +12,12 @@ after the value product (a tokens x head_dim division instead of tokens x tokens
 are spread over the cores, each thread's two GEMMs going to the fast BLAS on one thread
 (cpu_threads). See benchmarks/attention_cpu.py.
 
+bf16 models on processors with AMX (Intel Sapphire Rapids and later) take a fused kernel instead
+(amx_attention.c): each head's 32-row blocks of scores, weights and values stay in the L2 cache,
+both products run on the AMX tiles in bf16 with fp32 sums, as torch's bf16 attention computes
+them. 2x8x4096x40: 76 ms against 180 ms for the BLAS form with a bf16 value product, and 87 ms
+for torch's bf16 flash attention on the same two cores.
+
 The CPU form leaves MLX's lazy graph (it evaluates q, k and v), so it cannot be traced by
 `mx.compile` or differentiated. Where the CPU kernels were not built it is MLX's op.
 """
@@ -61,11 +67,14 @@ def cpu_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: floa
     independent; by default about BLOCK_SCORES scores), spread over the cores. fp32
     throughout, except that with `bf16_products` (which needs MKL's bf16 GEMM) the softmax
     weights and v are rounded to bf16 for the value product, as torch's bf16 attention does:
-    3x faster on AMX (the scores product, with only head_dim terms, gains nothing and stays fp32).
-    `causal` lets query i see keys 0..i only (CLIP's text encoder)."""
+    3x faster on AMX (the scores product, with only head_dim terms, gains nothing and stays fp32);
+    where AMX is, `bf16_products` instead selects the fused AMX kernel, whose products are both
+    bf16. `causal` lets query i see keys 0..i only (CLIP's text encoder)."""
     batch, n, width = q.shape
     d = width // heads
     qs, ks, vs = (np.ascontiguousarray(t.astype(mx.float32)) for t in (q, k, v))
+    if bf16_products and cpu_kernels.amx_ready():
+        return _amx_attention(qs, ks, vs, heads, scale, causal).astype(q.dtype)
     if bf16_products:
         vs = cpu_gemm.bf16_bits(vs)
     keys = ks.shape[1]
@@ -89,6 +98,26 @@ def cpu_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: floa
 
     cpu_threads.for_each_chunk(attend_blocks, len(blocks))
     return result.astype(q.dtype)
+
+
+def _amx_attention(qs: np.ndarray, ks: np.ndarray, vs: np.ndarray, heads: int, scale: float,
+                   causal: bool) -> mx.array:
+    """cpu_attention's form on AMX: one fused kernel call per head, or per run of a head's query
+    rows where there are fewer heads than cores (the VAE's single head)."""
+    batch, n, width = qs.shape
+    d = width // heads
+    rows = -(-n // -(-cpu_threads.cores() // (batch * heads)))
+    jobs = [(i, head, start) for i in range(batch) for head in range(heads) for start in range(0, n, rows)]
+    result, out = new_array(qs.shape)
+
+    def attend(first: int, last: int) -> None:
+        for i, head, start in jobs[first:last]:
+            queries, columns = slice(start, start + rows), slice(head * d, (head + 1) * d)
+            cpu_kernels.amx_attention(qs[i, queries, columns], ks[i, :, columns], vs[i, :, columns], scale,
+                                      out[i, queries, columns], start if causal else None)
+
+    cpu_threads.for_each_chunk(attend, len(jobs))
+    return result
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float,

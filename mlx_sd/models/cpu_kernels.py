@@ -1,7 +1,8 @@
 """The fused CPU kernels of cpu_kernels.c: the attention's softmax numerators, GEGLU, SiLU-style
 gates, GroupNorm's moments and scale-and-shift, LayerNorm, rounding to bf16, and the
 convolutions' padding, cropping and unfolding; each one vectorised pass over a block instead of
-a chain of numpy or MLX passes.
+a chain of numpy or MLX passes. And amx_attention.c: a whole attention head for bf16 models on
+Intel's AMX tile units, where the processor has them.
 
 MLX's CPU elementwise transcendentals are scalar (`nn.silu`, `nn.gelu` about 50 ns per element
 here) and numpy's formulas make a pass over memory per operation (GELU about twenty).
@@ -25,23 +26,25 @@ import mlx.core as mx
 import numpy as np
 
 _log = logging.getLogger(__name__)
-_SIZE, _POINTER, _FLOAT = ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_float
-_SIGNATURES = {
-    "softmax_numerators": [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER],
-    "geglu": [_POINTER, _SIZE, _SIZE, _POINTER],
-    "sigmoid_gate": [_POINTER, _SIZE, _FLOAT, _POINTER],
-    "scale_shift": [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, ctypes.c_int, _POINTER],
-    "channel_moments": [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER],
-    "layer_norm": [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _FLOAT, _POINTER],
-    "to_bf16": [_POINTER, _SIZE, _POINTER],
-    "pad_image": [_POINTER] + [_SIZE] * 6 + [_POINTER, _POINTER],
-    "crop_bias": [_POINTER] + [_SIZE] * 5 + [_POINTER, _SIZE, _SIZE, _POINTER],
-    "im2col": [_POINTER] + [_SIZE] * 7 + [_POINTER, _POINTER],
+_SIZE, _POINTER, _FLOAT, _INT = ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {  # name: (argument types, result type)
+    "softmax_numerators": ([_POINTER, _SIZE, _SIZE, _POINTER, _POINTER], None),
+    "geglu": ([_POINTER, _SIZE, _SIZE, _POINTER], None),
+    "sigmoid_gate": ([_POINTER, _SIZE, _FLOAT, _POINTER], None),
+    "scale_shift": ([_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _INT, _POINTER], None),
+    "channel_moments": ([_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER], None),
+    "layer_norm": ([_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _FLOAT, _POINTER], None),
+    "to_bf16": ([_POINTER, _SIZE, _POINTER], None),
+    "pad_image": ([_POINTER] + [_SIZE] * 6 + [_POINTER, _POINTER], None),
+    "crop_bias": ([_POINTER] + [_SIZE] * 5 + [_POINTER, _SIZE, _SIZE, _POINTER], None),
+    "im2col": ([_POINTER] + [_SIZE] * 7 + [_POINTER, _POINTER], None),
+    "amx_available": ([], _INT),
+    "amx_attention": ([_POINTER] * 3 + [_SIZE] * 6 + [_FLOAT, _SIZE, _POINTER], _INT),
 }
 
 
 # cpu_kernels.c's kernels_abi_version(): the two change together.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 
 @functools.cache
@@ -58,9 +61,9 @@ def kernels() -> ctypes.CDLL | None:
         _log.warning("CPU kernels at %s are version %d, not %d: using MLX's slower CPU ops until mlx-sd "
                      "is reinstalled (pip install -e .)", spec.origin, version, ABI_VERSION)
         return None
-    for name, argtypes in _SIGNATURES.items():
+    for name, (argtypes, restype) in _SIGNATURES.items():
         function = getattr(library, name)
-        function.argtypes, function.restype = argtypes, None
+        function.argtypes, function.restype = argtypes, restype
     return library
 
 
@@ -173,3 +176,41 @@ def im2col(x: np.ndarray, kernel: int, pad: int, first: int, last: int, out: np.
     if out.shape != (b * h * w, kernel * kernel * c) or not 0 <= first <= last <= b * h * w:
         raise ValueError(f"cannot unfold {x.shape} by {kernel}x{kernel} into {out.shape}, rows {first}:{last}")
     kernels().im2col(_pointer(x), h, w, c, kernel, pad, first, last, *_f32_or_bf16(out))
+
+
+def amx_ready() -> bool:
+    """Whether `amx_attention` runs here: the kernels are built, the processor has AMX-BF16 and
+    AVX512-BF16, and Linux granted this process the tile registers."""
+    library = kernels()
+    return library is not None and library.amx_available() == 1
+
+
+def _row_stride(array: np.ndarray) -> int:
+    """The row stride, in floats, of a 2-D float32 array whose rows are contiguous."""
+    rows, columns = array.shape
+    row, column = array.strides
+    if array.dtype != np.float32 or (column != 4 and columns > 1) or row % 4 or (rows > 1 and row < 4 * columns):
+        raise ValueError(f"the attention kernel takes float32 rows of contiguous values, not {array.dtype} "
+                         f"with strides {array.strides}")
+    return row // 4 if rows > 1 else columns
+
+
+def amx_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, out: np.ndarray,
+                  causal_first: int | None = None) -> None:
+    """out = softmax(q kᵀ scale) v for one head, q and out (queries, dim), k and v (keys, dim):
+    float32 arrays with contiguous rows, such as one head's columns of token-major projections
+    (k and v with the same row stride). The products are bf16 with fp32 sums, on AMX; only call
+    it where `amx_ready()`. With `causal_first`, row i is query causal_first + i and sees the
+    keys up to that one only."""
+    queries, dim = q.shape
+    keys = k.shape[0]
+    if keys == 0 or out.shape != q.shape or k.shape != (keys, dim) or v.shape != k.shape:
+        raise ValueError(f"attention shapes do not match: q {q.shape}, k {k.shape}, v {v.shape}, out {out.shape}")
+    kv_stride = _row_stride(k)
+    if _row_stride(v) != kv_stride or not out.flags.writeable:
+        raise ValueError("k and v need the same row stride, and out must be writable")
+    status = kernels().amx_attention(q.ctypes.data, k.ctypes.data, v.ctypes.data, queries, keys, dim, _row_stride(q),
+                                     kv_stride, _row_stride(out), scale, -1 if causal_first is None else causal_first,
+                                     out.ctypes.data)
+    if status != 0:
+        raise MemoryError(f"no memory for the attention kernel's scratch ({keys} keys of {dim})")

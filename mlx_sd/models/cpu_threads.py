@@ -28,7 +28,8 @@ SMALL_JOB = 1 << 18
 ROW_BLOCK = 1 << 16
 
 
-def _cores() -> int:
+def cores() -> int:
+    """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -38,11 +39,11 @@ def _one_blas_thread() -> None:
 
 @functools.cache
 def _pool() -> tuple[ThreadPoolExecutor, int] | None:
-    cores, functions = _cores(), gemm()
-    if cores < 2 or functions is None or functions.set_local_threads is None:
+    count, functions = cores(), gemm()
+    if count < 2 or functions is None or functions.set_local_threads is None:
         return None
-    pool = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="mlx-sd-cpu", initializer=_one_blas_thread)
-    return pool, cores
+    pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="mlx-sd-cpu", initializer=_one_blas_thread)
+    return pool, count
 
 
 def for_each_chunk(fn: Callable[[int, int], None], total: int, values: int | None = None) -> None:
@@ -54,8 +55,8 @@ def for_each_chunk(fn: Callable[[int, int], None], total: int, values: int | Non
     if pooled is None:
         fn(0, total)
         return
-    pool, cores = pooled
-    chunks = min(cores, total)
+    pool, count = pooled
+    chunks = min(count, total)
     bounds = [total * i // chunks for i in range(chunks + 1)]
     for future in [pool.submit(fn, start, stop) for start, stop in zip(bounds, bounds[1:])]:
         future.result()
