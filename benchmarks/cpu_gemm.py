@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/cpu_gemm.py [--repeat 5]
 
 Shapes are SD-1.5's at 512²: the VAE decoder's 3x3 convolutions (batch 1) and the UNet's 3x3
-convolutions and linear layers (CFG batch 2). Reports GFLOP/s, peak MLX memory and the time
+convolutions, linear layers and feed-forward projections with their GEGLU (CFG batch 2). Reports GFLOP/s, peak MLX memory and the time
 ratio new / MLX (lower is better). The bf16 rows need MKL and a CPU with AMX or AVX512-BF16.
 """
 
@@ -21,6 +21,7 @@ configure()
 import mlx.core as mx  # noqa: E402  (after the BLAS is chosen)
 
 from mlx_sd.models import cpu_gemm  # noqa: E402
+from mlx_sd.models.activations import geglu  # noqa: E402
 
 CONVS = [  # (batch, height, width, in, out)
     ("vae 512² 128", (1, 512, 512, 128, 128)),
@@ -45,6 +46,11 @@ LINEARS = [  # (rows, in, out)
     ("unet geglu 64² 320", (8192, 320, 2560)),
     ("unet ff out 64² 1280", (8192, 1280, 320)),
     ("unet proj 16² 1280", (512, 1280, 1280)),
+]
+GEGLUS = [  # (rows, in, inner): the feed-forward's projection to 2 x inner, then GEGLU
+    ("unet geglu 64² 320", (8192, 320, 1280)),
+    ("unet geglu 32² 640", (2048, 640, 2560)),
+    ("unet geglu 16² 1280", (512, 1280, 5120)),
 ]
 
 
@@ -120,6 +126,16 @@ def main() -> None:
                 "mlx fp32": lambda: x @ weight.T,
                 "mlx bf16 weights": lambda: x @ weight16.T,
                 "bf16": lambda: cpu_gemm.linear(x, weight16, None),
+            }, args.repeat)
+        print(f"projection + GEGLU: separate, or fused in blocks of {cpu_gemm.GEGLU_ROWS} rows (bf16 weights)")
+        for name, (rows, k, inner) in GEGLUS:
+            x = mx.random.normal((rows, k), key=key)
+            weight = (mx.random.normal((2 * inner, k), key=key) * 0.05).astype(mx.bfloat16)
+            bias = mx.random.normal((2 * inner,), key=key).astype(mx.bfloat16)
+            mx.eval(x, weight, bias)
+            report(name, 2 * rows * k * 2 * inner, {
+                "separate": lambda: geglu(cpu_gemm.linear(x, weight, bias)),
+                "fused": lambda: cpu_gemm.linear_geglu(x, weight, bias),
             }, args.repeat)
 
 

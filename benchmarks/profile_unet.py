@@ -69,6 +69,7 @@ def main() -> None:
         (GroupNorm, "__call__"): "group norm",
         (GroupNorm, "with_silu"): "group norm + silu",
         (LayerNorm, "__call__"): "layer norm",
+        (unet.GEGLU, "__call__"): "projection + geglu",
     }
     originals = {k: getattr(*k) for k in patches}
     for (cls, attr), name in patches.items():

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
 from mlx_sd.models import cpu_gemm
+from mlx_sd.models.activations import geglu
 from mlx_sd.models.layers import Conv2d, Linear
+from mlx_sd.models.unet import GEGLU
 
 pytestmark = pytest.mark.skipif(cpu_gemm.gemm() is None, reason="no fast BLAS loaded (reference BLAS)")
 needs_bf16 = pytest.mark.skipif(
@@ -149,3 +153,36 @@ def test_without_a_fast_blas_layers_use_mlx(monkeypatch) -> None:
     layer, x = Conv2d(4, 4, 3, padding=1), mx.array(random(1, 6, 6, 4, seed=11))
     layer.set_dtype(mx.bfloat16)
     assert mx.array_equal(layer(x), nn.Conv2d.__call__(layer, x))
+
+
+def geglu_reference(h: np.ndarray) -> np.ndarray:
+    """The first half of the last axis times the exact (erf) GELU of the second half, in float64."""
+    hidden, gate = np.split(h, 2, axis=-1)
+    return hidden * gate * 0.5 * (1 + np.vectorize(math.erf)(gate / math.sqrt(2)))
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, pytest.param(mx.bfloat16, marks=needs_bf16)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_linear_geglu_matches_float64(dtype: mx.Dtype, with_bias: bool, monkeypatch) -> None:
+    """Blocks of rows (here 16, so 74 rows end with a short block) projected in scratch and gated."""
+    monkeypatch.setattr(cpu_gemm, "GEGLU_ROWS", 16)
+    x, w, b = random(2, 37, 24, seed=16), random(2 * 20, 24, seed=17), random(2 * 20, seed=18)
+    weight, bias = mx.array(w).astype(dtype), mx.array(b).astype(dtype) if with_bias else None
+    ours = cpu_gemm.linear_geglu(mx.array(x), weight, bias)
+    rounded = bf16_rounded if dtype == mx.bfloat16 else lambda t: t.astype(np.float64)
+    reference = geglu_reference(rounded(x) @ rounded(w).T + (rounded(b) if with_bias else 0))
+    assert ours.shape == (2, 37, 20) and ours.dtype == mx.float32
+    # The erf approximation's 1.5e-7 and fp32 sums of 24 products.
+    assert relative_error(ours, reference) < 2e-6
+
+
+def test_unet_geglu_fuses_its_projection_where_the_gemms_take_it(monkeypatch) -> None:
+    calls = []
+    real = cpu_gemm.linear_geglu
+    monkeypatch.setattr(cpu_gemm, "linear_geglu", lambda *args: calls.append(args[1].dtype) or real(*args))
+    layer, x = GEGLU(8, 6), mx.array(random(1, 5, 8, seed=19))
+    separate = geglu(layer.proj(x))
+    np.testing.assert_allclose(np.array(layer(x)), np.array(separate), rtol=1e-5, atol=1e-6)
+    layer.set_dtype(mx.float16)  # MLX's own fp16 matmul: not fused
+    layer(x)
+    assert calls == [mx.float32]

@@ -43,6 +43,10 @@ BLOCK_ROWS = 4096
 # 16x16x1280; even at 32x32, slower beyond; benchmarks/cpu_gemm.py), and the unfolded copy is
 # at most a few MiB.
 IM2COL_ROWS = 1024
+# Rows per block of linear_geglu: each block's projection (up to 10240 wide: 2.6-10 MiB of fp32)
+# lives in reused per-thread scratch. 64 rows paid too much per BLAS call, 512 outgrew the
+# cache; 256 was best at all three UNet widths (benchmarks/cpu_gemm.py).
+GEGLU_ROWS = 256
 
 
 def on_cpu() -> bool:
@@ -87,6 +91,12 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, transpose_b: bool = Fa
          _leading_dimension(a), b.ctypes.data, _leading_dimension(b), 0.0, out.ctypes.data, ldc)
 
 
+def computes(weight: mx.array) -> bool:
+    """Whether this module's GEMMs take a layer with this weight here: bf16 weights with bf16
+    products (`uses_bf16`), fp32 weights in fp32."""
+    return uses_bf16(weight) or (weight.dtype == mx.float32 and on_cpu())
+
+
 def _weights(weight: mx.array, bf16: bool) -> np.ndarray:
     """A layer's weight as a C-contiguous numpy array of the GEMM's input type (bf16 as uint16
     bits): a view of MLX's buffer when it is stored that way."""
@@ -116,6 +126,35 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
     gemm().bf16(ROW_MAJOR, NO_TRANS, TRANS, a.shape[0], n, k, 1.0, a.ctypes.data, k, b.ctypes.data, k,
                 0.0 if bias is None else 1.0, out.ctypes.data, n)
     return y.reshape(*lead, n)
+
+
+def linear_geglu(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
+    """GEGLU(x @ weightᵀ + bias): the first half of the projection's columns times the exact GELU
+    of the second half, without ever holding the whole projection (84 MB at 64² in the UNet,
+    whose fresh zero-filled buffer and bias pass cost more than its GEMM): blocks of GEGLU_ROWS
+    rows are projected onto the bias in per-thread scratch and gated from there, on all cores.
+    bf16 products for bf16 weights, else fp32; where `computes(weight)`."""
+    bf16 = uses_bf16(weight)
+    *lead, k = x.shape
+    n = weight.shape[0]
+    a, w = _fp32(x.reshape(-1, k)), _weights(weight, bf16)
+    if bf16:
+        a = bf16_bits(a)
+    rows = np.zeros(n, np.float32) if bias is None else np.asarray(bias.astype(mx.float32))
+    y, out = new_array((len(a), n // 2))
+    call = gemm().bf16 if bf16 else gemm().sgemm
+
+    def project_and_gate(first: int, last: int) -> None:
+        scratch = np.empty((GEGLU_ROWS, n), np.float32)
+        for start in range(first * GEGLU_ROWS, min(last * GEGLU_ROWS, len(a)), GEGLU_ROWS):
+            block = scratch[:min(GEGLU_ROWS, len(a) - start)]
+            block[...] = rows  # the bias is added by accumulating onto it
+            call(ROW_MAJOR, NO_TRANS, TRANS, len(block), n, k, 1.0, a[start:].ctypes.data, k, w.ctypes.data, k, 1.0,
+                 block.ctypes.data, n)
+            cpu_kernels.geglu(block, out[start:start + len(block)])
+
+    cpu_threads.for_each_chunk(project_and_gate, -(-len(a) // GEGLU_ROWS), len(a) * n)
+    return y.reshape(*lead, n // 2)
 
 
 def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int) -> mx.array:

@@ -11,6 +11,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_sd.models import cpu_gemm
 from mlx_sd.models.activations import geglu, silu
 from mlx_sd.models.group_norm import GroupNorm
 from mlx_sd.models.layer_norm import LayerNorm
@@ -107,6 +108,8 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim, 2 * inner_dim)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if isinstance(self.proj, Linear) and cpu_gemm.computes(self.proj.weight):
+            return cpu_gemm.linear_geglu(x, self.proj.weight, self.proj.get("bias"))
         return geglu(self.proj(x))
 
 
