@@ -132,6 +132,12 @@ def preload(
         coretype = openblas_coretype(flags())
         if coretype:
             env["OPENBLAS_CORETYPE"] = coretype  # read by OpenBLAS when it loads
+    if blas.name == "mkl":
+        # MKL's OpenMP threads spin for 200 ms after each parallel GEMM, yielding in a loop (257k
+        # sched_yield calls in one 512² UNet step), and so take the cores from the CPU kernels'
+        # pool threads that run in between. At 0 they sleep at once: the step took 2.41-2.46 s
+        # against 2.53-2.55, its system time 0.15 s against 0.9. Read when MKL's OpenMP loads.
+        env.setdefault("KMP_BLOCKTIME", "0")
     try:
         load(str(blas.path), mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:

@@ -68,6 +68,15 @@ def test_preload_sets_the_openblas_coretype_unless_the_user_did() -> None:
     assert env == {"OPENBLAS_CORETYPE": "Zen"}
 
 
+def test_preload_puts_mkl_threads_to_sleep_unless_the_user_chose() -> None:
+    env: dict[str, str] = {}
+    backend.preload(Blas("mkl", Path("/m.so")), env, load=lambda path, mode: None)
+    assert env == {"KMP_BLOCKTIME": "0"}
+    env = {"KMP_BLOCKTIME": "200"}
+    backend.preload(Blas("mkl", Path("/m.so")), env, load=lambda path, mode: None)
+    assert env == {"KMP_BLOCKTIME": "200"}
+
+
 def test_preload_failure_falls_back_with_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
     def fail(path: str, mode: int) -> None:
         raise OSError(f"{path}: cannot open shared object file")
