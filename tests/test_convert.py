@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -157,6 +158,15 @@ def test_cache_round_trip_equals_direct_load(source: Path, tmp_path: Path, monke
     cached = load_sd1(source, dtype=mx.float32, configs=CONFIGS, cache_dir=cache)
     assert same_weights(direct, first) and same_weights(direct, cached)
     assert cached.configs == direct.configs
+
+
+def test_loads_on_any_thread_give_the_same_weights(source: Path) -> None:
+    """The conversion streams are per thread (MLX's streams belong to the thread that made them):
+    a load on a fresh worker thread after one on this thread still works, with equal weights."""
+    here = load_sd1(source, dtype=mx.float16, configs=CONFIGS)
+    with ThreadPoolExecutor(1) as worker:
+        there = worker.submit(load_sd1, source, dtype=mx.float16, configs=CONFIGS).result()
+    assert same_weights(here, there)
 
 
 def test_cache_is_invalidated_when_the_source_is_touched(source: Path, tmp_path: Path) -> None:
