@@ -135,9 +135,11 @@ def preload(
     if blas.name == "mkl":
         # MKL's OpenMP threads spin for 200 ms after each parallel GEMM, yielding in a loop (257k
         # sched_yield calls in one 512² UNet step), and so take the cores from the CPU kernels'
-        # pool threads that run in between. At 0 they sleep at once: the step took 2.41-2.46 s
-        # against 2.53-2.55, its system time 0.15 s against 0.9. Read when MKL's OpenMP loads.
-        env.setdefault("KMP_BLOCKTIME", "0")
+        # pool threads that run in between. At 1 ms they still bridge the microseconds between
+        # back-to-back GEMMs (a convolution's taps), but sleep before the kernels run. bf16 at
+        # 512²: UNet step 2.43-2.49 s against 2.53, VAE decode 3.40-3.47 s against 3.69; at 0 ms
+        # every GEMM waits for its threads to wake (VAE decode 4.09 s). Read when MKL loads.
+        env.setdefault("KMP_BLOCKTIME", "1")
     try:
         load(str(blas.path), mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:

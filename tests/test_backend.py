@@ -71,7 +71,7 @@ def test_preload_sets_the_openblas_coretype_unless_the_user_did() -> None:
 def test_preload_puts_mkl_threads_to_sleep_unless_the_user_chose() -> None:
     env: dict[str, str] = {}
     backend.preload(Blas("mkl", Path("/m.so")), env, load=lambda path, mode: None)
-    assert env == {"KMP_BLOCKTIME": "0"}
+    assert env == {"KMP_BLOCKTIME": "1"}
     env = {"KMP_BLOCKTIME": "200"}
     backend.preload(Blas("mkl", Path("/m.so")), env, load=lambda path, mode: None)
     assert env == {"KMP_BLOCKTIME": "200"}
