@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/cpu_gemm.py [--repeat 5]
 
 Shapes are SD-1.5's at 512²: the VAE decoder's 3x3 convolutions (batch 1) and the UNet's 3x3
-convolutions, linear layers and feed-forward projections with their GEGLU (CFG batch 2). Reports GFLOP/s, peak MLX memory and the time
+convolutions, linear layers and feed-forward blocks (CFG batch 2). Reports GFLOP/s, peak MLX memory and the time
 ratio new / MLX (lower is better). The bf16 rows need MKL and a CPU with AMX or AVX512-BF16.
 """
 
@@ -47,10 +47,10 @@ LINEARS = [  # (rows, in, out)
     ("unet ff out 64² 1280", (8192, 1280, 320)),
     ("unet proj 16² 1280", (512, 1280, 1280)),
 ]
-GEGLUS = [  # (rows, in, inner): the feed-forward's projection to 2 x inner, then GEGLU
-    ("unet geglu 64² 320", (8192, 320, 1280)),
-    ("unet geglu 32² 640", (2048, 640, 2560)),
-    ("unet geglu 16² 1280", (512, 1280, 5120)),
+FEED_FORWARDS = [  # (rows, dim, inner): projection to 2 x inner, GEGLU, projection back to dim
+    ("unet ff 64² 320", (8192, 320, 1280)),
+    ("unet ff 32² 640", (2048, 640, 2560)),
+    ("unet ff 16² 1280", (512, 1280, 5120)),
 ]
 
 
@@ -127,17 +127,19 @@ def main() -> None:
                 "mlx bf16 weights": lambda: x @ weight16.T,
                 "bf16": lambda: cpu_gemm.linear(x, weight16, None),
             }, args.repeat)
-        print(f"projection + GEGLU: separate, or fused in blocks of {cpu_gemm.GEGLU_ROWS} rows (bf16 weights)")
-        for name, (rows, k, inner) in GEGLUS:
+        print(f"feed-forward (projection, GEGLU, projection): separate, or fused in blocks of {cpu_gemm.FF_ROWS} "
+              "rows (bf16 weights)")
+        for name, (rows, k, inner) in FEED_FORWARDS:
             x = mx.random.normal((rows, k), key=key)
-            weight = (mx.random.normal((2 * inner, k), key=key) * 0.05).astype(mx.bfloat16)
-            bias = mx.random.normal((2 * inner,), key=key).astype(mx.bfloat16)
-            mx.eval(x, weight, bias)
-            report(name, 2 * rows * k * 2 * inner, {
-                "separate": lambda: geglu(cpu_gemm.linear(x, weight, bias)),
-                "fused": lambda: cpu_gemm.linear_geglu(x, weight, bias),
+            w1 = (mx.random.normal((2 * inner, k), key=key) * 0.05).astype(mx.bfloat16)
+            b1 = mx.random.normal((2 * inner,), key=key).astype(mx.bfloat16)
+            w2 = (mx.random.normal((k, inner), key=key) * 0.05).astype(mx.bfloat16)
+            b2 = mx.random.normal((k,), key=key).astype(mx.bfloat16)
+            mx.eval(x, w1, b1, w2, b2)
+            report(name, 2 * rows * k * 3 * inner, {
+                "separate": lambda: cpu_gemm.linear(geglu(cpu_gemm.linear(x, w1, b1)), w2, b2),
+                "fused": lambda: cpu_gemm.feed_forward(x, w1, b1, w2, b2),
             }, args.repeat)
-
 
 if __name__ == "__main__":
     main()

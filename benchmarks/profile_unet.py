@@ -69,7 +69,7 @@ def main() -> None:
         (GroupNorm, "__call__"): "group norm",
         (GroupNorm, "with_silu"): "group norm + silu",
         (LayerNorm, "__call__"): "layer norm",
-        (unet.GEGLU, "__call__"): "projection + geglu",
+        (unet.FeedForward, "__call__"): "feed-forward",
     }
     originals = {k: getattr(*k) for k in patches}
     for (cls, attr), name in patches.items():

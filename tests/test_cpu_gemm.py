@@ -12,7 +12,7 @@ import pytest
 from mlx_sd.models import cpu_gemm
 from mlx_sd.models.activations import geglu
 from mlx_sd.models.layers import Conv2d, Linear
-from mlx_sd.models.unet import GEGLU
+from mlx_sd.models.unet import FeedForward
 
 pytestmark = pytest.mark.skipif(cpu_gemm.gemm() is None, reason="no fast BLAS loaded (reference BLAS)")
 needs_bf16 = pytest.mark.skipif(
@@ -163,26 +163,32 @@ def geglu_reference(h: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", [mx.float32, pytest.param(mx.bfloat16, marks=needs_bf16)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
-def test_linear_geglu_matches_float64(dtype: mx.Dtype, with_bias: bool, monkeypatch) -> None:
-    """Blocks of rows (here 16, so 74 rows end with a short block) projected in scratch and gated."""
-    monkeypatch.setattr(cpu_gemm, "GEGLU_ROWS", 16)
-    x, w, b = random(2, 37, 24, seed=16), random(2 * 20, 24, seed=17), random(2 * 20, seed=18)
-    weight, bias = mx.array(w).astype(dtype), mx.array(b).astype(dtype) if with_bias else None
-    ours = cpu_gemm.linear_geglu(mx.array(x), weight, bias)
+def test_feed_forward_matches_float64(dtype: mx.Dtype, with_bias: bool, monkeypatch) -> None:
+    """Blocks of rows (here 16, so 74 rows end with a short block) projected, gated and projected
+    again in scratch. In bf16 the gated activations are rounded to bf16 before the second
+    product, as the reference does too."""
+    monkeypatch.setattr(cpu_gemm, "FF_ROWS", 16)
+    x, w1, b1 = random(2, 37, 24, seed=16), random(2 * 20, 24, seed=17), random(2 * 20, seed=18)
+    w2, b2 = random(12, 20, seed=20), random(12, seed=21)
     rounded = bf16_rounded if dtype == mx.bfloat16 else lambda t: t.astype(np.float64)
-    reference = geglu_reference(rounded(x) @ rounded(w).T + (rounded(b) if with_bias else 0))
-    assert ours.shape == (2, 37, 20) and ours.dtype == mx.float32
-    # The erf approximation's 1.5e-7 and fp32 sums of 24 products.
+    biases = [mx.array(b).astype(dtype) if with_bias else None for b in (b1, b2)]
+    ours = cpu_gemm.feed_forward(mx.array(x), mx.array(w1).astype(dtype), biases[0], mx.array(w2).astype(dtype),
+                                 biases[1])
+    gated = geglu_reference(rounded(x) @ rounded(w1).T + (rounded(b1) if with_bias else 0))
+    reference = rounded(gated) @ rounded(w2).T + (rounded(b2) if with_bias else 0)
+    assert ours.shape == (2, 37, 12) and ours.dtype == mx.float32
+    # The erf approximation's 1.5e-7 and fp32 sums; a gated value rounding to the other bf16
+    # neighbour (not the case for these inputs) would show as ~1e-3.
     assert relative_error(ours, reference) < 2e-6
 
 
-def test_unet_geglu_fuses_its_projection_where_the_gemms_take_it(monkeypatch) -> None:
+def test_unet_feed_forward_is_fused_where_the_gemms_take_it(monkeypatch) -> None:
     calls = []
-    real = cpu_gemm.linear_geglu
-    monkeypatch.setattr(cpu_gemm, "linear_geglu", lambda *args: calls.append(args[1].dtype) or real(*args))
-    layer, x = GEGLU(8, 6), mx.array(random(1, 5, 8, seed=19))
-    separate = geglu(layer.proj(x))
+    real = cpu_gemm.feed_forward
+    monkeypatch.setattr(cpu_gemm, "feed_forward", lambda *args: calls.append(args[1].dtype) or real(*args))
+    layer, x = FeedForward(8), mx.array(random(1, 5, 8, seed=19))
+    separate = layer.net[2](geglu(layer.net[0].proj(x)))
     np.testing.assert_allclose(np.array(layer(x)), np.array(separate), rtol=1e-5, atol=1e-6)
-    layer.set_dtype(mx.float16)  # MLX's own fp16 matmul: not fused
+    layer.set_dtype(mx.float16)  # MLX's own fp16 matmuls: not fused
     layer(x)
     assert calls == [mx.float32]

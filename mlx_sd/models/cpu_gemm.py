@@ -43,10 +43,11 @@ BLOCK_ROWS = 4096
 # 16x16x1280; even at 32x32, slower beyond; benchmarks/cpu_gemm.py), and the unfolded copy is
 # at most a few MiB.
 IM2COL_ROWS = 1024
-# Rows per block of linear_geglu: each block's projection (up to 10240 wide: 2.6-10 MiB of fp32)
-# lives in reused per-thread scratch. 64 rows paid too much per BLAS call, 512 outgrew the
-# cache; 256 was best at all three UNet widths (benchmarks/cpu_gemm.py).
-GEGLU_ROWS = 256
+# Rows per block of feed_forward: each block's projection (up to 10240 wide) and gated
+# activations live in reused per-thread scratch. At 128 rows the BLAS calls cost more (33-35 ms
+# against 26-28 for the 64² feed-forward), at 512 the scratch outgrew the cache (20 against 17
+# ms at 16²).
+FF_ROWS = 256
 
 
 def on_cpu() -> bool:
@@ -128,33 +129,46 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
     return y.reshape(*lead, n)
 
 
-def linear_geglu(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
-    """GEGLU(x @ weightᵀ + bias): the first half of the projection's columns times the exact GELU
-    of the second half, without ever holding the whole projection (84 MB at 64² in the UNet,
-    whose fresh zero-filled buffer and bias pass cost more than its GEMM): blocks of GEGLU_ROWS
-    rows are projected onto the bias in per-thread scratch and gated from there, on all cores.
-    bf16 products for bf16 weights, else fp32; where `computes(weight)`."""
-    bf16 = uses_bf16(weight)
+def _bias_row(bias: mx.array | None, n: int) -> np.ndarray:
+    return np.zeros(n, np.float32) if bias is None else np.asarray(bias.astype(mx.float32))
+
+
+def feed_forward(x: mx.array, proj_weight: mx.array, proj_bias: mx.array | None, out_weight: mx.array,
+                 out_bias: mx.array | None) -> mx.array:
+    """The UNet's feed-forward, out(GEGLU(proj(x))), GEGLU being the first half of the
+    projection's columns times the exact GELU of the second half, in blocks of FF_ROWS rows: each
+    block is projected onto the bias in per-thread scratch, gated, and projected again onto its
+    rows of the output, so neither the projection (84 MB at 64²) nor the gated activations
+    (42 MB) are ever held whole, zero-filled by MLX, or read back from memory. bf16 products
+    (the gated activations rounded to bf16, as a bf16 model's next layer would) for bf16
+    weights, else fp32; both weights of one type, where `computes` holds."""
+    bf16 = uses_bf16(proj_weight)
     *lead, k = x.shape
-    n = weight.shape[0]
-    a, w = _fp32(x.reshape(-1, k)), _weights(weight, bf16)
-    if bf16:
-        a = bf16_bits(a)
-    rows = np.zeros(n, np.float32) if bias is None else np.asarray(bias.astype(mx.float32))
-    y, out = new_array((len(a), n // 2))
+    n, dim = proj_weight.shape[0], out_weight.shape[0]
+    a = _fp32(x.reshape(-1, k))
+    a = bf16_bits(a) if bf16 else a
+    w1, w2 = _weights(proj_weight, bf16), _weights(out_weight, bf16)
+    b1, b2 = _bias_row(proj_bias, n), _bias_row(out_bias, dim)
+    y, out = new_array((len(a), dim))
     call = gemm().bf16 if bf16 else gemm().sgemm
 
-    def project_and_gate(first: int, last: int) -> None:
-        scratch = np.empty((GEGLU_ROWS, n), np.float32)
-        for start in range(first * GEGLU_ROWS, min(last * GEGLU_ROWS, len(a)), GEGLU_ROWS):
-            block = scratch[:min(GEGLU_ROWS, len(a) - start)]
-            block[...] = rows  # the bias is added by accumulating onto it
-            call(ROW_MAJOR, NO_TRANS, TRANS, len(block), n, k, 1.0, a[start:].ctypes.data, k, w.ctypes.data, k, 1.0,
-                 block.ctypes.data, n)
-            cpu_kernels.geglu(block, out[start:start + len(block)])
+    def blocks(first: int, last: int) -> None:
+        projected, gated = np.empty((FF_ROWS, n), np.float32), np.empty((FF_ROWS, n // 2), np.float32)
+        rounded = np.empty(gated.shape, np.uint16) if bf16 else gated
+        for start in range(first * FF_ROWS, min(last * FF_ROWS, len(a)), FF_ROWS):
+            count = min(FF_ROWS, len(a) - start)
+            hidden, rows = projected[:count], out[start:start + count]
+            hidden[...], rows[...] = b1, b2  # the biases are added by accumulating onto them
+            call(ROW_MAJOR, NO_TRANS, TRANS, count, n, k, 1.0, a[start:].ctypes.data, k, w1.ctypes.data, k, 1.0,
+                 hidden.ctypes.data, n)
+            cpu_kernels.geglu(hidden, gated[:count])
+            if bf16:
+                cpu_kernels.to_bf16(gated[:count], rounded[:count])
+            call(ROW_MAJOR, NO_TRANS, TRANS, count, dim, n // 2, 1.0, rounded.ctypes.data, n // 2, w2.ctypes.data,
+                 n // 2, 1.0, rows.ctypes.data, dim)
 
-    cpu_threads.for_each_chunk(project_and_gate, -(-len(a) // GEGLU_ROWS), len(a) * n)
-    return y.reshape(*lead, n // 2)
+    cpu_threads.for_each_chunk(blocks, -(-len(a) // FF_ROWS), len(a) * n)
+    return y.reshape(*lead, dim)
 
 
 def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int) -> mx.array:

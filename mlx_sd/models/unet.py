@@ -108,8 +108,6 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim, 2 * inner_dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if isinstance(self.proj, Linear) and cpu_gemm.computes(self.proj.weight):
-            return cpu_gemm.linear_geglu(x, self.proj.weight, self.proj.get("bias"))
         return geglu(self.proj(x))
 
 
@@ -120,6 +118,10 @@ class FeedForward(nn.Module):
         self.net = [GEGLU(dim, 4 * dim), nn.Identity(), Linear(4 * dim, dim)]
 
     def __call__(self, x: mx.array) -> mx.array:
+        proj, out = self.net[0].proj, self.net[2]
+        if (isinstance(proj, Linear) and isinstance(out, Linear) and cpu_gemm.computes(proj.weight)
+                and out.weight.dtype == proj.weight.dtype):
+            return cpu_gemm.feed_forward(x, proj.weight, proj.get("bias"), out.weight, out.get("bias"))
         for layer in self.net:
             x = layer(x)
         return x
