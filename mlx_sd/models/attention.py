@@ -106,7 +106,8 @@ def _amx_attention(qs: np.ndarray, ks: np.ndarray, vs: np.ndarray, heads: int, s
     rows where there are fewer heads than cores (the VAE's single head)."""
     batch, n, width = qs.shape
     d = width // heads
-    rows = -(-n // -(-cpu_threads.cores() // (batch * heads)))
+    runs = -(-cpu_threads.cores() // (batch * heads))  # query runs per head: a job for every core
+    rows = -(-n // runs)
     jobs = [(i, head, start) for i in range(batch) for head in range(heads) for start in range(0, n, rows)]
     result, out = new_array(qs.shape)
 
