@@ -41,6 +41,11 @@ MIN_ROWS = 128
 MASKED = np.float32(-1e30)
 
 
+def _slices(batch: int, heads: int, n: int, rows: int) -> list[tuple[int, int, int]]:
+    """(batch index, head, first query) of each run of `rows` query rows of each head."""
+    return [(i, head, start) for i in range(batch) for head in range(heads) for start in range(0, n, rows)]
+
+
 def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, scores: np.ndarray,
             bf16_scores: np.ndarray | None, values: np.ndarray, out: np.ndarray,
             first_query: int | None) -> None:
@@ -80,7 +85,7 @@ def cpu_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: floa
     keys = ks.shape[1]
     rows = rows or max(MIN_ROWS, BLOCK_SCORES // keys)
     result, out = new_array(qs.shape)
-    blocks = [(i, head, start) for i in range(batch) for head in range(heads) for start in range(0, n, rows)]
+    blocks = _slices(batch, heads, n, rows)
 
     def attend_blocks(first: int, last: int) -> None:
         scores = np.empty((rows, keys), np.float32)
@@ -108,7 +113,7 @@ def _amx_attention(qs: np.ndarray, ks: np.ndarray, vs: np.ndarray, heads: int, s
     d = width // heads
     runs = -(-cpu_threads.cores() // (batch * heads))  # query runs per head: a job for every core
     rows = -(-n // runs)
-    jobs = [(i, head, start) for i in range(batch) for head in range(heads) for start in range(0, n, rows)]
+    jobs = _slices(batch, heads, n, rows)
     result, out = new_array(qs.shape)
 
     def attend(first: int, last: int) -> None:
@@ -126,7 +131,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float,
     """Multi-head softmax(q kᵀ scale) v for token-major projections (batch, tokens, heads *
     head_dim), returned in the same layout; `causal` lets query i see keys 0..i only.
     `bf16_products` (`cpu_gemm.uses_bf16` of the layer's weights, which holds only where MKL's
-    bf16 GEMM is) gives the CPU form's bf16 value product."""
+    bf16 GEMM is) gives the CPU form's bf16 value product, or the fused AMX kernel where AMX is."""
     if cpu_kernels.active():
         return cpu_attention(q, k, v, heads, scale, bf16_products=bf16_products, causal=causal)
     batch, n, width = q.shape

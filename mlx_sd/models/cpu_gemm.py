@@ -26,6 +26,8 @@ GPU, with no fast BLAS loaded, or without the CPU kernels, nothing here is used.
 
 from __future__ import annotations
 
+import ctypes
+
 import mlx.core as mx
 import numpy as np
 
@@ -87,9 +89,8 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, transpose_b: bool = Fa
     a, b = (x if _leading_dimension(x) else np.ascontiguousarray(x) for x in (a, b))
     m, k = a.shape
     n = out.shape[1]
-    call = gemm().bf16 if bf16 else gemm().sgemm
-    call(ROW_MAJOR, NO_TRANS, TRANS if transpose_b else NO_TRANS, m, n, k, alpha, a.ctypes.data,
-         _leading_dimension(a), b.ctypes.data, _leading_dimension(b), 0.0, out.ctypes.data, ldc)
+    _gemm(bf16)(ROW_MAJOR, NO_TRANS, TRANS if transpose_b else NO_TRANS, m, n, k, alpha, a.ctypes.data,
+                _leading_dimension(a), b.ctypes.data, _leading_dimension(b), 0.0, out.ctypes.data, ldc)
 
 
 def computes(weight: mx.array) -> bool:
@@ -107,6 +108,11 @@ def _weights(weight: mx.array, bf16: bool) -> np.ndarray:
 
 def _fp32(x: mx.array) -> np.ndarray:
     return np.ascontiguousarray(x.astype(mx.float32))
+
+
+def _gemm(bf16: bool) -> ctypes._CFuncPtr:
+    """The BLAS call for bf16 (uint16 bits) or fp32 operands; both take the same arguments."""
+    return gemm().bf16 if bf16 else gemm().sgemm
 
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -130,7 +136,7 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
 
 
 def _bias_row(bias: mx.array | None, n: int) -> np.ndarray:
-    return np.zeros(n, np.float32) if bias is None else np.asarray(bias.astype(mx.float32))
+    return np.zeros(n, np.float32) if bias is None else _fp32(bias)
 
 
 def feed_forward(x: mx.array, proj_weight: mx.array, proj_bias: mx.array | None, out_weight: mx.array,
@@ -150,7 +156,7 @@ def feed_forward(x: mx.array, proj_weight: mx.array, proj_bias: mx.array | None,
     w1, w2 = _weights(proj_weight, bf16), _weights(out_weight, bf16)
     b1, b2 = _bias_row(proj_bias, n), _bias_row(out_bias, dim)
     y, out = new_array((len(a), dim))
-    call = gemm().bf16 if bf16 else gemm().sgemm
+    call = _gemm(bf16)
 
     def blocks(first: int, last: int) -> None:
         projected, gated = np.empty((FF_ROWS, n), np.float32), np.empty((FF_ROWS, n // 2), np.float32)
@@ -191,14 +197,14 @@ def _conv_unfolded(image: np.ndarray, w: np.ndarray, bias: mx.array | None, padd
                                pixels, patches.size)
     y, out = new_array((pixels, out_channels), bias)  # the bias is added by accumulating onto it
     # The weight's (out, k, k, in) rows are already in the patches' (dy, dx, c) order.
-    (gemm().bf16 if bf16 else gemm().sgemm)(
+    _gemm(bf16)(
         ROW_MAJOR, NO_TRANS, TRANS, pixels, out_channels, terms, 1.0, patches.ctypes.data, terms, w.ctypes.data, terms,
         0.0 if bias is None else 1.0, out.ctypes.data, out_channels)
     return y.reshape(batch, height, width, out_channels)
 
 
 def _conv_shifted(image: np.ndarray, w: np.ndarray, bias: mx.array | None, padding: int, bf16: bool) -> mx.array:
-    call, size = (gemm().bf16, 2) if bf16 else (gemm().sgemm, 4)
+    call, size = _gemm(bf16), 2 if bf16 else 4
     batch, height, width, channels = image.shape
     out_channels, kernel = w.shape[0], w.shape[1]
     rows, row = height + 2 * padding, width + 2 * padding
@@ -222,7 +228,7 @@ def _conv_shifted(image: np.ndarray, w: np.ndarray, bias: mx.array | None, paddi
                  w.ctypes.data + tap * channels * size, taps * channels,
                  1.0 if tap else 0.0, sums.ctypes.data + start * out_channels * 4, out_channels)
     y, out = new_array((batch, height, width, out_channels))
-    b = None if bias is None else np.asarray(bias.astype(mx.float32))
+    b = None if bias is None else _fp32(bias)
     cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.crop_bias(sums, b, first, last, out), batch * height,
                                out.size)
     return y
