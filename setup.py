@@ -1,11 +1,48 @@
-"""The one build step pyproject.toml cannot declare stably: the fused CPU kernels.
+"""The build steps pyproject.toml cannot declare stably: the CPU path's compiled helpers.
 
-mlx_sd/models/cpu_kernels.c is a plain C library, loaded with ctypes (mlx_sd/models/cpu_kernels.py).
-It is built like an extension module so that installing compiles it, and it is optional: without
-a C compiler the install still succeeds and the CPU path uses MLX's slower ops.
+- mlx_sd/models/cpu_kernels.c (and amx_attention.c) is a plain C library, loaded with ctypes
+  (mlx_sd/models/cpu_kernels.py).
+- mlx_sd/models/uninitialized.cpp is a C++ extension module built against MLX's headers and
+  nanobind (both build requirements on Linux), which makes MLX arrays without filling them
+  (mlx_sd/models/cpu_buffers.py).
+
+Both are optional: without a compiler, or without MLX's headers, the install still succeeds and
+the CPU path uses MLX's slower ops or zero-filled arrays.
 """
 
+import importlib.util
+from pathlib import Path
+
 from setuptools import Extension, setup
+
+
+def _uninitialized_arrays() -> list[Extension]:
+    """The C++ extension, where the build environment has MLX (with its headers) and nanobind."""
+    try:
+        import nanobind
+        core = importlib.util.find_spec("mlx.core")
+    except ImportError:
+        return []
+    mlx_root = Path(core.origin).parent if core and core.origin else None
+    if mlx_root is None or not (mlx_root / "include" / "mlx" / "array.h").exists():
+        return []
+    nanobind_root = Path(nanobind.include_dir()).parent
+    return [Extension(
+        "mlx_sd.models._uninitialized",
+        sources=["mlx_sd/models/uninitialized.cpp", str(nanobind_root / "src" / "nb_combined.cpp")],
+        include_dirs=[nanobind.include_dir(), str(nanobind_root / "ext" / "robin_map" / "include"),
+                      str(mlx_root / "include")],
+        # MLX's Python module registers its types in nanobind's "mlx" domain; sharing it is what
+        # lets this module return `mlx.core.array`s.
+        define_macros=[("NB_DOMAIN", "mlx"), ("NDEBUG", None)],
+        extra_compile_args=["-O2", "-std=c++20", "-fvisibility=hidden"],
+        # No rpath: libmlx.so (its soname) is already loaded by `import mlx.core` when this is imported.
+        library_dirs=[str(mlx_root / "lib")],
+        libraries=["mlx"],
+        language="c++",
+        optional=True,
+    )]
+
 
 setup(ext_modules=[Extension(
     "mlx_sd.models._cpu_kernels",
@@ -18,4 +55,4 @@ setup(ext_modules=[Extension(
     extra_compile_args=["-O3", "-std=c11", "-ffp-contract=fast", "-fopenmp-simd", "-fno-trapping-math",
                         "-ffinite-math-only", "-fno-signed-zeros"],
     optional=True,
-)])
+), *_uninitialized_arrays()])

@@ -1,11 +1,15 @@
-"""new_array hands out buffers that nothing else holds."""
+"""new_array hands out buffers that nothing else holds, unfilled where the extension is built."""
 
 from __future__ import annotations
+
+import importlib
+import sys
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_sd.models import cpu_buffers
 from mlx_sd.models.cpu_buffers import new_array
 
 
@@ -22,6 +26,41 @@ def test_writing_a_new_array_leaves_its_rows_alone(shape: tuple[int, ...]) -> No
     assert (np.array(result) == 99).all()
 
 
-def test_zeros_by_default() -> None:
-    result, out = new_array((2, 3))
-    assert result.dtype == mx.float32 and (out == 0).all() and out.flags.writeable
+@pytest.mark.skipif(sys.platform != "linux", reason="built where pyproject.toml gives MLX's headers and nanobind")
+def test_the_unfilled_arrays_are_built_on_linux() -> None:
+    # The install compiles the extension; on Linux a missing one means the build silently failed.
+    assert cpu_buffers._unfilled() is not None
+
+
+def test_new_arrays_are_separate_writable_buffers_that_mlx_reads() -> None:
+    (first, a), (second, b) = new_array((64, 3)), new_array((64, 3))
+    assert first.dtype == mx.float32 and first.shape == (64, 3) and a.flags.writeable
+    assert not np.shares_memory(a, b)
+    a[...], b[...] = 1.5, np.arange(3, dtype=np.float32)
+    np.testing.assert_array_equal(np.array(first * 2 + second), np.broadcast_to([3, 4, 5], (64, 3)))
+
+
+def test_new_arrays_of_nothing_and_of_bad_shapes() -> None:
+    empty, view = new_array((0, 5))
+    assert empty.shape == (0, 5) and view.size == 0
+    if cpu_buffers._unfilled() is not None:
+        with pytest.raises(ValueError, match="negative"):
+            cpu_buffers._unfilled()([2, -1])
+
+
+def test_an_extension_built_for_another_mlx_is_refused(monkeypatch, caplog) -> None:
+    try:
+        extension = importlib.import_module("mlx_sd.models._uninitialized")
+    except ImportError:
+        pytest.skip("the extension was not built here")
+    cpu_buffers._unfilled.cache_clear()
+    monkeypatch.setattr(extension, "mlx_version", "0.0.1")
+    try:
+        with caplog.at_level("WARNING"):
+            assert cpu_buffers._unfilled() is None
+            result, out = new_array((2, 3))
+        assert "reinstalled" in caplog.text and (out == 0).all()
+    finally:
+        monkeypatch.undo()
+        cpu_buffers._unfilled.cache_clear()
+    assert cpu_buffers._unfilled() is not None

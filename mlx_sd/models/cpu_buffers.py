@@ -4,24 +4,50 @@
 it would import. An evaluated MLX array on the CPU exposes its buffer to numpy as a writable
 view (the buffer protocol), so the CPU kernels write their results straight into a new MLX
 array instead. The array must be new and not yet used by any MLX operation.
+
+MLX's Python API can only make such an array filled (`mx.zeros`), a pass over memory that the
+kernels then overwrite: 0.3 s of a 512² UNet step, which makes about 1.8 GiB of outputs. The
+optional extension `_uninitialized` (uninitialized.cpp, built at install where MLX's headers
+and nanobind are) makes them without the fill; without it, or built against another MLX
+version, the arrays are zero-filled.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import logging
+from collections.abc import Callable
+
 import mlx.core as mx
 import numpy as np
 
+_log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _unfilled() -> Callable[[list[int]], mx.array] | None:
+    """The extension's array maker, where it was built against the MLX now loaded."""
+    try:
+        extension = importlib.import_module("mlx_sd.models._uninitialized")
+    except ImportError:
+        return None
+    if mx.__version__.split(".dev")[0] != extension.mlx_version:
+        _log.warning("mlx_sd's _uninitialized was built for MLX %s, not %s: new CPU arrays are zero-filled "
+                     "until mlx-sd is reinstalled (pip install -e .)", extension.mlx_version, mx.__version__)
+        return None
+    return extension.float32
+
 
 def new_array(shape: tuple[int, ...], rows: mx.array | None = None) -> tuple[mx.array, np.ndarray]:
-    """A new fp32 MLX array (zeros, or `rows` broadcast to `shape`) and a writable numpy view of
-    its buffer."""
-    out = mx.zeros(shape, mx.float32)
-    if rows is not None:
-        # Added to fresh zeros: a contiguous broadcast (or mx.full) of fp32 rows can come back as
-        # `rows`' own buffer, or as a stride-0 view, and writing either would corrupt memory.
-        out = out + rows.astype(mx.float32)
+    """A new fp32 MLX array of unspecified contents (or `rows` broadcast to `shape`) and a
+    writable numpy view of its buffer."""
+    unfilled = _unfilled()
+    out = mx.zeros(shape, mx.float32) if unfilled is None else unfilled(list(shape))
     mx.eval(out)
     view = np.asarray(out)
     if not (view.flags.c_contiguous and view.flags.writeable):
         raise RuntimeError(f"MLX returned a {view.strides}-strided array for a new {shape} buffer")
+    if rows is not None:
+        view[...] = np.asarray(rows.astype(mx.float32))
     return out, view
