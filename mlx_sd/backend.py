@@ -149,7 +149,7 @@ def preload(
 
 
 # glibc's mallopt parameters.
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 
 
 @functools.cache
@@ -166,11 +166,17 @@ def keep_heap_pages(libc: ctypes.CDLL | None = None) -> bool:
     them when freed, and MLX keeps no buffer cache on the CPU, so each large activation pays a
     page fault per 4 KiB page: an elementwise op over 84 MB took 34 ms, against 13 ms with the
     heap's pages kept for reuse. `trim_heap()` hands the pages back when a job ends.
+
+    All threads share one arena: MLX allocates its results on its stream's thread and the CPU
+    kernels on the caller's (cpu_buffers), and with an arena each, both kept their freed pages
+    (a 512², 20-step bf16 generation peaked at 3.55 GiB, against 3.35 GiB with one arena, in the
+    same time). Set before MLX starts its threads.
     """
     libc = libc or _glibc()
     if libc is None:
         return False
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    return all(libc.mallopt(param, value) for param, value in
+               ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_ARENA_MAX, 1)))
 
 
 def trim_heap(libc: ctypes.CDLL | None = None) -> None:

@@ -149,7 +149,8 @@ class FakeLibc:
 def test_heap_pages_are_kept_for_reuse_and_trimmed_on_request() -> None:
     libc = FakeLibc()
     assert backend.keep_heap_pages(libc)
-    assert libc.calls == [("mallopt", backend.M_MMAP_MAX, 0), ("mallopt", backend.M_TRIM_THRESHOLD, 2**31 - 1)]
+    assert libc.calls == [("mallopt", backend.M_MMAP_MAX, 0), ("mallopt", backend.M_TRIM_THRESHOLD, 2**31 - 1),
+                          ("mallopt", backend.M_ARENA_MAX, 1)]
     backend.trim_heap(libc)
     assert libc.calls[-1] == ("malloc_trim", 0)
     assert not backend.keep_heap_pages(FakeLibc(accepts=False))

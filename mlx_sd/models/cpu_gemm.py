@@ -145,7 +145,7 @@ def feed_forward(x: mx.array, proj_weight: mx.array, proj_bias: mx.array | None,
     projection's columns times the exact GELU of the second half, in blocks of FF_ROWS rows: each
     block is projected onto the bias in per-thread scratch, gated, and projected again onto its
     rows of the output, so neither the projection (84 MB at 64²) nor the gated activations
-    (42 MB) are ever held whole, zero-filled by MLX, or read back from memory. bf16 products
+    (42 MB) are ever held whole or read back from memory. bf16 products
     (the gated activations rounded to bf16, as a bf16 model's next layer would) for bf16
     weights, else fp32; both weights of one type, where `computes` holds."""
     bf16 = uses_bf16(proj_weight)
