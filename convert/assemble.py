@@ -17,9 +17,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from convert import keymaps
-from convert.formats import CheckpointLayout, SafetensorsHeader, read_config, read_header
+from convert.formats import CheckpointLayout, SafetensorsHeader, TensorInfo, read_config, read_header
 from convert.infer_config import INFER
-from convert.transforms import mlx_shape, to_mlx
+from convert.reader import Request, TensorReader
+from convert.transforms import mlx_shape
 from mlx_sd.errors import CheckpointError
 from mlx_sd.models import cpu_threads
 from mlx_sd.models.clip import CLIPTextConfig, CLIPTextModel
@@ -69,7 +70,7 @@ class NetworkSource:
     """One network's tensors in the checkpoint files, under our names."""
 
     keys: dict[str, tuple[Path, str]] = field(default_factory=dict)  # our name -> (file, key there)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # our name -> checkpoint shape
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)  # our name -> its checkpoint tensor
     unexpected: list[str] = field(default_factory=list)
     config_json: dict[str, Any] | None = None
 
@@ -81,7 +82,7 @@ class NetworkSource:
                 self.unexpected.append(file_key)
             else:
                 self.keys[name] = (header.path, file_key)
-                self.shapes[name] = header.tensors[file_key].shape
+                self.tensors[name] = header.tensors[file_key]
 
 
 def _weight_keys(header: SafetensorsHeader) -> list[str]:
@@ -134,7 +135,7 @@ def _resolve_config(network: str, source: NetworkSource, override: Any) -> Any:
             return CONFIG_TYPES[network].from_dict(source.config_json)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{network} config.json: {e}") from None
-    return INFER[network](source.shapes)
+    return INFER[network]({name: info.shape for name, info in source.tensors.items()})
 
 
 def _abridged(label: str, names: list[str]) -> str:
@@ -147,9 +148,9 @@ def _problems(source: NetworkSource, expected: dict[str, mx.array]) -> list[str]
     missing = [n for n in expected if n not in source.keys]
     unexpected = source.unexpected + [source.keys[n][1] for n in source.keys if n not in expected]
     mis_shaped = [
-        f"{source.keys[n][1]} {source.shapes[n]} (model wants {tuple(p.shape)} in MLX layout)"
+        f"{source.keys[n][1]} {source.tensors[n].shape} (model wants {tuple(p.shape)} in MLX layout)"
         for n, p in expected.items()
-        if n in source.keys and mlx_shape(source.shapes[n], p.ndim) != tuple(p.shape)
+        if n in source.keys and mlx_shape(source.tensors[n].shape, p.ndim) != tuple(p.shape)
     ]
     return [
         _abridged(label, names)
@@ -171,6 +172,30 @@ def _conversion_streams() -> list[mx.Stream]:
     return _streams.cpu
 
 
+def _groups(source: NetworkSource, expected: dict[str, mx.array]) -> list[list[tuple[str, mx.array]]]:
+    """The network's parameters in runs of about EVAL_GROUP_BYTES of checkpoint data."""
+    groups: list[list[tuple[str, mx.array]]] = [[]]
+    size = 0
+    for name, param in expected.items():
+        if size >= EVAL_GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, param))
+        info = source.tensors[name]
+        size += info.stop - info.start
+    return groups
+
+
+def _lanes(tensors: list[TensorInfo], count: int) -> list[int]:
+    """For each tensor, the least loaded of `count` streams (by bytes) when it is assigned."""
+    loads, lanes = [0] * count, []
+    for info in tensors:
+        lane = loads.index(min(loads))
+        lanes.append(lane)
+        loads[lane] += info.stop - info.start
+    return lanes
+
+
 def assemble(layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | None = None) -> SD1Models:
     """Build the three networks from a checkpoint layout; raises `CheckpointError` on any mismatch."""
     configs = configs or SD1Configs()
@@ -186,29 +211,25 @@ def assemble(layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | No
         files = ", ".join(str(p) for p in layout.files)
         raise CheckpointError(f"{files} does not match the SD-1 architecture:\n" + "\n".join(report))
 
-    streams = _conversion_streams()
-    opened: dict[tuple[Path, int], dict[str, mx.array]] = {}
+    streams, reader = _conversion_streams(), TensorReader()
     for network in NETWORKS:
-        weights, pending, loads = [], [], [0] * len(streams)
-        for name, param in expected[network].items():
-            path, key = sources[network].keys[name]
-            # mx.load reads the file lazily; popping each tensor lets its source buffer go once
-            # converted. Each tensor is converted (conv weights transposed, dtypes cast) on the
-            # least loaded of one CPU stream per core, which MLX runs on threads of their own:
-            # an fp16 SD-1.5 load took 1.03 s here against 1.34, a bf16 one 2.2 s against 3.1
-            # (the reads themselves, 0.66 s, do not get faster on more streams). The conversions
-            # are evaluated in groups of about EVAL_GROUP_BYTES, which bounds the sources held.
-            lane = loads.index(min(loads))
-            if (path, lane) not in opened:
-                opened[path, lane] = mx.load(str(path), stream=streams[lane])
-            with mx.stream(streams[lane]):
-                tensor = to_mlx(opened[path, lane].pop(key), param.ndim, dtype)
-            weights.append((name, tensor))
-            pending.append(tensor)
-            loads[lane] += tensor.nbytes
-            if sum(loads) >= EVAL_GROUP_BYTES:
-                mx.eval(pending)
-                pending, loads = [], [0] * len(streams)
-        mx.eval(pending)
+        weights, previous = [], []
+        for group in _groups(sources[network], expected[network]):
+            # Each group is read in MLX's layout (on every core, see convert.reader), then cast
+            # tensor by tensor on the least loaded of one CPU stream per core, which MLX runs on
+            # threads of their own, while the next group is read. Groups of about
+            # EVAL_GROUP_BYTES bound the sources held.
+            lanes = _lanes([sources[network].tensors[name] for name, _ in group], len(streams))
+            tensors = reader.read([Request(*sources[network].keys[name], sources[network].tensors[name], param.ndim,
+                                           streams[lane]) for (name, param), lane in zip(group, lanes)])
+            converted = []
+            for lane, tensor in zip(lanes, tensors):
+                with mx.stream(streams[lane]):
+                    converted.append(mx.contiguous(tensor.astype(dtype)))
+            mx.async_eval(converted)
+            mx.eval(previous)
+            previous = converted
+            weights += [(name, tensor) for (name, _), tensor in zip(group, converted)]
+        mx.eval(previous)
         models[network].load_weights(weights, strict=True)
     return SD1Models(**models)

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 
 from convert.assemble import MODEL_TYPES, NETWORKS, SD1Configs, SD1Models
 from convert.formats import CheckpointLayout, read_header
+from convert.reader import Request, TensorReader
 from mlx_sd.errors import CheckpointError
 
 FORMAT = "mlx-sd-sd1"
@@ -110,16 +111,20 @@ def write_converted(models: SD1Models, path: Path, sources: list[dict[str, Any]]
 
 def read_converted(path: Path, dtype: mx.Dtype) -> SD1Models:
     """Load a converted file: no renaming or re-layout, only a cast when `dtype` differs."""
-    metadata = read_header(path).metadata
+    header = read_header(path)
+    metadata = header.metadata
     if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} is not an mlx-sd converted file of format version {FORMAT_VERSION}; convert the source again"
         )
     configs = SD1Configs.from_dict(json.loads(metadata["configs"]))
-    arrays = mx.load(str(path))
+    tensors = dict(header.tensors)
+    reader, stream = TensorReader(), mx.default_stream(mx.default_device())
     models = {}
     for network in NETWORKS:
         model = MODEL_TYPES[network](getattr(configs, network))
+        keys = [k for k in tensors if k.startswith(f"{network}.")]
+        arrays = dict(zip(keys, reader.read([Request(path, k, tensors.pop(k), None, stream) for k in keys])))
         weights = _take_network(arrays, network, dtype)
         try:
             model.load_weights(weights, strict=True)
@@ -127,8 +132,8 @@ def read_converted(path: Path, dtype: mx.Dtype) -> SD1Models:
             raise CheckpointError(f"{path}: damaged converted file ({network}: {e})") from None
         mx.eval(model.parameters())
         models[network] = model
-    if arrays:
-        raise CheckpointError(f"{path}: damaged converted file (unexpected keys: {sorted(arrays)[:10]})")
+    if tensors:
+        raise CheckpointError(f"{path}: damaged converted file (unexpected keys: {sorted(tensors)[:10]})")
     return SD1Models(**models)
 
 

@@ -32,6 +32,9 @@ DIFFUSERS_WEIGHT_NAMES = {
 class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
+    # Where the tensor's bytes lie in the file, checked to be inside its data section.
+    start: int = 0
+    stop: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,11 +84,20 @@ def read_header(path: Path) -> SafetensorsHeader:
     if not isinstance(entries, dict):
         raise CheckpointError(f"{path} is not a safetensors file (header is not a JSON object)")
     metadata = entries.pop("__metadata__", None) or {}
+    data_start = 8 + length
     try:
-        tensors = {k: TensorInfo(v["dtype"], tuple(v["shape"])) for k, v in entries.items()}
-    except (TypeError, KeyError) as e:
+        tensors = {k: _tensor_info(v, data_start, size) for k, v in entries.items()}
+    except (TypeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path} has a malformed safetensors header ({e!r})") from None
     return SafetensorsHeader(path, raw, tensors, metadata)
+
+
+def _tensor_info(entry: dict, data_start: int, file_size: int) -> TensorInfo:
+    begin, end = (int(offset) for offset in entry["data_offsets"])
+    if not 0 <= begin <= end <= file_size - data_start:
+        raise ValueError(f"data offsets {begin}..{end} outside the {file_size - data_start}-byte data section")
+    return TensorInfo(entry["dtype"], tuple(int(size) for size in entry["shape"]), data_start + begin,
+                      data_start + end)
 
 
 @dataclass(frozen=True)

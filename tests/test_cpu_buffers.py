@@ -45,7 +45,7 @@ def test_new_arrays_of_nothing_and_of_bad_shapes() -> None:
     assert empty.shape == (0, 5) and view.size == 0
     if cpu_buffers._unfilled() is not None:
         with pytest.raises(ValueError, match="negative"):
-            cpu_buffers._unfilled()([2, -1])
+            cpu_buffers._unfilled()([2, -1], mx.float32)
 
 
 def test_an_extension_built_for_another_mlx_is_refused(monkeypatch, caplog) -> None:

@@ -26,7 +26,7 @@ _log = logging.getLogger(__name__)
 
 
 @functools.cache
-def _unfilled() -> Callable[[list[int]], mx.array] | None:
+def _unfilled() -> Callable[[list[int], mx.Dtype], mx.array] | None:
     """The extension's array maker, where it was built against the MLX now loaded."""
     try:
         extension = importlib.import_module("mlx_sd.models._uninitialized")
@@ -36,15 +36,22 @@ def _unfilled() -> Callable[[list[int]], mx.array] | None:
         _log.warning("mlx_sd's _uninitialized was built for MLX %s, not %s: new CPU arrays are zero-filled "
                      "until mlx-sd is reinstalled (pip install -e .)", extension.mlx_version, mx.__version__)
         return None
-    return extension.float32
+    return extension.empty
+
+
+def unfilled(shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array | None:
+    """A new evaluated MLX array of unspecified contents, or None where the extension is not."""
+    make = _unfilled()
+    return None if make is None else make(list(shape), dtype)
 
 
 def new_array(shape: tuple[int, ...], rows: mx.array | None = None) -> tuple[mx.array, np.ndarray]:
     """A new fp32 MLX array of unspecified contents (or `rows` broadcast to `shape`) and a
     writable numpy view of its buffer."""
-    unfilled = _unfilled()
-    out = mx.zeros(shape, mx.float32) if unfilled is None else unfilled(list(shape))
-    mx.eval(out)
+    out = unfilled(shape, mx.float32)
+    if out is None:
+        out = mx.zeros(shape, mx.float32)
+        mx.eval(out)
     view = np.asarray(out)
     if not (view.flags.c_contiguous and view.flags.writeable):
         raise RuntimeError(f"MLX returned a {view.strides}-strided array for a new {shape} buffer")

@@ -1,7 +1,8 @@
-// New fp32 MLX arrays whose buffers are not filled: the one thing MLX's Python API cannot make.
-// `mx.zeros` writes every byte, and the CPU kernels (cpu_buffers.py) overwrite every byte again.
-// Built against MLX's own headers and nanobind, in MLX's nanobind domain, so the arrays returned
-// are ordinary `mlx.core.array`s. Optional: see setup.py and cpu_buffers.py.
+// New MLX arrays whose buffers are not filled: the one thing MLX's Python API cannot make.
+// `mx.zeros` writes every byte, and the CPU kernels and the checkpoint reader (cpu_buffers.py,
+// convert/reader.py) overwrite every byte again. Built against MLX's own headers and nanobind,
+// in MLX's nanobind domain, so it takes `mlx.core.Dtype`s and returns ordinary
+// `mlx.core.array`s. Optional: see setup.py and cpu_buffers.py.
 
 #include <string>
 #include <vector>
@@ -19,8 +20,8 @@ namespace mx = mlx::core;
 
 NB_MODULE(_uninitialized, m) {
   m.def(
-      "float32",
-      [](const std::vector<int>& shape) {
+      "empty",
+      [](const std::vector<int>& shape, mx::Dtype dtype) {
         size_t count = 1;
         for (int size : shape) {
           if (size < 0) {
@@ -28,10 +29,10 @@ NB_MODULE(_uninitialized, m) {
           }
           count *= static_cast<size_t>(size);
         }
-        return mx::array(mx::allocator::malloc(count * sizeof(float)), mx::Shape(shape.begin(), shape.end()),
-                         mx::float32);
+        return mx::array(mx::allocator::malloc(count * dtype.size()), mx::Shape(shape.begin(), shape.end()), dtype);
       },
-      "An evaluated fp32 array of this shape whose contents are whatever its buffer held.");
+      nb::arg("shape"), nb::arg("dtype"),
+      "An evaluated array of this shape and dtype whose contents are whatever its buffer held.");
   // The version of the headers this was compiled against; the loaded libmlx must be the same.
   m.attr("mlx_version") = std::to_string(MLX_VERSION_MAJOR) + "." + std::to_string(MLX_VERSION_MINOR) + "." +
                           std::to_string(MLX_VERSION_PATCH);

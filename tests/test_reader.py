@@ -1,0 +1,98 @@
+"""convert.reader: checkpoint tensors read on every core into MLX's layout, against mx.load."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from convert.formats import read_header
+from convert.reader import Request, TensorReader
+from convert.transforms import to_mlx
+from mlx_sd.errors import CheckpointError
+from mlx_sd.models import cpu_buffers
+
+STREAM = mx.default_stream(mx.cpu)
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int], bytes]]) -> None:
+    """A safetensors file written by hand, so that its header can say anything."""
+    header, data = {}, b""
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "conv": mx.array(rng.standard_normal((5, 3, 3, 3)).astype(np.float16)),  # OIHW
+        "conv_bf16": mx.array(rng.standard_normal((4, 6, 1, 3)).astype(np.float32)).astype(mx.bfloat16),
+        "one_by_one": mx.array(rng.standard_normal((7, 4, 1, 1)).astype(np.float32)),
+        "linear": mx.array(rng.standard_normal((3, 8)).astype(np.float16)),
+        "ids": mx.arange(11, dtype=mx.int64),
+        "flags": mx.array([True, False, True]),
+        "empty": mx.zeros((0, 4), mx.float32),
+    }
+    path = tmp_path / "weights.safetensors"
+    mx.save_safetensors(str(path), arrays)
+    return path
+
+
+# Target dimensions of each tensor's parameter: conv weights stay 4-D, the 1x1 conv feeds a linear.
+TARGETS = {"conv": 4, "conv_bf16": 4, "one_by_one": 2, "linear": 2, "ids": 1, "flags": 1, "empty": 2}
+
+
+def read_all(path: Path, layout: bool) -> dict[str, mx.array]:
+    tensors = read_header(path).tensors
+    requests = [Request(path, k, tensors[k], TARGETS[k] if layout else None, STREAM) for k in TARGETS]
+    return dict(zip(TARGETS, TensorReader().read(requests)))
+
+
+@pytest.mark.parametrize("layout", [True, False])
+@pytest.mark.parametrize("unfilled", [True, False])
+def test_tensors_equal_mx_load_in_mlx_layout_or_as_stored(checkpoint: Path, layout: bool, unfilled: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    if not unfilled:  # the fallback: mx.load, lazily
+        monkeypatch.setattr(cpu_buffers, "unfilled", lambda shape, dtype: None)
+    got = read_all(checkpoint, layout)
+    stored = mx.load(str(checkpoint))
+    for key, tensor in got.items():
+        expected = to_mlx(stored[key], TARGETS[key], stored[key].dtype) if layout else stored[key]
+        assert tensor.dtype == expected.dtype and tensor.shape == expected.shape, key
+        assert mx.array_equal(tensor, expected).item(), key
+
+
+def test_a_tensor_whose_size_disagrees_with_its_shape_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "lies.safetensors"
+    write_safetensors(path, {"w": ("F32", [4, 4], bytes(60))})
+    with pytest.raises(CheckpointError, match="holds 60 bytes, not the F32 \\[4, 4\\]"):
+        TensorReader().read([Request(path, "w", read_header(path).tensors["w"], 2, STREAM)])
+
+
+def test_offsets_outside_the_data_are_refused_with_the_header(tmp_path: Path) -> None:
+    path = tmp_path / "outside.safetensors"
+    encoded = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 4096]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(16))
+    with pytest.raises(CheckpointError, match="outside the 16-byte data section"):
+        read_header(path)
+
+
+@pytest.mark.parametrize("key, ndim", [("linear", 2), ("conv", 4)])
+def test_a_file_cut_short_after_its_header_was_read(tmp_path: Path, key: str, ndim: int) -> None:
+    path = tmp_path / "cut.safetensors"
+    write_safetensors(path, {"conv": ("F16", [2, 2, 3, 3], bytes(72)), "linear": ("F32", [64, 64], bytes(16384))})
+    info = read_header(path).tensors[key]
+    with path.open("r+b") as f:
+        f.truncate(info.start + 8)
+    if cpu_buffers.unfilled((1,), mx.float32) is None:
+        pytest.skip("the fallback reads through mx.load, which raises its own error")
+    with pytest.raises(CheckpointError, match=f"ended inside {key}"):
+        TensorReader().read([Request(path, key, info, ndim, STREAM)])
