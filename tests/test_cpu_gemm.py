@@ -11,7 +11,7 @@ import pytest
 
 from mlx_sd.models import cpu_gemm
 from mlx_sd.models.activations import geglu
-from mlx_sd.models.layers import Conv2d, Linear
+from mlx_sd.models.layers import Conv2d, Linear, output_plus
 from mlx_sd.models.unet import FeedForward
 
 pytestmark = pytest.mark.skipif(cpu_gemm.gemm() is None, reason="no fast BLAS loaded (reference BLAS)")
@@ -58,12 +58,23 @@ def conv_form(request, monkeypatch) -> str:
     return request.param
 
 
+def addend(kind: str, shape: tuple, out_channels: int) -> np.ndarray | None:
+    """What a convolution adds to its result: nothing, one vector per image, or a residual."""
+    if kind == "none":
+        return None
+    return random(shape[0], 1, 1, out_channels, seed=30) if kind == "per-image" else random(*shape[:3], out_channels,
+                                                                                          seed=31)
+
+
+@pytest.mark.parametrize("add", ["none", "per-image", "residual"])
 @pytest.mark.parametrize(("shape", "out_channels", "kernel"), CONV_CASES)
-def test_fp32_conv_matches_float64(shape: tuple, out_channels: int, kernel: int, conv_form: str) -> None:
+def test_fp32_conv_matches_float64(shape: tuple, out_channels: int, kernel: int, add: str, conv_form: str) -> None:
     x, w, b = random(*shape, seed=0), random(out_channels, kernel, kernel, shape[-1], seed=1), random(out_channels, seed=2)
-    ours = cpu_gemm.conv2d(mx.array(x), mx.array(w), mx.array(b), kernel // 2)
+    extra = addend(add, shape, out_channels)
+    ours = cpu_gemm.conv2d(mx.array(x), mx.array(w), mx.array(b), kernel // 2, None if extra is None else mx.array(extra))
+    reference = conv_reference(x.astype(np.float64), w.astype(np.float64), b, kernel // 2) + (0 if extra is None else extra)
     assert ours.dtype == mx.float32 and ours.shape == (*shape[:3], out_channels)
-    assert relative_error(ours, conv_reference(x.astype(np.float64), w.astype(np.float64), b, kernel // 2)) < 1e-6
+    assert relative_error(ours, reference) < 1e-6
 
 
 @needs_bf16
@@ -79,12 +90,20 @@ def test_bf16_conv_is_exact_on_bf16_operands(shape: tuple, out_channels: int, ke
 
 
 @needs_bf16
-def test_bf16_linear_is_exact_on_bf16_operands() -> None:
-    x, w, b = random(2, 7, 33, seed=6), random(19, 33, seed=7), random(19, seed=8)
-    ours = cpu_gemm.linear(mx.array(x), mx.array(w).astype(mx.bfloat16), mx.array(b).astype(mx.bfloat16))
-    reference = bf16_rounded(x) @ bf16_rounded(w).T + bf16_rounded(b)
-    assert ours.shape == (2, 7, 19) and ours.dtype == mx.float32
+@pytest.mark.parametrize("lead", [(2, 7), (1, 1), (1,), (3, 1)])
+@pytest.mark.parametrize("with_add", [False, True], ids=["plain", "residual"])
+def test_bf16_linear_is_exact_on_bf16_operands(lead: tuple, with_add: bool) -> None:
+    x, w, b = random(*lead, 33, seed=6), random(19, 33, seed=7), random(19, seed=8)
+    extra = random(*lead, 19, seed=9) if with_add else None
+    bias, residual = mx.array(b).astype(mx.bfloat16), None if extra is None else mx.array(extra)
+    ours = cpu_gemm.linear(mx.array(x), mx.array(w).astype(mx.bfloat16), bias, residual)
+    reference = bf16_rounded(x) @ bf16_rounded(w).T + bf16_rounded(b) + (0 if extra is None else extra)
+    assert ours.shape == (*lead, 19) and ours.dtype == mx.float32
     assert relative_error(ours, reference) < 1e-6
+    # The bias and the residual are read, never written (a bias broadcast to the result's shape
+    # once came back as the bias's own buffer).
+    assert np.array_equal(np.array(bias.astype(mx.float32)), bf16_rounded(b).astype(np.float32))
+    assert residual is None or np.array_equal(np.array(residual), extra)
 
 
 @needs_bf16
@@ -163,7 +182,8 @@ def geglu_reference(h: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", [mx.float32, pytest.param(mx.bfloat16, marks=needs_bf16)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
-def test_feed_forward_matches_float64(dtype: mx.Dtype, with_bias: bool, monkeypatch) -> None:
+@pytest.mark.parametrize("with_add", [False, True], ids=["plain", "residual"])
+def test_feed_forward_matches_float64(dtype: mx.Dtype, with_bias: bool, with_add: bool, monkeypatch) -> None:
     """Blocks of rows (here 16, so 74 rows end with a short block) projected, gated and projected
     again in scratch. In bf16 the gated activations are rounded to bf16 before the second
     product, as the reference does too."""
@@ -172,10 +192,11 @@ def test_feed_forward_matches_float64(dtype: mx.Dtype, with_bias: bool, monkeypa
     w2, b2 = random(12, 20, seed=20), random(12, seed=21)
     rounded = bf16_rounded if dtype == mx.bfloat16 else lambda t: t.astype(np.float64)
     biases = [mx.array(b).astype(dtype) if with_bias else None for b in (b1, b2)]
+    extra = random(2, 37, 12, seed=22) if with_add else None
     ours = cpu_gemm.feed_forward(mx.array(x), mx.array(w1).astype(dtype), biases[0], mx.array(w2).astype(dtype),
-                                 biases[1])
+                                 biases[1], None if extra is None else mx.array(extra))
     gated = geglu_reference(rounded(x) @ rounded(w1).T + (rounded(b1) if with_bias else 0))
-    reference = rounded(gated) @ rounded(w2).T + (rounded(b2) if with_bias else 0)
+    reference = rounded(gated) @ rounded(w2).T + (rounded(b2) if with_bias else 0) + (0 if extra is None else extra)
     assert ours.shape == (2, 37, 12) and ours.dtype == mx.float32
     # The erf approximation's 1.5e-7 and fp32 sums; a gated value rounding to the other bf16
     # neighbour (not the case for these inputs) would show as ~1e-3.
@@ -192,3 +213,26 @@ def test_unet_feed_forward_is_fused_where_the_gemms_take_it(monkeypatch) -> None
     layer.set_dtype(mx.float16)  # MLX's own fp16 matmuls: not fused
     layer(x)
     assert calls == [mx.float32]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, pytest.param(mx.bfloat16, marks=needs_bf16)], ids=["fp32", "bf16"])
+def test_layers_add_to_their_output_in_any_form(dtype: mx.Dtype) -> None:
+    """`output_plus(layer, x, add)` is layer(x) + add, whether the layer folds `add` into its own
+    output pass (residuals, per-image vectors), adds it after (other shapes, MLX's path), or is
+    an `nn.QuantizedLinear` that quantization put in its place."""
+    x = mx.array(random(2, 5, 6, 8, seed=23))
+    conv, pointwise, linear = Conv2d(8, 4, 3, padding=1), Conv2d(8, 4, 1), Linear(8, 4)
+    quantized = nn.QuantizedLinear.from_linear(Linear(32, 4), group_size=32, bits=8)
+    for layer in (conv, pointwise, linear):
+        layer.set_dtype(dtype)
+    cases = [(conv, x, (2, 5, 6, 4)), (conv, x, (2, 1, 1, 4)), (conv, x, (1, 1, 1, 4)), (pointwise, x, (2, 5, 6, 4)),
+             (pointwise, x, (2, 1, 1, 4)), (linear, x, (2, 5, 6, 4)), (linear, x, (4,)),
+             (quantized, mx.array(random(3, 32, seed=24)), (3, 4))]
+    for i, (layer, inputs, shape) in enumerate(cases):
+        add = mx.array(random(*shape, seed=25 + i))
+        expected = type(layer).__mro__[1].__call__(layer, inputs) if isinstance(layer, (Conv2d, Linear)) else layer(inputs)
+        ours = output_plus(layer, inputs, add)
+        # bf16 layers on the CPU round their input to bf16, which MLX's own layer does not.
+        tolerance = 2e-2 if dtype == mx.bfloat16 else 1e-5
+        np.testing.assert_allclose(np.array(ours), np.array(expected + add), rtol=tolerance, atol=tolerance,
+                                   err_msg=f"{type(layer).__name__} plus {shape}")

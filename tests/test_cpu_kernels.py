@@ -123,16 +123,30 @@ def test_pad_image_in_row_ranges_matches_np_pad(bf16: bool) -> None:
     np.testing.assert_array_equal(out, bf16_bits(expected) if bf16 else expected)
 
 
-def test_crop_bias_keeps_the_top_left_pixels_plus_bias() -> None:
+def test_crop_bias_keeps_the_top_left_pixels_plus_bias_and_residual() -> None:
     rng = np.random.default_rng(8)
     source = rng.standard_normal((2, 7, 9, 4)).astype(np.float32)
-    bias = rng.standard_normal(4).astype(np.float32)
-    out, plain = np.empty((2, 5, 6, 4), np.float32), np.empty((2, 5, 6, 4), np.float32)
-    for first, last in [(0, 3), (3, 10)]:
-        cpu_kernels.crop_bias(source, bias, first, last, out)
-        cpu_kernels.crop_bias(source, None, first, last, plain)
-    np.testing.assert_array_equal(out, source[:, :5, :6] + bias)
-    np.testing.assert_array_equal(plain, source[:, :5, :6])
+    bias, per_image = rng.standard_normal(4).astype(np.float32), rng.standard_normal((2, 4)).astype(np.float32)
+    residual = rng.standard_normal((2, 5, 6, 4)).astype(np.float32)
+    outs = [np.empty((2, 5, 6, 4), np.float32) for _ in range(4)]
+    for first, last in [(0, 3), (3, 10)]:  # a split inside the first image
+        cpu_kernels.crop_bias(source, bias, first, last, outs[0])
+        cpu_kernels.crop_bias(source, None, first, last, outs[1])
+        cpu_kernels.crop_bias(source, per_image, first, last, outs[2], residual)
+        cpu_kernels.crop_bias(source, None, first, last, outs[3], residual)
+    cropped = source[:, :5, :6]
+    np.testing.assert_array_equal(outs[0], cropped + bias)
+    np.testing.assert_array_equal(outs[1], cropped)
+    np.testing.assert_allclose(outs[2], cropped + per_image[:, None, None] + residual, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(outs[3], cropped + residual)
+
+
+def test_crop_bias_refuses_biases_and_residuals_of_other_shapes() -> None:
+    source, out = np.zeros((2, 4, 4, 3), np.float32), np.empty((2, 3, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="bias"):
+        cpu_kernels.crop_bias(source, np.zeros((3, 3), np.float32), 0, 6, out)
+    with pytest.raises(ValueError, match="cannot add"):
+        cpu_kernels.crop_bias(source, None, 0, 6, out, np.zeros((2, 3, 3, 1), np.float32))
 
 
 def test_image_kernels_refuse_rows_out_of_range() -> None:

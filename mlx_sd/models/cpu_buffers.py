@@ -45,9 +45,8 @@ def unfilled(shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array | None:
     return None if make is None else make(list(shape), dtype)
 
 
-def new_array(shape: tuple[int, ...], rows: mx.array | None = None) -> tuple[mx.array, np.ndarray]:
-    """A new fp32 MLX array of unspecified contents (or `rows` broadcast to `shape`) and a
-    writable numpy view of its buffer."""
+def new_array(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
+    """A new fp32 MLX array of unspecified contents and a writable numpy view of its buffer."""
     out = unfilled(shape, mx.float32)
     if out is None:
         out = mx.zeros(shape, mx.float32)
@@ -55,6 +54,4 @@ def new_array(shape: tuple[int, ...], rows: mx.array | None = None) -> tuple[mx.
     view = np.asarray(out)
     if not (view.flags.c_contiguous and view.flags.writeable):
         raise RuntimeError(f"MLX returned a {view.strides}-strided array for a new {shape} buffer")
-    if rows is not None:
-        view[...] = np.asarray(rows.astype(mx.float32))
     return out, view

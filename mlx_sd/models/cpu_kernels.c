@@ -14,7 +14,7 @@
 /* The interface version: bump it with any change to an exported function's signature or
  * meaning, together with ABI_VERSION in cpu_kernels.py, so that a library left over from an
  * older install is refused instead of called with the wrong arguments. */
-int kernels_abi_version(void) { return 3; }
+int kernels_abi_version(void) { return 4; }
 
 #if X86_GCC
 /* The same rounding in one AVX512-BF16 instruction per 32 values: 4x cheaper than the integer form. */
@@ -203,22 +203,28 @@ void pad_image(const float *x, ptrdiff_t height, ptrdiff_t width, ptrdiff_t chan
 }
 
 /* Output rows [first, last) (over the batch, B * H of them) of out (B, H, W, C): the pixels of
- * src (B, padded_height, padded_width, C) with y < H and x < W, plus bias[c] unless it is NULL. */
+ * src (B, padded_height, padded_width, C) with y < H and x < W, plus the bias unless it is NULL
+ * (a row of C per image, `bias_stride` apart: 0 when all images share one), plus `add` (B, H, W,
+ * C: a residual) unless it is NULL. */
 MULTIVERSION
 void crop_bias(const float *src, ptrdiff_t height, ptrdiff_t width, ptrdiff_t padded_height, ptrdiff_t padded_width,
-               ptrdiff_t channels, const float *bias, ptrdiff_t first, ptrdiff_t last, float *out) {
+               ptrdiff_t channels, const float *bias, ptrdiff_t bias_stride, const float *add, ptrdiff_t first,
+               ptrdiff_t last, float *out) {
     for (ptrdiff_t r = first; r < last; r++) {
         ptrdiff_t image = r / height, y = r % height;
         const float *in = src + (image * padded_height + y) * padded_width * channels;
+        const float *b = bias == NULL ? NULL : bias + image * bias_stride;
+        const float *a = add == NULL ? NULL : add + r * width * channels;
         float *o = out + r * width * channels;
-        if (bias == NULL) {
+        if (b == NULL && a == NULL) {
             memcpy(o, in, (size_t)(width * channels) * sizeof *o);
             continue;
         }
         for (ptrdiff_t x = 0; x < width; x++) {
+            const ptrdiff_t at = x * channels;
 #pragma omp simd
             for (ptrdiff_t c = 0; c < channels; c++)
-                o[x * channels + c] = in[x * channels + c] + bias[c];
+                o[at + c] = in[at + c] + (b == NULL ? 0.0f : b[c]) + (a == NULL ? 0.0f : a[at + c]);
         }
     }
 }

@@ -36,7 +36,7 @@ _SIGNATURES = {  # name: (argument types, result type)
     "layer_norm": ([_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _FLOAT, _POINTER], None),
     "to_bf16": ([_POINTER, _SIZE, _POINTER], None),
     "pad_image": ([_POINTER] + [_SIZE] * 6 + [_POINTER, _POINTER], None),
-    "crop_bias": ([_POINTER] + [_SIZE] * 5 + [_POINTER, _SIZE, _SIZE, _POINTER], None),
+    "crop_bias": ([_POINTER] + [_SIZE] * 5 + [_POINTER, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER], None),
     "im2col": ([_POINTER] + [_SIZE] * 7 + [_POINTER, _POINTER], None),
     "amx_available": ([], _INT),
     "amx_attention": ([_POINTER] * 3 + [_SIZE] * 6 + [_FLOAT, _SIZE, _POINTER], _INT),
@@ -44,7 +44,7 @@ _SIGNATURES = {  # name: (argument types, result type)
 
 
 # cpu_kernels.c's kernels_abi_version(): the two change together.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 
 @functools.cache
@@ -155,16 +155,21 @@ def pad_image(x: np.ndarray, pad: int, first: int, last: int, out: np.ndarray) -
     kernels().pad_image(_pointer(x), h, w, c, pad, first, last, *_f32_or_bf16(out))
 
 
-def crop_bias(source: np.ndarray, bias: np.ndarray | None, first: int, last: int, out: np.ndarray) -> None:
+def crop_bias(source: np.ndarray, bias: np.ndarray | None, first: int, last: int, out: np.ndarray,
+              add: np.ndarray | None = None) -> None:
     """Rows [first, last) (counted over the batch) of out (B, H, W, C) = the top-left H x W pixels
-    of source (B, H', W', C), plus `bias` (C,) if given."""
+    of source (B, H', W', C), plus `bias` if given ((C,), or (B, C): one per image), plus `add`
+    (out's shape) if given."""
     b, h, w, c = out.shape
     _, source_h, source_w, source_c = source.shape
     if source.shape[0] != b or source_h < h or source_w < w or source_c != c or not 0 <= first <= last <= b * h:
         raise ValueError(f"cannot crop {source.shape} to {out.shape}, rows {first}:{last}")
-    if bias is not None and bias.shape != (c,):
-        raise ValueError(f"bias {bias.shape} for {c} channels")
+    if bias is not None and bias.shape not in ((c,), (b, c)):
+        raise ValueError(f"bias {bias.shape} for {b} images of {c} channels")
+    if add is not None and add.shape != out.shape:
+        raise ValueError(f"cannot add {add.shape} to {out.shape}")
     kernels().crop_bias(_pointer(source), h, w, source_h, source_w, c, None if bias is None else _pointer(bias),
+                        c if bias is not None and bias.ndim == 2 else 0, None if add is None else _pointer(add),
                         first, last, _pointer(out))
 
 

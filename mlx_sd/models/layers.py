@@ -19,29 +19,46 @@ def activation_dtype(weights: mx.Dtype) -> mx.Dtype:
     return weights if mx.default_device() == mx.gpu else mx.float32
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` that, on the CPU, computes bf16-stored layers with bf16 products (see cpu_gemm)."""
+def _plus(y: mx.array, add: mx.array | None) -> mx.array:
+    return y if add is None else y + add
 
-    def __call__(self, x: mx.array) -> mx.array:
-        if cpu_gemm.uses_bf16(self.weight):
-            return cpu_gemm.linear(x, self.weight, self.get("bias"))
-        return super().__call__(x)
+
+class Linear(nn.Linear):
+    """`nn.Linear` that, on the CPU, computes bf16-stored layers with bf16 products (see cpu_gemm).
+    `add`, of the result's shape (a residual), is added to the result: on the CPU by
+    accumulating the products onto it."""
+
+    def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
+        if cpu_gemm.uses_bf16(self.weight) and (add is None or add.shape == (*x.shape[:-1], self.weight.shape[0])):
+            return cpu_gemm.linear(x, self.weight, self.get("bias"), add)
+        return _plus(super().__call__(x), add)
 
 
 class Conv2d(nn.Conv2d):
     """`nn.Conv2d` that, on the CPU, runs stride-1 "same" convolutions straight on the BLAS and 1x1
-    convolutions of bf16-stored layers as bf16 products (see cpu_gemm)."""
+    convolutions of bf16-stored layers as bf16 products (see cpu_gemm). `add` is added to the
+    result: on the CPU with the bias, when it is a residual (the result's shape) or one vector
+    per image (B, 1, 1, out)."""
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
         kernel = self.weight.shape[1]
         plain = self.groups == 1 and self.dilation in (1, (1, 1)) and self.stride == (1, 1)
         same = kernel == self.weight.shape[2] and self.padding == (kernel // 2,) * 2
+        shape = (*x.shape[:-1], self.weight.shape[0])
         if plain and same and cpu_gemm.on_cpu():
-            if kernel > 1:
-                return cpu_gemm.conv2d(x, self.weight, self.get("bias"), kernel // 2)
-            if cpu_gemm.uses_bf16(self.weight):
-                return cpu_gemm.linear(x, self.weight.reshape(self.weight.shape[0], -1), self.get("bias"))
-        return super().__call__(x)
+            if kernel > 1 and (add is None or add.shape in (shape, (shape[0], 1, 1, shape[-1]))):
+                return cpu_gemm.conv2d(x, self.weight, self.get("bias"), kernel // 2, add)
+            if kernel == 1 and cpu_gemm.uses_bf16(self.weight) and (add is None or add.shape == shape):
+                return cpu_gemm.linear(x, self.weight.reshape(self.weight.shape[0], -1), self.get("bias"), add)
+        return _plus(super().__call__(x), add)
+
+
+def output_plus(layer: nn.Module, x: mx.array, add: mx.array | None) -> mx.array:
+    """layer(x) + add: folded into the layer's output pass where the layer is ours (not, say, an
+    `nn.QuantizedLinear` that quantization put in its place)."""
+    if isinstance(layer, (Linear, Conv2d)):
+        return layer(x, add=add)
+    return _plus(layer(x), add)
 
 
 def upsample_nearest(x: mx.array, size: tuple[int, int]) -> mx.array:
@@ -79,12 +96,11 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
-        h = self.conv1(self.norm1.with_silu(x))
-        if temb is not None:
-            h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
-        h = self.conv2(self.norm2.with_silu(h))
+        # The time embedding (one vector per image) and the shortcut join the convolutions' outputs.
+        step = None if temb is None else self.time_emb_proj(silu(temb))[:, None, None, :]
+        h = output_plus(self.conv1, self.norm1.with_silu(x), step)
         shortcut = self.conv_shortcut(x) if "conv_shortcut" in self else x
-        return shortcut + h
+        return output_plus(self.conv2, self.norm2.with_silu(h), shortcut)
 
 
 class Attention(nn.Module):
@@ -105,9 +121,10 @@ class Attention(nn.Module):
         self.to_v = Linear(context_dim, query_dim, bias=qkv_bias)
         self.to_out = [Linear(query_dim, query_dim)]
 
-    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
+    def __call__(self, x: mx.array, context: mx.array | None = None, add: mx.array | None = None) -> mx.array:
+        """The attention's output, plus `add` (a residual) if given."""
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         out = attention(q, k, v, self.heads, scale=(x.shape[-1] // self.heads) ** -0.5,
                         bf16_products=cpu_gemm.uses_bf16(self.to_v.weight))
-        return self.to_out[0](out)
+        return output_plus(self.to_out[0], out, add)

@@ -15,7 +15,7 @@ from mlx_sd.models import cpu_gemm
 from mlx_sd.models.activations import geglu, silu
 from mlx_sd.models.group_norm import GroupNorm
 from mlx_sd.models.layer_norm import LayerNorm
-from mlx_sd.models.layers import Attention, Conv2d, Linear, ResnetBlock2D, upsample_nearest
+from mlx_sd.models.layers import Attention, Conv2d, Linear, ResnetBlock2D, output_plus, upsample_nearest
 
 # Config values the SD-1 architecture has; anything else in a config.json is another model family.
 _SD1_ONLY = {
@@ -117,14 +117,13 @@ class FeedForward(nn.Module):
         # The Identity holds diffusers' dropout slot so that `net.2` keeps its checkpoint name.
         self.net = [GEGLU(dim, 4 * dim), nn.Identity(), Linear(4 * dim, dim)]
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
+        """The feed-forward's output, plus `add` (a residual) if given."""
         proj, out = self.net[0].proj, self.net[2]
         if (isinstance(proj, Linear) and isinstance(out, Linear) and cpu_gemm.computes(proj.weight)
                 and out.weight.dtype == proj.weight.dtype):
-            return cpu_gemm.feed_forward(x, proj.weight, proj.get("bias"), out.weight, out.get("bias"))
-        for layer in self.net:
-            x = layer(x)
-        return x
+            return cpu_gemm.feed_forward(x, proj.weight, proj.get("bias"), out.weight, out.get("bias"), add)
+        return output_plus(out, self.net[1](self.net[0](x)), add)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -138,9 +137,9 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = self.attn1(self.norm1(x), add=x)
+        x = self.attn2(self.norm2(x), context, add=x)
+        return self.ff(self.norm3(x), add=x)
 
 
 class Transformer2DModel(nn.Module):
@@ -159,7 +158,7 @@ class Transformer2DModel(nn.Module):
         y = self.proj_in(self.norm(x).reshape(b, h * w, c))
         for block in self.transformer_blocks:
             y = block(y, context)
-        return x + self.proj_out(y).reshape(b, h, w, c)
+        return output_plus(self.proj_out, y, x.reshape(b, h * w, c)).reshape(b, h, w, c)
 
 
 class Downsample2D(nn.Module):

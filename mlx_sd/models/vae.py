@@ -51,8 +51,7 @@ class SpatialSelfAttention(Attention):
 
     def __call__(self, x: mx.array) -> mx.array:
         b, h, w, c = x.shape
-        y = super().__call__(self.group_norm(x).reshape(b, h * w, c))
-        return x + y.reshape(b, h, w, c)
+        return super().__call__(self.group_norm(x).reshape(b, h * w, c), add=x.reshape(b, h * w, c)).reshape(b, h, w, c)
 
 
 class MidBlock(nn.Module):
