@@ -13,7 +13,7 @@ import pytest
 
 from mlx_sd.models import cpu_threads
 from mlx_sd.models.activations import silu
-from mlx_sd.models.group_norm import BLOCK, GroupNorm, group_moments
+from mlx_sd.models.group_norm import GroupNorm, _row_blocks, group_moments
 
 TOL = 1e-5
 
@@ -65,8 +65,14 @@ def test_matches_float64_reference_and_nn_group_norm(shape: tuple[int, ...], gro
     np.testing.assert_allclose(np.array(out), np.array(old(mx.array(x))), rtol=TOL, atol=TOL)
 
 
-def test_the_blocked_shape_spans_several_blocks() -> None:
-    assert 37 * 41 * 128 > BLOCK and (37 * 41) % (BLOCK // 128)
+@pytest.mark.parametrize(("batch", "cores", "blocks"), [(1, 2, 2), (1, 3, 3), (2, 2, 2), (3, 2, 3), (2, 3, 4)])
+def test_blocks_cover_every_row_once_about_one_per_core(batch: int, cores: int, blocks: int, monkeypatch) -> None:
+    monkeypatch.setattr(cpu_threads, "cores", lambda: cores)
+    found = _row_blocks(np.empty((batch, 37 * 41, 8), np.float32))  # an odd row count: a short last block
+    assert len(found) == blocks
+    for i in range(batch):
+        rows = [(start, stop) for image, start, stop in found if image == i]
+        assert rows[0][0] == 0 and rows[-1][1] == 37 * 41 and all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
 
 
 def test_large_mean_small_std_does_not_cancel() -> None:

@@ -28,17 +28,18 @@ from mlx_sd.models import cpu_kernels, cpu_threads
 from mlx_sd.models.activations import silu
 from mlx_sd.models.cpu_buffers import new_array
 
-# Both passes work in blocks of about BLOCK floats (512 KiB), the unit spread over the cores.
-BLOCK = 1 << 17
 # About this many rows give the rough per-channel mean the deviations are taken from: it only
 # has to be within a few standard deviations of the true mean for the sums not to cancel.
 SHIFT_SAMPLES = 64
 
 
 def _row_blocks(x: np.ndarray) -> list[tuple[int, int, int]]:
-    """(batch index, start, stop) of blocks of about BLOCK floats over x: (B, N, C)."""
-    b, n, c = x.shape
-    rows = max(1, BLOCK // c)
+    """(batch index, start, stop) of the blocks both passes split x (B, N, C) into: about one per
+    core. Both passes stream through memory, so larger blocks cost nothing in cache misses, and
+    each block's Python costs hold the GIL: in blocks of 128Ki floats, the threads queued on it
+    (GroupNorm + SiLU at (2, 64, 64, 320): 2.4 ms, against 1.7 ms in one block per core)."""
+    b, n, _ = x.shape
+    rows = -(-n // -(-cpu_threads.cores() // b))
     return [(i, start, min(start + rows, n)) for i in range(b) for start in range(0, n, rows)]
 
 
