@@ -156,6 +156,15 @@ def test_heap_pages_are_kept_for_reuse_and_trimmed_on_request() -> None:
     assert not backend.keep_heap_pages(FakeLibc(accepts=False))
 
 
+def test_numpy_is_asked_for_small_pages_unless_the_user_chose() -> None:
+    env: dict[str, str] = {}
+    backend.keep_numpy_pages_small(env)
+    assert env == {"NUMPY_MADVISE_HUGEPAGE": "0"}
+    chosen = {"NUMPY_MADVISE_HUGEPAGE": "1"}
+    backend.keep_numpy_pages_small(chosen)
+    assert chosen == {"NUMPY_MADVISE_HUGEPAGE": "1"}
+
+
 @pytest.mark.skipif(backend._glibc() is None, reason="glibc only")
 def test_the_real_glibc_accepts_the_settings() -> None:
     assert backend.keep_heap_pages()
