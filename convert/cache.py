@@ -119,7 +119,7 @@ def read_converted(path: Path, dtype: mx.Dtype) -> SD1Models:
         )
     configs = SD1Configs.from_dict(json.loads(metadata["configs"]))
     tensors = dict(header.tensors)
-    reader, stream = TensorReader(), mx.default_stream(mx.default_device())
+    reader, stream = TensorReader(), mx.default_stream(mx.cpu)  # as stored: nothing to re-lay out
     models = {}
     for network in NETWORKS:
         model = MODEL_TYPES[network](getattr(configs, network))

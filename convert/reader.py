@@ -37,8 +37,8 @@ SCRATCH_BYTES = 1 << 20
 @dataclass(frozen=True)
 class Request:
     """Tensor `key` of the file at `path`, in PyTorch's layout for a parameter of `target_ndim`
-    dimensions, or as stored (None: a converted file); `stream` is where mx.load reads and
-    re-lays it out, where it must."""
+    dimensions, or as stored (None: a converted file); `stream` is where it is re-laid out when
+    it goes through mx.load (which reads on `reading_stream(stream)`)."""
 
     path: Path
     key: str
@@ -70,15 +70,22 @@ class TensorReader:
         return [a if a is not None else self._lazy(r) for r, a in zip(requests, arrays)]
 
     def _lazy(self, request: Request) -> mx.array:
-        tag = (request.path, str(request.stream))
+        stream = reading_stream(request.stream)
+        tag = (request.path, str(stream))
         if tag not in self._loaded:
-            self._loaded[tag] = mx.load(str(request.path), stream=request.stream)
+            self._loaded[tag] = mx.load(str(request.path), stream=stream)
         # Popping lets each source buffer go once the caller no longer needs it.
         tensor = self._loaded[tag].pop(request.key)
         if request.target_ndim is None:
             return tensor
         with mx.stream(request.stream):
             return mlx_layout(tensor, request.target_ndim)
+
+
+def reading_stream(stream: mx.Stream) -> mx.Stream:
+    """Where `mx.load` reads for work on `stream`: that stream on the CPU, else the CPU's default
+    stream (MLX's Load has no GPU implementation; given a GPU stream, evaluating it fails)."""
+    return stream if stream.device == mx.cpu else mx.default_stream(mx.cpu)
 
 
 def _new_array(request: Request) -> mx.array | None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from convert.formats import read_header
-from convert.reader import Request, TensorReader
+from convert.reader import Request, TensorReader, reading_stream
 from convert.transforms import to_mlx
 from mlx_sd.errors import CheckpointError
 from mlx_sd.models import cpu_buffers
@@ -96,3 +96,15 @@ def test_a_file_cut_short_after_its_header_was_read(tmp_path: Path, key: str, nd
         pytest.skip("the fallback reads through mx.load, which raises its own error")
     with pytest.raises(CheckpointError, match=f"ended inside {key}"):
         TensorReader().read([Request(path, key, info, ndim, STREAM)])
+
+
+def test_mx_load_reads_on_a_cpu_stream_whatever_stream_the_work_is_on() -> None:
+    """MLX's Load primitive has no GPU implementation: on a Mac, where the conversions run on the
+    GPU's stream, the reads must still be on a CPU stream."""
+
+    class GpuStream:
+        device = "gpu"
+
+    lane = mx.new_stream(mx.cpu)
+    assert reading_stream(lane) is lane
+    assert reading_stream(GpuStream()) == mx.default_stream(mx.cpu)
