@@ -50,10 +50,11 @@ def random(*shape: int, seed: int) -> np.ndarray:
 CONV_CASES = [((2, 5, 7, 3), 4, 3), ((1, 9, 6, 13), 8, 3), ((1, 4, 4, 6), 5, 5), ((1, 70, 66, 8), 16, 3)]
 
 
-@pytest.fixture(params=["shifted", "unfolded"])
+@pytest.fixture(params=["shifted", "shifted in row blocks", "unfolded"])
 def conv_form(request, monkeypatch) -> str:
-    """Every case through both forms of the convolution, whatever its size would pick."""
-    monkeypatch.setattr(cpu_gemm, "IM2COL_ROWS", 0 if request.param == "shifted" else 1 << 30)
+    """Every case through each form of the convolution, whatever its size would pick."""
+    monkeypatch.setattr(cpu_gemm, "IM2COL_ROWS", 1 << 30 if request.param == "unfolded" else 0)
+    monkeypatch.setattr(cpu_gemm, "SUMS_BYTES", 0 if request.param == "shifted in row blocks" else 1 << 40)
     monkeypatch.setattr(cpu_gemm, "BLOCK_ROWS", 512)  # several blocks of shifted GEMMs in the largest case
     return request.param
 

@@ -45,6 +45,11 @@ BLOCK_ROWS = 4096
 # 16x16x1280; even at 32x32, slower beyond; benchmarks/cpu_gemm.py), and the unfolded copy is
 # at most a few MiB.
 IM2COL_ROWS = 1024
+# A shifted convolution sums the batch's taps in fp32 scratch of its padded size; past this size
+# (the VAE's 256² and 512² layers, 68-270 MB) it goes in blocks of rows instead, each cropped as
+# soon as it is summed: a 512² bf16 VAE decode peaked at 3.1 GiB against 3.4 GiB, in the same
+# 2.4-2.6 s. Below it, one run over the whole batch keeps the UNet's GEMMs larger.
+SUMS_BYTES = 64 << 20
 # Rows per block of feed_forward: each block's projection (up to 10240 wide) and gated
 # activations live in reused per-thread scratch. At 128 rows the BLAS calls cost more (33-35 ms
 # against 26-28 for the 64² feed-forward), at 512 the scratch outgrew the cache (20 against 17
@@ -251,7 +256,6 @@ def _conv_unfolded(image: np.ndarray, w: np.ndarray, bias: np.ndarray | None, re
 
 def _conv_shifted(image: np.ndarray, w: np.ndarray, bias: np.ndarray | None, residual: np.ndarray | None,
                   padding: int, bf16: bool) -> mx.array:
-    call, size = _gemm(bf16), 2 if bf16 else 4
     batch, height, width, channels = image.shape
     out_channels, kernel = w.shape[0], w.shape[1]
     rows, row = height + 2 * padding, width + 2 * padding
@@ -259,22 +263,49 @@ def _conv_shifted(image: np.ndarray, w: np.ndarray, bias: np.ndarray | None, res
     cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.pad_image(image, padding, first, last, source),
                                batch * rows, image.size)
     # Output pixel p of the flattened padded batch sums input pixels p + dy * row + dx, so the
-    # whole batch is one run of rows; those that land in padding are junk and dropped below.
-    # The last `reach` rows would read past the end and are never needed (nor written).
+    # whole batch is one run of rows; those that land in padding are junk and dropped by the
+    # crop, which also adds the bias and the residual. The last `reach` rows would read past the
+    # end and are never needed (nor written).
     reach = (kernel - 1) * (row + 1)
     total = batch * rows * row - reach
-    sums = np.empty((batch, rows, row, out_channels), np.float32)
+    y, out = new_array((batch, height, width, out_channels))
+    if batch * rows * row * out_channels * 4 <= SUMS_BYTES:
+        sums = np.empty((batch, rows, row, out_channels), np.float32)
+        _sum_taps(source, w, bf16, row, 0, total, sums)
+        cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.crop_bias(sums, bias, first, last, out, residual),
+                                   batch * height, out.size)
+        return y
+    # Larger images go in blocks of whole rows, each cropped as soon as it is summed.
+    lines = max(1, BLOCK_ROWS // row)
+    sums = np.empty((1, lines, row, out_channels), np.float32)
+    for i in range(batch):
+        image_bias = bias[i] if bias is not None and bias.ndim == 2 else bias
+        for first in range(0, height, lines):
+            count = min(lines, height - first)
+            origin = (i * rows + first) * row
+            _sum_taps(source, w, bf16, row, origin, min(count * row, total - origin), sums)
+            block, target = sums[:, :count], out[i:i + 1, first:first + count]
+            add = None if residual is None else residual[i:i + 1, first:first + count]
+            cpu_threads.for_each_chunk(
+                lambda a, z, block=block, image_bias=image_bias, target=target, add=add:
+                cpu_kernels.crop_bias(block, image_bias, a, z, target, add), count, target.size)
+    return y
+
+
+def _sum_taps(source: np.ndarray, w: np.ndarray, bf16: bool, row: int, origin: int, count: int,
+              sums: np.ndarray) -> None:
+    """sums' first `count` pixels = the kernel's taps summed for the padded source's pixels
+    origin.. origin + count (flattened over the batch, rows of `row` pixels), in GEMMs of
+    BLOCK_ROWS pixels."""
+    call, size = _gemm(bf16), 2 if bf16 else 4
+    out_channels, kernel, channels = w.shape[0], w.shape[1], w.shape[-1]
     taps = kernel * kernel
-    for start in range(0, total, BLOCK_ROWS):
-        m = min(BLOCK_ROWS, total - start)
+    for start in range(0, count, BLOCK_ROWS):
+        m = min(BLOCK_ROWS, count - start)
         for tap in range(taps):
-            shift = start + (tap // kernel) * row + tap % kernel
+            shift = origin + start + (tap // kernel) * row + tap % kernel
             # Tap `tap` of the weight, read transposed in place: row o starts at o * taps * C.
             call(ROW_MAJOR, NO_TRANS, TRANS, m, out_channels, channels, 1.0,
                  source.ctypes.data + shift * channels * size, channels,
                  w.ctypes.data + tap * channels * size, taps * channels,
                  1.0 if tap else 0.0, sums.ctypes.data + start * out_channels * 4, out_channels)
-    y, out = new_array((batch, height, width, out_channels))
-    cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.crop_bias(sums, bias, first, last, out, residual),
-                               batch * height, out.size)
-    return y
