@@ -51,3 +51,24 @@ def test_an_extension_built_for_another_mlx_is_refused(monkeypatch, caplog) -> N
         monkeypatch.undo()
         cpu_buffers._unfilled.cache_clear()
     assert cpu_buffers._unfilled() is not None
+
+
+def test_an_extension_that_cannot_make_mlx_arrays_is_refused(monkeypatch, caplog) -> None:
+    try:
+        extension = importlib.import_module("mlx_sd.models._uninitialized")
+    except ImportError:
+        pytest.skip("the extension was not built here")
+
+    def foreign(shape: list[int], dtype: mx.Dtype) -> mx.array:
+        raise TypeError("Unable to convert function return value to a Python type!")
+
+    cpu_buffers._unfilled.cache_clear()
+    monkeypatch.setattr(extension, "empty", foreign)
+    try:
+        with caplog.at_level("WARNING"):
+            assert cpu_buffers._unfilled() is None
+        assert "cannot make MLX arrays" in caplog.text
+    finally:
+        monkeypatch.undo()
+        cpu_buffers._unfilled.cache_clear()
+    assert cpu_buffers._unfilled() is not None

@@ -36,6 +36,13 @@ def _unfilled() -> Callable[[list[int], mx.Dtype], mx.array] | None:
         _log.warning("mlx_sd's _uninitialized was built for MLX %s, not %s: new CPU arrays are zero-filled "
                      "until mlx-sd is reinstalled (pip install -e .)", extension.mlx_version, mx.__version__)
         return None
+    try:
+        # Built with a nanobind whose internals differ from MLX's, it cannot hand over MLX arrays.
+        extension.empty([1], mx.float32)
+    except TypeError as exc:
+        _log.warning("mlx_sd's _uninitialized cannot make MLX arrays here (%s): new CPU arrays are zero-filled",
+                     exc)
+        return None
     return extension.empty
 
 
