@@ -15,7 +15,7 @@ Two gaps in MLX's CPU backend (measured with benchmarks/cpu_gemm.py on a 2-core 
   levels) instead unfold their input (im2col, also a kernel) into one larger GEMM.
 - MLX has no bf16 GEMM on the CPU: bf16 weights are widened to fp32 on every call. MKL's
   `cblas_gemm_bf16bf16f32` takes bf16 inputs, accumulates in fp32 and runs on AMX or
-  AVX512-BF16 units: 650-1500 GFLOP/s for the convolutions and 650-1100 for the linear layers.
+  AVX512-BF16 units: 860-1800 GFLOP/s for the convolutions and 730-1150 for the linear layers.
 
 So on the CPU, convolutions go through `conv2d` here, and layers whose weights are stored in
 bf16 (`--dtype bfloat16`) compute their products in bf16 with fp32 accumulation, as torch
