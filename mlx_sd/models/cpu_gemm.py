@@ -50,6 +50,11 @@ IM2COL_ROWS = 1024
 # soon as it is summed: a 512² bf16 VAE decode peaked at 3.1 GiB against 3.4 GiB, in the same
 # 2.4-2.6 s. Below it, one run over the whole batch keeps the UNet's GEMMs larger.
 SUMS_BYTES = 64 << 20
+# bf16 linear layers whose input has at most this many values run as one block, one MKL call on
+# its own threads: handing half the rows to the pool cost more than it saved there (medians of
+# 200 calls: 512x640 0.43 ms against 0.55, 128x1280 0.38 against 0.49, 2x1280 0.24 against
+# 0.33; 2048x320 even; 2048x640 1.69 against 1.50, 8192x320 2.14 against 1.69).
+WHOLE_LINEAR = 1 << 19
 # Rows per block of feed_forward: each block's projection (up to 10240 wide) and gated
 # activations live in reused per-thread scratch. At 128 rows the BLAS calls cost more (33-35 ms
 # against 26-28 for the 64² feed-forward), at 512 the scratch outgrew the cache (20 against 17
@@ -147,14 +152,15 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None, add: mx.array |
     bf16 in its thread's scratch and started from its bias and residual rows, its GEMM on that
     thread, like the other kernels: timed layer by layer inside a bf16 UNet step at 512², the
     64² and 32² layers took 8-12% less than with one MKL call over all rows, whose own threads
-    sleep between the calls."""
+    sleep between the calls. Inputs of at most WHOLE_LINEAR values are one block on the calling
+    thread, one MKL call on its threads."""
     *lead, k = x.shape
     n = weight.shape[0]
     a, b = _fp32(x.reshape(-1, k)), _weights(weight, True)
     bias_row = None if bias is None else _fp32(bias)
     residual = None if add is None else _fp32(add).reshape(len(a), n)
     y, out = new_array((len(a), n))
-    block = -(-len(a) // cpu_threads.cores())
+    block = len(a) if a.size <= WHOLE_LINEAR else -(-len(a) // cpu_threads.cores())
 
     def blocks(first: int, last: int) -> None:
         rounded = np.empty((min(block, len(a)), k), np.uint16)
