@@ -186,16 +186,6 @@ def _groups(source: NetworkSource, expected: dict[str, mx.array]) -> list[list[t
     return groups
 
 
-def _lanes(tensors: list[TensorInfo], count: int) -> list[int]:
-    """For each tensor, the least loaded of `count` streams (by bytes) when it is assigned."""
-    loads, lanes = [0] * count, []
-    for info in tensors:
-        lane = loads.index(min(loads))
-        lanes.append(lane)
-        loads[lane] += info.stop - info.start
-    return lanes
-
-
 def assemble(layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | None = None) -> SD1Models:
     """Build the three networks from a checkpoint layout; raises `CheckpointError` on any mismatch."""
     configs = configs or SD1Configs()
@@ -219,9 +209,10 @@ def assemble(layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | No
             # tensor by tensor on the least loaded of one CPU stream per core, which MLX runs on
             # threads of their own, while the next group is read. Groups of about
             # EVAL_GROUP_BYTES bound the sources held.
-            lanes = _lanes([sources[network].tensors[name] for name, _ in group], len(streams))
-            tensors = reader.read([Request(*sources[network].keys[name], sources[network].tensors[name], param.ndim,
-                                           streams[lane]) for (name, param), lane in zip(group, lanes)])
+            infos = [sources[network].tensors[name] for name, _ in group]
+            lanes = cpu_threads.least_loaded((info.stop - info.start for info in infos), len(streams))
+            tensors = reader.read([Request(*sources[network].keys[name], info, param.ndim, streams[lane])
+                                   for (name, param), info, lane in zip(group, infos, lanes)])
             converted = []
             for lane, tensor in zip(lanes, tensors):
                 with mx.stream(streams[lane]):

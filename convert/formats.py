@@ -33,8 +33,8 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     # Where the tensor's bytes lie in the file, checked to be inside its data section.
-    start: int = 0
-    stop: int = 0
+    start: int
+    stop: int
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ second set of fresh pages for 58% of SD-1.5's 2 GiB. Here each tensor is written
 into a new, unfilled MLX array of its final layout (`cpu_buffers.unfilled`), one thread per core:
 plain tensors with `preadv`, conv weights a few output channels at a time through a small
 scratch buffer, transposed on the way. An fp16 SD-1.5 single-file load took 0.79 s here, against
-1.02 s through `mx.load` (`benchmarks/run_sd15.py --stages load_cold`). Where the unfilled arrays are not available (the
-optional extension was not built), or for a dtype MLX does not hold, tensors come from
-`mx.load`, lazily, as before.
+1.02 s through `mx.load` (`benchmarks/run_sd15.py --stages load_cold`). Where the unfilled
+arrays are not available (the optional extension was not built), or for a dtype MLX does not
+hold, tensors come from `mx.load`, lazily, as before.
 """
 
 from __future__ import annotations
@@ -102,11 +102,9 @@ def _new_array(request: Request) -> mx.array | None:
 def _read_in_parallel(jobs: list[tuple[Request, mx.array]]) -> None:
     """Fills each array from its file, the jobs split into one share of about equal bytes per core."""
     shares: list[list[tuple[Request, mx.array]]] = [[] for _ in range(cpu_threads.cores())]
-    sizes = [0] * len(shares)
-    for job in sorted(jobs, key=lambda job: -job[1].nbytes):
-        least = sizes.index(min(sizes))
-        shares[least].append(job)
-        sizes[least] += job[1].nbytes
+    jobs = sorted(jobs, key=lambda job: -job[1].nbytes)
+    for job, share in zip(jobs, cpu_threads.least_loaded((array.nbytes for _, array in jobs), len(shares))):
+        shares[share].append(job)
     files: dict[Path, int] = {}
     try:
         for request, _ in jobs:
@@ -117,7 +115,7 @@ def _read_in_parallel(jobs: list[tuple[Request, mx.array]]) -> None:
             for request, array in (job for share in shares[first:last] for job in share):
                 _read_into(files[request.path], request, memoryview(array).cast("B"))
 
-        cpu_threads.for_each_chunk(read_shares, len(shares), sum(sizes))
+        cpu_threads.for_each_chunk(read_shares, len(shares), sum(array.nbytes for _, array in jobs))
     finally:
         for fd in files.values():
             os.close(fd)

@@ -120,6 +120,10 @@ def _fp32(x: mx.array) -> np.ndarray:
     return np.ascontiguousarray(x.astype(mx.float32))
 
 
+def _fp32_or_none(x: mx.array | None) -> np.ndarray | None:
+    return None if x is None else _fp32(x)
+
+
 def _gemm(bf16: bool) -> ctypes._CFuncPtr:
     """The BLAS call for bf16 (uint16 bits) or fp32 operands; both take the same arguments."""
     return gemm().bf16 if bf16 else gemm().sgemm
@@ -157,8 +161,8 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None, add: mx.array |
     *lead, k = x.shape
     n = weight.shape[0]
     a, b = _fp32(x.reshape(-1, k)), _weights(weight, True)
-    bias_row = None if bias is None else _fp32(bias)
-    residual = None if add is None else _fp32(add).reshape(len(a), n)
+    bias_row, residual = _fp32_or_none(bias), _fp32_or_none(add)
+    residual = None if residual is None else residual.reshape(len(a), n)
     y, out = new_array((len(a), n))
     block = len(a) if a.size <= WHOLE_LINEAR else -(-len(a) // cpu_threads.cores())
 
@@ -174,10 +178,6 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None, add: mx.array |
 
     cpu_threads.for_each_chunk(blocks, -(-len(a) // block), a.size)
     return y.reshape(*lead, n)
-
-
-def _bias_row(bias: mx.array | None, n: int) -> np.ndarray:
-    return np.zeros(n, np.float32) if bias is None else _fp32(bias)
 
 
 def feed_forward(x: mx.array, proj_weight: mx.array, proj_bias: mx.array | None, out_weight: mx.array,
@@ -196,8 +196,8 @@ def feed_forward(x: mx.array, proj_weight: mx.array, proj_bias: mx.array | None,
     a = _fp32(x.reshape(-1, k))
     a = bf16_bits(a) if bf16 else a
     w1, w2 = _weights(proj_weight, bf16), _weights(out_weight, bf16)
-    b1, b2 = _bias_row(proj_bias, n), _bias_row(out_bias, dim)
-    residual = None if add is None else _fp32(add).reshape(len(a), dim)
+    b1, b2, residual = _fp32_or_none(proj_bias), _fp32_or_none(out_bias), _fp32_or_none(add)
+    residual = None if residual is None else residual.reshape(len(a), dim)
     y, out = new_array((len(a), dim))
     call = _gemm(bf16)
 
@@ -208,15 +208,15 @@ def feed_forward(x: mx.array, proj_weight: mx.array, proj_bias: mx.array | None,
             count = min(FF_ROWS, len(a) - start)
             hidden, rows = projected[:count], out[start:start + count]
             # The biases (and the residual) are added by accumulating onto them.
-            hidden[...] = b1
-            _start(rows, b2, None if residual is None else residual[start:start + count])
-            call(ROW_MAJOR, NO_TRANS, TRANS, count, n, k, 1.0, a[start:].ctypes.data, k, w1.ctypes.data, k, 1.0,
+            beta1 = _start(hidden, b1, None)
+            beta2 = _start(rows, b2, None if residual is None else residual[start:start + count])
+            call(ROW_MAJOR, NO_TRANS, TRANS, count, n, k, 1.0, a[start:].ctypes.data, k, w1.ctypes.data, k, beta1,
                  hidden.ctypes.data, n)
             cpu_kernels.geglu(hidden, gated[:count])
             if bf16:
                 cpu_kernels.to_bf16(gated[:count], rounded[:count])
             call(ROW_MAJOR, NO_TRANS, TRANS, count, dim, n // 2, 1.0, rounded.ctypes.data, n // 2, w2.ctypes.data,
-                 n // 2, 1.0, rows.ctypes.data, dim)
+                 n // 2, beta2, rows.ctypes.data, dim)
 
     cpu_threads.for_each_chunk(blocks, -(-len(a) // FF_ROWS), len(a) * n)
     return y.reshape(*lead, dim)
@@ -231,8 +231,7 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int, a
     bf16 = uses_bf16(weight)
     image, w = _fp32(x), _weights(weight, bf16)
     batch, out_channels = image.shape[0], weight.shape[0]
-    bias_rows = None if bias is None else _fp32(bias)
-    residual = None if add is None else _fp32(add)
+    bias_rows, residual = _fp32_or_none(bias), _fp32_or_none(add)
     if residual is not None and residual.shape[1:3] == (1, 1):  # one vector per image: part of the bias
         bias_rows = residual.reshape(batch, out_channels) + (0 if bias_rows is None else bias_rows)
         residual = None

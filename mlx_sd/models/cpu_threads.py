@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import mlx.core as mx
 import numpy as np
@@ -64,17 +64,24 @@ def for_each_chunk(fn: Callable[[int, int], None], total: int, values: int | Non
     chunks = min(count, total)
     bounds = [total * i // chunks for i in range(chunks + 1)]
     futures = [pool.submit(fn, start, stop) for start, stop in zip(bounds[1:], bounds[2:])]
+    previous = gemm().set_local_threads(1)
     try:
-        previous = gemm().set_local_threads(1)
-        try:
-            fn(bounds[0], bounds[1])
-        finally:
-            gemm().set_local_threads(previous)
+        fn(bounds[0], bounds[1])
     finally:
-        for future in futures:  # all done before returning or raising: they write the caller's buffers
-            future.exception()
+        gemm().set_local_threads(previous)
+        wait(futures)  # all done before returning or raising: they write the caller's buffers
     for future in futures:
         future.result()
+
+
+def least_loaded(sizes: Iterable[int], count: int) -> list[int]:
+    """For each item of `sizes`, in order, the least loaded of `count` bins when it is assigned."""
+    loads, bins = [0] * count, []
+    for size in sizes:
+        chosen = loads.index(min(loads))
+        bins.append(chosen)
+        loads[chosen] += size
+    return bins
 
 
 def map_rows(kernel: Callable[[np.ndarray, np.ndarray], None], x: mx.array, width: int) -> mx.array:

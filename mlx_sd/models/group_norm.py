@@ -39,7 +39,8 @@ def _row_blocks(x: np.ndarray) -> list[tuple[int, int, int]]:
     each block's Python costs hold the GIL: in blocks of 128Ki floats, the threads queued on it
     (GroupNorm + SiLU at (2, 64, 64, 320): 2.4 ms, against 1.7 ms in one block per core)."""
     b, n, _ = x.shape
-    rows = -(-n // -(-cpu_threads.cores() // b))
+    per_image = -(-cpu_threads.cores() // b)  # blocks per image: at least one per core overall
+    rows = -(-n // per_image)
     return [(i, start, min(start + rows, n)) for i in range(b) for start in range(0, n, rows)]
 
 
