@@ -1,6 +1,6 @@
 """The build steps pyproject.toml cannot declare stably: the CPU path's compiled helpers.
 
-- mlx_sd/models/cpu_kernels.c (and amx_attention.c) is a plain C library, loaded with ctypes
+- mlx_sd/models/cpu_kernels.c (with amx_attention.c, cpu_pool.c and cpu_layers.c) is a plain C library, loaded with ctypes
   (mlx_sd/models/cpu_kernels.py).
 - mlx_sd/models/uninitialized.cpp is a C++ extension module built against MLX's headers and
   nanobind (both build requirements on Linux), which makes MLX arrays without filling them
@@ -46,8 +46,9 @@ def _uninitialized_arrays() -> list[Extension]:
 
 setup(ext_modules=[Extension(
     "mlx_sd.models._cpu_kernels",
-    sources=["mlx_sd/models/cpu_kernels.c", "mlx_sd/models/amx_attention.c"],
-    depends=["mlx_sd/models/cpu_math.h"],
+    sources=["mlx_sd/models/cpu_kernels.c", "mlx_sd/models/amx_attention.c", "mlx_sd/models/cpu_pool.c",
+             "mlx_sd/models/cpu_layers.c"],
+    depends=["mlx_sd/models/cpu_math.h", "mlx_sd/models/cpu_pool.h"],
     # Finite math without signed zeros lets the exp clamps become min/max instructions; without
     # them GCC splits the clamped case into a speculative branch whose subnormal results cost
     # microcode assists (SiLU 9x slower). ISO C mode turns off fused multiply-adds, which the

@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/cpu_kernels.py [--repeat 20]
 
-Each line runs one block of a kernel's typical SD-1.5 work on one thread, interleaving the
-baseline (the numpy formula, or MLX's own op, that the kernel replaced) with the kernel, and
+Each line runs one block of a kernel's typical SD-1.5 work on one thread (the process is pinned
+to one core, so the kernels' pool has no other thread), interleaving the baseline (the numpy formula, or MLX's own op, that the kernel replaced) with the kernel, and
 prints both medians, the speed-up and the largest difference between their results.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -59,12 +60,6 @@ def numpy_moments(x: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.einsum("nc->c", dev).astype(np.float64), np.einsum("nc,nc->c", dev, dev).astype(np.float64)
 
 
-def kernel_moments(x: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    sums, squares = np.zeros(x.shape[1]), np.zeros(x.shape[1])
-    cpu_kernels.channel_moments(x, shift, sums, squares)
-    return sums, squares
-
-
 def kernel(fn: Callable[..., None], *args) -> Callable[[], np.ndarray]:
     """A call of a kernel that writes its last argument, returning that."""
     return lambda: fn(*args) or args[-1]
@@ -92,10 +87,10 @@ def cases() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
             kernel(cpu_kernels.sigmoid_gate, x, 1.0, np.empty_like(x))),
         "GroupNorm apply + SiLU 4096x320 (numpy passes)": (
             lambda: numpy_silu(x * scale + offset),
-            kernel(cpu_kernels.scale_shift, x, scale, offset, True, np.empty_like(x))),
+            kernel(cpu_kernels.scale_shift, x[None], scale[None], offset[None], True, np.empty_like(x)[None])),
         "GroupNorm moments 4096x128 (numpy einsum)": (
             lambda: numpy_moments(image, shift),
-            lambda: kernel_moments(image, shift)),
+            lambda: tuple(sums[0] for sums in cpu_kernels.channel_moments(image[None], shift[None]))),
         "LayerNorm 4096x320 (mx.fast.layer_norm)": (
             lambda: np.array(mx.fast.layer_norm(tokens, mx.array(weight), mx.array(bias), 1e-5)),
             kernel(cpu_kernels.layer_norm, x, weight, bias, 1e-5, np.empty_like(x))),
@@ -114,6 +109,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
+    if hasattr(os, "sched_setaffinity"):  # before the kernels load and size their pool
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     if cpu_kernels.kernels() is None:
         raise SystemExit("the CPU kernels are not built here")
     if gemm() is not None and gemm().set_local_threads is not None:

@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_sd.models import activations, cpu_kernels, cpu_threads
+from mlx_sd.models import activations, cpu_kernels
 
 X = np.concatenate([np.linspace(-12, 12, 20002, dtype=np.float32),
                     np.array([-1e4, -100, -89, -87, 87, 89, 100, 1e4, 0.0, -0.0], dtype=np.float32)])
@@ -28,14 +28,13 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return x * 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
 
 
-@pytest.fixture(params=["kernels", "kernels on the pool", "mlx"])
+@pytest.fixture(params=["kernels", "mlx"])
 def path(request, monkeypatch) -> str:
+    """(On the kernels, the gates' 20k values run on the calling thread, GEGLU's on the pool.)"""
     if request.param == "mlx":
         monkeypatch.setattr(cpu_kernels, "active", lambda: False)
     else:
         assert cpu_kernels.active(), "the tests run on the CPU with the kernels built"
-    if request.param == "kernels on the pool":  # these sizes would otherwise run on the calling thread
-        monkeypatch.setattr(cpu_threads, "SMALL_JOB", 0)
     return request.param
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from mlx_sd.models import attention as attention_module
-from mlx_sd.models import cpu_kernels, cpu_threads
+from mlx_sd.models import cpu_kernels
 from mlx_sd.models.attention import cpu_attention
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.amx_ready(), reason="no AMX-BF16 on this processor")
@@ -84,25 +84,13 @@ def test_is_further_from_fp32_than_from_its_own_rounding() -> None:
     assert np.abs(out - fp32).mean() > 100 * own
 
 
-def test_causal_mask_and_query_offsets() -> None:
-    """Each call's row i is query causal_first + i: a head split into runs of queries gives the
-    same result as one call."""
-    q, k, v = (t[0] for t in heads(1, 77, 77, 1, 64, spread=2.0, seed=2))
-    expected = reference(q, k, v, 0.125, causal=True)
-    whole = np.zeros_like(q)
-    cpu_kernels.amx_attention(q, k, v, 0.125, whole, causal_first=0)
-    assert_close(whole, expected)
-    runs = np.zeros_like(q)
-    for start in range(0, 77, 20):
-        cpu_kernels.amx_attention(q[start:start + 20], k, v, 0.125, runs[start:start + 20], causal_first=start)
-    np.testing.assert_array_equal(runs, whole)
-
-
-def test_heads_split_into_query_runs_where_cores_outnumber_them(monkeypatch) -> None:
-    q, k, v = (mx.array(t) for t in heads(1, 300, 300, 1, 64, seed=3))
-    whole = np.array(cpu_attention(q, k, v, 1, 0.125, bf16_products=True, causal=True))
-    monkeypatch.setattr(cpu_threads, "cores", lambda: 7)  # 7 runs of 43 queries
-    np.testing.assert_array_equal(np.array(cpu_attention(q, k, v, 1, 0.125, bf16_products=True, causal=True)), whole)
+@pytest.mark.parametrize("queries", [77, 300])
+def test_causal_mask_over_runs_of_query_rows(queries: int) -> None:
+    """One head and more pool threads than heads: the head is split into runs of query rows,
+    each of which must mask the keys from its own first query on."""
+    q, k, v = heads(1, queries, queries, 1, 64, spread=2.0, seed=2)
+    out = cpu_attention(mx.array(q), mx.array(k), mx.array(v), 1, 0.125, bf16_products=True, causal=True)
+    assert_close(np.array(out)[0], reference(q[0], k[0], v[0], 0.125, causal=True))
 
 
 def test_large_logits_stay_finite() -> None:
@@ -115,20 +103,22 @@ def test_large_logits_stay_finite() -> None:
     assert error.mean() < 1e-4
 
 
-@pytest.mark.parametrize("bad", ["keys", "stride", "dtype", "shape"])
+@pytest.mark.parametrize("bad", ["keys", "strided", "dtype", "shape", "heads"])
 def test_refuses_what_it_cannot_read(bad: str) -> None:
-    q, k, v = (np.ascontiguousarray(t[0]) for t in heads(1, 8, 8, 1, 16))
-    out = np.zeros_like(q)
+    q, k, v = heads(1, 8, 8, 2, 16)
+    out, count = np.zeros_like(q), 2
     if bad == "keys":
-        k, v = k[:0], v[:0]
-    elif bad == "stride":
-        v = np.ascontiguousarray(np.concatenate([v, v], axis=1))[:, :16]  # a row stride unlike k's
+        k, v = k[:, :0], v[:, :0]
+    elif bad == "strided":
+        v = np.concatenate([v, v], axis=2)[:, :, :32]  # rows 64 values apart
     elif bad == "dtype":
         q = q.astype(np.float64)
+    elif bad == "shape":
+        out = np.zeros((1, 8, 16), np.float32)
     else:
-        out = np.zeros((8, 8), np.float32)
+        count = 3  # 32 columns do not split into 3 heads
     with pytest.raises(ValueError):
-        cpu_kernels.amx_attention(q, k, v, 0.25, out)
+        cpu_kernels.amx_attention(q, k, v, count, 0.25, False, out)
 
 
 def test_the_models_bf16_attention_uses_it(monkeypatch) -> None:

@@ -52,12 +52,13 @@ def test_softmax_numerators_round_to_bf16_to_nearest_even() -> None:
 
 
 @pytest.mark.parametrize("silu", [False, True])
-def test_scale_shift_matches_float64(silu: bool) -> None:
+@pytest.mark.parametrize("rows", [50, 500], ids=["calling thread", "pool"])
+def test_scale_shift_matches_float64_with_a_scale_and_offset_per_image(silu: bool, rows: int) -> None:
     rng = np.random.default_rng(1)
-    x, scale, offset = (rng.standard_normal(shape, dtype=np.float32) * 4 for shape in ((50, 96), (96,), (96,)))
+    x, scale, offset = (rng.standard_normal(shape, dtype=np.float32) * 4 for shape in ((3, rows, 96), (3, 96), (3, 96)))
     out = np.empty_like(x)
     cpu_kernels.scale_shift(x, scale, offset, silu, out)
-    y = x.astype(np.float64) * scale + offset
+    y = x.astype(np.float64) * scale[:, None] + offset[:, None]
     expected = y / (1 + np.exp(-y)) if silu else y
     np.testing.assert_allclose(out, expected, rtol=2e-6, atol=1e-5)
 
@@ -73,19 +74,21 @@ def test_shape_mismatches_are_refused() -> None:
     with pytest.raises(ValueError, match="GEGLU"):
         cpu_kernels.geglu(np.zeros((4, 10), np.float32), np.empty((4, 6), np.float32))
     with pytest.raises(ValueError, match="shape mismatch"):
-        cpu_kernels.scale_shift(np.zeros((4, 8), np.float32), np.zeros(8, np.float32), np.zeros(7, np.float32),
-                                False, np.empty((4, 8), np.float32))
+        cpu_kernels.scale_shift(np.zeros((1, 4, 8), np.float32), np.zeros((1, 8), np.float32),
+                                np.zeros((1, 7), np.float32), False, np.empty((1, 4, 8), np.float32))
 
 
-def test_channel_moments_accumulate_float64_sums_of_deviations() -> None:
+@pytest.mark.parametrize("images", [1, 3])
+def test_channel_moments_are_float64_sums_of_deviations_per_image(images: int) -> None:
+    """Each image split into pieces for the pool threads (one image) or not (three), every piece
+    in runs of 256 rows (here several, the last one short)."""
     rng = np.random.default_rng(2)
-    x = (rng.standard_normal((600, 40)) * 3 + 50).astype(np.float32)  # several runs of 256 rows
-    shift = x[::60].mean(axis=0)
-    sums, squares = np.full(40, 1.0), np.full(40, 2.0)  # added to, not overwritten
-    cpu_kernels.channel_moments(x, shift, sums, squares)
-    d = x.astype(np.float64) - shift
-    np.testing.assert_allclose(sums - 1.0, d.sum(axis=0), rtol=1e-5, atol=1e-3)
-    np.testing.assert_allclose(squares - 2.0, (d * d).sum(axis=0), rtol=1e-5)
+    x = (rng.standard_normal((images, 901, 40)) * 3 + 50).astype(np.float32)
+    shift = np.ascontiguousarray(x[:, ::60].mean(axis=1))
+    sums, squares = cpu_kernels.channel_moments(x, shift)
+    d = x.astype(np.float64) - shift[:, None]
+    np.testing.assert_allclose(sums, d.sum(axis=1), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(squares, (d * d).sum(axis=1), rtol=1e-5)
 
 
 def test_layer_norm_matches_float64() -> None:

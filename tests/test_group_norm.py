@@ -11,9 +11,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_sd.models import cpu_threads
 from mlx_sd.models.activations import silu
-from mlx_sd.models.group_norm import GroupNorm, _row_blocks, group_moments
+from mlx_sd.models.group_norm import GroupNorm, group_moments
 
 TOL = 1e-5
 
@@ -43,19 +42,18 @@ def normal(shape: tuple[int, ...], mean: float = 0.0, std: float = 1.0, seed: in
 @pytest.mark.parametrize(
     ("shape", "groups"),
     [
+        # From 32Ki values on, the kernels spread the rows over the pool (an image in pieces, if
+        # there are more threads than images); below, on the calling thread.
         ((1, 16, 16, 128), 32),  # the VAE's layout, scaled down
         ((2, 8, 8, 320), 32),  # the UNet's, batch 2 for CFG
         ((2, 4, 4, 1280), 32),
-        ((1, 37, 41, 128), 32),  # several blocks of rows, the last one short
+        ((1, 37, 41, 128), 32),  # an odd row count: pieces of unequal length
+        ((3, 37, 41, 64), 32),  # more images than two threads
         ((2, 50, 64), 8),  # (B, N, C)
         ((3, 64), 4),  # (B, C): statistics over the group's channels only
     ],
 )
-@pytest.mark.parametrize("threads", ["calling thread", "pool"])
-def test_matches_float64_reference_and_nn_group_norm(shape: tuple[int, ...], groups: int, threads: str,
-                                                     monkeypatch) -> None:
-    if threads == "pool":  # these small shapes would otherwise all run on the calling thread
-        monkeypatch.setattr(cpu_threads, "SMALL_JOB", 0)
+def test_matches_float64_reference_and_nn_group_norm(shape: tuple[int, ...], groups: int) -> None:
     new, old = modules(groups, shape[-1])
     x = normal(shape, mean=0.5, std=2.0)
     out = new(mx.array(x))
@@ -63,16 +61,6 @@ def test_matches_float64_reference_and_nn_group_norm(shape: tuple[int, ...], gro
     expected = reference(x, groups, new.eps, np.array(new.weight), np.array(new.bias))
     np.testing.assert_allclose(np.array(out), expected, rtol=TOL, atol=TOL)
     np.testing.assert_allclose(np.array(out), np.array(old(mx.array(x))), rtol=TOL, atol=TOL)
-
-
-@pytest.mark.parametrize(("batch", "cores", "blocks"), [(1, 2, 2), (1, 3, 3), (2, 2, 2), (3, 2, 3), (2, 3, 4)])
-def test_blocks_cover_every_row_once_about_one_per_core(batch: int, cores: int, blocks: int, monkeypatch) -> None:
-    monkeypatch.setattr(cpu_threads, "cores", lambda: cores)
-    found = _row_blocks(np.empty((batch, 37 * 41, 8), np.float32))  # an odd row count: a short last block
-    assert len(found) == blocks
-    for i in range(batch):
-        rows = [(start, stop) for image, start, stop in found if image == i]
-        assert rows[0][0] == 0 and rows[-1][1] == 37 * 41 and all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
 
 
 def test_large_mean_small_std_does_not_cancel() -> None:

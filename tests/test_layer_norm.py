@@ -7,7 +7,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_sd.models import cpu_threads
 from mlx_sd.models.layer_norm import LayerNorm
 
 
@@ -32,12 +31,3 @@ def test_matches_float64_and_nn_layer_norm(weights: mx.Dtype) -> None:
 def test_without_affine_parameters_it_is_nn_layer_norm() -> None:
     x = mx.random.normal((3, 64))
     assert mx.allclose(LayerNorm(64, affine=False)(x), nn.LayerNorm(64, affine=False)(x))
-
-
-def test_small_jobs_stay_on_the_calling_thread(monkeypatch) -> None:
-    calls = []
-    monkeypatch.setattr(cpu_threads, "_pool", lambda: calls.append("pool") or None)
-    LayerNorm(64)(mx.random.normal((2, 77, 64)))
-    assert calls == []
-    LayerNorm(64)(mx.random.normal((2, 4096, 64)))
-    assert calls == ["pool"]

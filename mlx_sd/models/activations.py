@@ -13,12 +13,12 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_sd.models import cpu_kernels, cpu_threads
+from mlx_sd.models import cpu_kernels
 
 
 def _sigmoid_gate(x: mx.array, slope: float) -> mx.array:
     """x * sigmoid(slope * x) on the CPU kernels."""
-    return cpu_threads.map_rows(lambda block, out: cpu_kernels.sigmoid_gate(block, slope, out), x, x.shape[-1])
+    return cpu_kernels.map_rows(lambda block, out: cpu_kernels.sigmoid_gate(block, slope, out), x, x.shape[-1])
 
 
 def silu(x: mx.array) -> mx.array:
@@ -33,6 +33,6 @@ def quick_gelu(x: mx.array) -> mx.array:
 def geglu(x: mx.array) -> mx.array:
     """GEGLU's gate: the first half of the last axis times the (exact) GELU of the second half."""
     if cpu_kernels.active():
-        return cpu_threads.map_rows(cpu_kernels.geglu, x, x.shape[-1] // 2)
+        return cpu_kernels.map_rows(cpu_kernels.geglu, x, x.shape[-1] // 2)
     hidden, gate = mx.split(x, 2, axis=-1)
     return hidden * nn.gelu(gate)

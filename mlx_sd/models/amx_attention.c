@@ -1,12 +1,13 @@
 /* Fused attention for bf16 models on Intel AMX (Sapphire Rapids and later), called through
  * ctypes (mlx_sd/models/cpu_kernels.py).
  *
- * One call computes softmax(q kᵀ scale) v for a run of query rows of one attention head, 32
- * rows at a time, all inside the L2 cache: the block's scores (32 rows x all keys) come from AMX
- * tile products of bf16 q and k with fp32 sums, their exponentials and row sums from AVX-512,
- * and the value product again from AMX, on the weights rounded to bf16 (torch's bf16 attention
- * rounds them the same way). No BLAS call, no scores larger than the block, no per-call packing
- * of the operands by a library: k and v are packed once per call into the tiles' layouts.
+ * Each head (or run of a head's query rows) is one job for the pool (cpu_pool.c), computing
+ * softmax(q kᵀ scale) v 32 query rows at a time, all inside the L2 cache: the block's scores
+ * (32 rows x all keys) come from AMX tile products of bf16 q and k with fp32 sums, their
+ * exponentials and row sums from AVX-512, and the value product again from AMX, on the
+ * weights rounded to bf16 (torch's bf16 attention rounds them the same way). No BLAS call, no
+ * scores larger than the block, no per-call packing of the operands by a library: k and v are
+ * packed once per job into the tiles' layouts.
  *
  * AMX multiplies a 16 x 32 bf16 tile A by a 32 x 16 tile B into a 16 x 16 fp32 tile; B holds
  * pairs of consecutive rows interleaved ("VNNI" layout), so B's row r is the 32-bit pairs
@@ -18,9 +19,11 @@
  */
 
 #define _GNU_SOURCE /* syscall() under -std=c11 */
+#include <stdatomic.h>
 #include <stdlib.h>
 
 #include "cpu_math.h"
+#include "cpu_pool.h"
 
 #if X86_GCC && __GNUC__ >= 11
 #define AMX_BUILT 1
@@ -195,7 +198,7 @@ AMX static void block_values(const uint16_t *weights, ptrdiff_t keys_padded, con
  * causal_first >= 0, row i is query causal_first + i and sees keys 0..causal_first + i only (a
  * causal mask); -1 means no mask. Returns 0, or -1 when the scratch (about (dim + 64) * 4 bytes
  * per key) cannot be allocated. */
-AMX int amx_attention(const float *q, const float *k, const float *v, ptrdiff_t queries, ptrdiff_t keys,
+AMX static int attend_head(const float *q, const float *k, const float *v, ptrdiff_t queries, ptrdiff_t keys,
                       ptrdiff_t dim, ptrdiff_t q_stride, ptrdiff_t kv_stride, ptrdiff_t out_stride, float scale,
                       ptrdiff_t causal_first, float *out) {
     ptrdiff_t depth = round_up(dim, 32), width = round_up(dim, 16), keys_padded = round_up(keys, 32);
@@ -249,13 +252,53 @@ AMX int amx_attention(const float *q, const float *k, const float *v, ptrdiff_t 
     free(scratch);
     return 0;
 }
+
+struct heads_job {
+    const float *q, *k, *v;
+    float *out;
+    ptrdiff_t heads, queries, keys, dim, runs, rows;
+    float scale;
+    int causal;
+    atomic_int failed;
+};
+
+/* Jobs [first, last) of (image, head, run of query rows), in that order. */
+static void heads_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
+    struct heads_job *job = context;
+    ptrdiff_t width = job->heads * job->dim;
+    for (ptrdiff_t j = first; j < last; j++) {
+        ptrdiff_t image = j / (job->heads * job->runs), head = j / job->runs % job->heads;
+        ptrdiff_t start = j % job->runs * job->rows;
+        ptrdiff_t count = start + job->rows < job->queries ? job->rows : job->queries - start;
+        if (count <= 0)
+            continue;
+        ptrdiff_t query = (image * job->queries + start) * width + head * job->dim;
+        ptrdiff_t key = image * job->keys * width + head * job->dim;
+        if (attend_head(job->q + query, job->k + key, job->v + key, count, job->keys, job->dim, width, width, width,
+                        job->scale, job->causal ? start : -1, job->out + query) != 0)
+            job->failed = 1;
+    }
+}
+
+/* Multi-head attention over token-major projections: q and out (images x queries x heads *
+ * dim), k and v (images x keys x heads * dim), fp32 and contiguous; each head of each image is
+ * one job for the pool, split into runs of query rows where there are fewer heads than pool
+ * threads (the VAE's single head). `causal` masks later keys (query i sees keys 0..i). Returns
+ * 0, or -1 when a head's scratch cannot be allocated. */
+int amx_attention(const float *q, const float *k, const float *v, ptrdiff_t images, ptrdiff_t heads,
+                  ptrdiff_t queries, ptrdiff_t keys, ptrdiff_t dim, float scale, int causal, float *out) {
+    ptrdiff_t runs = (pool_threads() + images * heads - 1) / (images * heads);
+    struct heads_job job = {q, k, v, out, heads, queries, keys, dim, runs, (queries + runs - 1) / runs, scale,
+                            causal, 0};
+    pool_run(heads_chunk, &job, images * heads * runs, images * heads * queries * keys);
+    return job.failed ? -1 : 0;
+}
 #else
 int amx_available(void) { return 0; }
 
 /* Never called where amx_available() is 0; here so that every build exports the same names. */
-int amx_attention(const float *q, const float *k, const float *v, ptrdiff_t queries, ptrdiff_t keys, ptrdiff_t dim,
-                  ptrdiff_t q_stride, ptrdiff_t kv_stride, ptrdiff_t out_stride, float scale, ptrdiff_t causal_first,
-                  float *out) {
+int amx_attention(const float *q, const float *k, const float *v, ptrdiff_t images, ptrdiff_t heads,
+                  ptrdiff_t queries, ptrdiff_t keys, ptrdiff_t dim, float scale, int causal, float *out) {
     return -1;
 }
 #endif

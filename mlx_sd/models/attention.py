@@ -28,7 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_sd.models import cpu_gemm, cpu_kernels, cpu_threads
-from mlx_sd.models.cpu_buffers import new_array
+from mlx_sd.models.cpu_buffers import as_fp32, new_array
 
 # The CPU path computes scores in blocks of query rows of about BLOCK_SCORES floats (8 MiB: 512
 # rows of 4096 keys), which bounds the scratch per thread. Smaller blocks kept the scores in the
@@ -77,9 +77,10 @@ def cpu_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: floa
     bf16. `causal` lets query i see keys 0..i only (CLIP's text encoder)."""
     batch, n, width = q.shape
     d = width // heads
-    qs, ks, vs = (np.ascontiguousarray(t.astype(mx.float32)) for t in (q, k, v))
+    qs, ks, vs = (as_fp32(t) for t in (q, k, v))
     if bf16_products and cpu_kernels.amx_ready():
-        return _amx_attention(qs, ks, vs, heads, scale, causal).astype(q.dtype)
+        result = _amx_attention(qs, ks, vs, heads, scale, causal)
+        return result if q.dtype == mx.float32 else result.astype(q.dtype)
     if bf16_products:
         vs = cpu_gemm.bf16_bits(vs)
     keys = ks.shape[1]
@@ -102,27 +103,15 @@ def cpu_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: floa
                     out[i, start:start + count, columns], start if causal else None)
 
     cpu_threads.for_each_chunk(attend_blocks, len(blocks))
-    return result.astype(q.dtype)
+    return result if q.dtype == mx.float32 else result.astype(q.dtype)
 
 
 def _amx_attention(qs: np.ndarray, ks: np.ndarray, vs: np.ndarray, heads: int, scale: float,
                    causal: bool) -> mx.array:
-    """cpu_attention's form on AMX: one fused kernel call per head, or per run of a head's query
-    rows where there are fewer heads than cores (the VAE's single head)."""
-    batch, n, width = qs.shape
-    d = width // heads
-    runs = -(-cpu_threads.cores() // (batch * heads))  # query runs per head: a job for every core
-    rows = -(-n // runs)
-    jobs = _slices(batch, heads, n, rows)
+    """cpu_attention's form on AMX: one kernel call, each head (or run of a head's query rows,
+    where there are fewer heads than cores: the VAE's single head) a job on the kernels' pool."""
     result, out = new_array(qs.shape)
-
-    def attend(first: int, last: int) -> None:
-        for i, head, start in jobs[first:last]:
-            queries, columns = slice(start, start + rows), slice(head * d, (head + 1) * d)
-            cpu_kernels.amx_attention(qs[i, queries, columns], ks[i, :, columns], vs[i, :, columns], scale,
-                                      out[i, queries, columns], start if causal else None)
-
-    cpu_threads.for_each_chunk(attend, len(jobs))
+    cpu_kernels.amx_attention(qs, ks, vs, heads, scale, causal, out)
     return result
 
 

@@ -31,9 +31,9 @@ import ctypes
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd.models import cpu_kernels, cpu_threads
+from mlx_sd.models import cpu_kernels
 from mlx_sd.models.blas import gemm
-from mlx_sd.models.cpu_buffers import new_array
+from mlx_sd.models.cpu_buffers import as_fp32, new_array
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 # Output rows per GEMM call: large enough to amortise the call, small enough that the rows
@@ -50,11 +50,6 @@ IM2COL_ROWS = 1024
 # soon as it is summed: a 512² bf16 VAE decode peaked at 3.1 GiB against 3.4 GiB, in the same
 # 2.4-2.6 s. Below it, one run over the whole batch keeps the UNet's GEMMs larger.
 SUMS_BYTES = 64 << 20
-# bf16 linear layers whose input has at most this many values run as one block, one MKL call on
-# its own threads: handing half the rows to the pool cost more than it saved there (medians of
-# 200 calls: 512x640 0.43 ms against 0.55, 128x1280 0.38 against 0.49, 2x1280 0.24 against
-# 0.33; 2048x320 even; 2048x640 1.69 against 1.50, 8192x320 2.14 against 1.69).
-WHOLE_LINEAR = 1 << 19
 # Rows per block of feed_forward: each block's projection (up to 10240 wide) and gated
 # activations live in reused per-thread scratch. At 128 rows the BLAS calls cost more (33-35 ms
 # against 26-28 for the 64² feed-forward), at 512 the scratch outgrew the cache (20 against 17
@@ -112,16 +107,16 @@ def computes(weight: mx.array) -> bool:
 def _weights(weight: mx.array, bf16: bool) -> np.ndarray:
     """A layer's weight as a C-contiguous numpy array of the GEMM's input type (bf16 as uint16
     bits): a view of MLX's buffer when it is stored that way."""
-    weight = weight.astype(mx.bfloat16).view(mx.uint16) if bf16 else weight.astype(mx.float32)
-    return np.ascontiguousarray(weight)
-
-
-def _fp32(x: mx.array) -> np.ndarray:
-    return np.ascontiguousarray(x.astype(mx.float32))
+    if bf16 and weight.dtype == mx.bfloat16:
+        # numpy has no bf16: MLX's buffer read as its bits, without an MLX op (see as_fp32).
+        buffer = memoryview(weight)
+        if buffer.c_contiguous:
+            return np.frombuffer(buffer.cast("B"), np.uint16).reshape(weight.shape)
+    return np.ascontiguousarray(weight.astype(mx.bfloat16).view(mx.uint16)) if bf16 else as_fp32(weight)
 
 
 def _fp32_or_none(x: mx.array | None) -> np.ndarray | None:
-    return None if x is None else _fp32(x)
+    return None if x is None else as_fp32(x)
 
 
 def _gemm(bf16: bool) -> ctypes._CFuncPtr:
@@ -132,9 +127,7 @@ def _gemm(bf16: bool) -> ctypes._CFuncPtr:
 def bf16_bits(x: np.ndarray) -> np.ndarray:
     """x rounded to bf16 on all cores (MLX's CPU `astype` runs on one)."""
     out = np.empty(x.shape, np.uint16)
-    flat, bits = x.reshape(-1), out.reshape(-1)
-    cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.to_bf16(flat[first:last], bits[first:last]), flat.size,
-                               flat.size)
+    cpu_kernels.to_bf16(x, out)
     return out
 
 
@@ -152,32 +145,17 @@ def _start(out: np.ndarray, bias: np.ndarray | None, add: np.ndarray | None) -> 
 
 def linear(x: mx.array, weight: mx.array, bias: mx.array | None, add: mx.array | None = None) -> mx.array:
     """x @ weightᵀ + bias (+ add, an array of the result's shape: a residual) with bf16 products
-    and fp32 accumulation; `weight` is (out, in). One block of rows per core, each rounded to
-    bf16 in its thread's scratch and started from its bias and residual rows, its GEMM on that
-    thread, like the other kernels: timed layer by layer inside a bf16 UNet step at 512², the
-    64² and 32² layers took 8-12% less than with one MKL call over all rows, whose own threads
-    sleep between the calls. Inputs of at most WHOLE_LINEAR values are one block on the calling
-    thread, one MKL call on its threads."""
+    and fp32 accumulation; `weight` is (out, in), or a 1x1 convolution's (out, 1, 1, in). One C
+    call (cpu_kernels.linear) rounds each thread's rows to bf16 in its scratch, starts them from
+    the bias and residual and runs their GEMM: a 2x1024x320 layer of a UNet step took 0.6 ms,
+    against 0.9-1.1 ms with the same passes driven from Python, which paid two thread wake-ups
+    and several MLX evaluations around 0.3 ms of GEMM."""
     *lead, k = x.shape
     n = weight.shape[0]
-    a, b = _fp32(x.reshape(-1, k)), _weights(weight, True)
-    bias_row, residual = _fp32_or_none(bias), _fp32_or_none(add)
-    residual = None if residual is None else residual.reshape(len(a), n)
-    y, out = new_array((len(a), n))
-    block = len(a) if a.size <= WHOLE_LINEAR else -(-len(a) // cpu_threads.cores())
-
-    def blocks(first: int, last: int) -> None:
-        rounded = np.empty((min(block, len(a)), k), np.uint16)
-        for start in range(first * block, min(last * block, len(a)), block):
-            rows = slice(start, min(start + block, len(a)))
-            count = rows.stop - start
-            cpu_kernels.to_bf16(a[rows], rounded[:count])
-            beta = _start(out[rows], bias_row, None if residual is None else residual[rows])
-            gemm().bf16(ROW_MAJOR, NO_TRANS, TRANS, count, n, k, 1.0, rounded.ctypes.data, k, b.ctypes.data, k, beta,
-                        out[start:].ctypes.data, n)
-
-    cpu_threads.for_each_chunk(blocks, -(-len(a) // block), a.size)
-    return y.reshape(*lead, n)
+    y, out = new_array((*lead, n))
+    cpu_kernels.linear(as_fp32(x).reshape(-1, k), _weights(weight, True).reshape(n, k), _fp32_or_none(bias),
+                       None if add is None else as_fp32(add).reshape(-1, n), gemm().bf16, out.reshape(-1, n))
+    return y
 
 
 def feed_forward(x: mx.array, proj_weight: mx.array, proj_bias: mx.array | None, out_weight: mx.array,
@@ -186,40 +164,19 @@ def feed_forward(x: mx.array, proj_weight: mx.array, proj_bias: mx.array | None,
     projection's columns times the exact GELU of the second half, in blocks of FF_ROWS rows: each
     block is projected onto the bias in per-thread scratch, gated, and projected again onto its
     rows of the output, so neither the projection (84 MB at 64²) nor the gated activations
-    (42 MB) are ever held whole or read back from memory. bf16 products
-    (the gated activations rounded to bf16, as a bf16 model's next layer would) for bf16
-    weights, else fp32; both weights of one type, where `computes` holds. `add`, of the result's
-    shape (a residual), is added by accumulating onto it."""
+    (42 MB) are ever held whole or read back from memory; one C call (cpu_kernels.feed_forward).
+    bf16 products (the input and the gated activations rounded to bf16, as a bf16 model's
+    layers would) for bf16 weights, else fp32; both weights of one type, where `computes`
+    holds. `add`, of the result's shape (a residual), is added by accumulating onto it."""
     bf16 = uses_bf16(proj_weight)
     *lead, k = x.shape
-    n, dim = proj_weight.shape[0], out_weight.shape[0]
-    a = _fp32(x.reshape(-1, k))
-    a = bf16_bits(a) if bf16 else a
-    w1, w2 = _weights(proj_weight, bf16), _weights(out_weight, bf16)
-    b1, b2, residual = _fp32_or_none(proj_bias), _fp32_or_none(out_bias), _fp32_or_none(add)
-    residual = None if residual is None else residual.reshape(len(a), dim)
-    y, out = new_array((len(a), dim))
-    call = _gemm(bf16)
-
-    def blocks(first: int, last: int) -> None:
-        projected, gated = np.empty((FF_ROWS, n), np.float32), np.empty((FF_ROWS, n // 2), np.float32)
-        rounded = np.empty(gated.shape, np.uint16) if bf16 else gated
-        for start in range(first * FF_ROWS, min(last * FF_ROWS, len(a)), FF_ROWS):
-            count = min(FF_ROWS, len(a) - start)
-            hidden, rows = projected[:count], out[start:start + count]
-            # The biases (and the residual) are added by accumulating onto them.
-            beta1 = _start(hidden, b1, None)
-            beta2 = _start(rows, b2, None if residual is None else residual[start:start + count])
-            call(ROW_MAJOR, NO_TRANS, TRANS, count, n, k, 1.0, a[start:].ctypes.data, k, w1.ctypes.data, k, beta1,
-                 hidden.ctypes.data, n)
-            cpu_kernels.geglu(hidden, gated[:count])
-            if bf16:
-                cpu_kernels.to_bf16(gated[:count], rounded[:count])
-            call(ROW_MAJOR, NO_TRANS, TRANS, count, dim, n // 2, 1.0, rounded.ctypes.data, n // 2, w2.ctypes.data,
-                 n // 2, beta2, rows.ctypes.data, dim)
-
-    cpu_threads.for_each_chunk(blocks, -(-len(a) // FF_ROWS), len(a) * n)
-    return y.reshape(*lead, dim)
+    dim = out_weight.shape[0]
+    y, out = new_array((*lead, dim))
+    cpu_kernels.feed_forward(as_fp32(x).reshape(-1, k), _weights(proj_weight, bf16), _fp32_or_none(proj_bias),
+                             _weights(out_weight, bf16), _fp32_or_none(out_bias),
+                             None if add is None else as_fp32(add).reshape(-1, dim), FF_ROWS, _gemm(bf16),
+                             out.reshape(-1, dim))
+    return y
 
 
 def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int, add: mx.array | None = None) -> mx.array:
@@ -229,7 +186,7 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int, a
     result's shape (a residual) or (B, 1, 1, out) (a vector per image), is added in the same
     pass as the bias."""
     bf16 = uses_bf16(weight)
-    image, w = _fp32(x), _weights(weight, bf16)
+    image, w = as_fp32(x), _weights(weight, bf16)
     batch, out_channels = image.shape[0], weight.shape[0]
     bias_rows, residual = _fp32_or_none(bias), _fp32_or_none(add)
     if residual is not None and residual.shape[1:3] == (1, 1):  # one vector per image: part of the bias
@@ -246,8 +203,7 @@ def _conv_unfolded(image: np.ndarray, w: np.ndarray, bias: np.ndarray | None, re
     out_channels, kernel = w.shape[0], w.shape[1]
     pixels, terms = batch * height * width, kernel * kernel * channels
     patches = np.empty((pixels, terms), np.uint16 if bf16 else np.float32)
-    cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.im2col(image, kernel, padding, first, last, patches),
-                               pixels, patches.size)
+    cpu_kernels.im2col(image, kernel, padding, 0, pixels, patches)
     y, out = new_array((pixels, out_channels))
     # The bias (per image: (B, C)) and residual are added by accumulating onto them.
     beta = _start(out.reshape(batch, height, width, out_channels),
@@ -265,8 +221,7 @@ def _conv_shifted(image: np.ndarray, w: np.ndarray, bias: np.ndarray | None, res
     out_channels, kernel = w.shape[0], w.shape[1]
     rows, row = height + 2 * padding, width + 2 * padding
     source = np.empty((batch, rows, row, channels), np.uint16 if bf16 else np.float32)
-    cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.pad_image(image, padding, first, last, source),
-                               batch * rows, image.size)
+    cpu_kernels.pad_image(image, padding, 0, batch * rows, source)
     # Output pixel p of the flattened padded batch sums input pixels p + dy * row + dx, so the
     # whole batch is one run of rows; those that land in padding are junk and dropped by the
     # crop, which also adds the bias and the residual. The last `reach` rows would read past the
@@ -277,8 +232,7 @@ def _conv_shifted(image: np.ndarray, w: np.ndarray, bias: np.ndarray | None, res
     if batch * rows * row * out_channels * 4 <= SUMS_BYTES:
         sums = np.empty((batch, rows, row, out_channels), np.float32)
         _sum_taps(source, w, bf16, row, 0, total, sums)
-        cpu_threads.for_each_chunk(lambda first, last: cpu_kernels.crop_bias(sums, bias, first, last, out, residual),
-                                   batch * height, out.size)
+        cpu_kernels.crop_bias(sums, bias, 0, batch * height, out, residual)
         return y
     # Larger images go in blocks of whole rows, each cropped as soon as it is summed.
     lines = max(1, BLOCK_ROWS // row)
@@ -291,9 +245,7 @@ def _conv_shifted(image: np.ndarray, w: np.ndarray, bias: np.ndarray | None, res
             _sum_taps(source, w, bf16, row, origin, min(count * row, total - origin), sums)
             block, target = sums[:, :count], out[i:i + 1, first:first + count]
             add = None if residual is None else residual[i:i + 1, first:first + count]
-            cpu_threads.for_each_chunk(
-                lambda a, z, block=block, image_bias=image_bias, target=target, add=add:
-                cpu_kernels.crop_bias(block, image_bias, a, z, target, add), count, target.size)
+            cpu_kernels.crop_bias(block, image_bias, 0, count, target, add)
     return y
 
 

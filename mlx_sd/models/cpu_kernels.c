@@ -3,18 +3,23 @@
  *
  * Each replaces a chain of numpy or MLX passes (softmax: max, subtract, exp, sum; GELU: about
  * twenty; a convolution's pad, cast, slice and bias add) with one or two passes over
- * cache-resident blocks, vectorised by the compiler. The callers
- * split the work into blocks and spread them over the cores; ctypes releases the GIL.
+ * cache-resident blocks, vectorised by the compiler. Each exported kernel spreads its rows
+ * over the pool's threads (cpu_pool.c); ctypes releases the GIL while it runs.
  *
  * The shared arithmetic (exp, bf16 rounding, row maxima) is in cpu_math.h.
  */
 
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#include "cpu_kernels.h"
 #include "cpu_math.h"
+#include "cpu_pool.h"
 
 /* The interface version: bump it with any change to an exported function's signature or
  * meaning, together with ABI_VERSION in cpu_kernels.py, so that a library left over from an
  * older install is refused instead of called with the wrong arguments. */
-int kernels_abi_version(void) { return 4; }
+int kernels_abi_version(void) { return 5; }
 
 #if X86_GCC
 /* The same rounding in one AVX512-BF16 instruction per 32 values: 4x cheaper than the integer form. */
@@ -30,8 +35,7 @@ static void to_bf16_avx512(const float *x, ptrdiff_t n, uint16_t *out) {
 }
 #endif
 
-/* out = x rounded to bf16, n values. */
-void to_bf16(const float *x, ptrdiff_t n, uint16_t *out) {
+void to_bf16_values(const float *x, ptrdiff_t n, uint16_t *out) {
 #if X86_GCC
     if (__builtin_cpu_supports("avx512bf16")) {
         to_bf16_avx512(x, n, out);
@@ -40,6 +44,23 @@ void to_bf16(const float *x, ptrdiff_t n, uint16_t *out) {
 #endif
     for (ptrdiff_t j = 0; j < n; j++)
         out[j] = bf16_bits(x[j]);
+}
+
+struct values_job {
+    const float *x;
+    void *out;
+    float slope;
+};
+
+static void to_bf16_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
+    struct values_job *job = context;
+    to_bf16_values(job->x + first, last - first, (uint16_t *)job->out + first);
+}
+
+/* out = x rounded to bf16 (nearest even), n values. */
+void to_bf16(const float *x, ptrdiff_t n, uint16_t *out) {
+    struct values_job job = {x, out, 0};
+    pool_run(to_bf16_chunk, &job, n, n);
 }
 
 /* Abramowitz & Stegun 7.1.26: erf(z) = 1 - t (a1 + t (a2 + ...)) e^(-z²), t = 1 / (1 + p z),
@@ -77,13 +98,12 @@ void softmax_numerators(float *scores, ptrdiff_t rows, ptrdiff_t cols, uint16_t 
         }
         sums[i] = sum;
         if (bf16 != NULL)
-            to_bf16(row, cols, bf16 + i * cols);
+            to_bf16_values(row, cols, bf16 + i * cols);
     }
 }
 
-/* out[i, j] = x[i, j] * GELU(x[i, width + j]) for x: rows x (2 width), out: rows x width. */
 MULTIVERSION
-void geglu(const float *x, ptrdiff_t rows, ptrdiff_t width, float *out) {
+void geglu_rows(const float *x, ptrdiff_t rows, ptrdiff_t width, float *out) {
     for (ptrdiff_t i = 0; i < rows; i++) {
         const float *hidden = x + i * 2 * width, *gate = hidden + width;
         float *y = out + i * width;
@@ -93,22 +113,54 @@ void geglu(const float *x, ptrdiff_t rows, ptrdiff_t width, float *out) {
     }
 }
 
-/* out = x * sigmoid(slope * x) over n values: SiLU at slope 1, CLIP's quick GELU at 1.702. */
-MULTIVERSION
-void sigmoid_gate(const float *x, ptrdiff_t n, float slope, float *out) {
-#pragma omp simd
-    for (ptrdiff_t j = 0; j < n; j++)
-        out[j] = sigmoid_gate_one(x[j], slope);
+struct rows_job {
+    const float *x;
+    float *out;
+    ptrdiff_t width;
+};
+
+static void geglu_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
+    struct rows_job *job = context;
+    geglu_rows(job->x + first * 2 * job->width, last - first, job->width, job->out + first * job->width);
 }
 
-/* out[i, c] = x[i, c] * scale[c] + offset[c] for rows x channels, then SiLU if `silu`. */
+/* out[i, j] = x[i, j] * GELU(x[i, width + j]) for x: rows x (2 width), out: rows x width. */
+void geglu(const float *x, ptrdiff_t rows, ptrdiff_t width, float *out) {
+    struct rows_job job = {x, out, width};
+    pool_run(geglu_chunk, &job, rows, rows * width * 3);
+}
+
 MULTIVERSION
-void scale_shift(const float *x, ptrdiff_t rows, ptrdiff_t channels, const float *scale, const float *offset,
-                 int silu, float *out) {
-    for (ptrdiff_t i = 0; i < rows; i++) {
-        const float *in = x + i * channels;
-        float *y = out + i * channels;
-        if (silu) {
+static void sigmoid_gate_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
+    struct values_job *job = context;
+    float *out = job->out, slope = job->slope;
+#pragma omp simd
+    for (ptrdiff_t j = first; j < last; j++)
+        out[j] = sigmoid_gate_one(job->x[j], slope);
+}
+
+/* out = x * sigmoid(slope * x) over n values: SiLU at slope 1, CLIP's quick GELU at 1.702. */
+void sigmoid_gate(const float *x, ptrdiff_t n, float slope, float *out) {
+    struct values_job job = {x, out, slope};
+    pool_run(sigmoid_gate_chunk, &job, n, n);
+}
+
+struct scale_shift_job {
+    const float *x, *scale, *offset;
+    float *out;
+    ptrdiff_t rows_per_image, channels;
+    int silu;
+};
+
+MULTIVERSION
+static void scale_shift_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
+    struct scale_shift_job *job = context;
+    ptrdiff_t channels = job->channels;
+    for (ptrdiff_t i = first; i < last; i++) {
+        const float *in = job->x + i * channels, *scale = job->scale + i / job->rows_per_image * channels;
+        const float *offset = job->offset + i / job->rows_per_image * channels;
+        float *y = job->out + i * channels;
+        if (job->silu) {
 #pragma omp simd
             for (ptrdiff_t c = 0; c < channels; c++)
                 y[c] = sigmoid_gate_one(in[c] * scale[c] + offset[c], 1.0f);
@@ -120,12 +172,23 @@ void scale_shift(const float *x, ptrdiff_t rows, ptrdiff_t channels, const float
     }
 }
 
-/* Adds to sum[c] and squares[c] the sums over rows of d and d² for d = x[i, c] - shift[c]
- * (rows x channels). Partial sums are float over runs of MOMENT_ROWS rows, then float64. */
+/* out[i, c] = x[i, c] * scale[c] + offset[c], then SiLU if `silu`, for x and out (rows x
+ * channels), whose rows are images of `rows_per_image` rows, each with its own row of scale and
+ * offset (images x channels). */
+void scale_shift(const float *x, ptrdiff_t rows, ptrdiff_t rows_per_image, ptrdiff_t channels, const float *scale,
+                 const float *offset, int silu, float *out) {
+    struct scale_shift_job job = {x, scale, offset, out, rows_per_image, channels, silu};
+    pool_run(scale_shift_chunk, &job, rows, rows * channels);
+}
+
+/* Partial sums are float over runs of MOMENT_ROWS rows, then float64. */
 #define MOMENT_ROWS 256
+
+/* Adds to sum[c] and squares[c] the sums over `rows` rows of x of d and d² for d = x[i, c] -
+ * shift[c]; `scratch` holds 2 * channels floats. */
 MULTIVERSION
-void channel_moments(const float *x, ptrdiff_t rows, ptrdiff_t channels, const float *shift, float *scratch,
-                     double *sum, double *squares) {
+static void moments_rows(const float *x, ptrdiff_t rows, ptrdiff_t channels, const float *shift, float *scratch,
+                         double *sum, double *squares) {
     float *s1 = scratch, *s2 = scratch + channels;
     for (ptrdiff_t start = 0; start < rows; start += MOMENT_ROWS) {
         ptrdiff_t stop = start + MOMENT_ROWS < rows ? start + MOMENT_ROWS : rows;
@@ -147,14 +210,71 @@ void channel_moments(const float *x, ptrdiff_t rows, ptrdiff_t channels, const f
     }
 }
 
-/* out[i] = (x[i] - mean) / sqrt(var + eps) * weight + bias per row of x (rows x width), with the
- * row's mean and (biased) variance from two passes over the row. */
+struct moments_job {
+    const float *x, *shift;
+    double *partial; /* per piece: sums, then squares, channels each */
+    ptrdiff_t rows_per_image, channels, pieces, piece_rows;
+    atomic_int failed;
+};
+
+static void moments_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
+    struct moments_job *job = context;
+    ptrdiff_t channels = job->channels;
+    float *scratch = malloc((size_t)(2 * channels) * sizeof(float));
+    if (scratch == NULL) {
+        job->failed = 1;
+        return;
+    }
+    for (ptrdiff_t p = first; p < last; p++) {
+        ptrdiff_t image = p / job->pieces, start = p % job->pieces * job->piece_rows;
+        ptrdiff_t rows = start + job->piece_rows < job->rows_per_image ? job->piece_rows : job->rows_per_image - start;
+        double *sums = job->partial + p * 2 * channels;
+        if (rows > 0)
+            moments_rows(job->x + (image * job->rows_per_image + start) * channels, rows, channels,
+                         job->shift + image * channels, scratch, sums, sums + channels);
+    }
+    free(scratch);
+}
+
+/* sum and squares (images x channels, float64) = the per-channel sums of d and d² over each
+ * image's rows of x (images * rows_per_image rows x channels), d = x - shift (a row of
+ * channels per image). Each image is split into about as many pieces as it takes to give every
+ * pool thread one, each summed into its own partial sums. Returns 0, or -1 without memory. */
+int channel_moments(const float *x, ptrdiff_t images, ptrdiff_t rows_per_image, ptrdiff_t channels,
+                    const float *shift, double *sum, double *squares) {
+    ptrdiff_t pieces = (pool_threads() + images - 1) / images;
+    struct moments_job job = {x, shift, calloc((size_t)(images * pieces * 2 * channels), sizeof(double)),
+                              rows_per_image, channels, pieces, (rows_per_image + pieces - 1) / pieces, 0};
+    if (job.partial == NULL)
+        return -1;
+    pool_run(moments_chunk, &job, images * pieces, images * rows_per_image * channels);
+    for (ptrdiff_t p = 0; p < images * pieces; p++) {
+        const double *partial = job.partial + p * 2 * channels;
+        double *s1 = sum + p / pieces * channels, *s2 = squares + p / pieces * channels;
+        for (ptrdiff_t c = 0; c < channels; c++) {
+            s1[c] = (p % pieces ? s1[c] : 0) + partial[c];
+            s2[c] = (p % pieces ? s2[c] : 0) + partial[channels + c];
+        }
+    }
+    free(job.partial);
+    return job.failed ? -1 : 0;
+}
+
+struct layer_norm_job {
+    const float *x, *weight, *bias;
+    float *out;
+    ptrdiff_t width;
+    float eps;
+};
+
 MULTIVERSION
-void layer_norm(const float *x, ptrdiff_t rows, ptrdiff_t width, const float *weight, const float *bias, float eps,
-                float *out) {
-    for (ptrdiff_t i = 0; i < rows; i++) {
-        const float *in = x + i * width;
-        float *y = out + i * width;
+static void layer_norm_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
+    struct layer_norm_job *job = context;
+    ptrdiff_t width = job->width;
+    const float *weight = job->weight, *bias = job->bias;
+    for (ptrdiff_t i = first; i < last; i++) {
+        const float *in = job->x + i * width;
+        float *y = job->out + i * width;
         float total = 0;
 #pragma omp simd reduction(+ : total)
         for (ptrdiff_t j = 0; j < width; j++)
@@ -163,11 +283,19 @@ void layer_norm(const float *x, ptrdiff_t rows, ptrdiff_t width, const float *we
 #pragma omp simd reduction(+ : squares)
         for (ptrdiff_t j = 0; j < width; j++)
             squares += (in[j] - mean) * (in[j] - mean);
-        float rstd = 1.0f / __builtin_sqrtf(squares / width + eps);
+        float rstd = 1.0f / __builtin_sqrtf(squares / width + job->eps);
 #pragma omp simd
         for (ptrdiff_t j = 0; j < width; j++)
             y[j] = (in[j] - mean) * rstd * weight[j] + bias[j];
     }
+}
+
+/* out[i] = (x[i] - mean) / sqrt(var + eps) * weight + bias per row of x (rows x width), with the
+ * row's mean and (biased) variance from two passes over the row. */
+void layer_norm(const float *x, ptrdiff_t rows, ptrdiff_t width, const float *weight, const float *bias, float eps,
+                float *out) {
+    struct layer_norm_job job = {x, weight, bias, out, width, eps};
+    pool_run(layer_norm_chunk, &job, rows, rows * width);
 }
 
 /* n values at offset `at` of an output that is float32 (`f32`) or, when `f32` is NULL, bf16:
@@ -180,7 +308,33 @@ static void put_values(const float *in, ptrdiff_t n, float *f32, uint16_t *bf16,
     else if (f32 != NULL)
         memcpy(f32 + at, in, (size_t)n * sizeof *f32);
     else
-        to_bf16(in, n, bf16 + at);
+        to_bf16_values(in, n, bf16 + at);
+}
+
+/* The image kernels' arguments: an NHWC batch x (B, H, W, C), the output (float32 `f32`, else
+ * bf16 `bf16`), and the row the kernel's range starts at (`origin`: pool chunks count from 0). */
+struct image_job {
+    const float *x, *bias, *add;
+    float *f32;
+    uint16_t *bf16;
+    ptrdiff_t origin, height, width, channels, pad, kernel, padded_height, padded_width, bias_stride;
+};
+
+static void pad_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
+    const struct image_job *job = context;
+    ptrdiff_t height = job->height, pad = job->pad, padded_height = height + 2 * pad;
+    ptrdiff_t row = (job->width + 2 * pad) * job->channels, border = pad * job->channels;
+    ptrdiff_t inside = job->width * job->channels;
+    for (ptrdiff_t r = job->origin + first; r < job->origin + last; r++) {
+        ptrdiff_t image = r / padded_height, y = r % padded_height - pad;
+        if (y < 0 || y >= height) {
+            put_values(NULL, row, job->f32, job->bf16, r * row);
+            continue;
+        }
+        put_values(NULL, border, job->f32, job->bf16, r * row);
+        put_values(job->x + (image * height + y) * inside, inside, job->f32, job->bf16, r * row + border);
+        put_values(NULL, border, job->f32, job->bf16, r * row + border + inside);
+    }
 }
 
 /* Rows [first, last) of the zero-padded copy of an NHWC image batch x (B, H, W, C): out is
@@ -188,17 +342,30 @@ static void put_values(const float *in, ptrdiff_t n, float *f32, uint16_t *bf16,
  * `f32`, or as bf16 into `bf16` when `f32` is NULL. */
 void pad_image(const float *x, ptrdiff_t height, ptrdiff_t width, ptrdiff_t channels, ptrdiff_t pad,
                ptrdiff_t first, ptrdiff_t last, float *f32, uint16_t *bf16) {
-    ptrdiff_t padded_height = height + 2 * pad, row = (width + 2 * pad) * channels;
-    ptrdiff_t border = pad * channels, inside = width * channels;
-    for (ptrdiff_t r = first; r < last; r++) {
-        ptrdiff_t image = r / padded_height, y = r % padded_height - pad;
-        if (y < 0 || y >= height) {
-            put_values(NULL, row, f32, bf16, r * row);
+    struct image_job job = {.x = x, .f32 = f32, .bf16 = bf16, .origin = first, .height = height, .width = width,
+                            .channels = channels, .pad = pad};
+    pool_run(pad_chunk, &job, last - first, (last - first) * (width + 2 * pad) * channels);
+}
+
+MULTIVERSION
+static void crop_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
+    const struct image_job *job = context;
+    ptrdiff_t height = job->height, channels = job->channels, values = job->width * channels;
+    for (ptrdiff_t r = job->origin + first; r < job->origin + last; r++) {
+        ptrdiff_t image = r / height, y = r % height;
+        const float *in = job->x + (image * job->padded_height + y) * job->padded_width * channels;
+        const float *b = job->bias == NULL ? NULL : job->bias + image * job->bias_stride;
+        const float *a = job->add == NULL ? NULL : job->add + r * values;
+        float *o = job->f32 + r * values;
+        if (b == NULL && a == NULL) {
+            memcpy(o, in, (size_t)values * sizeof *o);
             continue;
         }
-        put_values(NULL, border, f32, bf16, r * row);
-        put_values(x + (image * height + y) * inside, inside, f32, bf16, r * row + border);
-        put_values(NULL, border, f32, bf16, r * row + border + inside);
+        for (ptrdiff_t at = 0; at < values; at += channels) {
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < channels; c++)
+                o[at + c] = in[at + c] + (b == NULL ? 0.0f : b[c]) + (a == NULL ? 0.0f : a[at + c]);
+        }
     }
 }
 
@@ -206,25 +373,28 @@ void pad_image(const float *x, ptrdiff_t height, ptrdiff_t width, ptrdiff_t chan
  * src (B, padded_height, padded_width, C) with y < H and x < W, plus the bias unless it is NULL
  * (a row of C per image, `bias_stride` apart: 0 when all images share one), plus `add` (B, H, W,
  * C: a residual) unless it is NULL. */
-MULTIVERSION
 void crop_bias(const float *src, ptrdiff_t height, ptrdiff_t width, ptrdiff_t padded_height, ptrdiff_t padded_width,
                ptrdiff_t channels, const float *bias, ptrdiff_t bias_stride, const float *add, ptrdiff_t first,
                ptrdiff_t last, float *out) {
-    for (ptrdiff_t r = first; r < last; r++) {
-        ptrdiff_t image = r / height, y = r % height;
-        const float *in = src + (image * padded_height + y) * padded_width * channels;
-        const float *b = bias == NULL ? NULL : bias + image * bias_stride;
-        const float *a = add == NULL ? NULL : add + r * width * channels;
-        float *o = out + r * width * channels;
-        if (b == NULL && a == NULL) {
-            memcpy(o, in, (size_t)(width * channels) * sizeof *o);
-            continue;
-        }
-        for (ptrdiff_t x = 0; x < width; x++) {
-            const ptrdiff_t at = x * channels;
-#pragma omp simd
-            for (ptrdiff_t c = 0; c < channels; c++)
-                o[at + c] = in[at + c] + (b == NULL ? 0.0f : b[c]) + (a == NULL ? 0.0f : a[at + c]);
+    struct image_job job = {.x = src, .bias = bias, .add = add, .f32 = out, .origin = first, .height = height,
+                            .width = width, .channels = channels, .padded_height = padded_height,
+                            .padded_width = padded_width, .bias_stride = bias_stride};
+    pool_run(crop_chunk, &job, last - first, (last - first) * width * channels);
+}
+
+static void im2col_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
+    const struct image_job *job = context;
+    ptrdiff_t height = job->height, width = job->width, channels = job->channels, kernel = job->kernel;
+    ptrdiff_t row = kernel * kernel * channels;
+    for (ptrdiff_t r = job->origin + first; r < job->origin + last; r++) {
+        ptrdiff_t image = r / (height * width), y = r / width % height, col = r % width;
+        for (ptrdiff_t dy = 0; dy < kernel; dy++) {
+            for (ptrdiff_t dx = 0; dx < kernel; dx++) {
+                ptrdiff_t sy = y + dy - job->pad, sx = col + dx - job->pad;
+                int inside = sy >= 0 && sy < height && sx >= 0 && sx < width;
+                const float *in = inside ? job->x + ((image * height + sy) * width + sx) * channels : NULL;
+                put_values(in, channels, job->f32, job->bf16, r * row + (dy * kernel + dx) * channels);
+            }
         }
     }
 }
@@ -235,16 +405,7 @@ void crop_bias(const float *src, ptrdiff_t height, ptrdiff_t width, ptrdiff_t pa
  * order. Written as float32 into `f32`, or as bf16 into `bf16` when `f32` is NULL. */
 void im2col(const float *x, ptrdiff_t height, ptrdiff_t width, ptrdiff_t channels, ptrdiff_t kernel, ptrdiff_t pad,
             ptrdiff_t first, ptrdiff_t last, float *f32, uint16_t *bf16) {
-    ptrdiff_t row = kernel * kernel * channels;
-    for (ptrdiff_t r = first; r < last; r++) {
-        ptrdiff_t image = r / (height * width), y = r / width % height, col = r % width;
-        for (ptrdiff_t dy = 0; dy < kernel; dy++) {
-            for (ptrdiff_t dx = 0; dx < kernel; dx++) {
-                ptrdiff_t sy = y + dy - pad, sx = col + dx - pad;
-                int inside = sy >= 0 && sy < height && sx >= 0 && sx < width;
-                const float *in = inside ? x + ((image * height + sy) * width + sx) * channels : NULL;
-                put_values(in, channels, f32, bf16, r * row + (dy * kernel + dx) * channels);
-            }
-        }
-    }
+    struct image_job job = {.x = x, .f32 = f32, .bf16 = bf16, .origin = first, .height = height, .width = width,
+                            .channels = channels, .pad = pad, .kernel = kernel};
+    pool_run(im2col_chunk, &job, last - first, (last - first) * kernel * kernel * channels);
 }

@@ -1,8 +1,9 @@
 """The fused CPU kernels of cpu_kernels.c: the attention's softmax numerators, GEGLU, SiLU-style
 gates, GroupNorm's moments and scale-and-shift, LayerNorm, rounding to bf16, and the
 convolutions' padding, cropping and unfolding; each one vectorised pass over a block instead of
-a chain of numpy or MLX passes. And amx_attention.c: a whole attention head for bf16 models on
-Intel's AMX tile units, where the processor has them.
+a chain of numpy or MLX passes. amx_attention.c: a whole attention head for bf16 models on
+Intel's AMX tile units, where the processor has them. cpu_layers.c: whole linear and
+feed-forward layers, spread over cpu_pool.c's threads.
 
 MLX's CPU elementwise transcendentals are scalar (`nn.silu`, `nn.gelu` about 50 ns per element
 here) and numpy's formulas make a pass over memory per operation (GELU about twenty).
@@ -11,8 +12,9 @@ benchmarks/cpu_kernels.py measures each kernel against the numpy form or MLX op 
 
 The library is compiled when mlx-sd is installed (setup.py) and is optional: `kernels()` is None
 where it was not built, and the callers then use MLX's own ops. These functions take numpy
-arrays and check that each is C-contiguous float32, because the C code reads raw pointers; they
-release the GIL (ctypes), so the callers run blocks of them on every core (cpu_threads).
+arrays and check that each is C-contiguous float32, because the C code reads raw pointers. Each
+call releases the GIL (ctypes) and spreads its work over cpu_pool.c's threads, one per core,
+started when the library is loaded.
 """
 
 from __future__ import annotations
@@ -21,9 +23,14 @@ import ctypes
 import functools
 import importlib.util
 import logging
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
+
+from mlx_sd.models.blas import gemm
+from mlx_sd.models.cpu_buffers import new_array
+from mlx_sd.models.cpu_threads import cores
 
 _log = logging.getLogger(__name__)
 _SIZE, _POINTER, _FLOAT, _INT = ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
@@ -31,20 +38,24 @@ _SIGNATURES = {  # name: (argument types, result type)
     "softmax_numerators": ([_POINTER, _SIZE, _SIZE, _POINTER, _POINTER], None),
     "geglu": ([_POINTER, _SIZE, _SIZE, _POINTER], None),
     "sigmoid_gate": ([_POINTER, _SIZE, _FLOAT, _POINTER], None),
-    "scale_shift": ([_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _INT, _POINTER], None),
-    "channel_moments": ([_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER], None),
+    "scale_shift": ([_POINTER, _SIZE, _SIZE, _SIZE, _POINTER, _POINTER, _INT, _POINTER], None),
+    "channel_moments": ([_POINTER, _SIZE, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER], _INT),
     "layer_norm": ([_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _FLOAT, _POINTER], None),
     "to_bf16": ([_POINTER, _SIZE, _POINTER], None),
     "pad_image": ([_POINTER] + [_SIZE] * 6 + [_POINTER, _POINTER], None),
     "crop_bias": ([_POINTER] + [_SIZE] * 5 + [_POINTER, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER], None),
     "im2col": ([_POINTER] + [_SIZE] * 7 + [_POINTER, _POINTER], None),
     "amx_available": ([], _INT),
-    "amx_attention": ([_POINTER] * 3 + [_SIZE] * 6 + [_FLOAT, _SIZE, _POINTER], _INT),
+    "pool_start": ([_INT, _POINTER], _INT),
+    "pool_threads": ([], _INT),
+    "linear": ([_POINTER] * 4 + [_SIZE] * 3 + [_INT, _POINTER, _POINTER], _INT),
+    "feed_forward": ([_POINTER] * 6 + [_SIZE] * 5 + [_INT, _POINTER, _POINTER], _INT),
+    "amx_attention": ([_POINTER] * 3 + [_SIZE] * 5 + [_FLOAT, _INT, _POINTER], _INT),
 }
 
 
 # cpu_kernels.c's kernels_abi_version(): the two change together.
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 
 @functools.cache
@@ -64,7 +75,17 @@ def kernels() -> ctypes.CDLL | None:
     for name, (argtypes, restype) in _SIGNATURES.items():
         function = getattr(library, name)
         function.argtypes, function.restype = argtypes, restype
+    _start_pool(library)
     return library
+
+
+def _start_pool(library: ctypes.CDLL) -> None:
+    """Starts the kernels' pool (cpu_pool.c): a thread per core, each of whose BLAS calls runs on
+    one thread (MKL's per-thread setting). Without that setting (no MKL), the kernels' GEMMs
+    would each start the BLAS's own threads on every core, so there is no pool: one thread."""
+    functions = gemm()
+    local = None if functions is None else functions.set_local_threads
+    library.pool_start(cores() if local is not None else 1, None if local is None else _address(local))
 
 
 def active() -> bool:
@@ -107,23 +128,26 @@ def sigmoid_gate(x: np.ndarray, slope: float, out: np.ndarray) -> None:
 
 
 def scale_shift(x: np.ndarray, scale: np.ndarray, offset: np.ndarray, silu: bool, out: np.ndarray) -> None:
-    """out = x * scale + offset (then SiLU if `silu`), with per-channel scale and offset, for
-    x and out (rows, channels)."""
-    rows, channels = x.shape
-    if out.shape != x.shape or scale.shape != (channels,) or offset.shape != (channels,):
+    """out = x * scale + offset (then SiLU if `silu`) for x and out (B, N, C), with a row of
+    scale and offset (B, C) per image."""
+    images, rows, channels = x.shape
+    if out.shape != x.shape or scale.shape != (images, channels) or offset.shape != (images, channels):
         raise ValueError(f"shape mismatch: {x.shape}, {scale.shape}, {offset.shape}, {out.shape}")
-    kernels().scale_shift(_pointer(x), rows, channels, _pointer(scale), _pointer(offset), int(silu), _pointer(out))
+    kernels().scale_shift(_pointer(x), images * rows, rows, channels, _pointer(scale), _pointer(offset), int(silu),
+                          _pointer(out))
 
 
-def channel_moments(x: np.ndarray, shift: np.ndarray, sums: np.ndarray, squares: np.ndarray) -> None:
-    """Adds to the float64 `sums` and `squares` (channels,) the per-channel sums of d and d² over
-    the rows of x (rows, channels), d = x - shift."""
-    rows, channels = x.shape
-    if shift.shape != (channels,) or sums.shape != (channels,) or squares.shape != (channels,):
-        raise ValueError(f"shape mismatch: {x.shape}, {shift.shape}, {sums.shape}, {squares.shape}")
-    scratch = np.empty(2 * channels, np.float32)
-    kernels().channel_moments(_pointer(x), rows, channels, _pointer(shift), _pointer(scratch),
-                              _pointer(sums, np.float64), _pointer(squares, np.float64))
+def channel_moments(x: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 per-channel sums of d and d² (each (B, C)) over the N rows of each image of x
+    (B, N, C), d = x - shift, with a row of shift (B, C) per image."""
+    images, rows, channels = x.shape
+    if shift.shape != (images, channels):
+        raise ValueError(f"shape mismatch: {x.shape} and {shift.shape}")
+    sums, squares = np.empty((images, channels)), np.empty((images, channels))
+    if kernels().channel_moments(_pointer(x), images, rows, channels, _pointer(shift), _pointer(sums, np.float64),
+                                 _pointer(squares, np.float64)) != 0:
+        raise MemoryError("no memory for GroupNorm's partial sums")
+    return sums, squares
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray) -> None:
@@ -139,6 +163,15 @@ def to_bf16(x: np.ndarray, out: np.ndarray) -> None:
     if out.shape != x.shape:
         raise ValueError(f"shape mismatch: {x.shape} and {out.shape}")
     kernels().to_bf16(_pointer(x), x.size, _pointer(out, np.uint16))
+
+
+def map_rows(kernel: Callable[[np.ndarray, np.ndarray], None], x: mx.array, width: int) -> mx.array:
+    """kernel(rows, out) over the rows of x viewed as fp32 (rows, x.shape[-1]), filling `width`
+    columns of out: a new MLX array of shape (*x.shape[:-1], width) and x's dtype."""
+    rows = np.ascontiguousarray(x if x.dtype == mx.float32 else x.astype(mx.float32)).reshape(-1, x.shape[-1])
+    result, out = new_array((*x.shape[:-1], width))
+    kernel(rows, out.reshape(-1, width))
+    return result if x.dtype == mx.float32 else result.astype(x.dtype)
 
 
 def _f32_or_bf16(out: np.ndarray) -> tuple[int | None, int | None]:
@@ -183,6 +216,62 @@ def im2col(x: np.ndarray, kernel: int, pad: int, first: int, last: int, out: np.
     kernels().im2col(_pointer(x), h, w, c, kernel, pad, first, last, *_f32_or_bf16(out))
 
 
+def _optional(array: np.ndarray | None, shape: tuple[int, ...]) -> int | None:
+    """The pointer to an optional C-contiguous float32 operand of the given shape, or None."""
+    if array is None:
+        return None
+    if array.shape != shape:
+        raise ValueError(f"expected an operand of shape {shape}, not {array.shape}")
+    return _pointer(array)
+
+
+def _weights(weight: np.ndarray) -> tuple[int, int]:
+    """(pointer, bf16 flag) for a GEMM weight: float32, or bf16 as uint16 bits."""
+    bf16 = weight.dtype == np.uint16
+    return _pointer(weight, np.uint16 if bf16 else np.float32), int(bf16)
+
+
+def _address(function: ctypes._CFuncPtr) -> int:
+    return ctypes.cast(function, ctypes.c_void_p).value
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, add: np.ndarray | None,
+           gemm: ctypes._CFuncPtr, out: np.ndarray) -> None:
+    """out (rows, n) = x (rows, k) @ weightᵀ + bias (n,) + add (rows, n), bias and add optional, all
+    float32 except `weight` (n, k): float32, or uint16 bf16 bits, which rounds x to bf16 for the
+    products. `gemm` is the BLAS's cblas_sgemm or cblas_gemm_bf16bf16f32 to match. Spread over
+    the pool's threads by rows, or by columns when there are few rows."""
+    (rows, k), n = x.shape, weight.shape[0]
+    if weight.shape != (n, k) or out.shape != (rows, n):
+        raise ValueError(f"cannot multiply {x.shape} by {weight.shape}ᵀ into {out.shape}")
+    pointer, bf16 = _weights(weight)
+    status = kernels().linear(_pointer(x), pointer, _optional(bias, (n,)), _optional(add, (rows, n)), rows, n, k,
+                              bf16, _address(gemm), _pointer(out))
+    if status != 0:
+        raise MemoryError(f"no memory for a linear layer's scratch ({rows}x{k})")
+
+
+def feed_forward(x: np.ndarray, weight1: np.ndarray, bias1: np.ndarray | None, weight2: np.ndarray,
+                 bias2: np.ndarray | None, add: np.ndarray | None, block: int, gemm: ctypes._CFuncPtr,
+                 out: np.ndarray) -> None:
+    """out (rows, dim) = GEGLU(x @ weight1ᵀ + bias1) @ weight2ᵀ + bias2 + add for x (rows, k),
+    weight1 (n, k), weight2 (dim, n / 2), in blocks of `block` rows spread over the pool's
+    threads; operand types as in `linear` (both weights of one type; bf16 also rounds the gated
+    activations)."""
+    (rows, k), n, dim = x.shape, weight1.shape[0], weight2.shape[0]
+    if weight1.shape != (n, k) or n % 2 or weight2.shape != (dim, n // 2) or weight2.dtype != weight1.dtype:
+        raise ValueError(f"feed-forward weights {weight1.shape} {weight1.dtype}, {weight2.shape} {weight2.dtype} "
+                         f"do not fit inputs of width {k}")
+    if out.shape != (rows, dim) or block < 1:
+        raise ValueError(f"cannot write {rows} rows of {dim} into {out.shape} in blocks of {block}")
+    first, bf16 = _weights(weight1)
+    status = kernels().feed_forward(_pointer(x), first, _optional(bias1, (n,)), _weights(weight2)[0],
+                                    _optional(bias2, (dim,)), _optional(add, (rows, dim)), rows, k, n, dim, block, bf16,
+                                    _address(gemm), _pointer(out))
+    if status != 0:
+        raise MemoryError(f"no memory for a feed-forward's scratch ({block} rows of {n})")
+
+
 def amx_ready() -> bool:
     """Whether `amx_attention` runs here: the kernels are built, the processor has AMX-BF16 and
     AVX512-BF16, and Linux granted this process the tile registers."""
@@ -190,32 +279,19 @@ def amx_ready() -> bool:
     return library is not None and library.amx_available() == 1
 
 
-def _row_stride(array: np.ndarray) -> int:
-    """The row stride, in floats, of a 2-D float32 array whose rows are contiguous."""
-    rows, columns = array.shape
-    row, column = array.strides
-    if array.dtype != np.float32 or (column != 4 and columns > 1) or row % 4 or (rows > 1 and row < 4 * columns):
-        raise ValueError(f"the attention kernel takes float32 rows of contiguous values, not {array.dtype} "
-                         f"with strides {array.strides}")
-    return row // 4 if rows > 1 else columns
-
-
-def amx_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, out: np.ndarray,
-                  causal_first: int | None = None) -> None:
-    """out = softmax(q kᵀ scale) v for one head, q and out (queries, dim), k and v (keys, dim):
-    float32 arrays with contiguous rows, such as one head's columns of token-major projections
-    (k and v with the same row stride). The products are bf16 with fp32 sums, on AMX; only call
-    it where `amx_ready()`. With `causal_first`, row i is query causal_first + i and sees the
-    keys up to that one only."""
-    queries, dim = q.shape
-    keys = k.shape[0]
-    if keys == 0 or out.shape != q.shape or k.shape != (keys, dim) or v.shape != k.shape:
-        raise ValueError(f"attention shapes do not match: q {q.shape}, k {k.shape}, v {v.shape}, out {out.shape}")
-    kv_stride = _row_stride(k)
-    if _row_stride(v) != kv_stride or not out.flags.writeable:
-        raise ValueError("k and v need the same row stride, and out must be writable")
-    status = kernels().amx_attention(q.ctypes.data, k.ctypes.data, v.ctypes.data, queries, keys, dim, _row_stride(q),
-                                     kv_stride, _row_stride(out), scale, -1 if causal_first is None else causal_first,
-                                     out.ctypes.data)
+def amx_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, scale: float, causal: bool,
+                  out: np.ndarray) -> None:
+    """out = softmax(q kᵀ scale) v per head, for token-major projections q and out (B, N, heads *
+    dim), k and v (B, keys, heads * dim), C-contiguous float32; with `causal`, query i sees keys
+    0..i only. The products are bf16 with fp32 sums, on AMX; only call it where `amx_ready()`."""
+    images, queries, width = q.shape
+    keys = k.shape[1]
+    if keys == 0 or width % heads or k.shape != (images, keys, width) or v.shape != k.shape or out.shape != q.shape:
+        raise ValueError(f"attention shapes do not match: q {q.shape}, k {k.shape}, v {v.shape}, out {out.shape}, "
+                         f"{heads} heads")
+    if not out.flags.writeable:
+        raise ValueError("the attention's output must be writable")
+    status = kernels().amx_attention(_pointer(q), _pointer(k), _pointer(v), images, heads, queries, keys, width // heads,
+                                     scale, int(causal), _pointer(out))
     if status != 0:
-        raise MemoryError(f"no memory for the attention kernel's scratch ({keys} keys of {dim})")
+        raise MemoryError(f"no memory for the attention kernel's scratch ({keys} keys of {width // heads})")

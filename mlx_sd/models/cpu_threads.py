@@ -1,10 +1,12 @@
 """Independent numpy and C-kernel work spread over the CPU's cores.
 
-numpy's passes, BLAS calls and the fused kernels (cpu_kernels) run on one thread but release
-the GIL, so blocks of such work can run on a small pool of threads, one per core. Each
-pool thread limits its own BLAS calls to one thread (MKL's per-thread setting), so GEMMs made
-inside the blocks do not oversubscribe the cores. Without that setting (no MKL), work stays on
-the calling thread, as it would be with a 1-core machine.
+numpy's passes and BLAS calls run on one thread but release the GIL, so blocks of such work
+can run on a small pool of threads, one per core: the checkpoint reader's reads, the BLAS form
+of the attention. (The C kernels spread their own work over a pool in C, cpu_pool.c, which
+hands work over without waking threads.) Each pool thread limits its own BLAS calls to one
+thread (MKL's per-thread setting), so GEMMs made inside the blocks do not oversubscribe the
+cores. Without that setting (no MKL), work stays on the calling thread, as it would be with a
+1-core machine.
 """
 
 from __future__ import annotations
@@ -14,19 +16,11 @@ import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
 
-import mlx.core as mx
-import numpy as np
-
 from mlx_sd.models.blas import gemm
-from mlx_sd.models.cpu_buffers import new_array
 
 # Jobs reading fewer values than this run on the calling thread: waking the pool costs more
 # (LayerNorm over 2x77x768, CLIP's size: 0.17 ms on one thread, 0.30 ms on two).
 SMALL_JOB = 1 << 18
-# Values per block in map_rows: blocks this size amortise the Python around each call, which
-# holds the GIL (LayerNorm over 8192x320: 0.90 ms, against 1.35 ms in blocks of 64Ki values,
-# whose threads queued on the GIL), and keep a block's input in the L2 cache.
-ROW_BLOCK = 1 << 18
 
 
 def cores() -> int:
@@ -82,19 +76,3 @@ def least_loaded(sizes: Iterable[int], count: int) -> list[int]:
         bins.append(chosen)
         loads[chosen] += size
     return bins
-
-
-def map_rows(kernel: Callable[[np.ndarray, np.ndarray], None], x: mx.array, width: int) -> mx.array:
-    """kernel(rows, out) over blocks of the rows of x viewed as fp32 (rows, x.shape[-1]), each block
-    filling `width` columns of out, spread over the cores; out is a new MLX array of shape
-    (*x.shape[:-1], width) and x's dtype."""
-    rows = np.ascontiguousarray(x.astype(mx.float32)).reshape(-1, x.shape[-1])
-    result, out = new_array((len(rows), width))
-    step = max(1, ROW_BLOCK // rows.shape[1])
-
-    def run(first: int, last: int) -> None:
-        for start in range(first * step, min(last * step, len(rows)), step):
-            kernel(rows[start:start + step], out[start:start + step])
-
-    for_each_chunk(run, -(-len(rows) // step), rows.size)
-    return result.reshape(*x.shape[:-1], width).astype(x.dtype)

@@ -3,8 +3,8 @@
 `nn.GroupNorm(..., pytorch_compatible=True)` transposes the channels into groups and back around
 `mx.fast.layer_norm` (composed ops on the CPU), then applies the affine map: several
 single-threaded passes over the tensor, ~17 ns per element at 512x512x128. On the CPU this form
-reads the evaluated input once, in blocks, for per-channel sums of the deviations from a rough
-per-channel mean (a fused kernel, cpu_kernels); combines them into group moments in float64; and
+reads the evaluated input once for per-channel sums of the deviations from a rough per-channel
+mean (a fused kernel over blocks of rows on every core, cpu_kernels); combines them into group moments in float64; and
 applies mean, variance, weight and bias together as `x * a + b` with per-(batch, channel) a, b,
 in one pass of a fused kernel (cpu_kernels) that also applies the SiLU that usually follows.
 benchmarks/group_norm_cpu.py (Xeon, 2 cores): 6.8x faster at (1, 512, 512, 128), 3.8x at
@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_sd.models import cpu_kernels, cpu_threads
+from mlx_sd.models import cpu_kernels
 from mlx_sd.models.activations import silu
 from mlx_sd.models.cpu_buffers import new_array
 
@@ -33,33 +33,12 @@ from mlx_sd.models.cpu_buffers import new_array
 SHIFT_SAMPLES = 64
 
 
-def _row_blocks(x: np.ndarray) -> list[tuple[int, int, int]]:
-    """(batch index, start, stop) of the blocks both passes split x (B, N, C) into: about one per
-    core. Both passes stream through memory, so larger blocks cost nothing in cache misses, and
-    each block's Python costs hold the GIL: in blocks of 128Ki floats, the threads queued on it
-    (GroupNorm + SiLU at (2, 64, 64, 320): 2.4 ms, against 1.7 ms in one block per core)."""
-    b, n, _ = x.shape
-    per_image = -(-cpu_threads.cores() // b)  # blocks per image: at least one per core overall
-    rows = -(-n // per_image)
-    return [(i, start, min(start + rows, n)) for i in range(b) for start in range(0, n, rows)]
-
-
 def group_moments(x: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
     """Float64 mean and (biased) variance, each (B, groups), of x: (B, N, C) float32, whose
     groups are runs of C // groups consecutive channels over all N positions."""
     b, n, c = x.shape
-    shift = x[:, :: max(1, n // SHIFT_SAMPLES)].mean(axis=1)
-    blocks = _row_blocks(x)
-    partial: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def sum_blocks(first: int, last: int) -> None:
-        s1, s2 = np.zeros((b, c)), np.zeros((b, c))
-        for i, start, stop in blocks[first:last]:
-            cpu_kernels.channel_moments(x[i, start:stop], shift[i], s1[i], s2[i])
-        partial.append((s1, s2))  # list.append is atomic
-
-    cpu_threads.for_each_chunk(sum_blocks, len(blocks), x.size)
-    s1, s2 = (sum(p[j] for p in partial) for j in (0, 1))
+    shift = np.ascontiguousarray(x[:, :: max(1, n // SHIFT_SAMPLES)].mean(axis=1))
+    s1, s2 = cpu_kernels.channel_moments(x, shift)
     # x - mean = (x - shift) + (shift - mean), summed per channel, then over the group's channels.
     s1, s2 = s1.reshape(b, groups, -1), s2.reshape(b, groups, -1)
     shift = shift.reshape(b, groups, -1).astype(np.float64)
@@ -85,7 +64,7 @@ class GroupNorm(nn.GroupNorm):
             y = super().__call__(x)
             return silu(y) if then_silu else y
         b, c = x.shape[0], x.shape[-1]
-        flat = np.asarray(x.reshape(b, -1, c))
+        flat = np.ascontiguousarray(x).reshape(b, -1, c)
         mean, var = group_moments(flat, self.num_groups)
         # Per-(batch, channel) scale and shift: y = (x - mean) * rstd * weight + bias.
         rstd = np.repeat(1 / np.sqrt(var + self.eps), c // self.num_groups, axis=1)
@@ -94,12 +73,6 @@ class GroupNorm(nn.GroupNorm):
                         for n, d in (("weight", 1.0), ("bias", 0.0)))
         scale = (rstd * weight).astype(np.float32)
         offset = (bias - mean * rstd * weight).astype(np.float32)
-        result, out = new_array(flat.shape)
-        blocks = _row_blocks(flat)
-
-        def apply_blocks(first: int, last: int) -> None:
-            for i, start, stop in blocks[first:last]:
-                cpu_kernels.scale_shift(flat[i, start:stop], scale[i], offset[i], then_silu, out[i, start:stop])
-
-        cpu_threads.for_each_chunk(apply_blocks, len(blocks), flat.size)
-        return result.reshape(x.shape)
+        result, out = new_array(x.shape)
+        cpu_kernels.scale_shift(flat, scale, offset, then_silu, out.reshape(flat.shape))
+        return result

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_sd.models import cpu_kernels, cpu_threads
+from mlx_sd.models import cpu_kernels
 
 
 class LayerNorm(nn.LayerNorm):
@@ -21,5 +21,5 @@ class LayerNorm(nn.LayerNorm):
         if not cpu_kernels.active() or x.dtype != mx.float32 or "weight" not in self or "bias" not in self:
             return super().__call__(x)
         weight, bias = (np.asarray(self[name].astype(mx.float32)) for name in ("weight", "bias"))
-        return cpu_threads.map_rows(lambda rows, out: cpu_kernels.layer_norm(rows, weight, bias, self.eps, out),
+        return cpu_kernels.map_rows(lambda rows, out: cpu_kernels.layer_norm(rows, weight, bias, self.eps, out),
                                     x, x.shape[-1])

@@ -49,7 +49,7 @@ class Conv2d(nn.Conv2d):
             if kernel > 1 and (add is None or add.shape in (shape, (shape[0], 1, 1, shape[-1]))):
                 return cpu_gemm.conv2d(x, self.weight, self.get("bias"), kernel // 2, add)
             if kernel == 1 and cpu_gemm.uses_bf16(self.weight) and (add is None or add.shape == shape):
-                return cpu_gemm.linear(x, self.weight.reshape(self.weight.shape[0], -1), self.get("bias"), add)
+                return cpu_gemm.linear(x, self.weight, self.get("bias"), add)
         return _plus(super().__call__(x), add)
 
 
