@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 import sysconfig
@@ -154,6 +155,17 @@ def test_heap_pages_are_kept_for_reuse_and_trimmed_on_request() -> None:
     backend.trim_heap(libc)
     assert libc.calls[-1] == ("malloc_trim", 0)
     assert not backend.keep_heap_pages(FakeLibc(accepts=False))
+
+
+@pytest.mark.skipif(backend._glibc() is None, reason="glibc on Linux only")
+def test_populate_maps_in_whole_pages_and_keeps_their_contents() -> None:
+    data = np.arange(1 << 18, dtype=np.float32)  # 1 MiB, not page-aligned in general
+    expected = data.copy()
+    kernel = tuple(int(part) for part in platform.release().split("-")[0].split(".")[:2])
+    assert backend.populate(data.ctypes.data, data.nbytes) == (kernel >= (5, 14))
+    np.testing.assert_array_equal(data, expected)
+    start = -(-data.ctypes.data // backend.PAGE) * backend.PAGE
+    assert not backend.populate(start + 1, 100)  # no whole page inside: nothing to do
 
 
 def test_numpy_is_asked_for_small_pages_unless_the_user_chose() -> None:

@@ -184,3 +184,21 @@ def test_im2col_rows_hold_the_padded_patches_in_weight_order(bf16: bool) -> None
     windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(1, 2))  # (B, H, W, C, dy, dx)
     expected = windows.transpose(0, 1, 2, 4, 5, 3).reshape(40, 27)
     np.testing.assert_array_equal(out, bf16_bits(expected) if bf16 else expected)
+
+
+@pytest.mark.parametrize("bits", [np.uint16, np.uint32])
+@pytest.mark.parametrize("shape", [(4, 37, 3, 3), (3, 16, 1, 3), (2, 1, 3, 3), (5, 64, 3, 3)])
+def test_transpose_taps_moves_conv_weights_into_mlx_layout(bits: type, shape: tuple) -> None:
+    """Against numpy's transpose, with channel counts that are and are not multiples of 16."""
+    source = np.random.default_rng(4).integers(0, np.iinfo(bits).max, shape, dtype=bits)
+    out = np.empty((shape[0], shape[2], shape[3], shape[1]), bits)
+    cpu_kernels.transpose_taps(source, out)
+    np.testing.assert_array_equal(out, source.transpose(0, 2, 3, 1))
+
+
+def test_transpose_taps_refuses_other_element_sizes_and_shapes() -> None:
+    with pytest.raises(ValueError):
+        cpu_kernels.transpose_taps(np.zeros((2, 3, 3, 3), np.uint8), np.empty((2, 3, 3, 3), np.uint8))
+    with pytest.raises(ValueError):
+        cpu_kernels.transpose_taps(np.zeros((2, 3, 3, 3), np.uint16), np.empty((2, 3, 3, 2), np.uint16))
+

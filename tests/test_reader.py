@@ -36,6 +36,10 @@ def checkpoint(tmp_path: Path) -> Path:
         "conv": mx.array(rng.standard_normal((5, 3, 3, 3)).astype(np.float16)),  # OIHW
         "conv_bf16": mx.array(rng.standard_normal((4, 6, 1, 3)).astype(np.float32)).astype(mx.bfloat16),
         "one_by_one": mx.array(rng.standard_normal((7, 4, 1, 1)).astype(np.float32)),
+        # Wider ones: 16 channels at a time in the C kernel, and a tail of 5 (fp16) or 4 (fp32).
+        "conv_wide": mx.array(rng.standard_normal((3, 37, 3, 3)).astype(np.float16)),
+        "conv_fp32": mx.array(rng.standard_normal((2, 20, 3, 3)).astype(np.float32)),
+        "pointwise": mx.array(rng.standard_normal((6, 5, 1, 1)).astype(np.float32)),  # bytes already in place
         "linear": mx.array(rng.standard_normal((3, 8)).astype(np.float16)),
         "ids": mx.arange(11, dtype=mx.int64),
         "flags": mx.array([True, False, True]),
@@ -47,7 +51,8 @@ def checkpoint(tmp_path: Path) -> Path:
 
 
 # Target dimensions of each tensor's parameter: conv weights stay 4-D, the 1x1 conv feeds a linear.
-TARGETS = {"conv": 4, "conv_bf16": 4, "one_by_one": 2, "linear": 2, "ids": 1, "flags": 1, "empty": 2}
+TARGETS = {"conv": 4, "conv_bf16": 4, "one_by_one": 2, "conv_wide": 4, "conv_fp32": 4, "pointwise": 4, "linear": 2,
+           "ids": 1, "flags": 1, "empty": 2}
 
 
 def read_all(path: Path, layout: bool) -> dict[str, mx.array]:

@@ -45,6 +45,7 @@ _SIGNATURES = {  # name: (argument types, result type)
     "pad_image": ([_POINTER] + [_SIZE] * 6 + [_POINTER, _POINTER], None),
     "crop_bias": ([_POINTER] + [_SIZE] * 5 + [_POINTER, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER], None),
     "im2col": ([_POINTER] + [_SIZE] * 7 + [_POINTER, _POINTER], None),
+    "transpose_taps": ([_POINTER] + [_SIZE] * 4 + [_POINTER], None),
     "amx_available": ([], _INT),
     "pool_start": ([_INT, _POINTER], _INT),
     "pool_threads": ([], _INT),
@@ -55,7 +56,7 @@ _SIGNATURES = {  # name: (argument types, result type)
 
 
 # cpu_kernels.c's kernels_abi_version(): the two change together.
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 
 @functools.cache
@@ -270,6 +271,17 @@ def feed_forward(x: np.ndarray, weight1: np.ndarray, bias1: np.ndarray | None, w
                                     _address(gemm), _pointer(out))
     if status != 0:
         raise MemoryError(f"no memory for a feed-forward's scratch ({block} rows of {n})")
+
+
+def transpose_taps(source: np.ndarray, out: np.ndarray) -> None:
+    """out (O, H, W, C) = source (O, C, H, W): convolution weights moved into MLX's layout, for
+    C-contiguous arrays of one type of 2- or 4-byte elements (their bits, say, as uint16)."""
+    o, c, h, w = source.shape
+    if out.shape != (o, h, w, c) or out.dtype != source.dtype or source.itemsize not in (2, 4):
+        raise ValueError(f"cannot move {source.shape} {source.dtype} into {out.shape} {out.dtype}")
+    if not (source.flags.c_contiguous and out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("transpose_taps takes C-contiguous arrays and a writable output")
+    kernels().transpose_taps(source.ctypes.data, o, c, h * w, source.itemsize, out.ctypes.data)
 
 
 def amx_ready() -> bool:
