@@ -46,20 +46,22 @@ void to_bf16_values(const float *x, ptrdiff_t n, uint16_t *out) {
         out[j] = bf16_bits(x[j]);
 }
 
-struct values_job {
+/* The elementwise and row kernels' arguments: rows of `width` values, or values (width 1). */
+struct map_job {
     const float *x;
     void *out;
+    ptrdiff_t width;
     float slope;
 };
 
 static void to_bf16_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
-    struct values_job *job = context;
+    struct map_job *job = context;
     to_bf16_values(job->x + first, last - first, (uint16_t *)job->out + first);
 }
 
 /* out = x rounded to bf16 (nearest even), n values. */
 void to_bf16(const float *x, ptrdiff_t n, uint16_t *out) {
-    struct values_job job = {x, out, 0};
+    struct map_job job = {x, out, 1, 0};
     pool_run(to_bf16_chunk, &job, n, n);
 }
 
@@ -113,26 +115,20 @@ void geglu_rows(const float *x, ptrdiff_t rows, ptrdiff_t width, float *out) {
     }
 }
 
-struct rows_job {
-    const float *x;
-    float *out;
-    ptrdiff_t width;
-};
-
 static void geglu_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
-    struct rows_job *job = context;
-    geglu_rows(job->x + first * 2 * job->width, last - first, job->width, job->out + first * job->width);
+    struct map_job *job = context;
+    geglu_rows(job->x + first * 2 * job->width, last - first, job->width, (float *)job->out + first * job->width);
 }
 
 /* out[i, j] = x[i, j] * GELU(x[i, width + j]) for x: rows x (2 width), out: rows x width. */
 void geglu(const float *x, ptrdiff_t rows, ptrdiff_t width, float *out) {
-    struct rows_job job = {x, out, width};
+    struct map_job job = {x, out, width, 0};
     pool_run(geglu_chunk, &job, rows, rows * width * 3);
 }
 
 MULTIVERSION
 static void sigmoid_gate_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
-    struct values_job *job = context;
+    struct map_job *job = context;
     float *out = job->out, slope = job->slope;
 #pragma omp simd
     for (ptrdiff_t j = first; j < last; j++)
@@ -141,7 +137,7 @@ static void sigmoid_gate_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
 
 /* out = x * sigmoid(slope * x) over n values: SiLU at slope 1, CLIP's quick GELU at 1.702. */
 void sigmoid_gate(const float *x, ptrdiff_t n, float slope, float *out) {
-    struct values_job job = {x, out, slope};
+    struct map_job job = {x, out, 1, slope};
     pool_run(sigmoid_gate_chunk, &job, n, n);
 }
 
