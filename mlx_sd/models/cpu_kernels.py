@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_sd.models.blas import gemm
-from mlx_sd.models.cpu_buffers import new_array
+from mlx_sd.models.cpu_buffers import as_fp32, new_array
 from mlx_sd.models.cpu_threads import cores
 
 _log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def to_bf16(x: np.ndarray, out: np.ndarray) -> None:
 def map_rows(kernel: Callable[[np.ndarray, np.ndarray], None], x: mx.array, width: int) -> mx.array:
     """kernel(rows, out) over the rows of x viewed as fp32 (rows, x.shape[-1]), filling `width`
     columns of out: a new MLX array of shape (*x.shape[:-1], width) and x's dtype."""
-    rows = np.ascontiguousarray(x if x.dtype == mx.float32 else x.astype(mx.float32)).reshape(-1, x.shape[-1])
+    rows = as_fp32(x).reshape(-1, x.shape[-1])
     result, out = new_array((*x.shape[:-1], width))
     kernel(rows, out.reshape(-1, width))
     return result if x.dtype == mx.float32 else result.astype(x.dtype)

@@ -4,9 +4,9 @@
 `mx.fast.layer_norm` (composed ops on the CPU), then applies the affine map: several
 single-threaded passes over the tensor, ~17 ns per element at 512x512x128. On the CPU this form
 reads the evaluated input once for per-channel sums of the deviations from a rough per-channel
-mean (a fused kernel over blocks of rows on every core, cpu_kernels); combines them into group moments in float64; and
-applies mean, variance, weight and bias together as `x * a + b` with per-(batch, channel) a, b,
-in one pass of a fused kernel (cpu_kernels) that also applies the SiLU that usually follows.
+mean (a fused kernel, cpu_kernels, on every core); combines them into group moments in float64;
+and applies mean, variance, weight and bias together as `x * a + b` with per-(batch, channel)
+a, b, in one pass of a fused kernel (cpu_kernels) that also applies the SiLU that usually follows.
 benchmarks/group_norm_cpu.py (Xeon, 2 cores): 6.8x faster at (1, 512, 512, 128), 3.8x at
 (1, 64, 64, 512), 1.5x at (2, 16, 16, 1280); at (2, 8, 8, 1280) its fixed costs make it slower
 (1.0 ms against 0.6 ms), a few milliseconds per UNet step.
@@ -26,7 +26,7 @@ import numpy as np
 
 from mlx_sd.models import cpu_kernels
 from mlx_sd.models.activations import silu
-from mlx_sd.models.cpu_buffers import new_array
+from mlx_sd.models.cpu_buffers import as_fp32, new_array
 
 # About this many rows give the rough per-channel mean the deviations are taken from: it only
 # has to be within a few standard deviations of the true mean for the sums not to cancel.
@@ -69,7 +69,7 @@ class GroupNorm(nn.GroupNorm):
         # Per-(batch, channel) scale and shift: y = (x - mean) * rstd * weight + bias.
         rstd = np.repeat(1 / np.sqrt(var + self.eps), c // self.num_groups, axis=1)
         mean = np.repeat(mean, c // self.num_groups, axis=1)
-        weight, bias = ((np.asarray(self[n].astype(mx.float32), np.float64) if n in self else d)
+        weight, bias = ((as_fp32(self[n]).astype(np.float64) if n in self else d)
                         for n, d in (("weight", 1.0), ("bias", 0.0)))
         scale = (rstd * weight).astype(np.float32)
         offset = (bias - mean * rstd * weight).astype(np.float32)

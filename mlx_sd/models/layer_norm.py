@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from mlx_sd.models import cpu_kernels
+from mlx_sd.models.cpu_buffers import as_fp32
 
 
 class LayerNorm(nn.LayerNorm):
     def __call__(self, x: mx.array) -> mx.array:
         if not cpu_kernels.active() or x.dtype != mx.float32 or "weight" not in self or "bias" not in self:
             return super().__call__(x)
-        weight, bias = (np.asarray(self[name].astype(mx.float32)) for name in ("weight", "bias"))
+        weight, bias = (as_fp32(self[name]) for name in ("weight", "bias"))
         return cpu_kernels.map_rows(lambda rows, out: cpu_kernels.layer_norm(rows, weight, bias, self.eps, out),
                                     x, x.shape[-1])
