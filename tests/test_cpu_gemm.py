@@ -9,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_sd.models import cpu_gemm
+from mlx_sd.models import cpu_gemm, cpu_kernels
 from mlx_sd.models.activations import geglu
 from mlx_sd.models.layers import Conv2d, Linear, output_plus
 from mlx_sd.models.unet import FeedForward
@@ -107,6 +107,16 @@ def test_bf16_linear_is_exact_on_bf16_operands(lead: tuple, with_add: bool) -> N
     # once came back as the bias's own buffer).
     assert np.array_equal(np.array(bias.astype(mx.float32)), bf16_rounded(b).astype(np.float32))
     assert residual is None or np.array_equal(np.array(residual), extra)
+
+
+@pytest.mark.parametrize("rows", [3, 165], ids=["split by columns", "split by rows"])
+def test_the_linear_kernel_takes_fp32_operands_with_sgemm(rows: int) -> None:
+    """The C layer's fp32 form (no rounding), which the fp32 feed-forward's passes share."""
+    x, w, b, extra = random(rows, 33, seed=30), random(19, 33, seed=31), random(19, seed=32), random(rows, 19, seed=33)
+    out = np.empty((rows, 19), np.float32)
+    cpu_kernels.linear(x, w, b, extra, cpu_gemm.gemm().sgemm, out)
+    reference = x.astype(np.float64) @ w.T.astype(np.float64) + b + extra
+    assert np.abs(out - reference).max() / np.abs(reference).max() < 1e-6
 
 
 @needs_bf16
