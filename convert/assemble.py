@@ -205,13 +205,14 @@ def assemble(layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | No
     for network in NETWORKS:
         weights, previous = [], []
         for group in _groups(sources[network], expected[network]):
-            # Each group is read in MLX's layout (on every core, see convert.reader), then cast
-            # tensor by tensor on the least loaded of one CPU stream per core, which MLX runs on
-            # threads of their own, while the next group is read. Groups of about
-            # EVAL_GROUP_BYTES bound the sources held.
+            # Each group is read in MLX's layout (on every core, and cast as it is read where
+            # the CPU kernels can, see convert.reader), then cast (or, already cast, made
+            # contiguous: nothing to do) tensor by tensor on the least loaded of one CPU stream
+            # per core, which MLX runs on threads of their own, while the next group is read.
+            # Groups of about EVAL_GROUP_BYTES bound the sources held.
             infos = [sources[network].tensors[name] for name, _ in group]
             lanes = cpu_threads.least_loaded((info.stop - info.start for info in infos), len(streams))
-            tensors = reader.read([Request(*sources[network].keys[name], info, param.ndim, streams[lane])
+            tensors = reader.read([Request(*sources[network].keys[name], info, param.ndim, streams[lane], dtype)
                                    for (name, param), info, lane in zip(group, infos, lanes)])
             converted = []
             for lane, tensor in zip(lanes, tensors):

@@ -9,7 +9,8 @@ scratch buffer, transposed on the way (`cpu_kernels.transpose_taps`). Each array
 mapped in with one system call before it is written (`backend.populate`). An fp16 SD-1.5
 single-file load took 0.70-0.74 s here, against 1.02 s through `mx.load`
 (`benchmarks/run_sd15.py --stages load_cold`): 0.83 s without the mapping, 0.75 s with numpy's
-transpose. Where the unfilled
+transpose. Tensors whose cast the CPU kernels make (fp16 or bf16 to fp32, fp16 or fp32 to bf16)
+are cast on the way too, so a bf16 or fp32 load of an fp16 checkpoint writes each tensor once. Where the unfilled
 arrays are not available (the optional extension was not built), or for a dtype MLX does not
 hold, tensors come from `mx.load`, lazily, as before.
 """
@@ -42,13 +43,16 @@ SCRATCH_BYTES = 1 << 20
 class Request:
     """Tensor `key` of the file at `path`, in PyTorch's layout for a parameter of `target_ndim`
     dimensions, or as stored (None: a converted file); `stream` is where it is re-laid out when
-    it goes through mx.load (which reads on `reading_stream(stream)`)."""
+    it goes through mx.load (which reads on `reading_stream(stream)`). `dtype`, if given, is the
+    type to cast it to as it is read, where the CPU kernels make that cast
+    (`cpu_kernels.CONVERSIONS`); it comes as stored otherwise."""
 
     path: Path
     key: str
     info: TensorInfo
     target_ndim: int | None
     stream: mx.Stream
+    dtype: mx.Dtype | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -102,7 +106,8 @@ def _new_array(request: Request) -> mx.array | None:
     if info.stop - info.start != math.prod(info.shape) * dtype.size:
         raise CheckpointError(f"{request.path}: {request.key} holds {info.stop - info.start} bytes, "
                               f"not the {info.dtype} {list(info.shape)} its header declares")
-    return cpu_buffers.unfilled(request.shape, dtype)
+    converts = cpu_kernels.kernels() is not None and (dtype, request.dtype) in cpu_kernels.CONVERSIONS
+    return cpu_buffers.unfilled(request.shape, request.dtype if converts else dtype)
 
 
 def _read_in_parallel(jobs: list[tuple[Request, mx.array]]) -> None:
@@ -119,7 +124,7 @@ def _read_in_parallel(jobs: list[tuple[Request, mx.array]]) -> None:
 
         def read_shares(first: int, last: int) -> None:
             for request, array in (job for share in shares[first:last] for job in share):
-                _read_into(files[request.path], request, memoryview(array).cast("B"))
+                _read_into(files[request.path], request, array)
 
         cpu_threads.for_each_chunk(read_shares, len(shares), sum(array.nbytes for _, array in jobs))
     finally:
@@ -127,26 +132,34 @@ def _read_in_parallel(jobs: list[tuple[Request, mx.array]]) -> None:
             os.close(fd)
 
 
-def _read_into(fd: int, request: Request, buffer: memoryview) -> None:
+def _read_into(fd: int, request: Request, array: mx.array) -> None:
+    buffer = memoryview(array).cast("B")
     backend.populate(np.frombuffer(buffer, np.uint8).ctypes.data, len(buffer))
     info = request.info
-    if not request.transposed:
+    stored = DTYPES[info.dtype]
+    if not request.transposed and array.dtype == stored:
         _read_at(fd, request, buffer, info.start)
         return
-    # A conv weight: runs of output channels (contiguous in OIHW) read into a small scratch,
-    # then moved into place. Copied as unsigned integers of the element's size: only the
-    # positions change.
-    o, i, h, w = info.shape
-    bits = np.dtype(f"u{DTYPES[info.dtype].size}")
-    target = np.frombuffer(buffer, bits).reshape(request.shape)
-    channel = i * h * w
-    rows = max(1, SCRATCH_BYTES // (channel * bits.itemsize))
-    scratch = np.empty(min(rows, o) * channel, bits)
-    for first in range(0, o, rows):
-        count = min(rows, o - first)
-        part = scratch[:count * channel]
-        _read_at(fd, request, memoryview(part).cast("B"), info.start + first * channel * bits.itemsize)
-        _transpose(part.reshape(count, i, h, w), target[first:first + count])
+    # Conv weights, and tensors cast as they are read: runs of rows (output channels, contiguous
+    # in OIHW) read into a small scratch, then moved into place, transposed and/or cast. Copied as
+    # unsigned integers of the element's size: only the positions change, or the C kernel casts.
+    rows_total, row = (info.shape[0], math.prod(info.shape[1:])) if info.shape else (1, 1)
+    bits = np.dtype(f"u{stored.size}")
+    target = np.frombuffer(buffer, np.dtype(f"u{array.dtype.size}")).reshape(rows_total, row)
+    rows = max(1, SCRATCH_BYTES // (row * bits.itemsize))
+    scratch = np.empty(min(rows, rows_total) * row, bits)
+    moved = np.empty_like(scratch) if request.transposed and array.dtype != stored else None
+    for first in range(0, rows_total, rows):
+        count = min(rows, rows_total - first)
+        part = scratch[:count * row]
+        _read_at(fd, request, memoryview(part).cast("B"), info.start + first * row * bits.itemsize)
+        if request.transposed:
+            _, i, h, w = info.shape
+            into = target[first:first + count] if moved is None else moved[:count * row]
+            _transpose(part.reshape(count, i, h, w), into.reshape(count, h, w, i))
+            part = into
+        if array.dtype != stored:
+            cpu_kernels.convert_values(part.reshape(-1), stored, target[first:first + count].reshape(-1), array.dtype)
 
 
 def _transpose(source: np.ndarray, out: np.ndarray) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -201,4 +202,46 @@ def test_transpose_taps_refuses_other_element_sizes_and_shapes() -> None:
         cpu_kernels.transpose_taps(np.zeros((2, 3, 3, 3), np.uint8), np.empty((2, 3, 3, 3), np.uint8))
     with pytest.raises(ValueError):
         cpu_kernels.transpose_taps(np.zeros((2, 3, 3, 3), np.uint16), np.empty((2, 3, 3, 2), np.uint16))
+
+
+def test_convert_values_widens_every_half_and_bf16_exactly() -> None:
+    """All 65536 bit patterns, subnormals, infinities and NaNs included, against numpy's exact
+    half-to-float conversion and bf16's definition (the top half of a float32). (NaNs stay NaNs;
+    the processor's conversion quiets signalling ones, numpy's keeps their bits.)"""
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(patterns.size, np.uint32)
+    cpu_kernels.convert_values(patterns, mx.float16, out, mx.float32)
+    expected = patterns.view(np.float16).astype(np.float32)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(out.view(np.float32)), nan)
+    np.testing.assert_array_equal(out[~nan], expected.view(np.uint32)[~nan])
+    # Runs of 15 go to the scalar form that finishes each vector loop (and serves CPUs without
+    # AVX-512), which keeps every bit, NaN payloads included.
+    for start in range(0, patterns.size, 15):
+        cpu_kernels.convert_values(patterns[start:start + 15], mx.float16, out[start:start + 15], mx.float32)
+    np.testing.assert_array_equal(out, expected.view(np.uint32))
+    cpu_kernels.convert_values(patterns, mx.bfloat16, out, mx.float32)
+    np.testing.assert_array_equal(out, patterns.astype(np.uint32) << 16)
+
+
+def test_convert_values_rounds_to_bf16_as_mlx_does() -> None:
+    """Every finite half, and floats on and around bf16's rounding midpoints, against MLX's cast."""
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    halves = halves[np.isfinite(halves.view(np.float16))]
+    out = np.empty(halves.size, np.uint16)
+    cpu_kernels.convert_values(halves, mx.float16, out, mx.bfloat16)
+    expected = mx.array(halves).view(mx.float16).astype(mx.bfloat16).view(mx.uint16)
+    np.testing.assert_array_equal(out, np.array(expected))
+    floats = np.random.default_rng(5).standard_normal(4099).astype(np.float32)
+    floats = np.concatenate([floats, (floats.view(np.uint32) & 0xFFFF0000 | 0x8000).view(np.float32)])  # midpoints
+    out = np.empty(floats.size, np.uint16)
+    cpu_kernels.convert_values(floats.view(np.uint32), mx.float32, out, mx.bfloat16)
+    np.testing.assert_array_equal(out, np.array(mx.array(floats).astype(mx.bfloat16).view(mx.uint16)))
+
+
+def test_convert_values_refuses_other_casts_and_sizes() -> None:
+    with pytest.raises(ValueError, match="no conversion"):
+        cpu_kernels.convert_values(np.zeros(4, np.uint32), mx.float32, np.empty(4, np.uint16), mx.float16)
+    with pytest.raises(ValueError):
+        cpu_kernels.convert_values(np.zeros(4, np.uint16), mx.float16, np.empty(3, np.uint32), mx.float32)
 

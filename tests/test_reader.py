@@ -14,7 +14,7 @@ from convert.formats import read_header
 from convert.reader import Request, TensorReader, reading_stream
 from convert.transforms import to_mlx
 from mlx_sd.errors import CheckpointError
-from mlx_sd.models import cpu_buffers
+from mlx_sd.models import cpu_buffers, cpu_kernels
 
 STREAM = mx.default_stream(mx.cpu)
 
@@ -73,6 +73,24 @@ def test_tensors_equal_mx_load_in_mlx_layout_or_as_stored(checkpoint: Path, layo
         expected = to_mlx(stored[key], TARGETS[key], stored[key].dtype) if layout else stored[key]
         assert tensor.dtype == expected.dtype and tensor.shape == expected.shape, key
         assert mx.array_equal(tensor, expected).item(), key
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32, mx.float16])
+def test_tensors_are_cast_as_they_are_read_where_the_kernels_make_the_cast(checkpoint: Path, dtype: mx.Dtype) -> None:
+    """fp16, bf16 and fp32 tensors, plain and conv, come in `dtype` where cpu_kernels casts between
+    them (to bf16 or fp32), with the values of MLX's own cast; otherwise (to fp16, other types)
+    as stored, for the caller to cast."""
+    tensors = read_header(checkpoint).tensors
+    requests = [Request(checkpoint, k, tensors[k], TARGETS[k], STREAM, dtype) for k in TARGETS]
+    got = dict(zip(TARGETS, TensorReader().read(requests)))
+    stored = mx.load(str(checkpoint))
+    for key, tensor in got.items():
+        expected = to_mlx(stored[key], TARGETS[key], stored[key].dtype)
+        if (expected.dtype, dtype) in cpu_kernels.CONVERSIONS:
+            expected = expected.astype(dtype)
+        assert tensor.dtype == expected.dtype and tensor.shape == expected.shape, key
+        assert mx.array_equal(tensor, expected).item(), key
+    assert got["conv"].dtype == (mx.float16 if dtype == mx.float16 else dtype)  # an fp16 conv weight
 
 
 def test_a_tensor_whose_size_disagrees_with_its_shape_is_refused(tmp_path: Path) -> None:

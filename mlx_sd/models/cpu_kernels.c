@@ -19,7 +19,7 @@
 /* The interface version: bump it with any change to an exported function's signature or
  * meaning, together with ABI_VERSION in cpu_kernels.py, so that a library left over from an
  * older install is refused instead of called with the wrong arguments. */
-int kernels_abi_version(void) { return 6; }
+int kernels_abi_version(void) { return 7; }
 
 #if X86_GCC
 /* The same rounding in one AVX512-BF16 instruction per 32 values: 4x cheaper than the integer form. */
@@ -458,4 +458,74 @@ void transpose_taps(const void *src, ptrdiff_t out_channels, ptrdiff_t channels,
             for (ptrdiff_t c = 0; c < channels; c++)
                 move_element(from, c * taps + t, size, to, t * channels + c);
     }
+}
+
+/* Element types of convert_values. */
+enum { VALUES_F32 = 0, VALUES_F16 = 1, VALUES_BF16 = 2 };
+#define CONVERT_BLOCK 256
+
+/* An IEEE half's value, exactly: subnormals are their 10-bit mantissa times 2^-24. */
+static inline float half_value(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = h >> 10 & 0x1f, mantissa = h & 0x3ff, bits;
+    if (exponent == 0) {
+        float magnitude = (float)mantissa * 5.9604644775390625e-8f;
+        memcpy(&bits, &magnitude, sizeof bits);
+        bits |= sign;
+    } else {
+        bits = sign | (exponent == 0x1f ? 0x7f800000 : (exponent + 112) << 23) | mantissa << 13;
+    }
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+#if X86_GCC
+__attribute__((target("avx512f")))
+static void halves_avx512(const uint16_t *x, ptrdiff_t n, float *out) {
+    ptrdiff_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        _mm512_storeu_ps(out + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + j))));
+    for (; j < n; j++)
+        out[j] = half_value(x[j]);
+}
+#endif
+
+/* out = n values of type `type` (F16 or BF16) widened to float32, exactly. */
+static void widen(const uint16_t *x, int type, ptrdiff_t n, float *out) {
+#if X86_GCC
+    if (type == VALUES_F16 && __builtin_cpu_supports("avx512f")) {
+        halves_avx512(x, n, out);
+        return;
+    }
+#endif
+    for (ptrdiff_t j = 0; j < n; j++) {
+        uint32_t bits = (uint32_t)x[j] << 16;
+        if (type == VALUES_F16)
+            out[j] = half_value(x[j]);
+        else
+            memcpy(out + j, &bits, sizeof bits);
+    }
+}
+
+/* dst = n values of src converted from `from` to `to`: F16 or BF16 widened to F32 (exact), or
+ * F16 or F32 rounded to BF16 (nearest even); a checkpoint's tensors cast as they are read.
+ * Returns 0, or -1 for another pair of types. */
+int convert_values(const void *src, int from, ptrdiff_t n, int to, void *dst) {
+    if (from == to || from < VALUES_F32 || from > VALUES_BF16 || (to != VALUES_F32 && to != VALUES_BF16))
+        return -1;
+    if (from == VALUES_F32) {
+        to_bf16_values(src, n, dst);
+        return 0;
+    }
+    if (to == VALUES_F32) {
+        widen(src, from, n, dst);
+        return 0;
+    }
+    float wide[CONVERT_BLOCK];
+    for (ptrdiff_t start = 0; start < n; start += CONVERT_BLOCK) {
+        ptrdiff_t count = n - start < CONVERT_BLOCK ? n - start : CONVERT_BLOCK;
+        widen((const uint16_t *)src + start, from, count, wide);
+        to_bf16_values(wide, count, (uint16_t *)dst + start);
+    }
+    return 0;
 }

@@ -46,6 +46,7 @@ _SIGNATURES = {  # name: (argument types, result type)
     "crop_bias": ([_POINTER] + [_SIZE] * 5 + [_POINTER, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER], None),
     "im2col": ([_POINTER] + [_SIZE] * 7 + [_POINTER, _POINTER], None),
     "transpose_taps": ([_POINTER] + [_SIZE] * 4 + [_POINTER], None),
+    "convert_values": ([_POINTER, _INT, _SIZE, _INT, _POINTER], _INT),
     "amx_available": ([], _INT),
     "pool_start": ([_INT, _POINTER], _INT),
     "pool_threads": ([], _INT),
@@ -56,7 +57,7 @@ _SIGNATURES = {  # name: (argument types, result type)
 
 
 # cpu_kernels.c's kernels_abi_version(): the two change together.
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 
 @functools.cache
@@ -282,6 +283,26 @@ def transpose_taps(source: np.ndarray, out: np.ndarray) -> None:
     if not (source.flags.c_contiguous and out.flags.c_contiguous and out.flags.writeable):
         raise ValueError("transpose_taps takes C-contiguous arrays and a writable output")
     kernels().transpose_taps(source.ctypes.data, o, c, h * w, source.itemsize, out.ctypes.data)
+
+
+# The casts convert_values makes (from, to): the exact widenings to fp32, and roundings to bf16.
+CONVERSIONS = frozenset({(mx.float16, mx.float32), (mx.bfloat16, mx.float32), (mx.float16, mx.bfloat16),
+                         (mx.float32, mx.bfloat16)})
+_VALUE_TYPES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
+
+
+def convert_values(source: np.ndarray, source_type: mx.Dtype, out: np.ndarray, out_type: mx.Dtype) -> None:
+    """out = the values of `source` (the raw bits of `source_type` values) as `out_type` (raw bits,
+    as many values), one of CONVERSIONS; bf16 rounds to nearest even. On one thread: the checkpoint
+    reader calls it on each of its threads."""
+    if (source_type, out_type) not in CONVERSIONS:
+        raise ValueError(f"no conversion from {source_type} to {out_type}")
+    if source.itemsize != source_type.size or out.itemsize != out_type.size or source.size != out.size:
+        raise ValueError(f"{source.size} values of {source.dtype} cannot become {out.size} of {out.dtype}")
+    if not (source.flags.c_contiguous and out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("convert_values takes C-contiguous arrays and a writable output")
+    kernels().convert_values(source.ctypes.data, _VALUE_TYPES[source_type], source.size, _VALUE_TYPES[out_type],
+                             out.ctypes.data)
 
 
 def amx_ready() -> bool:
