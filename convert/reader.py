@@ -3,13 +3,13 @@
 `mx.load` reads a file's tensors one after another, on one thread whichever stream it is
 given, and conv weights are then transposed into MLX's channels-last layout: a second copy and a
 second set of fresh pages for 58% of SD-1.5's 2 GiB. Here each tensor is written once, straight
-into a new, unfilled MLX array of its final layout (`cpu_buffers.unfilled`), one thread per core:
-plain tensors with `preadv`, conv weights a few output channels at a time through a small
-scratch buffer, transposed on the way (`cpu_kernels.transpose_taps`). Each array's pages are
-mapped in with one system call before it is written (`backend.populate`). An fp16 SD-1.5
-single-file load took 0.70-0.74 s here, against 1.02 s through `mx.load`
-(`benchmarks/run_sd15.py --stages load_cold`): 0.83 s without the mapping, 0.75 s with numpy's
-transpose. Tensors whose cast the CPU kernels make (fp16 or bf16 to fp32, fp16 or fp32 to bf16)
+into a new, unfilled MLX array of its final layout (`cpu_buffers.unfilled`), in pieces of rows
+that one thread per core shares out by cost: plain tensors with `preadv`, conv weights a few
+output channels at a time through a small scratch buffer, transposed on the way
+(`cpu_kernels.transpose_taps`). Each piece's pages are mapped in with one system call before it
+is written (`backend.populate`). An fp16 SD-1.5 single-file load took 0.68-0.70 s here, against
+1.02 s through `mx.load` (`benchmarks/run_sd15.py --stages load_cold`): 0.83 s without the
+mapping, 0.75 s with numpy's transpose, 0.74 s with whole tensors for each thread. Tensors whose cast the CPU kernels make (fp16 or bf16 to fp32, fp16 or fp32 to bf16)
 are cast on the way too, so a bf16 or fp32 load of an fp16 checkpoint writes each tensor once. Where the unfilled
 arrays are not available (the optional extension was not built), or for a dtype MLX does not
 hold, tensors come from `mx.load`, lazily, as before.
@@ -37,6 +37,11 @@ CHUNK = 16 << 20  # bytes per preadv call
 # Conv weights are read this many bytes at a time into scratch that stays in the cache, then
 # transposed into place.
 SCRATCH_BYTES = 1 << 20
+# Tensors are read in pieces of about this many bytes (whole rows), which the threads share out
+# by cost: a conv weight, transposed on the way, costs about TRANSPOSE_COST times a plain read of
+# the same size (1.65 against 2.15 GB/s here). Whole tensors had left one thread 20% busier.
+PIECE_BYTES = 4 << 20
+TRANSPOSE_COST = 1.3
 
 
 @dataclass(frozen=True)
@@ -110,12 +115,42 @@ def _new_array(request: Request) -> mx.array | None:
     return cpu_buffers.unfilled(request.shape, request.dtype if converts else dtype)
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """Rows [first, last) (along the first axis) of one request's tensor, and what reading them costs."""
+
+    request: Request
+    array: mx.array
+    first: int
+    last: int
+
+    @property
+    def cost(self) -> float:
+        size = self.array.nbytes * (self.last - self.first) / _rows(self.request)
+        return size * (TRANSPOSE_COST if self.request.transposed else 1.0)
+
+
+def _rows(request: Request) -> int:
+    return request.info.shape[0] if request.info.shape else 1
+
+
+def _pieces(jobs: list[tuple[Request, mx.array]]) -> list[_Piece]:
+    """The jobs in pieces of about PIECE_BYTES rows, so that the shares can be even."""
+    pieces = []
+    for request, array in jobs:
+        rows = _rows(request)
+        parts = max(1, min(rows, array.nbytes // PIECE_BYTES))
+        pieces += [_Piece(request, array, rows * p // parts, rows * (p + 1) // parts) for p in range(parts)]
+    return pieces
+
+
 def _read_in_parallel(jobs: list[tuple[Request, mx.array]]) -> None:
-    """Fills each array from its file, the jobs split into one share of about equal bytes per core."""
-    shares: list[list[tuple[Request, mx.array]]] = [[] for _ in range(cpu_threads.cores())]
-    jobs = sorted(jobs, key=lambda job: -job[1].nbytes)
-    for job, share in zip(jobs, cpu_threads.least_loaded((array.nbytes for _, array in jobs), len(shares))):
-        shares[share].append(job)
+    """Fills each array from its file, the jobs split into pieces and those into one share of
+    about equal cost per core."""
+    shares: list[list[_Piece]] = [[] for _ in range(cpu_threads.cores())]
+    pieces = sorted(_pieces(jobs), key=lambda piece: -piece.cost)
+    for piece, share in zip(pieces, cpu_threads.least_loaded((piece.cost for piece in pieces), len(shares))):
+        shares[share].append(piece)
     files: dict[Path, int] = {}
     try:
         for request, _ in jobs:
@@ -123,8 +158,8 @@ def _read_in_parallel(jobs: list[tuple[Request, mx.array]]) -> None:
                 files[request.path] = os.open(request.path, os.O_RDONLY)
 
         def read_shares(first: int, last: int) -> None:
-            for request, array in (job for share in shares[first:last] for job in share):
-                _read_into(files[request.path], request, array)
+            for piece in (piece for share in shares[first:last] for piece in share):
+                _read_into(files[piece.request.path], piece)
 
         cpu_threads.for_each_chunk(read_shares, len(shares), sum(array.nbytes for _, array in jobs))
     finally:
@@ -132,34 +167,36 @@ def _read_in_parallel(jobs: list[tuple[Request, mx.array]]) -> None:
             os.close(fd)
 
 
-def _read_into(fd: int, request: Request, array: mx.array) -> None:
-    buffer = memoryview(array).cast("B")
+def _read_into(fd: int, piece: _Piece) -> None:
+    request, info = piece.request, piece.request.info
+    stored, dtype = DTYPES[info.dtype], piece.array.dtype
+    row = math.prod(info.shape[1:]) if info.shape else 1
+    buffer = memoryview(piece.array).cast("B")[piece.first * row * dtype.size:piece.last * row * dtype.size]
     backend.populate(np.frombuffer(buffer, np.uint8).ctypes.data, len(buffer))
-    info = request.info
-    stored = DTYPES[info.dtype]
-    if not request.transposed and array.dtype == stored:
-        _read_at(fd, request, buffer, info.start)
+    start = info.start + piece.first * row * stored.size
+    if not request.transposed and dtype == stored:
+        _read_at(fd, request, buffer, start)
         return
     # Conv weights, and tensors cast as they are read: runs of rows (output channels, contiguous
     # in OIHW) read into a small scratch, then moved into place, transposed and/or cast. Copied as
     # unsigned integers of the element's size: only the positions change, or the C kernel casts.
-    rows_total, row = (info.shape[0], math.prod(info.shape[1:])) if info.shape else (1, 1)
+    count_total = piece.last - piece.first
     bits = np.dtype(f"u{stored.size}")
-    target = np.frombuffer(buffer, np.dtype(f"u{array.dtype.size}")).reshape(rows_total, row)
+    target = np.frombuffer(buffer, np.dtype(f"u{dtype.size}")).reshape(count_total, row)
     rows = max(1, SCRATCH_BYTES // (row * bits.itemsize))
-    scratch = np.empty(min(rows, rows_total) * row, bits)
-    moved = np.empty_like(scratch) if request.transposed and array.dtype != stored else None
-    for first in range(0, rows_total, rows):
-        count = min(rows, rows_total - first)
+    scratch = np.empty(min(rows, count_total) * row, bits)
+    moved = np.empty_like(scratch) if request.transposed and dtype != stored else None
+    for first in range(0, count_total, rows):
+        count = min(rows, count_total - first)
         part = scratch[:count * row]
-        _read_at(fd, request, memoryview(part).cast("B"), info.start + first * row * bits.itemsize)
+        _read_at(fd, request, memoryview(part).cast("B"), start + first * row * bits.itemsize)
         if request.transposed:
             _, i, h, w = info.shape
             into = target[first:first + count] if moved is None else moved[:count * row]
             _transpose(part.reshape(count, i, h, w), into.reshape(count, h, w, i))
             part = into
-        if array.dtype != stored:
-            cpu_kernels.convert_values(part.reshape(-1), stored, target[first:first + count].reshape(-1), array.dtype)
+        if dtype != stored:
+            cpu_kernels.convert_values(part.reshape(-1), stored, target[first:first + count].reshape(-1), dtype)
 
 
 def _transpose(source: np.ndarray, out: np.ndarray) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from convert.formats import read_header
+from convert import reader
 from convert.reader import Request, TensorReader, reading_stream
 from convert.transforms import to_mlx
 from mlx_sd.errors import CheckpointError
@@ -63,10 +64,12 @@ def read_all(path: Path, layout: bool) -> dict[str, mx.array]:
 
 @pytest.mark.parametrize("layout", [True, False])
 @pytest.mark.parametrize("unfilled", [True, False])
+@pytest.mark.parametrize("piece_bytes", [reader.PIECE_BYTES, 16], ids=["whole tensors", "pieces of rows"])
 def test_tensors_equal_mx_load_in_mlx_layout_or_as_stored(checkpoint: Path, layout: bool, unfilled: bool,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                                          piece_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
     if not unfilled:  # the fallback: mx.load, lazily
         monkeypatch.setattr(cpu_buffers, "unfilled", lambda shape, dtype: None)
+    monkeypatch.setattr(reader, "PIECE_BYTES", piece_bytes)  # 16: every tensor of several rows in pieces
     got = read_all(checkpoint, layout)
     stored = mx.load(str(checkpoint))
     for key, tensor in got.items():
@@ -76,10 +79,14 @@ def test_tensors_equal_mx_load_in_mlx_layout_or_as_stored(checkpoint: Path, layo
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32, mx.float16])
-def test_tensors_are_cast_as_they_are_read_where_the_kernels_make_the_cast(checkpoint: Path, dtype: mx.Dtype) -> None:
+@pytest.mark.parametrize("piece_bytes", [reader.PIECE_BYTES, 16], ids=["whole tensors", "pieces of rows"])
+def test_tensors_are_cast_as_they_are_read_where_the_kernels_make_the_cast(checkpoint: Path, dtype: mx.Dtype,
+                                                                          piece_bytes: int,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """fp16, bf16 and fp32 tensors, plain and conv, come in `dtype` where cpu_kernels casts between
     them (to bf16 or fp32), with the values of MLX's own cast; otherwise (to fp16, other types)
     as stored, for the caller to cast."""
+    monkeypatch.setattr(reader, "PIECE_BYTES", piece_bytes)
     tensors = read_header(checkpoint).tensors
     requests = [Request(checkpoint, k, tensors[k], TARGETS[k], STREAM, dtype) for k in TARGETS]
     got = dict(zip(TARGETS, TensorReader().read(requests)))
