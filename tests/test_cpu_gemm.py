@@ -91,17 +91,20 @@ def test_bf16_conv_is_exact_on_bf16_operands(shape: tuple, out_channels: int, ke
 
 
 @needs_bf16
-# On two or more cores, under 16 rows per core split the output's columns (19: a piece of 16 and
-# one of 3) over the pool, more split the rows (165: 83 and 82); one row is the time embedding's case.
-@pytest.mark.parametrize("lead", [(2, 7), (1, 1), (1,), (3, 1), (5, 33)])
+# On two or more cores, under 16 rows per core split the output's columns (400: pieces of 208 and
+# 192) over the pool, more split the rows (165: 83 and 82); one row is the time embedding's case.
+# Every case reads more than the pool's 32Ki values (the weights alone are 38400). 19 outputs,
+# under 16 rows of 33 inputs, stay on the calling thread.
+@pytest.mark.parametrize(("lead", "n", "k"), [((2, 7), 400, 96), ((1, 1), 400, 96), ((1,), 400, 96),
+                                             ((3, 1), 400, 96), ((5, 33), 400, 96), ((2, 7), 19, 33)])
 @pytest.mark.parametrize("with_add", [False, True], ids=["plain", "residual"])
-def test_bf16_linear_is_exact_on_bf16_operands(lead: tuple, with_add: bool) -> None:
-    x, w, b = random(*lead, 33, seed=6), random(19, 33, seed=7), random(19, seed=8)
-    extra = random(*lead, 19, seed=9) if with_add else None
+def test_bf16_linear_is_exact_on_bf16_operands(lead: tuple, n: int, k: int, with_add: bool) -> None:
+    x, w, b = random(*lead, k, seed=6), random(n, k, seed=7), random(n, seed=8)
+    extra = random(*lead, n, seed=9) if with_add else None
     bias, residual = mx.array(b).astype(mx.bfloat16), None if extra is None else mx.array(extra)
     ours = cpu_gemm.linear(mx.array(x), mx.array(w).astype(mx.bfloat16), bias, residual)
     reference = bf16_rounded(x) @ bf16_rounded(w).T + bf16_rounded(b) + (0 if extra is None else extra)
-    assert ours.shape == (*lead, 19) and ours.dtype == mx.float32
+    assert ours.shape == (*lead, n) and ours.dtype == mx.float32
     assert relative_error(ours, reference) < 1e-6
     # The bias and the residual are read, never written (a bias broadcast to the result's shape
     # once came back as the bias's own buffer).
@@ -111,9 +114,11 @@ def test_bf16_linear_is_exact_on_bf16_operands(lead: tuple, with_add: bool) -> N
 
 @pytest.mark.parametrize("rows", [3, 165], ids=["split by columns", "split by rows"])
 def test_the_linear_kernel_takes_fp32_operands_with_sgemm(rows: int) -> None:
-    """The C layer's fp32 form (no rounding), which the fp32 feed-forward's passes share."""
-    x, w, b, extra = random(rows, 33, seed=30), random(19, 33, seed=31), random(19, seed=32), random(rows, 19, seed=33)
-    out = np.empty((rows, 19), np.float32)
+    """The C layer's fp32 form (no rounding), which the fp32 feed-forward's passes share; on the
+    pool (the weights alone are 51200 values)."""
+    x, w, b, extra = random(rows, 256, seed=30), random(200, 256, seed=31), random(200, seed=32), random(rows, 200,
+                                                                                                          seed=33)
+    out = np.empty((rows, 200), np.float32)
     cpu_kernels.linear(x, w, b, extra, cpu_gemm.gemm().sgemm, out)
     reference = x.astype(np.float64) @ w.T.astype(np.float64) + b + extra
     assert np.abs(out - reference).max() / np.abs(reference).max() < 1e-6

@@ -8,6 +8,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 
+#include "cpu_kernels.h"
 #include "cpu_math.h"
 #include "cpu_pool.h"
 
@@ -18,8 +19,6 @@ enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 
 typedef void (*gemm_fn)(int, int, int, int, int, int, float, const void *, int, const void *, int, float, void *,
                         int);
-
-#include "cpu_kernels.h"
 
 /* The GEMM's input for `rows` rows of x (width k): x itself in fp32, or rounded to bf16 into
  * `scratch`. */
@@ -99,7 +98,7 @@ int linear(const float *x, const void *weight, const float *bias, const float *a
     job.piece = job.by_columns ? (n / threads + 15) / 16 * 16 : (rows + threads - 1) / threads;
     if (job.piece == 0)
         job.piece = 1;
-    pool_run(linear_chunk, &job, ((job.by_columns ? n : rows) + job.piece - 1) / job.piece, rows * (n + k));
+    pool_run(linear_chunk, &job, ((job.by_columns ? n : rows) + job.piece - 1) / job.piece, rows * (n + k) + n * k);
     return job.failed ? -1 : 0;
 }
 
