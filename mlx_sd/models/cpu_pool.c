@@ -113,18 +113,22 @@ static void forked_child(void) { threads = 1; }
  * `set_local_threads` is MKL's MKL_Set_Num_Threads_Local, or NULL. */
 int pool_start(int count, void *set_local_threads) {
     static int started;
-    if (started)
-        return threads;
-    started = 1;
-    set_blas_threads = (set_threads_fn)set_local_threads;
-    pthread_atfork(NULL, NULL, forked_child);
-    count = count > MAX_THREADS ? MAX_THREADS : count;
-    for (threads = 1; threads < count; threads++) {
-        pthread_t thread;
-        if (pthread_create(&thread, NULL, pool_thread, (void *)(intptr_t)threads) != 0)
-            break;
-        pthread_detach(thread);
+    pthread_mutex_lock(&lock); /* two first callers at once start one pool */
+    if (!started) {
+        started = 1;
+        set_blas_threads = (set_threads_fn)set_local_threads;
+        pthread_atfork(NULL, NULL, forked_child);
+        count = count > MAX_THREADS ? MAX_THREADS : count;
+        int made = 1;
+        for (; made < count; made++) {
+            pthread_t thread;
+            if (pthread_create(&thread, NULL, pool_thread, (void *)(intptr_t)made) != 0)
+                break;
+            pthread_detach(thread);
+        }
+        threads = made;
     }
+    pthread_mutex_unlock(&lock);
     return threads;
 }
 
