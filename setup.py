@@ -48,7 +48,7 @@ setup(ext_modules=[Extension(
     "mlx_sd.models._cpu_kernels",
     sources=["mlx_sd/models/cpu_kernels.c", "mlx_sd/models/amx_attention.c", "mlx_sd/models/cpu_pool.c",
              "mlx_sd/models/cpu_layers.c"],
-    depends=["mlx_sd/models/cpu_math.h", "mlx_sd/models/cpu_pool.h"],
+    depends=["mlx_sd/models/cpu_math.h", "mlx_sd/models/cpu_pool.h", "mlx_sd/models/cpu_kernels.h"],
     # Finite math without signed zeros lets the exp clamps become min/max instructions; without
     # them GCC splits the clamped case into a speculative branch whose subnormal results cost
     # microcode assists (SiLU 9x slower). ISO C mode turns off fused multiply-adds, which the

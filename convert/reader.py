@@ -34,8 +34,8 @@ from mlx_sd.models import cpu_buffers, cpu_kernels, cpu_threads
 DTYPES = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32, "F64": mx.float64, "I64": mx.int64,
           "I32": mx.int32, "I16": mx.int16, "I8": mx.int8, "U8": mx.uint8, "BOOL": mx.bool_}
 CHUNK = 16 << 20  # bytes per preadv call
-# Conv weights are read this many bytes at a time into scratch that stays in the cache, then
-# transposed into place.
+# Conv weights and tensors cast as they are read go this many bytes at a time through scratch
+# that stays in the cache, then are transposed and/or cast into place.
 SCRATCH_BYTES = 1 << 20
 # Tensors are read in pieces of about this many bytes (whole rows), which the threads share out
 # by cost: a conv weight, transposed on the way, costs about TRANSPOSE_COST times a plain read of

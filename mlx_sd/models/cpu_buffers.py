@@ -64,14 +64,22 @@ def new_array(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
     return out, view
 
 
+def bf16_view(x: mx.array) -> np.ndarray | None:
+    """A bf16 array evaluated, its buffer seen as uint16 bits (numpy has no bf16), without an MLX
+    op; None unless x is a C-contiguous bf16 array. Each MLX op evaluated here would be a round
+    trip to MLX's stream thread (10-90 µs on a VM whose idle cores halt, against 2 µs for the
+    buffer)."""
+    if x.dtype != mx.bfloat16:
+        return None
+    buffer = memoryview(x)
+    return np.frombuffer(buffer.cast("B"), np.uint16).reshape(x.shape) if buffer.c_contiguous else None
+
+
 def as_fp32(x: mx.array) -> np.ndarray:
     """x evaluated, as a C-contiguous float32 numpy array: MLX's own buffer where x is float32, and
-    bf16 widened in numpy (a bf16 value's bits are a float32's top half), not with an MLX op:
-    each op evaluated here is a round trip to MLX's stream thread (10-90 µs on a VM whose idle
-    cores halt, against 2 µs for the buffer)."""
-    if x.dtype == mx.bfloat16:
-        buffer = memoryview(x)
-        if buffer.c_contiguous:
-            bits = np.frombuffer(buffer.cast("B"), np.uint16).reshape(x.shape)
-            return (bits.astype(np.uint32) << 16).view(np.float32)
+    bf16 widened in numpy (a bf16 value's bits are a float32's top half), not with an MLX op
+    (see `bf16_view`)."""
+    bits = bf16_view(x)
+    if bits is not None:
+        return (bits.astype(np.uint32) << 16).view(np.float32)
     return np.ascontiguousarray(x if x.dtype == mx.float32 else x.astype(mx.float32))

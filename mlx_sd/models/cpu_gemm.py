@@ -33,7 +33,7 @@ import numpy as np
 
 from mlx_sd.models import cpu_kernels
 from mlx_sd.models.blas import gemm
-from mlx_sd.models.cpu_buffers import as_fp32, new_array
+from mlx_sd.models.cpu_buffers import as_fp32, bf16_view, new_array
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 # Output rows per GEMM call: large enough to amortise the call, small enough that the rows
@@ -107,12 +107,10 @@ def computes(weight: mx.array) -> bool:
 def _weights(weight: mx.array, bf16: bool) -> np.ndarray:
     """A layer's weight as a C-contiguous numpy array of the GEMM's input type (bf16 as uint16
     bits): a view of MLX's buffer when it is stored that way."""
-    if bf16 and weight.dtype == mx.bfloat16:
-        # numpy has no bf16: MLX's buffer read as its bits, without an MLX op (see as_fp32).
-        buffer = memoryview(weight)
-        if buffer.c_contiguous:
-            return np.frombuffer(buffer.cast("B"), np.uint16).reshape(weight.shape)
-    return np.ascontiguousarray(weight.astype(mx.bfloat16).view(mx.uint16)) if bf16 else as_fp32(weight)
+    if not bf16:
+        return as_fp32(weight)
+    bits = bf16_view(weight)
+    return bits if bits is not None else np.ascontiguousarray(weight.astype(mx.bfloat16).view(mx.uint16))
 
 
 def _fp32_or_none(x: mx.array | None) -> np.ndarray | None:

@@ -145,7 +145,7 @@ void pool_run(pool_task task, void *context, ptrdiff_t total, ptrdiff_t values) 
     job_total = total;
     job_chunks = total < threads ? (int)total : threads;
     atomic_store(&pending, threads - 1);
-    atomic_fetch_add_explicit(&generation, 1, memory_order_release);
+    atomic_fetch_add(&generation, 1); /* sequentially consistent: ordered before reading `sleepers` */
     if (atomic_load(&sleepers) > 0) {
         pthread_mutex_lock(&lock);
         pthread_cond_broadcast(&wake);
