@@ -67,22 +67,18 @@ static void linear_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
     ptrdiff_t c0 = job->by_columns ? lo : 0, c1 = job->by_columns ? hi : n;
     if (r1 <= r0 || c1 <= c0)
         return;
-    ptrdiff_t block = getenv("LB") ? atol(getenv("LB")) : 1 << 30;
-    if (block > r1 - r0) block = r1 - r0;
-    uint16_t *scratch = job->bf16 ? malloc((size_t)(block * k) * sizeof(uint16_t)) : NULL;
+    ptrdiff_t rows = r1 - r0;
+    uint16_t *scratch = job->bf16 ? malloc((size_t)(rows * k) * sizeof(uint16_t)) : NULL;
     if (job->bf16 && scratch == NULL) {
         job->failed = 1;
         return;
     }
-    for (ptrdiff_t start = r0; start < r1; start += block) {
-        ptrdiff_t count = start + block < r1 ? block : r1 - start;
-        const void *input = gemm_input(job->x + start * k, count, k, job->bf16, scratch);
-        float *out = job->out + start * n + c0;
-        float beta = start_rows(out, count, c1 - c0, n, job->bias != NULL ? job->bias + c0 : NULL,
-                                job->add != NULL ? job->add + start * n + c0 : NULL, n);
-        job->gemm(ROW_MAJOR, NO_TRANS, TRANS, (int)count, (int)(c1 - c0), (int)k, 1.0f, input, (int)k,
-                  (const char *)job->weight + c0 * k * size, (int)k, beta, out, (int)n);
-    }
+    const void *input = gemm_input(job->x + r0 * k, rows, k, job->bf16, scratch);
+    float *out = job->out + r0 * n + c0;
+    float beta = start_rows(out, rows, c1 - c0, n, job->bias != NULL ? job->bias + c0 : NULL,
+                            job->add != NULL ? job->add + r0 * n + c0 : NULL, n);
+    job->gemm(ROW_MAJOR, NO_TRANS, TRANS, (int)rows, (int)(c1 - c0), (int)k, 1.0f, input, (int)k,
+              (const char *)job->weight + c0 * k * size, (int)k, beta, out, (int)n);
     free(scratch);
 }
 
