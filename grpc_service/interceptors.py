@@ -1,4 +1,4 @@
-"""Server interceptors: the shared-secret check, then the mapping of errors to statuses."""
+"""Server interceptors: the shared-secret check, then errors and unparsable requests mapped to statuses."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import grpc
 
 from grpc_service.auth import AUTH_METADATA_KEY, BEARER_PREFIX, FailureLimiter, peer_address
 from grpc_service.status import status_for
+from mlx_sd.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,26 @@ class BehaviorInterceptor(grpc.ServerInterceptor, abc.ABC):
         attribute, make_handler = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
         return make_handler(
             self.wrap(getattr(handler, attribute), handler, handler_call_details),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=self.deserializer(handler),
             response_serializer=handler.response_serializer,
         )
 
     @abc.abstractmethod
     def wrap(self, behavior: Behavior, handler: grpc.RpcMethodHandler, call: grpc.HandlerCallDetails) -> Behavior:
         """The behaviour to run instead of `behavior`, a method of kind `handler` called as `call`."""
+
+    def deserializer(self, handler: grpc.RpcMethodHandler) -> Callable[[bytes], Any] | None:
+        """How the requests' bytes become messages: as for the handler this one wraps."""
+        return handler.request_deserializer
+
+
+class MalformedMessage:
+    """Stands for request bytes that are not a valid message of the method's type. gRPC answers
+    INTERNAL when a deserializer raises, so ours hand this on instead, for the error mapping to
+    answer INVALID_ARGUMENT (the request log passes it through)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 class SharedSecretInterceptor(BehaviorInterceptor):
@@ -91,10 +105,40 @@ def _reject_unauthenticated(_request: Any, context: grpc.ServicerContext) -> Non
 
 
 class ErrorStatusInterceptor(BehaviorInterceptor):
-    """Turns exceptions escaping a handler into statuses (grpc_service.status), logging unexpected ones."""
+    """Turns exceptions escaping a handler into statuses (grpc_service.status), logging unexpected
+    ones, and requests whose bytes do not parse into INVALID_ARGUMENT. It goes last in the chain:
+    the deserializer it gives its handlers is the one the outer interceptors copy."""
 
     def wrap(self, behavior: Behavior, handler: grpc.RpcMethodHandler, call: grpc.HandlerCallDetails) -> Behavior:
-        return _mapping_errors(call.method, behavior, handler.response_streaming)
+        return _mapping_errors(call.method, _parsed_requests(behavior, handler.request_streaming),
+                               handler.response_streaming)
+
+    def deserializer(self, handler: grpc.RpcMethodHandler) -> Callable[[bytes], Any] | None:
+        parse = handler.request_deserializer
+        if parse is None:
+            return None
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as error:  # protobuf's DecodeError, or its C implementation's
+                return MalformedMessage(error)
+
+        return tolerant
+
+
+def _parsed(message: Any) -> Any:
+    if isinstance(message, MalformedMessage):
+        raise InvalidRequest("request", f"not a valid protobuf message for this method ({message.error})")
+    return message
+
+
+def _parsed_requests(behavior: Behavior, streams_requests: bool) -> Behavior:
+    """`behavior`, raising InvalidRequest where a request (or a streamed one, as it is reached)
+    did not parse."""
+    if streams_requests:
+        return lambda requests, context: behavior(map(_parsed, requests), context)
+    return lambda request, context: behavior(_parsed(request), context)
 
 
 def _mapping_errors(method: str, behavior: Behavior, streams_responses: bool) -> Behavior:

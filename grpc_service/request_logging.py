@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from grpc_service.auth import AUTH_METADATA_KEY
-from grpc_service.interceptors import Behavior, BehaviorInterceptor
+from grpc_service.interceptors import Behavior, BehaviorInterceptor, MalformedMessage
 
 log = logging.getLogger("mlx_sd.requests")
 
@@ -43,6 +43,8 @@ class _Call:
 
 def _parameters(rpc: str, request: Any) -> dict[str, Any]:
     """The key, non-secret parameters of a unary request, for the INFO line."""
+    if isinstance(request, MalformedMessage):
+        return {"request": "malformed"}
     if rpc == "GenerateImage":
         return {
             "size": f"{request.width}x{request.height}",
@@ -57,6 +59,8 @@ def _parameters(rpc: str, request: Any) -> dict[str, Any]:
 
 
 def _debug_details(rpc: str, request: Any) -> dict[str, Any]:
+    if isinstance(request, MalformedMessage):
+        return {}
     if rpc == "GenerateImage":
         return {"prompt": repr(request.prompt), "negative_prompt": repr(request.negative_prompt)}
     if rpc == "FilesExist":
@@ -133,7 +137,10 @@ def _watched_upload(messages: Iterator[Any], call: _Call) -> Iterator[Any]:
     """Passes an upload's messages through, noting its file name and the bytes received."""
     call.parameters.update(file=None, bytes=0)
     for message in messages:
-        if call.parameters["file"] is None and message.filename:
-            call.parameters["file"] = repr(message.filename)
-        call.parameters["bytes"] += len(message.chunk_data)
+        if isinstance(message, MalformedMessage):
+            call.parameters["request"] = "malformed"
+        else:
+            if call.parameters["file"] is None and message.filename:
+                call.parameters["file"] = repr(message.filename)
+            call.parameters["bytes"] += len(message.chunk_data)
         yield message

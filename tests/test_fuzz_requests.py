@@ -123,8 +123,10 @@ RAW_CALLS = {
     "GenerateImage": lambda channel, data: list(channel.unary_stream(SERVICE + "GenerateImage")(data, timeout=10)),
     "UploadFile": lambda channel, data: channel.stream_unary(SERVICE + "UploadFile")(iter([data, data]), timeout=10),
 }
-# Bytes that do not parse fail in gRPC's deserializer (INTERNAL); those that do are ordinary requests.
-RAW_STATUSES = {Code.OK, Code.INTERNAL, Code.INVALID_ARGUMENT, Code.DATA_LOSS}
+# Bytes that do not parse are INVALID_ARGUMENT; those that do are ordinary requests.
+RAW_STATUSES = {Code.OK, Code.INVALID_ARGUMENT, Code.DATA_LOSS}
+# Not a message of any type: an invalid wire type; a length-delimited field cut short.
+MALFORMED = [b"\xff" * 10, b"\x12\x05ab"]
 
 
 @pytest.mark.parametrize("method", RAW_CALLS)
@@ -134,6 +136,29 @@ RAW_STATUSES = {Code.OK, Code.INTERNAL, Code.INVALID_ARGUMENT, Code.DATA_LOSS}
 def test_raw_bytes_get_a_defined_status(channel: grpc.Channel, method: str, data: bytes) -> None:
     assert status_of(lambda: RAW_CALLS[method](channel, data)) in RAW_STATUSES
     assert still_up(channel)
+
+
+@pytest.mark.parametrize("method", RAW_CALLS)
+@pytest.mark.parametrize("data", MALFORMED)
+def test_bytes_that_do_not_parse_are_invalid_argument(channel: grpc.Channel, method: str, data: bytes) -> None:
+    with pytest.raises(grpc.RpcError) as raised:
+        RAW_CALLS[method](channel, data)
+    assert raised.value.code() == Code.INVALID_ARGUMENT
+    assert raised.value.details().startswith("request: not a valid protobuf message")
+    assert still_up(channel)
+
+
+def test_an_upload_whose_later_message_does_not_parse_keeps_nothing(channel: grpc.Channel, models_dir: Path) -> None:
+    first = pb.UploadFileRequest(filename="a.bin", chunk_data=b"x" * 1000).SerializeToString()
+    with pytest.raises(grpc.RpcError) as raised:
+        channel.stream_unary(SERVICE + "UploadFile")(iter([first, MALFORMED[0]]), timeout=10)
+    assert raised.value.code() == Code.INVALID_ARGUMENT
+    assert list(models_dir.rglob("*")) == []
+
+
+def test_without_the_secret_bytes_that_do_not_parse_are_unauthenticated(server_factory) -> None:
+    with open_channel(client_settings(server_factory(fake_engine, shared_secret="s3cret"))) as opened:
+        assert status_of(lambda: RAW_CALLS["GenerateImage"](opened, MALFORMED[0])) == Code.UNAUTHENTICATED
 
 
 def test_an_unknown_method_is_unimplemented(channel: grpc.Channel) -> None:

@@ -12,8 +12,10 @@ import pytest
 from PIL import Image
 
 from grpc_service.auth import bearer_metadata
+from grpc_service.client import open_channel
 from grpc_service.generated import imageservice_pb2 as pb
 from mlx_sd.events import GenerationResult
+from tests.conftest import client_settings
 
 LOGGER = "mlx_sd.requests"
 SECRET = "hunter2-secret"
@@ -83,6 +85,14 @@ def test_refused_and_invalid_calls_are_logged_with_their_status(server_factory, 
     refused, invalid = parsed(caplog)
     assert (refused["rpc"], refused["outcome"]) == ("Echo", "UNAUTHENTICATED")
     assert (invalid["rpc"], invalid["outcome"]) == ("GenerateImage", "INVALID_ARGUMENT")
+
+
+def test_a_request_that_does_not_parse_is_logged_as_malformed(server_factory, caplog) -> None:
+    caplog.set_level(logging.DEBUG, LOGGER)
+    with open_channel(client_settings(server_factory(engine=one_image))) as channel, pytest.raises(grpc.RpcError):
+        list(channel.unary_stream("/mlxsd.v1.ImageGenerationService/GenerateImage")(b"\xff" * 10))
+    (line,) = parsed(caplog)
+    assert (line["rpc"], line["params"], line["outcome"]) == ("GenerateImage", " request=malformed", "INVALID_ARGUMENT")
 
 
 def test_upload_logs_the_file_name_and_size(server_factory, stub_for, caplog) -> None:
