@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from convert.formats import MODEL_FILE, SINGLE_FILE_DIR, CheckpointLayout, find_
 from convert.cache import cache_entry, lazy_network_weights
 from convert.loader import load_sd1, resolve_dtype
 from mlx_sd.errors import ModelNotFound
+from mlx_sd.model_hash import short_model_hash
 from mlx_sd.models.quantize import quantize
 from mlx_sd.reloading import ReloadingValue
 from mlx_sd.tokenizer import CLIPTokenizer, default_tokenizer
@@ -23,7 +23,6 @@ from mlx_sd.tokenizer import CLIPTokenizer, default_tokenizer
 log = logging.getLogger(__name__)
 
 CHECKPOINT = f"{SINGLE_FILE_DIR}/{MODEL_FILE}"
-_HASH_CHUNK = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -87,9 +86,10 @@ class ModelStore:
         name = checkpoint.stem if layout.single_file else SINGLE_FILE_DIR
         tokenizer_dir = self._models_dir / SINGLE_FILE_DIR / "tokenizer"
         tokenizer = CLIPTokenizer.from_folder(tokenizer_dir) if tokenizer_dir.is_dir() else default_tokenizer()
+        model_hash = short_model_hash(checkpoint, self._cache_dir)
         log.info("loaded %s%s in %.1f s", checkpoint,
                  f" with VAE {layout.vae_override}" if layout.vae_override else "", time.monotonic() - started)
-        return LoadedModel(models, tokenizer, name, _short_hash(checkpoint), release)
+        return LoadedModel(models, tokenizer, name, model_hash, release)
 
     def _text_encoder_release(self, models: SD1Models) -> Callable[[], None] | None:
         """A function that swaps the text encoder's weights for unevaluated reads of the cache entry
@@ -105,11 +105,3 @@ class ModelStore:
 
         release()
         return release
-
-
-def _short_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()[:10]
