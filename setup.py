@@ -1,7 +1,7 @@
 """The build steps pyproject.toml cannot declare stably: the CPU path's compiled helpers.
 
-- mlx_sd/models/cpu_kernels.c (with amx_attention.c, cpu_pool.c and cpu_layers.c) is a plain C library, loaded with ctypes
-  (mlx_sd/models/cpu_kernels.py).
+- mlx_sd/models/cpu_kernels.c (with amx_attention.c, cpu_pool.c and cpu_layers.c) is a plain C
+  library, loaded with ctypes (mlx_sd/models/cpu_kernels.py).
 - mlx_sd/models/uninitialized.cpp is a C++ extension module built against MLX's headers and
   nanobind (both build requirements on Linux), which makes MLX arrays without filling them
   (mlx_sd/models/cpu_buffers.py).

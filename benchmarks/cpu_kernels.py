@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/cpu_kernels.py [--repeat 20]
 
 Each line runs one block of a kernel's typical SD-1.5 work on one thread (the process is pinned
-to one core, so the kernels' pool has no other thread), interleaving the baseline (the numpy formula, or MLX's own op, that the kernel replaced) with the kernel, and
-prints both medians, the speed-up and the largest difference between their results.
+to one core, so the kernels' pool has no other thread), interleaving the baseline (the numpy
+formula, or MLX's own op, that the kernel replaced) with the kernel, and prints both medians,
+the speed-up and the largest difference between their results.
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ output channels at a time through a small scratch buffer, transposed on the way
 (`cpu_kernels.transpose_taps`). Each piece's pages are mapped in with one system call before it
 is written (`backend.populate`). An fp16 SD-1.5 single-file load took 0.68-0.70 s here, against
 1.02 s through `mx.load` (`benchmarks/run_sd15.py --stages load_cold`): 0.83 s without the
-mapping, 0.75 s with numpy's transpose, 0.74 s with whole tensors for each thread. Tensors whose cast the CPU kernels make (fp16 or bf16 to fp32, fp16 or fp32 to bf16)
-are cast on the way too, so a bf16 or fp32 load of an fp16 checkpoint writes each tensor once. Where the unfilled
-arrays are not available (the optional extension was not built), or for a dtype MLX does not
-hold, tensors come from `mx.load`, lazily, as before.
+mapping, 0.75 s with numpy's transpose, 0.74 s with whole tensors for each thread. Tensors
+whose cast the CPU kernels make (fp16 or bf16 to fp32, fp16 or fp32 to bf16) are cast on the
+way too, so a bf16 or fp32 load of an fp16 checkpoint writes each tensor once. Where the
+unfilled arrays are not available (the optional extension was not built), or for a dtype MLX
+does not hold, tensors come from `mx.load`, lazily, as before.
 """
 
 from __future__ import annotations

@@ -194,13 +194,13 @@ AMX static void block_values(const uint16_t *weights, ptrdiff_t keys_padded, con
 }
 
 /* out = softmax(q kᵀ scale) v for one head: q (queries x dim), k and v (keys x dim) and out
- * (queries x dim) are fp32 with the given row strides (in floats) and contiguous rows. With
+ * (queries x dim) are fp32 rows `stride` floats apart (one head's columns of the token-major
+ * projections), each row contiguous. With
  * causal_first >= 0, row i is query causal_first + i and sees keys 0..causal_first + i only (a
  * causal mask); -1 means no mask. Returns 0, or -1 when the scratch (about (dim + 64) * 4 bytes
  * per key) cannot be allocated. */
 AMX static int attend_head(const float *q, const float *k, const float *v, ptrdiff_t queries, ptrdiff_t keys,
-                      ptrdiff_t dim, ptrdiff_t q_stride, ptrdiff_t kv_stride, ptrdiff_t out_stride, float scale,
-                      ptrdiff_t causal_first, float *out) {
+                           ptrdiff_t dim, ptrdiff_t stride, float scale, ptrdiff_t causal_first, float *out) {
     ptrdiff_t depth = round_up(dim, 32), width = round_up(dim, 16), keys_padded = round_up(keys, 32);
     size_t kbytes = (size_t)(depth / 2 * keys_padded) * 4, vbytes = (size_t)(keys_padded / 2 * width) * 4;
     size_t qbytes = (size_t)(ROWS * depth) * 2, sbytes = (size_t)(ROWS * keys_padded) * 4;
@@ -215,8 +215,8 @@ AMX static int attend_head(const float *q, const float *k, const float *v, ptrdi
     float *acc = (float *)(scratch + kbytes + vbytes + qbytes + sbytes + wbytes);
     memset(weights, 0, wbytes); /* padded keys and rows keep zero weight */
 
-    pack_keys(k, keys, dim, kv_stride, depth, keys_padded, kpack);
-    pack_values(v, keys, dim, kv_stride, width, keys_padded, vpack);
+    pack_keys(k, keys, dim, stride, depth, keys_padded, kpack);
+    pack_values(v, keys, dim, stride, width, keys_padded, vpack);
 
     struct tile_config config = {.palette = 1};
     for (int t = 0; t < 8; t++) {
@@ -228,7 +228,7 @@ AMX static int attend_head(const float *q, const float *k, const float *v, ptrdi
     for (ptrdiff_t first = 0; first < queries; first += ROWS) {
         ptrdiff_t rows = queries - first < ROWS ? queries - first : ROWS;
         for (ptrdiff_t i = 0; i < ROWS; i++) {
-            const float *row = q + (first + (i < rows ? i : 0)) * q_stride;
+            const float *row = q + (first + (i < rows ? i : 0)) * stride;
             for (ptrdiff_t c = 0; c < depth; c += 16)
                 _mm256_storeu_si256((__m256i *)(qblock + i * depth + c), bf16x16(row + c, (i < rows ? dim : 0) - c));
         }
@@ -242,7 +242,7 @@ AMX static int attend_head(const float *q, const float *k, const float *v, ptrdi
         }
         block_values(weights, keys_padded, vpack, width, acc);
         for (ptrdiff_t i = 0; i < rows; i++) {
-            float inverse = 1.0f / sums[i], *o = out + (first + i) * out_stride;
+            float inverse = 1.0f / sums[i], *o = out + (first + i) * stride;
 #pragma omp simd
             for (ptrdiff_t c = 0; c < dim; c++)
                 o[c] = acc[i * width + c] * inverse;
@@ -274,8 +274,8 @@ static void heads_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
             continue;
         ptrdiff_t query = (image * job->queries + start) * width + head * job->dim;
         ptrdiff_t key = image * job->keys * width + head * job->dim;
-        if (attend_head(job->q + query, job->k + key, job->v + key, count, job->keys, job->dim, width, width, width,
-                        job->scale, job->causal ? start : -1, job->out + query) != 0)
+        if (attend_head(job->q + query, job->k + key, job->v + key, count, job->keys, job->dim, width, job->scale,
+                        job->causal ? start : -1, job->out + query) != 0)
             job->failed = 1;
     }
 }

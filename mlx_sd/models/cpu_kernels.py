@@ -324,7 +324,7 @@ def amx_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, scale
                          f"{heads} heads")
     if not out.flags.writeable:
         raise ValueError("the attention's output must be writable")
-    status = kernels().amx_attention(_pointer(q), _pointer(k), _pointer(v), images, heads, queries, keys, width // heads,
-                                     scale, int(causal), _pointer(out))
+    status = kernels().amx_attention(_pointer(q), _pointer(k), _pointer(v), images, heads, queries, keys,
+                                     width // heads, scale, int(causal), _pointer(out))
     if status != 0:
         raise MemoryError(f"no memory for the attention kernel's scratch ({keys} keys of {width // heads})")

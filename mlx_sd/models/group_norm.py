@@ -64,7 +64,7 @@ class GroupNorm(nn.GroupNorm):
             y = super().__call__(x)
             return silu(y) if then_silu else y
         b, c = x.shape[0], x.shape[-1]
-        flat = np.ascontiguousarray(x).reshape(b, -1, c)
+        flat = as_fp32(x).reshape(b, -1, c)
         mean, var = group_moments(flat, self.num_groups)
         # Per-(batch, channel) scale and shift: y = (x - mean) * rstd * weight + bias.
         rstd = np.repeat(1 / np.sqrt(var + self.eps), c // self.num_groups, axis=1)
