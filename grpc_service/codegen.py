@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = REPO_ROOT / "protos"
-PROTO_FILES = ("imageservice.proto",)
+PROTO_FILES = ("imageservice.proto", "drawthings.proto")
 GENERATED_DIR = Path(__file__).resolve().parent / "generated"
 
 # protoc writes `import x_pb2 as ...` as if the output folder were on sys.path; inside a

@@ -6,13 +6,14 @@ import abc
 import hmac
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from grpc_service.auth import AUTH_METADATA_KEY, BEARER_PREFIX, FailureLimiter, peer_address
-from grpc_service.status import status_for
+from grpc_service.status import Refused, status_for
 from mlx_sd.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -63,34 +64,87 @@ class MalformedMessage:
         self.error = error
 
 
+@dataclass(frozen=True)
+class FieldCredential:
+    """A protocol that sends the shared secret in a string field of every request message (Draw
+    Things'), rather than as metadata. `refusal`, for a unary RPC, is the response that answers a
+    missing or wrong secret instead of an UNAUTHENTICATED status."""
+
+    field: str
+    refusal: Callable[[], Any] | None = None
+
+
 class SharedSecretInterceptor(BehaviorInterceptor):
-    """Rejects, before any work is done, every RPC without `authorization: Bearer <secret>`.
+    """Rejects, before any work is done, every RPC without the shared secret: as metadata
+    `authorization: Bearer <secret>`, or in the request field its method's FieldCredential names
+    (for a request stream, in every message). Methods in `open_methods` need no secret.
 
     An address with repeated failures (see `limiter`) is refused with RESOURCE_EXHAUSTED for a
     while, without its secret being compared. The peer's address is known only to the handler's
     context, so the check runs as the first step of the handler.
     """
 
-    def __init__(self, secret: str, limiter: FailureLimiter) -> None:
+    def __init__(self, secret: str, limiter: FailureLimiter,
+                 field_credentials: Mapping[str, FieldCredential] | None = None,
+                 open_methods: frozenset[str] = frozenset()) -> None:
+        self._secret = secret.encode()
         self._expected = (BEARER_PREFIX + secret).encode()
         self._limiter = limiter
+        self._field_credentials = field_credentials or {}
+        self._open_methods = open_methods
 
     def wrap(self, behavior: Behavior, handler: grpc.RpcMethodHandler, call: grpc.HandlerCallDetails) -> Behavior:
-        return self._admitting(behavior, call.invocation_metadata or ())
+        if call.method in self._open_methods:
+            return behavior
+        metadata = call.invocation_metadata or ()
+        credential = self._field_credentials.get(call.method)
+        if handler.request_streaming and credential is not None:
+            return self._admitting_stream(behavior, metadata, credential)
+        return self._admitting(behavior, metadata, credential)
 
-    def _admitting(self, behavior: Behavior, metadata: tuple[tuple[str, str | bytes], ...]) -> Behavior:
+    def _admitting(self, behavior: Behavior, metadata: tuple[tuple[str, str | bytes], ...],
+                   credential: FieldCredential | None) -> Behavior:
         def admitted(request: Any, context: grpc.ServicerContext) -> Any:
-            address = peer_address(context.peer())
-            if (wait := self._limiter.blocked_for(address)) > 0:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"too many failed authentications from this address; try again in {math.ceil(wait)} s")
-            if not self._authorized(metadata):
-                self._limiter.record_failure(address)
-                _reject_unauthenticated(request, context)
-            self._limiter.record_success(address)
-            return behavior(request, context)
+            address = self._admissible_address(context)
+            if self._authorized(metadata) or self._field_matches(request, credential):
+                self._limiter.record_success(address)
+                return behavior(request, context)
+            if credential is not None and credential.refusal is not None:
+                if self._field_given(request, credential):  # a client probing without a secret is no failure
+                    self._limiter.record_failure(address)
+                return credential.refusal()
+            self._limiter.record_failure(address)
+            _reject_unauthenticated(request, context)
 
         return admitted
+
+    def _admitting_stream(self, behavior: Behavior, metadata: tuple[tuple[str, str | bytes], ...],
+                          credential: FieldCredential) -> Behavior:
+        def admitted(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            address = self._admissible_address(context)
+            if self._authorized(metadata):
+                self._limiter.record_success(address)
+                return behavior(requests, context)
+            return behavior(self._checked(requests, credential, address), context)
+
+        return admitted
+
+    def _checked(self, requests: Iterator[Any], credential: FieldCredential, address: str) -> Iterator[Any]:
+        """The request stream, each message admitted only with the secret in its field."""
+        for i, request in enumerate(requests):
+            if not self._field_matches(request, credential):
+                self._limiter.record_failure(address)
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong shared secret ({credential.field})")
+            if i == 0:
+                self._limiter.record_success(address)
+            yield request
+
+    def _admissible_address(self, context: grpc.ServicerContext) -> str:
+        address = peer_address(context.peer())
+        if (wait := self._limiter.blocked_for(address)) > 0:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"too many failed authentications from this address; try again in {math.ceil(wait)} s")
+        return address
 
     def _authorized(self, metadata: tuple[tuple[str, str | bytes], ...]) -> bool:
         given = [value for key, value in metadata if key == AUTH_METADATA_KEY]
@@ -98,6 +152,15 @@ class SharedSecretInterceptor(BehaviorInterceptor):
             return False
         value = given[0].encode() if isinstance(given[0], str) else given[0]
         return hmac.compare_digest(value, self._expected)
+
+    @staticmethod
+    def _field_given(request: Any, credential: FieldCredential) -> bool:
+        return bool(getattr(request, credential.field, ""))
+
+    def _field_matches(self, request: Any, credential: FieldCredential | None) -> bool:
+        if credential is None or not self._field_given(request, credential):
+            return False
+        return hmac.compare_digest(getattr(request, credential.field).encode(), self._secret)
 
 
 def _reject_unauthenticated(_request: Any, context: grpc.ServicerContext) -> None:

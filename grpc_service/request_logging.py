@@ -20,7 +20,10 @@ from typing import Any
 import grpc
 
 from grpc_service.auth import AUTH_METADATA_KEY
+from grpc_service.drawthings.config import read_configuration
+from grpc_service.drawthings.servicer import SERVICE as DRAW_THINGS_SERVICE
 from grpc_service.interceptors import Behavior, BehaviorInterceptor, MalformedMessage
+from mlx_sd.errors import InvalidRequest
 
 log = logging.getLogger("mlx_sd.requests")
 
@@ -55,7 +58,26 @@ def _parameters(rpc: str, request: Any) -> dict[str, Any]:
         }
     if rpc == "FilesExist":
         return {"files": len(request.files)}
+    if rpc == DRAW_THINGS + "GenerateImage":
+        return {"user": repr(request.user), **_configuration_parameters(request.configuration)}
+    if rpc == DRAW_THINGS + "FilesExist":
+        return {"files": len(request.files), "hashes": len(request.filesWithHash)}
     return {}
+
+
+def _configuration_parameters(data: bytes) -> dict[str, Any]:
+    try:
+        config = read_configuration(data)
+    except InvalidRequest:
+        return {"configuration": "malformed"}
+    return {
+        "size": f"{config['start_width'] * 64}x{config['start_height'] * 64}",
+        "steps": config["steps"],
+        "sampler": config["sampler"],
+        "batch": f"{config['batch_size']}x{config['batch_count']}",
+        "seed": config["seed"],
+        "model": repr(config["model"]),
+    }
 
 
 def _debug_details(rpc: str, request: Any) -> dict[str, Any]:
@@ -64,6 +86,10 @@ def _debug_details(rpc: str, request: Any) -> dict[str, Any]:
     if rpc == "GenerateImage":
         return {"prompt": repr(request.prompt), "negative_prompt": repr(request.negative_prompt)}
     if rpc == "FilesExist":
+        return {"names": list(request.files)}
+    if rpc == DRAW_THINGS + "GenerateImage":
+        return {"prompt": repr(request.prompt), "negative_prompt": repr(request.negativePrompt)}
+    if rpc == DRAW_THINGS + "FilesExist":
         return {"names": list(request.files)}
     return {}
 
@@ -78,9 +104,14 @@ def _outcome(context: grpc.ServicerContext, failed: bool) -> str:
     return "CANCELLED" if not context.is_active() else "UNKNOWN"
 
 
+DRAW_THINGS = "DrawThings/"  # how Draw Things' RPCs are named in the log, apart from the documented API's
+
+
 class RequestLogInterceptor(BehaviorInterceptor):
     def wrap(self, behavior: Behavior, handler: grpc.RpcMethodHandler, call: grpc.HandlerCallDetails) -> Behavior:
-        rpc = call.method.rsplit("/", 1)[-1]
+        service, _, rpc = call.method.lstrip("/").rpartition("/")
+        if service == DRAW_THINGS_SERVICE:
+            rpc = DRAW_THINGS + rpc
         has_credentials = any(key == AUTH_METADATA_KEY for key, _ in call.invocation_metadata or ())
         return _logged(rpc, has_credentials, behavior, handler.request_streaming, handler.response_streaming)
 
@@ -140,7 +171,17 @@ def _watched_upload(messages: Iterator[Any], call: _Call) -> Iterator[Any]:
         if isinstance(message, MalformedMessage):
             call.parameters["request"] = "malformed"
         else:
-            if call.parameters["file"] is None and message.filename:
-                call.parameters["file"] = repr(message.filename)
-            call.parameters["bytes"] += len(message.chunk_data)
+            name, data = _upload_parts(message)
+            if call.parameters["file"] is None and name:
+                call.parameters["file"] = repr(name)
+            call.parameters["bytes"] += len(data)
         yield message
+
+
+def _upload_parts(message: Any) -> tuple[str, bytes]:
+    """The file name and data an upload message carries (the documented API's or Draw Things')."""
+    if hasattr(message, "chunk_data"):
+        return message.filename, message.chunk_data
+    if message.WhichOneof("request") == "initRequest":
+        return message.initRequest.filename, b""
+    return "", message.chunk.content

@@ -15,8 +15,11 @@ import grpc
 
 from grpc_service.auth import FailureLimit, FailureLimiter
 from grpc_service.defaults import DEFAULT_HOST, DEFAULT_PORT
+from grpc_service.drawthings import servicer as drawthings
+from grpc_service.drawthings.identity import ServerIdentifier
 from grpc_service.engine import GenerationEngine
 from grpc_service.files import DEFAULT_MAX_UPLOAD_BYTES, ModelDirectory
+from grpc_service.generated import drawthings_pb2_grpc as dt_pb_grpc
 from grpc_service.generated import imageservice_pb2_grpc as pb_grpc
 from grpc_service.interceptors import ErrorStatusInterceptor, SharedSecretInterceptor
 from grpc_service.request_logging import RequestLogInterceptor
@@ -24,7 +27,8 @@ from grpc_service.servicer import ImageGenerationServicer
 from grpc_service.tls import TlsError, TlsIdentity, ensure_self_signed, load_identity
 from mlx_sd.worker import GenerationWorker
 
-# Room for a batch of large PNGs in one response and for big upload chunks.
+# Room for a batch of large PNGs in one response, for big upload chunks, and for a Draw Things request
+# carrying 2048x2048 fp16 tensors (24 MiB each, uncompressed).
 MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024**2
 MAX_SEND_MESSAGE_BYTES = 256 * 1024**2
 WORKER_THREADS = 16
@@ -54,7 +58,8 @@ class ServerSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     shared_secret: str | None = None
-    response_compression: bool = True
+    response_compression: bool = True  # gzip for the documented API, fpzip for Draw Things' tensors
+    model_browser: bool = False  # Draw Things' Echo lists the models the server can load
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     cache_dir: Path | None = None  # converted weights, reused while their source is unchanged
     max_queued: int = 8  # generations waiting behind the running one; more get RESOURCE_EXHAUSTED
@@ -123,7 +128,9 @@ def start_server(settings: ServerSettings, engine: GenerationEngine | None = Non
     # The request log goes first, so it also records the calls the later ones refuse.
     interceptors: list[grpc.ServerInterceptor] = [RequestLogInterceptor()]
     if settings.shared_secret:
-        interceptors.append(SharedSecretInterceptor(settings.shared_secret, FailureLimiter(settings.auth_failure_limit)))
+        interceptors.append(SharedSecretInterceptor(
+            settings.shared_secret, FailureLimiter(settings.auth_failure_limit),
+            drawthings.FIELD_CREDENTIALS, drawthings.OPEN_METHODS))
     interceptors.append(ErrorStatusInterceptor())
     server = grpc.server(
         ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="rpc"),
@@ -140,8 +147,10 @@ def start_server(settings: ServerSettings, engine: GenerationEngine | None = Non
         engine = create_engine(models.root, cache_dir=settings.cache_dir, dtype=settings.dtype,
                                quantize_bits=settings.quantize_bits, max_queued=settings.max_queued,
                                memory_budget=settings.memory_budget, low_memory=settings.low_memory)
-    servicer = ImageGenerationServicer(models, engine)
-    pb_grpc.add_ImageGenerationServiceServicer_to_server(servicer, server)
+    pb_grpc.add_ImageGenerationServiceServicer_to_server(ImageGenerationServicer(models, engine), server)
+    wire = drawthings.WireSettings(ServerIdentifier(settings.config_dir), settings.model_browser,
+                                   settings.response_compression, settings.cache_dir)
+    dt_pb_grpc.add_ImageGenerationServiceServicer_to_server(drawthings.DrawThingsServicer(models, engine, wire), server)
     host = f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
     address = f"{host}:{settings.port}"
     try:

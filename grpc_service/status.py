@@ -13,6 +13,7 @@ from mlx_sd.errors import (
     ModelNotFound,
     ResourceExhausted,
     ShuttingDown,
+    UnsupportedSetting,
 )
 
 # First match wins, so subclasses come before their bases. CheckpointError is INTERNAL (not
@@ -23,6 +24,7 @@ STATUS_BY_ERROR: tuple[tuple[type[MlxSdError], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (MissingWeights, grpc.StatusCode.FAILED_PRECONDITION),  # the issue asks for it: install, then retry
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (UnsupportedSetting, grpc.StatusCode.FAILED_PRECONDITION),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ChecksumMismatch, grpc.StatusCode.DATA_LOSS),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
@@ -36,8 +38,19 @@ INTERNAL_ERROR_DETAILS = "internal server error (the cause is in the server's lo
 MAX_DETAILS_CHARS = 1000
 
 
+class Refused(Exception):
+    """A refusal decided by the server layer itself (a protocol's rule, not a library error), with
+    the status to answer."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+
+
 def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
     """The status and details a client sees for `error`; unexpected errors reveal nothing."""
+    if isinstance(error, Refused):
+        return error.code, str(error)[:MAX_DETAILS_CHARS]
     for error_type, code in STATUS_BY_ERROR:
         if isinstance(error, error_type):
             details = str(error)

@@ -31,6 +31,15 @@ class MissingWeights(ModelNotFound):
         super().__init__(path, "weights not installed in the model directory")
 
 
+class UnsupportedSetting(MlxSdError):
+    """A well-formed request setting that would change the image and that we cannot honour yet;
+    `setting` names it."""
+
+    def __init__(self, setting: str, why: str) -> None:
+        super().__init__(f"{setting}: {why}")
+        self.setting = setting
+
+
 class CheckpointError(MlxSdError):
     """A checkpoint is unreadable, of an unsupported format, or does not match the architecture."""
 
