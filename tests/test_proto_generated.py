@@ -8,6 +8,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from grpc_service.codegen import PROTO_FILES, compile_descriptor_set
+from grpc_service.generated import drawthings_pb2 as dt_pb
 from grpc_service.generated import imageservice_pb2 as pb
 
 FieldType = descriptor_pb2.FieldDescriptorProto
@@ -73,9 +74,41 @@ SPEC_RPCS = {  # name -> (client streaming, server streaming)
 }
 
 
-def committed_descriptor() -> descriptor_pb2.FileDescriptorProto:
-    """The FileDescriptorProto embedded, serialized, in the committed imageservice_pb2 module."""
-    return descriptor_pb2.FileDescriptorProto.FromString(pb.DESCRIPTOR.serialized_pb)
+# Draw Things' protocol (docs: /work/shared/spec/drawthings-wire-facts.md): message -> field -> number.
+DRAW_THINGS_MESSAGES = {
+    "EchoRequest": {"name": 1, "sharedSecret": 2},
+    "EchoReply": {"message": 1, "files": 2, "override": 3, "sharedSecretMissing": 4, "thresholds": 5,
+                  "serverIdentifier": 6},
+    "FileListRequest": {"files": 1, "filesWithHash": 2, "sharedSecret": 3},
+    "FileExistenceResponse": {"files": 1, "existences": 2, "hashes": 3},
+    "MetadataOverride": {"models": 1, "loras": 2, "controlNets": 3, "textualInversions": 4, "upscalers": 5},
+    "ImageGenerationRequest": {"image": 1, "scaleFactor": 2, "mask": 3, "hints": 4, "prompt": 5, "negativePrompt": 6,
+                               "configuration": 7, "override": 8, "keywords": 9, "user": 10, "device": 11,
+                               "contents": 12, "sharedSecret": 13, "chunked": 14},
+    "ImageGenerationResponse": {"generatedImages": 1, "currentSignpost": 2, "signposts": 3, "previewImage": 4,
+                                "scaleFactor": 5, "tags": 6, "downloadSize": 7, "chunkState": 8,
+                                "remoteDownload": 9, "generatedAudio": 10},
+    "FileUploadRequest": {"initRequest": 1, "chunk": 2, "sharedSecret": 3},
+    "InitUploadRequest": {"filename": 1, "sha256": 2, "totalSize": 3},
+    "FileChunk": {"content": 1, "filename": 2, "offset": 3},
+    "UploadResponse": {"chunkUploadSuccess": 1, "receivedOffset": 2, "message": 3, "filename": 4},
+}
+DRAW_THINGS_RPCS = {
+    "GenerateImage": (False, True),
+    "FilesExist": (False, False),
+    "UploadFile": (True, True),
+    "Echo": (False, False),
+    "Pubkey": (False, False),
+    "Hours": (False, False),
+}
+DRAW_THINGS_SIGNPOSTS = ["textEncoded", "imageEncoded", "sampling", "imageDecoded", "secondPassImageEncoded",
+                         "secondPassSampling", "secondPassImageDecoded", "faceRestored", "imageUpscaled"]
+COMMITTED_MODULES = {"imageservice.proto": pb, "drawthings.proto": dt_pb}
+
+
+def committed_descriptor(module: object = pb) -> descriptor_pb2.FileDescriptorProto:
+    """The FileDescriptorProto embedded, serialized, in a committed *_pb2 module."""
+    return descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb)
 
 
 def without_derived_parts(proto: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileDescriptorProto:
@@ -96,8 +129,9 @@ def test_committed_code_is_not_stale(tmp_path: Path) -> None:
     compile_descriptor_set(out)
     compiled = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     assert [f.name for f in compiled.file] == list(PROTO_FILES)
-    fresh = without_derived_parts(compiled.file[0])
-    assert fresh == committed_descriptor(), "run `python -m grpc_service.codegen` and commit the result"
+    for fresh in compiled.file:
+        assert without_derived_parts(fresh) == committed_descriptor(COMMITTED_MODULES[fresh.name]), (
+            f"{fresh.name}: run `python -m grpc_service.codegen` and commit the result")
 
 
 def test_proto_declares_a_package() -> None:
@@ -121,3 +155,20 @@ def test_service_has_the_specs_rpcs() -> None:
     (service,) = committed_descriptor().service
     assert service.name == "ImageGenerationService"
     assert {m.name: (m.client_streaming, m.server_streaming) for m in service.method} == SPEC_RPCS
+
+
+def test_draw_things_service_has_no_package_and_its_rpcs() -> None:
+    descriptor = committed_descriptor(dt_pb)
+    assert descriptor.package == ""  # the paths are /ImageGenerationService/<Rpc>
+    (service,) = descriptor.service
+    assert service.name == "ImageGenerationService"
+    assert {m.name: (m.client_streaming, m.server_streaming) for m in service.method} == DRAW_THINGS_RPCS
+
+
+def test_draw_things_messages_have_the_protocols_numbers() -> None:
+    messages = {m.name: m for m in committed_descriptor(dt_pb).message_type}
+    for name, fields in DRAW_THINGS_MESSAGES.items():
+        assert {f.name: f.number for f in messages[name].field} == fields, name
+    signpost = messages["ImageGenerationSignpostProto"]
+    assert [(f.name, f.number) for f in signpost.field] == [(n, i + 1) for i, n in enumerate(DRAW_THINGS_SIGNPOSTS)]
+    assert all(f.HasField("oneof_index") for f in signpost.field)

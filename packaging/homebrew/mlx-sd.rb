@@ -54,6 +54,16 @@ class MlxSd < Formula
     sha256 "4c5ee627c401f1863ac6a0de9a14a28d3bb5f8c730b45e2fd6e5dbc79cf34b9e"
   end
 
+  resource "flatbuffers" do
+    url "https://files.pythonhosted.org/packages/e8/2d/d2a548598be01649e2d46231d151a6c56d10b964d94043a335ae56ea2d92/flatbuffers-25.12.19-py2.py3-none-any.whl", using: :nounzip
+    sha256 "7634f50c427838bb021c2d66a3d1168e9d199b0607e6329399f04846d42e20b4"
+  end
+
+  resource "fpzip" do
+    url "https://files.pythonhosted.org/packages/16/89/2aa4801f59aff5227164560cf5c3681fe6f018f4c90f5b91789525c1195f/fpzip-1.2.5-cp312-cp312-macosx_11_0_arm64.whl", using: :nounzip
+    sha256 "668879d33906585ac08d18f1524df0fd714b00bf86f9224329681ec1a2e1f2ed"
+  end
+
   resource "fsspec" do
     url "https://files.pythonhosted.org/packages/77/cd/9be253869fc42e764de7f3dedd6969af7d44ff9c3375214a3442a6f3fc08/fsspec-2026.9.0.tar.gz"
     sha256 "0f08147951c8cb31d844c3547d631053b127863b60be04cf06e121333ee0e2fe"
