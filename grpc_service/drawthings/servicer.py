@@ -87,8 +87,6 @@ class DrawThingsServicer(pb_grpc.ImageGenerationServiceServicer):
     def FilesExist(self, request: pb.FileListRequest, context: grpc.ServicerContext) -> pb.FileExistenceResponse:
         if len(request.files) + len(request.filesWithHash) > MAX_FILES_PER_CALL:
             raise InvalidRequest("files", f"at most {MAX_FILES_PER_CALL} names (files and filesWithHash) per call")
-        from mlx_sd.model_hash import file_sha256
-
         hashed = set(request.filesWithHash)
         response = pb.FileExistenceResponse()
         for name in request.files:
@@ -97,6 +95,8 @@ class DrawThingsServicer(pb_grpc.ImageGenerationServiceServicer):
             response.existences.append(exists)
             digest = b""
             if exists and name in hashed:  # check() refused unsafe names, so resolve() succeeds
+                from mlx_sd.model_hash import file_sha256
+
                 digest = file_sha256(self._models.resolve(name), self._settings.cache_dir)
             response.hashes.append(digest)
         return response
