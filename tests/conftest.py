@@ -6,6 +6,7 @@ depend on them importing cleanly.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,30 @@ if TYPE_CHECKING:
     from grpc_service.server import RunningServer
 
 
-SD1_TINY = Path(__file__).parent / "fixtures" / "sd1_tiny"
+FIXTURES = Path(__file__).parent / "fixtures"
+SD1_TINY = FIXTURES / "sd1_tiny"
+TINY_MODEL = SD1_TINY / "diffusers"  # the tiny SD-1 model as diffusers folders (see its README)
+
+
+def install_tiny_model(models_dir: Path) -> Path:
+    """`models_dir` with the tiny model in the default model's place, `stable-diffusion/`."""
+    shutil.copytree(TINY_MODEL, models_dir / "stable-diffusion")
+    return models_dir
+
+
+def fake_result(*seeds: int, color: tuple[int, int, int] = (255, 0, 0), size: int = 2) -> Any:
+    """A GenerationResult as a fake engine yields it: one `size`-pixel square of `color` per seed."""
+    import numpy as np
+
+    from mlx_sd.events import GeneratedImage, GenerationResult
+    from mlx_sd.images import Parameters
+
+    pixels = np.broadcast_to(np.array(color, np.uint8), (size, size, 3)).copy()
+    return GenerationResult([
+        GeneratedImage(pixels, seed, Parameters(prompt="", negative_prompt="", steps=1, sampler="Euler", cfg_scale=7.0,
+                                                seed=seed, width=size, height=size, model_name="fake", model_hash="0"))
+        for seed in seeds
+    ])
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +72,12 @@ def models_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def tiny_models(models_dir: Path) -> Path:
+    """`models_dir`, the folder `server_factory` serves, holding the tiny model."""
+    return install_tiny_model(models_dir)
+
+
+@pytest.fixture
 def config_dir(tmp_path: Path) -> Path:
     return tmp_path / "config"
 
@@ -60,7 +90,12 @@ def server_factory(models_dir: Path, config_dir: Path) -> Iterator[Callable[...,
     started: list[RunningServer] = []
 
     def start(engine: Any = None, **overrides: Any) -> RunningServer:
+        """`engine`: an Engine, or a plain generate function, which then runs on a real worker."""
+        from mlx_sd.worker import GenerationWorker
+
         fields = {"models_dir": models_dir, "config_dir": config_dir, "host": "127.0.0.1", "port": 0, **overrides}
+        if engine is not None and not hasattr(engine, "shutdown"):
+            engine = GenerationWorker(engine, max_queued=fields.get("max_queued", 8))
         running = start_server(ServerSettings(**fields), engine)
         started.append(running)
         return running

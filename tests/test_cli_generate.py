@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,10 +13,10 @@ from typer.testing import CliRunner
 from grpc_service.auth import SHARED_SECRET_ENV
 from mlx_sd import hires
 from mlx_sd.cli import app
-from mlx_sd.events import EventType, GenerationResult, ProgressEvent
+from mlx_sd.events import EventType, ProgressEvent
 from mlx_sd.request import GenerationRequest
+from tests.conftest import fake_result
 
-TINY_MODEL = Path(__file__).parent / "fixtures" / "sd1_tiny" / "diffusers"
 SMALL = ["--width", "64", "--height", "64", "--steps", "2"]
 
 runner = CliRunner()
@@ -26,14 +24,6 @@ runner = CliRunner()
 
 def run(*args: object):
     return runner.invoke(app, ["generate", *map(str, args)], env={SHARED_SECRET_ENV: None})
-
-
-@pytest.fixture
-def tiny_models(models_dir: Path) -> Path:
-    """The conftest's `models_dir` (the one `server_factory` serves) holding the tiny model."""
-    for part in ("unet", "vae", "text_encoder"):
-        shutil.copytree(TINY_MODEL / part, models_dir / "stable-diffusion" / part)
-    return models_dir
 
 
 def trust(server) -> list[object]:
@@ -134,12 +124,11 @@ def hires_steps_engine(request: GenerationRequest, is_cancelled: Callable[[], bo
     """The step events the pipeline yields for a hires run of `request` as the server received it."""
     second_pass = request.steps - hires.img2img_start(request.steps, request.denoising_strength)
     for step in range(request.steps):
-        yield ProgressEvent(EventType.SAMPLING, f"sampling step {step + 1}/{request.steps}")
+        yield ProgressEvent(EventType.SAMPLING, f"sampling step {step + 1}/{request.steps}", step + 1, request.steps)
     for step in range(second_pass):
-        yield ProgressEvent(EventType.SECOND_PASS_SAMPLING, f"hires sampling step {step + 1}/{second_pass}")
-    png = io.BytesIO()
-    Image.new("RGB", (64, 64)).save(png, format="PNG")
-    yield GenerationResult([png.getvalue()], [f"a red fox\nSteps: {request.steps}, Seed: {request.seed}"])
+        yield ProgressEvent(EventType.SECOND_PASS_SAMPLING, f"hires sampling step {step + 1}/{second_pass}",
+                            step + 1, second_pass)
+    yield fake_result(request.seed, size=64)
 
 
 def test_the_progress_total_agrees_with_the_servers_float32_strength(server_factory, tmp_path: Path) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +18,6 @@ from grpc_service.files import UPLOAD_TEMP_PREFIX
 from grpc_service.generated import imageservice_pb2 as pb
 from grpc_service.generated import imageservice_pb2_grpc as pb_grpc
 
-TINY_MODEL = Path(__file__).parent / "fixtures" / "sd1_tiny" / "diffusers"
 STARTUP_S = 30.0
 EXIT_S = 20.0
 SignpostType = pb.SignpostEvent.EventType
@@ -117,12 +114,6 @@ def test_sigkill_mid_upload_leaves_the_target_and_the_next_start_cleans_up(serve
     assert (models_dir / "model.bin").read_bytes() == b"previous version"
 
 
-@pytest.fixture
-def tiny_models(models_dir: Path) -> Path:
-    shutil.copytree(TINY_MODEL, models_dir / "stable-diffusion")
-    return models_dir
-
-
 def generation(steps: int) -> pb.ImageGenerationRequest:
     return pb.ImageGenerationRequest(prompt="a lighthouse", width=64, height=64, steps=steps, seed=1)
 
@@ -158,21 +149,24 @@ def test_sigterm_cancels_work_past_the_grace_and_exits_0(serve, tiny_models: Pat
 
 
 def test_sigterm_lets_work_finish_within_the_grace(serve, tiny_models: Path) -> None:
-    server = serve("--shutdown-grace", "20")
+    # The grace is far longer than 40 tiny steps take even on a loaded machine.
+    server = serve("--shutdown-grace", "120")
     stream = server.stub.GenerateImage(generation(steps=40))
     first_sampling_step(stream)
     server.signal(signal.SIGTERM)
 
     def refused() -> bool:
         try:
-            server.stub.Echo(pb.EchoRequest(), timeout=2)
+            server.stub.Echo(pb.EchoRequest(), timeout=10)
         except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # a loaded machine: ask again
+                return False
             # gRPC refuses calls to a stopping server with UNAVAILABLE, or CANCELLED for one that
             # raced the stop into the transport.
             assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
             return True
         return False
 
-    assert wait_until(refused)  # no new work while the running one finishes
+    assert wait_until(refused, timeout=120)  # no new work while the running one finishes
     assert list(stream)[-1].images  # finished, not cut off
     assert server.wait() == 0

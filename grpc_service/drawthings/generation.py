@@ -12,18 +12,15 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from grpc_service.drawthings import tensors
 from grpc_service.drawthings.config import SLOTS, read_configuration
 from grpc_service.generated import drawthings_pb2 as pb
 from mlx_sd import hires
 from mlx_sd.errors import InvalidRequest, UnsupportedSetting
-from mlx_sd.events import EventType, ProgressEvent
+from mlx_sd.events import EventType, GeneratedImage, ProgressEvent
 from mlx_sd.request import GenerationRequest
-
-if TYPE_CHECKING:
-    from mlx_sd.events import GeneratedImage
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ import grpc
 
 from grpc_service.drawthings import generation
 from grpc_service.drawthings.identity import ServerIdentifier
-from grpc_service.engine import GenerationEngine
 from grpc_service.files import ModelDirectory
 from grpc_service.generated import drawthings_pb2 as pb
 from grpc_service.generated import drawthings_pb2_grpc as pb_grpc
 from grpc_service.interceptors import FieldCredential
 from grpc_service.status import Refused
+from mlx_sd.engine import Engine
 from mlx_sd.errors import InvalidRequest
 from mlx_sd.events import GenerationResult, ProgressEvent
 
@@ -59,7 +59,7 @@ class WireSettings:
 
 
 class DrawThingsServicer(pb_grpc.ImageGenerationServiceServicer):
-    def __init__(self, models: ModelDirectory, engine: GenerationEngine, settings: WireSettings) -> None:
+    def __init__(self, models: ModelDirectory, engine: Engine, settings: WireSettings) -> None:
         self._models = models
         self._engine = engine
         self._settings = settings
