@@ -173,11 +173,32 @@ THIRD_PARTY_CONFIG = dict(
 def test_third_party_requests_generate(server_factory, dt_connect, tiny_models, user, device, sampler,
                                        seed_mode) -> None:
     client = dt_connect(server_factory(tls=False))
-    config = build_configuration(explicit=("hires_fix", "tiled_decoding"), **{**BASE, **THIRD_PARTY_CONFIG},
-                                 sampler=sampler, seed_mode=seed_mode, hires_fix=False, tiled_decoding=False)
+    config = build_configuration(explicit=("hires_fix", "tiled_decoding"), **{
+        **BASE, **THIRD_PARTY_CONFIG, "sampler": sampler, "seed_mode": seed_mode, "hires_fix": False,
+        "tiled_decoding": False})
     request = client.pb.GenerateRequest(prompt=PROMPT, negativePrompt=NEGATIVE, configuration=config, user=user,
                                         device=device, scaleFactor=1)
     if user == "ComfyUI":
         request.override.models = b'[{"file": "model.safetensors", "name": "x", "version": "v1", "prefix": ""}]'
     images, _ = collect_images(client.generate(request))
     assert [decode_image(d).shape for d in images] == [(64, 64, 3)]
+
+
+def test_a_client_lists_the_models_with_the_browser_and_generates_with_one(server_factory, dt_connect, tiny_models,
+                                                                           sd1_single_file) -> None:
+    pytest.importorskip("mlx_sd.model_catalog", reason="the model catalog lands with model switching")
+    import json
+    import shutil
+
+    shutil.copy(sd1_single_file, tiny_models / "my_model.safetensors")
+    client = dt_connect(server_factory(model_browser=True))
+    reply = client.echo("ComfyUI")
+    assert "my_model.safetensors" in reply.files
+    lists = {key: json.loads(getattr(reply.override, key))
+             for key in ("models", "loras", "controlNets", "textualInversions", "upscalers")}
+    assert lists["loras"] == lists["controlNets"] == lists["textualInversions"] == [] and lists["upscalers"] == []
+    entry = next(m for m in lists["models"] if m["file"] == "my_model.safetensors")
+    assert entry == {"file": "my_model.safetensors", "name": "my_model", "prefix": "", "version": "v1",
+                     "upcast_attention": False, "default_scale": 8}
+    images, _ = collect_images(client.generate(dt_request(client, model=entry["file"])))
+    assert decode_image(images[0]).shape == (64, 64, 3)
