@@ -123,3 +123,10 @@ def test_malformed_tensors_are_invalid_arguments_saying_why(data: bytes, why: st
     with pytest.raises(InvalidRequest) as caught:
         tensors.inspect(data, "image")
     assert caught.value.field == "image" and why in str(caught.value)
+
+
+def test_every_setting_is_mapped_ignored_or_refused_exactly_once() -> None:
+    from grpc_service.drawthings import generation as g
+
+    groups = [*g.MAPPED, *g.IGNORED_FOR_SPEED, *g.NOT_FOR_SD1, *g.DEPENDENT, *g.REFUSED]
+    assert sorted(groups) == sorted(f.name for f in FIELDS)

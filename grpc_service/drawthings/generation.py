@@ -1,10 +1,15 @@
 """A Draw Things GenerateImage request as our GenerationRequest, and our results as its responses.
 
-Settings are sorted by what we can do with them:
-- mapped onto GenerationRequest (size, seed, steps, guidance, sampler, hires fix, ...);
+Every setting of the configuration is in one group (a test checks that the groups cover the schema):
+- MAPPED onto GenerationRequest (size, seed, steps, guidance, sampler, hires fix, ...);
 - IGNORED_FOR_SPEED: they only tune speed or memory; the image is the same without them (logged);
-- NOT_FOR_SD1: Draw Things itself ignores them for SD 1.x models, the only family served yet;
+- NOT_FOR_SD1: Draw Things itself ignores them for SD 1.x models, the only family served yet (logged);
+- DEPENDENT: they act only through another setting that is refused when present (an input image or
+  mask, the refiner, the upscaler, compression artifacts), or are the configuration's bookkeeping;
 - REFUSED: they would change the image and we cannot honour them (FAILED_PRECONDITION naming them).
+
+Known difference: a guidance scale or step count of 0 takes our documented default (7, 20), as 0
+does in the documented API.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ SAMPLERS = (
 )
 SEED_MODES = ("legacy", "torch_cpu", "scale_alike", "nvidia_gpu")
 
+MAPPED = (
+    "start_width", "start_height", "seed", "steps", "guidance_scale", "model", "sampler", "batch_count", "batch_size",
+    "hires_fix", "hires_fix_start_width", "hires_fix_start_height", "hires_fix_strength", "seed_mode", "clip_skip",
+    "face_restoration", "stochastic_sampling_gamma",
+)
 IGNORED_FOR_SPEED = (
     "tiled_decoding", "decoding_tile_width", "decoding_tile_height", "decoding_tile_overlap", "tiled_diffusion",
     "diffusion_tile_width", "diffusion_tile_height", "diffusion_tile_overlap", "tea_cache", "tea_cache_start",
@@ -51,6 +61,11 @@ NOT_FOR_SD1 = (
     "separate_open_clip_g", "open_clip_g_text", "speed_up_with_guidance_embed", "guidance_embed",
     "resolution_dependent_shift", "separate_t5", "t5_text", "causal_inference_enabled", "causal_inference",
     "causal_inference_pad", "cfg_zero_star", "cfg_zero_init_steps",
+)
+DEPENDENT = (
+    "strength", "mask_blur", "mask_blur_outset", "preserve_original_after_inpaint", "refiner_start",
+    "upscaler_scale_factor", "compression_artifacts_quality", "id", "name", "decode_with_attention",
+    "hires_fix_decode_with_attention",
 )
 REFUSED: Mapping[str, str] = {
     "loras": "LoRAs are not supported yet",
