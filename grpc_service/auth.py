@@ -1,6 +1,12 @@
 """The optional shared secret: where it comes from, how a client sends it, and how guessing is slowed.
 
-Clients send it on every RPC as the request metadata `authorization: Bearer <secret>`.
+Clients of the documented API send it on every RPC as the request metadata
+`authorization: Bearer <secret>`. Draw Things' clients send it in a request field instead
+(`sharedSecret`; see interceptors.FieldCredential); metadata works on that protocol too. A wrong or
+missing secret is UNAUTHENTICATED on both, except Draw Things' Echo, which answers
+`sharedSecretMissing` as Draw Things' server does. (Draw Things' server fails its other calls with
+INTERNAL, "unknown error processing request", grpc-swift's status for an error it has no code for;
+no client reacts to either status specially, and UNAUTHENTICATED says what is wrong.)
 """
 
 from __future__ import annotations

@@ -170,3 +170,16 @@ def test_an_upload_that_does_not_add_up_is_refused(server_factory, dt_connect, m
     assert caught.value.code() == code and named in caught.value.details()
     assert not [p for p in models_dir.parent.rglob("*.safetensors")]
     assert not [p for p in models_dir.rglob("*") if p.is_file()]
+
+
+def test_the_request_log_names_draw_things_calls_and_keeps_secrets_out(server_factory, dt_connect, caplog) -> None:
+    import logging
+
+    client = dt_connect(server_factory(shared_secret=SECRET))
+    with caplog.at_level(logging.DEBUG, logger="mlx_sd.requests"):
+        client.files_exist(["a.safetensors", "b.ckpt"], with_hash=["b.ckpt"], secret=SECRET)
+        client.echo("x", "wrong")
+    lines = [r.getMessage() for r in caplog.records if r.name == "mlx_sd.requests"]
+    assert any("DrawThings/FilesExist" in line and "files=2 hashes=1" in line and "-> OK" in line for line in lines)
+    assert any("DrawThings/Echo" in line and "-> OK" in line for line in lines)
+    assert not any(SECRET in line or "wrong" in line for line in lines)
