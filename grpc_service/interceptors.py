@@ -114,7 +114,7 @@ class SharedSecretInterceptor(BehaviorInterceptor):
                     self._limiter.record_failure(address)
                 return credential.refusal()
             self._limiter.record_failure(address)
-            _reject_unauthenticated(request, context)
+            _reject_unauthenticated(context, credential)
 
         return admitted
 
@@ -163,8 +163,9 @@ class SharedSecretInterceptor(BehaviorInterceptor):
         return hmac.compare_digest(getattr(request, credential.field).encode(), self._secret)
 
 
-def _reject_unauthenticated(_request: Any, context: grpc.ServicerContext) -> None:
-    context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong shared secret (authorization: Bearer <secret>)")
+def _reject_unauthenticated(context: grpc.ServicerContext, credential: FieldCredential | None) -> None:
+    where = "authorization: Bearer <secret>" + (f", or the request's {credential.field}" if credential else "")
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong shared secret ({where})")
 
 
 class ErrorStatusInterceptor(BehaviorInterceptor):
