@@ -93,6 +93,8 @@ class ModelDirectory:
         target = self.resolve(name)
         if target.is_dir():
             raise UnsafePath(name, "names a folder")
+        if _is_upload_temp(target.name):  # the next start would delete it
+            raise UnsafePath(name, f"is named like an unfinished upload ({UPLOAD_TEMP_PREFIX}*{UPLOAD_TEMP_SUFFIX})")
         with _storage_errors(0):
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +131,7 @@ class ModelDirectory:
         removed = 0
         for folder, _dirs, files in os.walk(self.root):  # os.walk does not descend into symlinked folders
             for name in files:
-                if not (name.startswith(UPLOAD_TEMP_PREFIX) and name.endswith(UPLOAD_TEMP_SUFFIX)):
+                if not _is_upload_temp(name):
                     continue
                 path = os.path.join(folder, name)
                 with contextlib.suppress(FileNotFoundError):
@@ -223,6 +225,10 @@ def _open_temp(folder: Path) -> tuple[Path, BinaryIO]:
     """A new hidden temporary file in `folder`, named with our prefix so a later start can clean it up."""
     fd, temp = tempfile.mkstemp(prefix=UPLOAD_TEMP_PREFIX, suffix=UPLOAD_TEMP_SUFFIX, dir=folder)
     return Path(temp), os.fdopen(fd, "wb")
+
+
+def _is_upload_temp(name: str) -> bool:
+    return name.startswith(UPLOAD_TEMP_PREFIX) and name.endswith(UPLOAD_TEMP_SUFFIX)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from grpc_service.files import MAX_COMPONENT_BYTES, MAX_NAME_CHARS, UPLOAD_TEMP_PREFIX
+from grpc_service.files import MAX_COMPONENT_BYTES, MAX_NAME_CHARS, UPLOAD_TEMP_PREFIX, UPLOAD_TEMP_SUFFIX
 from grpc_service.generated import imageservice_pb2 as pb
 
 REFUSED_NAMES = {
@@ -119,6 +119,15 @@ def test_upload_refuses_unsafe_names(server, stub_for, models_dir: Path, tmp_pat
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "filename" in caught.value.details()
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_an_upload_named_like_an_unfinished_upload_is_refused(server, stub_for, models_dir: Path) -> None:
+    # The next start would delete it as a killed server's leftover.
+    with pytest.raises(grpc.RpcError) as caught:
+        stub_for(server).UploadFile(upload_messages((f"sub/{UPLOAD_TEMP_PREFIX}x{UPLOAD_TEMP_SUFFIX}", b"data")))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unfinished upload" in caught.value.details()
+    assert list(models_dir.rglob("*")) == []
 
 
 def test_upload_refuses_a_symlink_out(server, stub_for, models_dir: Path, outside: Path) -> None:
