@@ -19,7 +19,7 @@ import re
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from types import TracebackType
@@ -28,6 +28,7 @@ from typing import BinaryIO
 from mlx_sd.errors import ChecksumMismatch, InvalidRequest, ShuttingDown, StorageFull
 
 MAX_NAME_CHARS = 1024
+MAX_NAMES_PER_CALL = 1000  # bounds one FilesExist call's work (each name costs a path resolution)
 MAX_COMPONENT_BYTES = 255  # the usual file-system limit for one path component
 DEFAULT_MAX_UPLOAD_BYTES = 8 * 1024**3
 UPLOAD_TEMP_PREFIX = ".mlx-sd-upload-"
@@ -82,6 +83,12 @@ class ModelDirectory:
             return FileCheck(name, self.resolve(name).is_file())
         except UnsafePath as exc:
             return FileCheck(name, False, exc.reason)
+
+    def check_all(self, names: Sequence[str]) -> list[FileCheck]:
+        """`check` of each name; more than MAX_NAMES_PER_CALL names is an InvalidRequest for `files`."""
+        if len(names) > MAX_NAMES_PER_CALL:
+            raise InvalidRequest("files", f"at most {MAX_NAMES_PER_CALL} names per call (got {len(names)})")
+        return [self.check(name) for name in names]
 
     def start_upload(self, name: str, sha256: str = "") -> AtomicUpload:
         """A temporary file beside the target `name` (creating its folders); see AtomicUpload.

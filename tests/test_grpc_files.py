@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from grpc_service.files import MAX_COMPONENT_BYTES, MAX_NAME_CHARS, UPLOAD_TEMP_PREFIX, UPLOAD_TEMP_SUFFIX
+from grpc_service.files import MAX_COMPONENT_BYTES, MAX_NAME_CHARS, MAX_NAMES_PER_CALL, UPLOAD_TEMP_PREFIX, UPLOAD_TEMP_SUFFIX
 from grpc_service.generated import imageservice_pb2 as pb
 
 REFUSED_NAMES = {
@@ -69,6 +69,17 @@ def test_files_exist_answers_in_order(server, connect, models_dir: Path) -> None
 def test_files_exist_refuses_unsafe_names(server, connect, name: str) -> None:
     (check,) = connect(server).files_exist([name])
     assert check.exists is False and check.error
+
+
+def test_files_exist_takes_a_bounded_number_of_names(server, stub_for, models_dir: Path) -> None:
+    (models_dir / "a.bin").write_bytes(b"x")
+    stub = stub_for(server)
+    reply = stub.FilesExist(pb.FilesExistRequest(files=["a.bin"] * MAX_NAMES_PER_CALL))
+    assert list(reply.exists) == [True] * MAX_NAMES_PER_CALL
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.FilesExist(pb.FilesExistRequest(files=["a.bin"] * (MAX_NAMES_PER_CALL + 1)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(f"files: at most {MAX_NAMES_PER_CALL} names")
 
 
 def test_files_exist_refuses_symlinks_that_leave(server, connect, models_dir: Path, outside: Path) -> None:
