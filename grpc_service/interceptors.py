@@ -8,6 +8,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -107,7 +108,6 @@ class SharedSecretInterceptor(BehaviorInterceptor):
         def admitted(request: Any, context: grpc.ServicerContext) -> Any:
             address = self._admissible_address(context)
             if self._authorized(metadata) or self._field_matches(request, credential):
-                self._limiter.record_success(address)
                 return behavior(request, context)
             if credential is not None and credential.refusal is not None:
                 if self._field_given(request, credential):  # a client probing without a secret is no failure
@@ -123,7 +123,6 @@ class SharedSecretInterceptor(BehaviorInterceptor):
         def admitted(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             address = self._admissible_address(context)
             if self._authorized(metadata):
-                self._limiter.record_success(address)
                 return behavior(requests, context)
             return behavior(self._checked(requests, credential, address), context)
 
@@ -131,12 +130,10 @@ class SharedSecretInterceptor(BehaviorInterceptor):
 
     def _checked(self, requests: Iterator[Any], credential: FieldCredential, address: str) -> Iterator[Any]:
         """The request stream, each message admitted only with the secret in its field."""
-        for i, request in enumerate(requests):
+        for request in requests:
             if not self._field_matches(request, credential):
                 self._limiter.record_failure(address)
                 raise Refused(grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong shared secret ({credential.field})")
-            if i == 0:
-                self._limiter.record_success(address)
             yield request
 
     def _admissible_address(self, context: grpc.ServicerContext) -> str:
@@ -169,13 +166,17 @@ def _reject_unauthenticated(context: grpc.ServicerContext, credential: FieldCred
 
 
 class ErrorStatusInterceptor(BehaviorInterceptor):
-    """Turns exceptions escaping a handler into statuses (grpc_service.status), logging unexpected
-    ones, and requests whose bytes do not parse into INVALID_ARGUMENT. It goes last in the chain:
-    the deserializer it gives its handlers is the one the outer interceptors copy."""
+    """Turns exceptions escaping a handler into statuses (grpc_service.status, files named relative
+    to `models_root`), logging unexpected ones, and requests whose bytes do not parse into
+    INVALID_ARGUMENT. It goes last in the chain: the deserializer it gives its handlers is the one
+    the outer interceptors copy."""
+
+    def __init__(self, models_root: Path | None = None) -> None:
+        self._models_root = models_root
 
     def wrap(self, behavior: Behavior, handler: grpc.RpcMethodHandler, call: grpc.HandlerCallDetails) -> Behavior:
         return _mapping_errors(call.method, _parsed_requests(behavior, handler.request_streaming),
-                               handler.response_streaming)
+                               handler.response_streaming, self._models_root)
 
     def deserializer(self, handler: grpc.RpcMethodHandler) -> Callable[[bytes], Any] | None:
         parse = handler.request_deserializer
@@ -205,14 +206,14 @@ def _parsed_requests(behavior: Behavior, streams_requests: bool) -> Behavior:
     return lambda request, context: behavior(_parsed(request), context)
 
 
-def _mapping_errors(method: str, behavior: Behavior, streams_responses: bool) -> Behavior:
+def _mapping_errors(method: str, behavior: Behavior, streams_responses: bool, models_root: Path | None) -> Behavior:
     if streams_responses:
 
         def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
                 yield from behavior(request, context)
             except Exception as error:
-                _abort_with_status(method, error, context)
+                _abort_with_status(method, error, context, models_root)
 
         return streaming
 
@@ -220,17 +221,17 @@ def _mapping_errors(method: str, behavior: Behavior, streams_responses: bool) ->
         try:
             return behavior(request, context)
         except Exception as error:
-            _abort_with_status(method, error, context)
+            _abort_with_status(method, error, context, models_root)
 
     return unary
 
 
-def _abort_with_status(method: str, error: Exception, context: grpc.ServicerContext) -> None:
+def _abort_with_status(method: str, error: Exception, context: grpc.ServicerContext, models_root: Path | None) -> None:
     if not context.is_active():
         # The client cancelled or went away; grpc itself quietly ends RPCs whose request
         # stream broke for that reason, and there is nobody to send a status to.
         raise error
-    code, details = status_for(error)
+    code, details = status_for(error, models_root)
     if code is grpc.StatusCode.INTERNAL:
         log.error("%s failed: %s", method, details, exc_info=error)
     context.abort(code, details)

@@ -130,7 +130,7 @@ def start_server(settings: ServerSettings, engine: Engine | None = None) -> Runn
         interceptors.append(SharedSecretInterceptor(
             settings.shared_secret, FailureLimiter(settings.auth_failure_limit),
             drawthings.FIELD_CREDENTIALS, drawthings.OPEN_METHODS))
-    interceptors.append(ErrorStatusInterceptor())
+    interceptors.append(ErrorStatusInterceptor(models.root))
     server = grpc.server(
         ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="rpc"),
         interceptors=interceptors,

@@ -109,11 +109,12 @@ def test_files_exist_answers_per_name_with_hashes_for_those_asked(server_factory
 
 
 def test_files_exist_bounds_the_names_per_call(server_factory, dt_connect) -> None:
-    from grpc_service.drawthings.servicer import MAX_FILES_PER_CALL
+    from grpc_service.files import MAX_NAMES_PER_CALL
 
     client = dt_connect(server_factory(tls=False))
     with pytest.raises(grpc.RpcError) as caught:
-        client.files_exist([f"m{i}.ckpt" for i in range(MAX_FILES_PER_CALL + 1)])
+        client.files_exist([f"m{i}.ckpt" for i in range(MAX_NAMES_PER_CALL // 2)],
+                           with_hash=[f"m{i}.ckpt" for i in range(MAX_NAMES_PER_CALL // 2 + 1)])
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "files" in caught.value.details()
 
 

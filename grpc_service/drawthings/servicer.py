@@ -16,7 +16,7 @@ import grpc
 
 from grpc_service.drawthings import generation
 from grpc_service.drawthings.identity import ServerIdentifier
-from grpc_service.files import ModelDirectory
+from grpc_service.files import MAX_NAMES_PER_CALL, ModelDirectory
 from grpc_service.generated import drawthings_pb2 as pb
 from grpc_service.generated import drawthings_pb2_grpc as pb_grpc
 from grpc_service.interceptors import FieldCredential
@@ -28,7 +28,6 @@ from mlx_sd.events import GenerationResult, ProgressEvent
 log = logging.getLogger(__name__)
 
 SERVICE = "ImageGenerationService"  # no package: the paths are /ImageGenerationService/<Rpc>
-MAX_FILES_PER_CALL = 256  # names in one FilesExist (files and filesWithHash together)
 SHA256_BYTES = 32
 # SD 1.x's native side, 512 pixels, in Draw Things' 64-pixel units.
 DEFAULT_SCALES = {"v1": 8}
@@ -85,8 +84,8 @@ class DrawThingsServicer(pb_grpc.ImageGenerationServiceServicer):
             upscalers=_json(upscalers)))
 
     def FilesExist(self, request: pb.FileListRequest, context: grpc.ServicerContext) -> pb.FileExistenceResponse:
-        if len(request.files) + len(request.filesWithHash) > MAX_FILES_PER_CALL:
-            raise InvalidRequest("files", f"at most {MAX_FILES_PER_CALL} names (files and filesWithHash) per call")
+        if len(request.files) + len(request.filesWithHash) > MAX_NAMES_PER_CALL:
+            raise InvalidRequest("files", f"at most {MAX_NAMES_PER_CALL} names (files and filesWithHash) per call")
         hashed = set(request.filesWithHash)
         response = pb.FileExistenceResponse()
         for name in request.files:
