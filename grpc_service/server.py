@@ -20,13 +20,15 @@ from grpc_service.generated import imageservice_pb2_grpc as pb_grpc
 from grpc_service.interceptors import ErrorStatusInterceptor, SharedSecretInterceptor
 from grpc_service.request_logging import RequestLogInterceptor
 from grpc_service.servicer import ImageGenerationServicer
+from grpc_service.streams import StreamLimitInterceptor, StreamLimits
 from grpc_service.tls import TlsError, TlsIdentity, ensure_self_signed, load_identity
 from mlx_sd.engine import Engine, create_engine
 
 # Room for a batch of large PNGs in one response and for big upload chunks.
 MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024**2
 MAX_SEND_MESSAGE_BYTES = 256 * 1024**2
-WORKER_THREADS = 16
+# Threads for unary calls beside every stream the stream limits allow (grpc_service.streams).
+UNARY_THREADS = 16
 SHUTDOWN_GRACE_SECONDS = 5.0
 # After the grace, how long cancelled generations get to end with a status of their own (they stop at
 # their next step) before gRPC cancels them outright, and how long the MLX thread gets to end.
@@ -63,6 +65,7 @@ class ServerSettings:
     memory_budget: int | None = None  # bytes for weights plus a request's work; None: mlx_sd.memory_budget's default
     shutdown_grace: float = SHUTDOWN_GRACE_SECONDS  # running calls may finish this long after SIGTERM
     auth_failure_limit: FailureLimit = FailureLimit()  # per-address backoff after wrong shared secrets
+    stream_limits: StreamLimits = StreamLimits()  # open streams in all and per address; their idle limit
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class RunningServer:
     models: ModelDirectory | None = None  # its unfinished uploads are discarded at stop
     engine: Engine | None = None  # stopped at stop
     shutdown_grace: float = SHUTDOWN_GRACE_SECONDS
+    streams: StreamLimitInterceptor | None = None  # its watchdog is stopped at stop
 
     @property
     def port(self) -> int:
@@ -94,6 +98,8 @@ class RunningServer:
         self.server.stop(None if grace is None else max(ERROR_DELIVERY_SECONDS, deadline - time.monotonic())).wait()
         if self.models is not None:
             self.models.close()
+        if self.streams is not None:
+            self.streams.close()
 
 
 def tls_identity(settings: ServerSettings) -> TlsIdentity:
@@ -123,9 +129,10 @@ def start_server(settings: ServerSettings, engine: Engine | None = None) -> Runn
     interceptors: list[grpc.ServerInterceptor] = [RequestLogInterceptor()]
     if settings.shared_secret:
         interceptors.append(SharedSecretInterceptor(settings.shared_secret, FailureLimiter(settings.auth_failure_limit)))
-    interceptors.append(ErrorStatusInterceptor(models.root))
+    streams = StreamLimitInterceptor(settings.stream_limits)
+    interceptors += [streams, ErrorStatusInterceptor(models.root)]
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="rpc"),
+        ThreadPoolExecutor(max_workers=settings.stream_limits.max_streams + UNARY_THREADS, thread_name_prefix="rpc"),
         interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
@@ -151,8 +158,9 @@ def start_server(settings: ServerSettings, engine: Engine | None = None) -> Runn
         raise ServerStartError(f"cannot listen on {address}: {exc}") from exc
     if port == 0:
         raise ServerStartError(f"cannot listen on {address}")
+    streams.start()
     server.start()
-    return RunningServer(server, f"{host}:{port}", identity, models, engine, settings.shutdown_grace)
+    return RunningServer(server, f"{host}:{port}", identity, models, engine, settings.shutdown_grace, streams)
 
 
 def run_until_signalled(running: RunningServer) -> signal.Signals:
