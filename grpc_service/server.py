@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import resource
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +31,13 @@ MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024**2
 MAX_SEND_MESSAGE_BYTES = 256 * 1024**2
 # Threads for unary calls beside every stream the stream limits allow (grpc_service.streams).
 UNARY_THREADS = 16
+# Connections: a connection with no call in flight for CONNECTION_IDLE_S is closed (clients reconnect
+# as they need), one that has not finished its handshake within HANDSHAKE_S too, and at most
+# MAX_CONNECTIONS are open, or half the descriptors the process may open, if fewer, so that files
+# can still be opened whatever clients do.
+CONNECTION_IDLE_S = 120.0
+HANDSHAKE_S = 10.0
+MAX_CONNECTIONS = 1000
 SHUTDOWN_GRACE_SECONDS = 5.0
 # After the grace, how long cancelled generations get to end with a status of their own (they stop at
 # their next step) before gRPC cancels them outright, and how long the MLX thread gets to end.
@@ -66,6 +75,8 @@ class ServerSettings:
     shutdown_grace: float = SHUTDOWN_GRACE_SECONDS  # running calls may finish this long after SIGTERM
     auth_failure_limit: FailureLimit = FailureLimit()  # per-address backoff after wrong shared secrets
     stream_limits: StreamLimits = StreamLimits()  # open streams in all and per address; their idle limit
+    max_connections: int | None = None  # None: MAX_CONNECTIONS, or half the descriptor limit if fewer
+    connection_idle_s: float = CONNECTION_IDLE_S
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,26 @@ class RunningServer:
             self.models.close()
         if self.streams is not None:
             self.streams.close()
+
+
+def raise_open_file_limit() -> int:
+    """Raises this process's soft limit on open descriptors to its hard limit (macOS starts
+    processes at 256, which a few hundred connections would use up); returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # macOS reports an unlimited hard limit but refuses a soft one above OPEN_MAX (10240).
+    wanted = min(hard, 10240) if sys.platform == "darwin" or hard == resource.RLIM_INFINITY else hard
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, wanted, exc)
+    return soft
+
+
+def default_max_connections() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(MAX_CONNECTIONS, soft // 2))
 
 
 def tls_identity(settings: ServerSettings) -> TlsIdentity:
@@ -137,6 +168,9 @@ def start_server(settings: ServerSettings, engine: Engine | None = None) -> Runn
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
+            ("grpc.max_allowed_incoming_connections", settings.max_connections or default_max_connections()),
+            ("grpc.max_connection_idle_ms", int(settings.connection_idle_s * 1000)),
+            ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_S * 1000)),
         ],
         compression=grpc.Compression.Gzip if settings.response_compression else grpc.Compression.NoCompression,
     )
