@@ -47,8 +47,13 @@ def response_from_item(item: ProgressEvent | GenerationResult) -> pb.ImageGenera
     return pb.ImageGenerationResponse(images=item.images, info=item.info)
 
 
+_PROTO_FIELDS = frozenset(pb.ImageGenerationRequest.DESCRIPTOR.fields_by_name)
+
+
 def request_to_proto(request: GenerationRequest) -> pb.ImageGenerationRequest:
-    return pb.ImageGenerationRequest(**dataclasses.asdict(request))  # the field names are the proto's
+    """The fields the documented proto carries (same names); domain-only fields are not sent."""
+    fields = dataclasses.asdict(request)
+    return pb.ImageGenerationRequest(**{name: value for name, value in fields.items() if name in _PROTO_FIELDS})
 
 
 def items_from_response(message: pb.ImageGenerationResponse) -> Iterator[ProgressEvent | GenerationResult]:

@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass
 
 from mlx_sd.errors import InvalidRequest
-from mlx_sd.sampling.registry import SAMPLER_NAMES, canonical_sampler_name
+from mlx_sd.random import DEFAULT_SEED_MODE, SEED_MODES
+from mlx_sd.sampling.registry import DEFAULT_TCD_GAMMA, SAMPLER_NAMES, canonical_sampler_name
 
 SIDE_MULTIPLE = 64
 MIN_SIDE = 64
@@ -46,6 +47,8 @@ class GenerationRequest:
     denoising_strength: float = 0.0
     batch_size: int = 1
     batch_count: int = 1
+    seed_mode: str = DEFAULT_SEED_MODE  # how a seed becomes noise: one of random.SEED_MODES
+    stochastic_sampling_gamma: float = DEFAULT_TCD_GAMMA  # TCD's gamma: 0 deterministic .. 1 fully re-noised
 
     def validated(self) -> GenerationRequest:
         """This request with defaults filled in and the sampler name canonical.
@@ -63,6 +66,9 @@ class GenerationRequest:
         batch_size = _int_in_range("batch_size", self.batch_size or 1, 1, MAX_BATCH_SIZE)
         batch_count = _int_in_range("batch_count", self.batch_count or 1, 1, MAX_BATCH_COUNT)
         seed = _int_in_range("seed", self.seed, INT64_MIN, INT64_MAX)
+        if self.seed_mode not in SEED_MODES:
+            raise InvalidRequest("seed_mode", f"unknown seed mode {self.seed_mode!r}; supported: {', '.join(SEED_MODES)}")
+        gamma = _float_in_range("stochastic_sampling_gamma", self.stochastic_sampling_gamma, 0.0, 1.0)
         sampler = canonical_sampler_name(self.sampler)
         if sampler is None:
             raise InvalidRequest("sampler", f"unknown sampler {self.sampler!r}; supported: {', '.join(SAMPLER_NAMES)}")
@@ -77,6 +83,7 @@ class GenerationRequest:
             denoising_strength=strength,
             batch_size=batch_size,
             batch_count=batch_count,
+            stochastic_sampling_gamma=gamma,
         )
 
 
