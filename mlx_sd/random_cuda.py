@@ -35,7 +35,8 @@ def philox4x32_10(counter: Sequence[np.ndarray], key: tuple[int, int]) -> tuple[
     k0, k1 = key
     for _ in range(10):
         p0, p1 = _PHILOX_M[0] * c0, _PHILOX_M[1] * c2
-        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p1 & _U32, (p0 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p0 & _U32
+        high0, high1 = p0 >> np.uint64(32), p1 >> np.uint64(32)
+        c0, c1, c2, c3 = high1 ^ c1 ^ np.uint64(k0), p1 & _U32, high0 ^ c3 ^ np.uint64(k1), p0 & _U32
         k0, k1 = (k0 + _PHILOX_W[0]) & 0xFFFFFFFF, (k1 + _PHILOX_W[1]) & 0xFFFFFFFF
     return tuple(c.astype(np.uint32) for c in (c0, c1, c2, c3))
 

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 
 from mlx_sd.errors import InvalidRequest
 from mlx_sd.random import DEFAULT_SEED_MODE, SEED_MODES
-from mlx_sd.sampling.registry import DEFAULT_TCD_GAMMA, SAMPLER_NAMES, canonical_sampler_name
+from mlx_sd.sampling.registry import (
+    DEFAULT_TCD_GAMMA,
+    MAX_STEPS_BY_SAMPLER,
+    SAMPLER_NAMES,
+    canonical_sampler_name,
+)
 
 SIDE_MULTIPLE = 64
 MIN_SIDE = 64
@@ -67,11 +72,14 @@ class GenerationRequest:
         batch_count = _int_in_range("batch_count", self.batch_count or 1, 1, MAX_BATCH_COUNT)
         seed = _int_in_range("seed", self.seed, INT64_MIN, INT64_MAX)
         if self.seed_mode not in SEED_MODES:
-            raise InvalidRequest("seed_mode", f"unknown seed mode {self.seed_mode!r}; supported: {', '.join(SEED_MODES)}")
+            supported = ", ".join(SEED_MODES)
+            raise InvalidRequest("seed_mode", f"unknown seed mode {self.seed_mode!r}; supported: {supported}")
         gamma = _float_in_range("stochastic_sampling_gamma", self.stochastic_sampling_gamma, 0.0, 1.0)
         sampler = canonical_sampler_name(self.sampler)
         if sampler is None:
             raise InvalidRequest("sampler", f"unknown sampler {self.sampler!r}; supported: {', '.join(SAMPLER_NAMES)}")
+        if steps > MAX_STEPS_BY_SAMPLER.get(sampler, MAX_STEPS):
+            raise InvalidRequest("steps", f"{sampler} takes at most {MAX_STEPS_BY_SAMPLER[sampler]} steps (got {steps})")
         return dataclasses.replace(
             self,
             width=width,

@@ -110,7 +110,8 @@ def test_trailing_sigmas_match_diffusers(sampler: str, reference: str, steps: in
 @pytest.mark.parametrize("steps", [1, 2, 3, 8, 20, 48, 50])
 def test_tcd_timesteps_match_diffusers(steps: int) -> None:
     sigmas = catalog.sampler_spec("TCD").sigmas(steps, TRAIN)
-    np.testing.assert_allclose(schedules.sigma_to_t(sigmas, TRAIN), [*DRAWTHINGS[f"tcd/{steps}/timesteps"], 0], atol=1e-9)
+    expected = [*DRAWTHINGS[f"tcd/{steps}/timesteps"], 0]  # then the final alphas_cumprod[0]
+    np.testing.assert_allclose(schedules.sigma_to_t(sigmas, TRAIN), expected, atol=1e-9)
 
 
 def test_ays_at_ten_steps_is_the_published_schedule() -> None:

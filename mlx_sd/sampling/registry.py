@@ -39,6 +39,8 @@ SAMPLER_NAMES: tuple[str, ...] = (
 )
 
 DEFAULT_SAMPLER = "DPM++ 2M Karras"
+# Samplers that pick their steps from a 50-timestep distillation schedule (LCM's, which TCD shares).
+MAX_STEPS_BY_SAMPLER = {"LCM": 50, "TCD": 50}
 # TCD's gamma (diffusers' `eta`, Draw Things' `stochasticSamplingGamma`): the default both use.
 DEFAULT_TCD_GAMMA = 0.3
 
