@@ -23,7 +23,7 @@ depends on the batch size. A1111 gives image i its own generator seeded with see
 item's noise from it, for the initial latent and for every later per-step draw. `BatchGenerator` follows
 A1111 so that any image of a batch can be reproduced alone from its seed.
 
-Seed modes (`generator_for`), Draw Things' `SeedMode` values:
+Seed modes (`SEED_MODES`, for `BatchGenerator`), Draw Things' `SeedMode` values:
 * "torch_cpu": this generator.
 * "nvidia_gpu": torch's CUDA generator (`random_cuda.CudaCompatibleGenerator`).
 * "scale_alike": Draw Things' "Scale Alike": torch-CPU noise drawn in (H, W, C) order, whose 8x8 cell
@@ -34,7 +34,7 @@ Seed modes (`generator_for`), Draw Things' `SeedMode` values:
   public source pins down; it is served as "torch_cpu".
 Draw Things draws a batch from one generator ("torch_cpu", "nvidia_gpu") or chains per-image seeds by
 xorshift ("scale_alike"); here every image keeps its own seed in every mode, so the seed recorded with
-an image reproduces it alone. For a batch of one, which is what Draw Things' clients send, both agree.
+an image reproduces it alone. For a batch of one both give the same noise.
 
 Layout: torch draws latents as (B, C, H, W). Latents in another layout must be drawn in that shape and
 transposed (`sampling.samplers.noise_source` does this for NHWC), or the values land on other pixels.

@@ -65,11 +65,13 @@ def _lcm(steps: int, train: np.ndarray) -> np.ndarray:
     return schedules.sigmas_at(schedules.lcm_timesteps(steps), train, 0.0)
 
 
-def _trailing(final: str) -> Schedule:
-    """Trailing timesteps, ending at sigma 0 ("zero") or at alphas_cumprod[0] ("first")."""
-    return lambda steps, train: schedules.sigmas_at(
-        schedules.trailing_timesteps(steps), train, 0.0 if final == "zero" else float(train[0])
-    )
+def _trailing(steps: int, train: np.ndarray) -> np.ndarray:
+    return schedules.sigmas_at(schedules.trailing_timesteps(steps), train, 0.0)
+
+
+def _trailing_to_sigma_min(steps: int, train: np.ndarray) -> np.ndarray:
+    """Trailing timesteps whose last step lands on alphas_cumprod[0] (DDIM's and TCD's end)."""
+    return schedules.sigmas_at(schedules.trailing_timesteps(steps), train, float(train[0]))
 
 
 def _ays(steps: int, train: np.ndarray) -> np.ndarray:
@@ -131,16 +133,16 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "Euler a Substep": SamplerSpec(single.sample_euler_ancestral, _substep),
     "DPM++ SDE Substep": SamplerSpec(single.sample_dpmpp_sde, _substep),
     "TCD": SamplerSpec(_tcd_sampler, _tcd, vp_start=True, takes_gamma=True),
-    "Euler a Trailing": SamplerSpec(single.sample_euler_ancestral, _trailing("zero")),
-    "DPM++ SDE Trailing": SamplerSpec(single.sample_dpmpp_sde, _trailing("zero")),
+    "Euler a Trailing": SamplerSpec(single.sample_euler_ancestral, _trailing),
+    "DPM++ SDE Trailing": SamplerSpec(single.sample_dpmpp_sde, _trailing),
     "DPM++ 2M AYS": SamplerSpec(multi.sample_dpmpp_2m, _ays),
     "Euler a AYS": SamplerSpec(single.sample_euler_ancestral, _ays),
     "DPM++ SDE AYS": SamplerSpec(single.sample_dpmpp_sde, _ays),
-    "DPM++ 2M Trailing": SamplerSpec(multi.sample_dpmpp_2m, _trailing("zero"), vp_start=True),
-    "DDIM Trailing": SamplerSpec(single.sample_euler, _trailing("first"), vp_start=True),
-    "UniPC Trailing": SamplerSpec(multi.sample_unipc, _trailing("zero"), vp_start=True),
+    "DPM++ 2M Trailing": SamplerSpec(multi.sample_dpmpp_2m, _trailing, vp_start=True),
+    "DDIM Trailing": SamplerSpec(single.sample_euler, _trailing_to_sigma_min, vp_start=True),
+    "UniPC Trailing": SamplerSpec(multi.sample_unipc, _trailing, vp_start=True),
     "UniPC AYS": SamplerSpec(multi.sample_unipc, _ays),
-    "TCD Trailing": SamplerSpec(_tcd_sampler, _trailing("first"), vp_start=True, takes_gamma=True),
+    "TCD Trailing": SamplerSpec(_tcd_sampler, _trailing_to_sigma_min, vp_start=True, takes_gamma=True),
 }
 
 

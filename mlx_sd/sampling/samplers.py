@@ -204,8 +204,8 @@ def sample_tcd(
 ) -> Iterator[Step]:
     """TCD (Zheng et al. 2024) strategic stochastic sampling, as diffusers' TCDScheduler: from the x0
     estimate step back along the predicted eps to the smaller sigma_s, then forward to the next sigma
-    with fresh noise (none on the last step). gamma = 0 is deterministic (DDIM-like); gamma = 1 jumps to
-    x0 and re-noises, like LCM."""
+    with fresh noise (none on the last step). gamma = 0 is deterministic (DDIM-like); gamma = 1 steps back
+    to sigma_min, next to the x0 estimate, and re-noises, like LCM."""
     if gamma > 0:
         noise = require_noise(noise)
     last = len(sigmas) - 2
