@@ -14,7 +14,7 @@ from convert.assemble import SD1Configs, SD1Models
 from convert.formats import MODEL_FILE, SINGLE_FILE_DIR, CheckpointLayout, find_layout
 from convert.cache import cache_entry, lazy_network_weights
 from convert.loader import load_sd1, resolve_dtype
-from mlx_sd.errors import ModelNotFound
+from mlx_sd.errors import CheckpointError, ModelNotFound
 from mlx_sd.model_hash import short_model_hash
 from mlx_sd.models.quantize import quantize
 from mlx_sd.reloading import ReloadingValue
@@ -59,7 +59,9 @@ class ModelStore:
         self._quantize_bits = quantize_bits
         self._cache_dir = cache_dir
         self._configs = configs
-        self._loaded = ReloadingValue(lambda: self._layout().files, self._load)
+        # A checkpoint that cannot be used stays refused until its files change, so a 100 MB header
+        # is not parsed again for every request.
+        self._loaded = ReloadingValue(lambda: self._layout().files, self._load, remembered=(CheckpointError,))
 
     @property
     def models_dir(self) -> Path:
