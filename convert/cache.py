@@ -33,9 +33,16 @@ _SAMPLE_BYTES = 64 * 1024
 
 
 def fingerprint(path: Path) -> dict[str, Any]:
-    """Identity of a source file: resolved path, size, mtime_ns and a sampled content hash."""
+    """Identity of a safetensors source file: resolved path, size, mtime_ns and a content hash of
+    its whole header and sampled blocks of its data."""
+    return file_fingerprint(path, read_header(path).raw)
+
+
+def file_fingerprint(path: Path, header: bytes = b"") -> dict[str, Any]:
+    """Identity of any file: resolved path, size, mtime_ns and a hash of `header` (hashed whole)
+    plus evenly spaced sampled blocks of the file."""
     stat = path.stat()
-    digest = hashlib.sha256(read_header(path).raw)
+    digest = hashlib.sha256(header)
     digest.update(str(stat.st_size).encode())
     with path.open("rb") as f:
         for i in range(_SAMPLE_BLOCKS):

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from mlx_sd.errors import InvalidRequest
+from mlx_sd.model_names import name_problem, shown_name
 from mlx_sd.sampling.registry import SAMPLER_NAMES, canonical_sampler_name
 
 SIDE_MULTIPLE = 64
@@ -46,6 +47,9 @@ class GenerationRequest:
     denoising_strength: float = 0.0
     batch_size: int = 1
     batch_count: int = 1
+    # A checkpoint file (or diffusers folder) relative to the model directory; "" is the default
+    # model, `stable-diffusion/`.
+    model: str = ""
 
     def validated(self) -> GenerationRequest:
         """This request with defaults filled in and the sampler name canonical.
@@ -63,6 +67,8 @@ class GenerationRequest:
         batch_size = _int_in_range("batch_size", self.batch_size or 1, 1, MAX_BATCH_SIZE)
         batch_count = _int_in_range("batch_count", self.batch_count or 1, 1, MAX_BATCH_COUNT)
         seed = _int_in_range("seed", self.seed, INT64_MIN, INT64_MAX)
+        if self.model and (problem := name_problem(self.model)) is not None:
+            raise InvalidRequest("model", f"{shown_name(self.model)!r} {problem}")
         sampler = canonical_sampler_name(self.sampler)
         if sampler is None:
             raise InvalidRequest("sampler", f"unknown sampler {self.sampler!r}; supported: {', '.join(SAMPLER_NAMES)}")

@@ -11,8 +11,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from grpc_service.files import MAX_COMPONENT_BYTES, MAX_NAME_CHARS, UPLOAD_TEMP_PREFIX
+from grpc_service.files import UPLOAD_TEMP_PREFIX
 from grpc_service.generated import imageservice_pb2 as pb
+from mlx_sd.model_names import MAX_COMPONENT_BYTES, MAX_NAME_CHARS
 
 REFUSED_NAMES = {
     "parent": "../x",
