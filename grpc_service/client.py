@@ -18,9 +18,9 @@ from grpc_service.files import FileCheck
 from grpc_service.generated import imageservice_pb2 as pb
 from grpc_service.generated import imageservice_pb2_grpc as pb_grpc
 from grpc_service.server import MAX_RECEIVE_MESSAGE_BYTES, MAX_SEND_MESSAGE_BYTES
-from grpc_service.servicer import items_from_response, request_to_proto
+from grpc_service.servicer import EncodedImages, items_from_response, request_to_proto
 from grpc_service.tls import fingerprint, normalize_fingerprint
-from mlx_sd.events import GenerationResult, ProgressEvent
+from mlx_sd.events import ProgressEvent
 from mlx_sd.request import GenerationRequest
 
 UPLOAD_CHUNK_BYTES = 4 * 1024**2
@@ -116,8 +116,8 @@ class ImageServiceClient:
         messages = _upload_messages(local, remote, sha256, on_progress)
         return self._stub.UploadFile(messages, metadata=self._metadata).message
 
-    def generate(self, request: GenerationRequest) -> Iterator[ProgressEvent | GenerationResult]:
-        """Runs GenerateImage: the progress events as the server streams them, then the result.
+    def generate(self, request: GenerationRequest) -> Iterator[ProgressEvent | EncodedImages]:
+        """Runs GenerateImage: the progress events as the server streams them, then the PNGs.
 
         Stopping early (an exception, or the iterator closed) cancels the call, so the server stops too.
         """

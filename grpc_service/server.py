@@ -15,14 +15,13 @@ import grpc
 
 from grpc_service.auth import FailureLimit, FailureLimiter
 from grpc_service.defaults import DEFAULT_HOST, DEFAULT_PORT
-from grpc_service.engine import GenerationEngine
 from grpc_service.files import DEFAULT_MAX_UPLOAD_BYTES, ModelDirectory
 from grpc_service.generated import imageservice_pb2_grpc as pb_grpc
 from grpc_service.interceptors import ErrorStatusInterceptor, SharedSecretInterceptor
 from grpc_service.request_logging import RequestLogInterceptor
 from grpc_service.servicer import ImageGenerationServicer
 from grpc_service.tls import TlsError, TlsIdentity, ensure_self_signed, load_identity
-from mlx_sd.worker import GenerationWorker
+from mlx_sd.engine import Engine, create_engine
 
 # Room for a batch of large PNGs in one response and for big upload chunks.
 MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024**2
@@ -73,7 +72,7 @@ class RunningServer:
     address: str  # host:port actually bound
     tls: TlsIdentity | None
     models: ModelDirectory | None = None  # its unfinished uploads are discarded at stop
-    worker: GenerationWorker | None = None  # the generation thread, stopped at stop
+    engine: Engine | None = None  # stopped at stop
     shutdown_grace: float = SHUTDOWN_GRACE_SECONDS
 
     @property
@@ -89,7 +88,7 @@ class RunningServer:
         else:  # generations get a margin to end with UNAVAILABLE rather than being cut off by gRPC
             deadline = time.monotonic() + grace
             self.server.stop(grace + SHUTDOWN_CANCEL_SECONDS)
-        if self.worker is not None and not self.worker.shutdown(grace or 0.0, timeout=WORKER_JOIN_SECONDS):
+        if self.engine is not None and not self.engine.shutdown(grace or 0.0, timeout=WORKER_JOIN_SECONDS):
             log.warning("the generation thread did not stop within %.0f s", WORKER_JOIN_SECONDS)
         # A second stop shortens the first one's grace: other calls get theirs, but no less than a
         # cancelled generation needs to report why it ended.
@@ -113,7 +112,7 @@ def tls_identity(settings: ServerSettings) -> TlsIdentity:
     return identity
 
 
-def start_server(settings: ServerSettings, engine: GenerationEngine | None = None) -> RunningServer:
+def start_server(settings: ServerSettings, engine: Engine | None = None) -> RunningServer:
     """Starts serving in background threads. `engine` defaults to the MLX pipeline over the model dir."""
     started = time.time()
     identity = tls_identity(settings) if settings.tls else None
@@ -136,8 +135,6 @@ def start_server(settings: ServerSettings, engine: GenerationEngine | None = Non
         compression=grpc.Compression.Gzip if settings.response_compression else grpc.Compression.NoCompression,
     )
     if engine is None:
-        from mlx_sd.engine import create_engine  # MLX is loaded only when the real pipeline is wanted
-
         engine = create_engine(models.root, cache_dir=settings.cache_dir, dtype=settings.dtype,
                                quantize_bits=settings.quantize_bits, max_queued=settings.max_queued,
                                memory_budget=settings.memory_budget, low_memory=settings.low_memory)
@@ -156,8 +153,7 @@ def start_server(settings: ServerSettings, engine: GenerationEngine | None = Non
     if port == 0:
         raise ServerStartError(f"cannot listen on {address}")
     server.start()
-    worker = engine if isinstance(engine, GenerationWorker) else None
-    return RunningServer(server, f"{host}:{port}", identity, models, worker, settings.shutdown_grace)
+    return RunningServer(server, f"{host}:{port}", identity, models, engine, settings.shutdown_grace)
 
 
 def run_until_signalled(running: RunningServer) -> signal.Signals:

@@ -7,61 +7,65 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import grpc
 
-from grpc_service.engine import GenerationEngine
 from grpc_service.files import ModelDirectory
 from grpc_service.generated import imageservice_pb2 as pb
 from grpc_service.generated import imageservice_pb2_grpc as pb_grpc
+from mlx_sd.engine import Engine
 from mlx_sd.errors import InvalidRequest
 from mlx_sd.events import EventType, GenerationResult, ProgressEvent
+from mlx_sd.images import encode_png
 from mlx_sd.request import GenerationRequest
 
 ECHO_MESSAGE = "HELLO"
 _EVENT_TYPES = frozenset(EventType)  # IntEnum members compare equal to their ints
 
 
+_PROTO_FIELDS = frozenset(pb.ImageGenerationRequest.DESCRIPTOR.fields_by_name)
+
+
 def request_from_proto(message: pb.ImageGenerationRequest) -> GenerationRequest:
-    return GenerationRequest(
-        prompt=message.prompt,
-        negative_prompt=message.negative_prompt,
-        width=message.width,
-        height=message.height,
-        steps=message.steps,
-        cfg_scale=message.cfg_scale,
-        seed=message.seed,
-        sampler=message.sampler,
-        restore_faces=message.restore_faces,
-        enable_hr=message.enable_hr,
-        denoising_strength=message.denoising_strength,
-        batch_size=message.batch_size,
-        batch_count=message.batch_count,
-    )
+    return GenerationRequest(**{name: getattr(message, name) for name in _PROTO_FIELDS})
+
+
+def request_to_proto(request: GenerationRequest) -> pb.ImageGenerationRequest:
+    """The request's fields that the API carries; the others keep their defaults on the server."""
+    return pb.ImageGenerationRequest(**{k: v for k, v in dataclasses.asdict(request).items() if k in _PROTO_FIELDS})
 
 
 def response_from_item(item: ProgressEvent | GenerationResult) -> pb.ImageGenerationResponse:
     if isinstance(item, ProgressEvent):
-        event = pb.SignpostEvent(name=item.name, timestamp=item.timestamp_ms, type=int(item.type))
+        event = pb.SignpostEvent(name=item.name, timestamp=item.timestamp_ms, type=int(item.type),
+                                 step=item.step or 0, total=item.total or 0)
         return pb.ImageGenerationResponse(events=[event])
-    return pb.ImageGenerationResponse(images=item.images, info=item.info)
+    infos = [image.parameters.text() for image in item.images]
+    return pb.ImageGenerationResponse(images=[encode_png(image.pixels, info) for image, info in zip(item.images, infos)],
+                                      info=infos)
 
 
-def request_to_proto(request: GenerationRequest) -> pb.ImageGenerationRequest:
-    return pb.ImageGenerationRequest(**dataclasses.asdict(request))  # the field names are the proto's
+@dataclass(frozen=True)
+class EncodedImages:
+    """A finished run as the API carries it: PNGs with their parameters text."""
+
+    images: list[bytes]
+    info: list[str]
 
 
-def items_from_response(message: pb.ImageGenerationResponse) -> Iterator[ProgressEvent | GenerationResult]:
-    """The domain items of one streamed response (the client side of `response_from_item`)."""
+def items_from_response(message: pb.ImageGenerationResponse) -> Iterator[ProgressEvent | EncodedImages]:
+    """The items of one streamed response (the client side of `response_from_item`)."""
     for event in message.events:
         if event.type in _EVENT_TYPES:  # proto3 enums are open: skip stages a newer server may add
-            yield ProgressEvent(EventType(event.type), event.name, event.timestamp)
+            yield ProgressEvent(EventType(event.type), event.name, event.step or None, event.total or None,
+                                timestamp_ms=event.timestamp)
     if message.images or message.info:
-        yield GenerationResult(list(message.images), list(message.info))
+        yield EncodedImages(list(message.images), list(message.info))
 
 
 class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
-    def __init__(self, models: ModelDirectory, engine: GenerationEngine) -> None:
+    def __init__(self, models: ModelDirectory, engine: Engine) -> None:
         self._models = models
         self._engine = engine
 

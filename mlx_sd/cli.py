@@ -489,7 +489,7 @@ def generate(
     An invalid value exits with status 2, any other failure with 1, Ctrl-C with 130.
     """
     _configure_blas()
-    from mlx_sd.cli_generate import follow, local_engine, option_error, validated_as_sent, write_images
+    from mlx_sd.cli_generate import encoded, follow, local_engine, option_error, validated_as_sent, write_images
     from mlx_sd.errors import InvalidRequest, MlxSdError, ModelNotFound
     from mlx_sd.request import GenerationRequest
 
@@ -520,7 +520,7 @@ def generate(
         else:
             with _connected(server, ca, fingerprint, no_tls, shared_secret, shared_secret_file) as client:
                 result = follow(client.generate(request), request)
-        for path in write_images(result, out):
+        for path in write_images(encoded(result, request), out):
             typer.echo(path)
     except KeyboardInterrupt:
         _fail("cancelled", code=130)

@@ -1,24 +1,45 @@
-"""The generation engine a front door (server or CLI) drives: the pipeline on its own MLX thread."""
+"""The generation engine's contract, and the real engine: the pipeline on its own MLX thread.
+
+The servers and the CLI depend on `Engine` alone; this module imports MLX only when
+`create_engine` runs, so that importing the contract stays cheap.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-import mlx.core as mx
+from mlx_sd.events import GenerationResult, ProgressEvent
+from mlx_sd.request import GenerationRequest
 
-from mlx_sd.backend import trim_heap
-from mlx_sd.memory_budget import MemoryBudget, default_budget_bytes
-from mlx_sd.model_store import ModelStore
-from mlx_sd.pipeline import Pipeline
-from mlx_sd.worker import GenerationWorker
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 DEFAULT_MAX_QUEUED = 8
 
 
+class Engine(Protocol):
+    """What the servers and the CLI need of the engine."""
+
+    def __call__(self, request: GenerationRequest,
+                 is_cancelled: Callable[[], bool] = ...) -> Iterator[ProgressEvent | GenerationResult]:
+        """Queues a validated request; iterating yields its ProgressEvents as stages finish, then one
+        GenerationResult. The run stops within a sampling step once `is_cancelled()` is true or the
+        iterator is closed. Raises QueueFull when too many requests wait, ShuttingDown after shutdown."""
+        ...
+
+    def shutdown(self, grace: float, timeout: float | None = None) -> bool:
+        """Stops taking work: queued requests end at once with ShuttingDown, the running one gets
+        `grace` seconds before it is cancelled too. Waits up to `timeout` more seconds for the engine
+        to stop; returns whether it did."""
+        ...
+
+
 def create_engine(models_dir: Path, *, cache_dir: Path | None = None, dtype: mx.Dtype | str | None = None,
                   quantize_bits: int | None = None, max_queued: int = DEFAULT_MAX_QUEUED,
-                  memory_budget: int | None = None, low_memory: bool = False) -> GenerationWorker:
-    """A worker running the pipeline over `models_dir`; calling it yields a request's events.
+                  memory_budget: int | None = None, low_memory: bool = False) -> Engine:
+    """A worker running the pipeline over `models_dir`.
 
     Converted weights are cached in `cache_dir` (none when None); `quantize_bits` (4 or 8) quantizes
     the UNet's and text encoder's linear layers after loading. Memory MLX kept for reuse is
@@ -26,15 +47,22 @@ def create_engine(models_dir: Path, *, cache_dir: Path | None = None, dtype: mx.
     fit in `memory_budget` bytes (default: `default_budget_bytes()`) are refused before they start.
     `low_memory` frees the text encoder between prompt encodings (see `ModelStore`).
     """
+    import mlx.core as mx
+
+    from mlx_sd.backend import trim_heap
+    from mlx_sd.memory_budget import MemoryBudget, default_budget_bytes
+    from mlx_sd.model_store import ModelStore
+    from mlx_sd.pipeline import Pipeline
+    from mlx_sd.worker import GenerationWorker
+
+    def release_memory() -> None:
+        mx.clear_cache()
+        trim_heap()
+
     store = ModelStore(models_dir, dtype=dtype, cache_dir=cache_dir, quantize_bits=quantize_bits,
                        low_memory=low_memory)
     budget = MemoryBudget(memory_budget or default_budget_bytes())
     # MLX streams belong to the thread that made them; unless that thread destroys them as it ends
-    # (after close()), the process aborts at exit with "terminate called without an active exception".
-    return GenerationWorker(Pipeline(store, budget), max_queued=max_queued, after_job=_release_memory,
+    # (after shutdown), the process aborts at exit with "terminate called without an active exception".
+    return GenerationWorker(Pipeline(store, budget), max_queued=max_queued, after_job=release_memory,
                             on_exit=mx.clear_streams)
-
-
-def _release_memory() -> None:
-    mx.clear_cache()
-    trim_heap()

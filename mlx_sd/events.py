@@ -1,10 +1,18 @@
-"""What a generation run yields: progress events as stages finish, then the result."""
+"""What a generation run yields: progress events as stages finish, then the result.
+
+These are structures, not transport bytes: the servers and the CLI turn them into PNGs, A1111's
+parameters text, tensors or progress bars at their own edges.
+"""
 
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
+
+import numpy as np
+
+from mlx_sd.images import Parameters
 
 
 class EventType(enum.IntEnum):
@@ -21,6 +29,9 @@ class EventType(enum.IntEnum):
     SECOND_PASS_SAMPLING = 8
 
 
+SAMPLING_STAGES = (EventType.SAMPLING, EventType.SECOND_PASS_SAMPLING)
+
+
 def now_ms() -> int:
     """Milliseconds since the Unix epoch, the API's timestamp unit."""
     return time.time_ns() // 1_000_000
@@ -28,16 +39,32 @@ def now_ms() -> int:
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """A stage finished (for SAMPLING: one step); `name` describes it, e.g. "step 3/20"."""
+    """A stage finished; `name` describes it, e.g. "sampling step 3/20".
+
+    Sampling events carry `step` (1-based, within its pass) and `total` (the pass's steps), and
+    every `preview_every` steps (a request field) `preview`: the batch's first latents, (h, w, 4)
+    float32, for clients that draw a preview themselves."""
 
     type: EventType
     name: str
+    step: int | None = None
+    total: int | None = None
+    preview: np.ndarray | None = field(default=None, compare=False, repr=False)
     timestamp_ms: int = field(default_factory=now_ms)
 
 
 @dataclass(frozen=True)
-class GenerationResult:
-    """The last item of a run: PNG-encoded images and one parameter summary per image."""
+class GeneratedImage:
+    """One finished image: (H, W, 3) uint8 RGB pixels, the seed it was made from, and what it
+    takes to reproduce it."""
 
-    images: list[bytes]
-    info: list[str]
+    pixels: np.ndarray = field(compare=False, repr=False)
+    seed: int
+    parameters: Parameters
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The last item of a run: its images, in request order (batch by batch)."""
+
+    images: list[GeneratedImage]

@@ -28,6 +28,7 @@ class Parameters:
     denoising_strength: float | None = None
     upscaler: str | None = None
     face_restoration: str | None = None  # the restorer's name, when faces were restored
+    clip_skip: int = 1
 
     def text(self) -> str:
         fields = [
@@ -39,6 +40,8 @@ class Parameters:
             ("Model hash", self.model_hash),
             ("Model", self.model_name),
         ]
+        if self.clip_skip > 1:
+            fields.append(("Clip skip", self.clip_skip))
         if self.face_restoration is not None:
             fields.append(("Face restoration", self.face_restoration))
         if self.first_pass_size is not None:

@@ -1,7 +1,8 @@
 """Text to image: prompt -> text encoder -> sampler loop over the UNet -> VAE -> PNGs.
 
 `Pipeline(store)(request, is_cancelled)` yields a ProgressEvent as each stage and each sampling step
-finishes, then one GenerationResult. It stops between steps once `is_cancelled()` is true.
+finishes, then one GenerationResult: pixels, seeds and parameters, which the callers encode. It stops
+between steps once `is_cancelled()` is true.
 
 Seeds follow A1111: image i of a request uses seed + i, and every image draws its noise from its own
 torch-compatible CPU generator, so an image can be reproduced alone from the seed in its parameters.
@@ -17,8 +18,9 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_sd import hires
-from mlx_sd.events import EventType, GenerationResult, ProgressEvent
-from mlx_sd.images import Parameters, encode_png
+from mlx_sd.errors import InvalidRequest
+from mlx_sd.events import EventType, GeneratedImage, GenerationResult, ProgressEvent
+from mlx_sd.images import Parameters
 from mlx_sd.memory_budget import VAE_LIVE_MAPS, VAE_LIVE_MAPS_CPU, MemoryBudget, ModelShape
 from mlx_sd.model_store import LoadedModel, ModelStore
 from mlx_sd.models.layers import activation_dtype
@@ -73,9 +75,9 @@ class Pipeline:
 
         # The model's native side: 512 for SD 1.x, whose UNet was trained on 64x64 latents.
         native = model.models.unet.config.sample_size * LATENT_SCALE
-        first_pass = hires.first_pass_size(request.width, request.height, native) if request.enable_hr else None
+        first_pass = _first_pass(request, native)
         strength = request.denoising_strength or hires.DEFAULT_STRENGTH
-        images, infos = [], []
+        images = []
         for batch in range(request.batch_count):
             seeds = [seed + batch * request.batch_size + i for i in range(request.batch_size)]
             pixels = yield from self._batch(model, request, seeds, cond, uncond, first_pass, strength, is_cancelled)
@@ -85,17 +87,16 @@ class Pipeline:
                 pixels = np.stack([restorer(image) for image in pixels])
                 yield ProgressEvent(EventType.FACE_RESTORED, "faces restored")
             for item_seed, image in zip(seeds, pixels):
-                text = Parameters(
+                parameters = Parameters(
                     prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
                     sampler=request.sampler, cfg_scale=request.cfg_scale, seed=item_seed,
                     width=request.width, height=request.height, model_name=model.name, model_hash=model.hash,
                     first_pass_size=first_pass, denoising_strength=strength if first_pass else None,
                     upscaler=self._restoration.upscaler_name() if first_pass else None,
-                    face_restoration="GFPGAN" if restorer is not None else None,
-                ).text()
-                images.append(encode_png(image, text))
-                infos.append(text)
-        yield GenerationResult(images, infos)
+                    face_restoration="GFPGAN" if restorer is not None else None, clip_skip=request.clip_skip,
+                )
+                images.append(GeneratedImage(image, item_seed, parameters))
+        yield GenerationResult(images)
 
     def _batch(self, model: LoadedModel, request: GenerationRequest, seeds: list[int], cond: mx.array,
                uncond: mx.array, first_pass: tuple[int, int] | None, strength: float,
@@ -111,7 +112,7 @@ class Pipeline:
         noise = noise_source(BatchGenerator(seeds))
         sigmas = spec.sigmas(request.steps, self._train_sigmas)
         x = spec.initial_latents(noise((len(seeds), height // LATENT_SCALE, width // LATENT_SCALE, 4)), sigmas)
-        latents = yield from _sample(spec, denoise, x, sigmas, noise, _FIRST, is_cancelled)
+        latents = yield from _sample(spec, denoise, x, sigmas, noise, _FIRST, request.preview_every, is_cancelled)
         if latents is None:
             return None
         pixels = _decode(model, latents)
@@ -127,7 +128,7 @@ class Pipeline:
         noise = noise_source(BatchGenerator(seeds))
         sigmas = spec.sigmas(request.steps, self._train_sigmas)[hires.img2img_start(request.steps, strength):]
         x = encoded + noise(encoded.shape) * float(sigmas[0])
-        latents = yield from _sample(spec, denoise, x, sigmas, noise, _SECOND, is_cancelled)
+        latents = yield from _sample(spec, denoise, x, sigmas, noise, _SECOND, request.preview_every, is_cancelled)
         if latents is None:
             return None
         pixels = _decode(model, latents)
@@ -144,23 +145,39 @@ class Pipeline:
 
 
 def _sample(spec: SamplerSpec, denoise: Denoiser, x: mx.array, sigmas: np.ndarray, noise: Noise, stage: _Pass,
-            is_cancelled: Callable[[], bool]) -> Iterator[Event]:
-    """Run a sampler with one progress event per step; returns the latents to decode, or None."""
+            preview_every: int, is_cancelled: Callable[[], bool]) -> Iterator[Event]:
+    """Run a sampler with one progress event per step (with the first image's latents every
+    `preview_every` steps); returns the latents to decode, or None."""
     total = len(sigmas) - 1
     for step in spec.sample(denoise, x, sigmas, noise):
-        x = step.x
-        yield ProgressEvent(stage.event, f"{stage.label} step {step.index + 1}/{total}")
+        x, done = step.x, step.index + 1
+        preview = np.array(x[0]) if preview_every and done % preview_every == 0 else None
+        yield ProgressEvent(stage.event, f"{stage.label} step {done}/{total}", done, total, preview)
         if is_cancelled():
             return None
     return spec.output_latents(x, sigmas)
 
 
+def _first_pass(request: GenerationRequest, native: int) -> tuple[int, int] | None:
+    """The hires fix's first-pass size, or None when one pass runs at the requested size."""
+    if not request.enable_hr:
+        return None
+    if request.hires_first_width:
+        explicit = (request.hires_first_width, request.hires_first_height)
+        return None if explicit == (request.width, request.height) else explicit
+    return hires.first_pass_size(request.width, request.height, native)
+
+
 def _encode_prompts(model: LoadedModel, request: GenerationRequest) -> tuple[mx.array, mx.array]:
     """(1, W*77, C) embeddings of the prompt and the negative prompt; prompts longer than 75 tokens
     are encoded in 75-token windows whose embeddings are concatenated (see `mlx_sd.tokenizer`)."""
+    layers = len(model.models.text_encoder.encoder.layers)
+    if request.clip_skip > layers:
+        raise InvalidRequest("clip_skip", f"must be at most {layers}, the text encoder's layers (got {request.clip_skip})")
     ids = model.tokenizer.tokenize_windows([request.prompt, request.negative_prompt])
     prompts, windows, length = ids.shape
-    hidden = model.models.text_encoder(mx.array(ids.reshape(prompts * windows, length)))
+    hidden = model.models.text_encoder(mx.array(ids.reshape(prompts * windows, length)),
+                                       skip_last_layers=request.clip_skip - 1)
     hidden = hidden.reshape(prompts, windows * length, hidden.shape[-1]).astype(mx.float32)
     mx.eval(hidden)
     return hidden[:1], hidden[1:]

@@ -26,6 +26,7 @@ DEFAULT_CFG_SCALE = 7.0
 MAX_BATCH_SIZE = 8
 MAX_BATCH_COUNT = 100
 MAX_PROMPT_CHARS = 10_000
+MAX_CLIP_SKIP = 12  # CLIP ViT-L's layers
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
@@ -47,6 +48,11 @@ class GenerationRequest:
     denoising_strength: float = 0.0
     batch_size: int = 1
     batch_count: int = 1
+    clip_skip: int = 1  # A1111's "Clip skip": 1 reads the text encoder's last layer, 2 the penultimate
+    # The hires fix's first pass in pixels; 0 and 0: the model's native area at the requested aspect.
+    hires_first_width: int = 0
+    hires_first_height: int = 0
+    preview_every: int = 0  # sampling events carry the latents every this many steps; 0: never
     # A checkpoint file (or diffusers folder) relative to the model directory; "" is the default
     # model, `stable-diffusion/`.
     model: str = ""
@@ -67,6 +73,9 @@ class GenerationRequest:
         batch_size = _int_in_range("batch_size", self.batch_size or 1, 1, MAX_BATCH_SIZE)
         batch_count = _int_in_range("batch_count", self.batch_count or 1, 1, MAX_BATCH_COUNT)
         seed = _int_in_range("seed", self.seed, INT64_MIN, INT64_MAX)
+        clip_skip = _int_in_range("clip_skip", self.clip_skip or 1, 1, MAX_CLIP_SKIP)
+        first_width, first_height = self._hires_first_pass(width, height)
+        preview_every = _int_in_range("preview_every", self.preview_every, 0, MAX_STEPS)
         if self.model and (problem := name_problem(self.model)) is not None:
             raise InvalidRequest("model", f"{shown_name(self.model)!r} {problem}")
         sampler = canonical_sampler_name(self.sampler)
@@ -83,7 +92,24 @@ class GenerationRequest:
             denoising_strength=strength,
             batch_size=batch_size,
             batch_count=batch_count,
+            clip_skip=clip_skip,
+            hires_first_width=first_width,
+            hires_first_height=first_height,
+            preview_every=preview_every,
         )
+
+    def _hires_first_pass(self, width: int, height: int) -> tuple[int, int]:
+        """The validated explicit first-pass size (both sides, each within the final size), or (0, 0)."""
+        if not (self.hires_first_width or self.hires_first_height):
+            return 0, 0
+        sides = []
+        for name, value, final in (("hires_first_width", self.hires_first_width, width),
+                                   ("hires_first_height", self.hires_first_height, height)):
+            if value % SIDE_MULTIPLE or not MIN_SIDE <= value <= final:
+                raise InvalidRequest(name, f"must be a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and the "
+                                           f"final size {final} (got {value})")
+            sides.append(value)
+        return sides[0], sides[1]
 
 
 def _int_in_range(field: str, value: int, low: int, high: int) -> int:

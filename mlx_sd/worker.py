@@ -79,6 +79,12 @@ class GenerationWorker:
             self._jobs.put(job)
         return self._events(job)
 
+    @property
+    def queued(self) -> int:
+        """How many jobs wait behind the running one."""
+        with self._lock:
+            return len(self._waiting)
+
     def close(self, timeout: float | None = None) -> None:
         """Stops taking work once the queued jobs are done (cancel them first to stop sooner)."""
         self._stop_taking_work()

@@ -27,6 +27,21 @@ if TYPE_CHECKING:
 SD1_TINY = Path(__file__).parent / "fixtures" / "sd1_tiny"
 
 
+def fake_result(*seeds: int, color: tuple[int, int, int] = (255, 0, 0), size: int = 2) -> Any:
+    """A GenerationResult as a fake engine yields it: one `size`-pixel square of `color` per seed."""
+    import numpy as np
+
+    from mlx_sd.events import GeneratedImage, GenerationResult
+    from mlx_sd.images import Parameters
+
+    pixels = np.broadcast_to(np.array(color, np.uint8), (size, size, 3)).copy()
+    return GenerationResult([
+        GeneratedImage(pixels, seed, Parameters(prompt="", negative_prompt="", steps=1, sampler="Euler", cfg_scale=7.0,
+                                                seed=seed, width=size, height=size, model_name="fake", model_hash="0"))
+        for seed in seeds
+    ])
+
+
 @pytest.fixture(scope="session")
 def sd1_single_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny SD-1 model as an original single-file checkpoint (composed from the committed
@@ -60,7 +75,12 @@ def server_factory(models_dir: Path, config_dir: Path) -> Iterator[Callable[...,
     started: list[RunningServer] = []
 
     def start(engine: Any = None, **overrides: Any) -> RunningServer:
+        """`engine`: an Engine, or a plain generate function, which then runs on a real worker."""
+        from mlx_sd.worker import GenerationWorker
+
         fields = {"models_dir": models_dir, "config_dir": config_dir, "host": "127.0.0.1", "port": 0, **overrides}
+        if engine is not None and not hasattr(engine, "shutdown"):
+            engine = GenerationWorker(engine, max_queued=fields.get("max_queued", 8))
         running = start_server(ServerSettings(**fields), engine)
         started.append(running)
         return running

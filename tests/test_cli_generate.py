@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -15,8 +14,9 @@ from typer.testing import CliRunner
 from grpc_service.auth import SHARED_SECRET_ENV
 from mlx_sd import hires
 from mlx_sd.cli import app
-from mlx_sd.events import EventType, GenerationResult, ProgressEvent
+from mlx_sd.events import EventType, ProgressEvent
 from mlx_sd.request import GenerationRequest
+from tests.conftest import fake_result
 
 TINY_MODEL = Path(__file__).parent / "fixtures" / "sd1_tiny" / "diffusers"
 SMALL = ["--width", "64", "--height", "64", "--steps", "2"]
@@ -134,12 +134,11 @@ def hires_steps_engine(request: GenerationRequest, is_cancelled: Callable[[], bo
     """The step events the pipeline yields for a hires run of `request` as the server received it."""
     second_pass = request.steps - hires.img2img_start(request.steps, request.denoising_strength)
     for step in range(request.steps):
-        yield ProgressEvent(EventType.SAMPLING, f"sampling step {step + 1}/{request.steps}")
+        yield ProgressEvent(EventType.SAMPLING, f"sampling step {step + 1}/{request.steps}", step + 1, request.steps)
     for step in range(second_pass):
-        yield ProgressEvent(EventType.SECOND_PASS_SAMPLING, f"hires sampling step {step + 1}/{second_pass}")
-    png = io.BytesIO()
-    Image.new("RGB", (64, 64)).save(png, format="PNG")
-    yield GenerationResult([png.getvalue()], [f"a red fox\nSteps: {request.steps}, Seed: {request.seed}"])
+        yield ProgressEvent(EventType.SECOND_PASS_SAMPLING, f"hires sampling step {step + 1}/{second_pass}",
+                            step + 1, second_pass)
+    yield fake_result(request.seed, size=64)
 
 
 def test_the_progress_total_agrees_with_the_servers_float32_strength(server_factory, tmp_path: Path) -> None:

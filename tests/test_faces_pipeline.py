@@ -56,7 +56,7 @@ def test_restore_faces_emits_face_restored_per_batch(models_dir: Path) -> None:
     assert events.count(EventType.FACE_RESTORED) == 2
     assert events.index(EventType.IMAGE_DECODED) < events.index(EventType.FACE_RESTORED)
     assert len(items[-1].images) == 2
-    assert all("Face restoration: GFPGAN" in info for info in items[-1].info)
+    assert all("Face restoration: GFPGAN" in image.parameters.text() for image in items[-1].images)
 
 
 def test_hires_fix_uses_the_installed_upscaler(models_dir: Path) -> None:
@@ -67,5 +67,6 @@ def test_hires_fix_uses_the_installed_upscaler(models_dir: Path) -> None:
     shutil.copy(RESTORATION / "esrgan_compact.safetensors", models_dir / UPSCALER_FILE)
     items = list(pipeline(request))
     assert EventType.IMAGE_UPSCALED in [i.type for i in items if isinstance(i, ProgressEvent)]
-    assert "Hires upscaler: Real-ESRGAN" in items[-1].info[0] and "Lanczos" in lanczos.info[0]
+    texts = [result.images[0].parameters.text() for result in (items[-1], lanczos)]
+    assert "Hires upscaler: Real-ESRGAN" in texts[0] and "Lanczos" in texts[1]
     assert items[-1].images[0] != lanczos.images[0]

@@ -23,7 +23,7 @@ from grpc_service.servicer import request_from_proto
 from mlx_sd.errors import InvalidRequest
 from mlx_sd.events import EventType, GenerationResult, ProgressEvent
 from mlx_sd.sampling.registry import SAMPLER_NAMES
-from tests.conftest import client_settings
+from tests.conftest import client_settings, fake_result
 
 TINY_MODEL = Path(__file__).parent / "fixtures" / "sd1_tiny" / "diffusers"
 SERVICE = "/mlxsd.v1.ImageGenerationService/"
@@ -44,7 +44,7 @@ SAMPLER = st.one_of(st.sampled_from(SAMPLER_NAMES).map(str.swapcase), st.text(ma
 
 def fake_engine(request, is_cancelled) -> Iterator[ProgressEvent | GenerationResult]:
     yield ProgressEvent(EventType.TEXT_ENCODED, "text encoded", 0)
-    yield GenerationResult([b"png"] * request.batch_size * request.batch_count, ["info"])
+    yield fake_result(*range(request.batch_size * request.batch_count))
 
 
 def status_of(call: Callable[[], object]) -> Code:

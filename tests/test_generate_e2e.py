@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from grpc_service.generated import imageservice_pb2 as pb
-from mlx_sd.events import EventType
+from mlx_sd.events import EventType, ProgressEvent
 from mlx_sd.model_store import ModelStore
 from mlx_sd.pipeline import Pipeline
 from mlx_sd.worker import GenerationWorker
@@ -24,16 +24,35 @@ SignpostType = pb.SignpostEvent.EventType
 
 
 class CountingPipeline:
-    """The real pipeline, counting the events it produced, so tests can see where work stopped."""
+    """The real pipeline, counting the events it produced, so tests can see where work stopped.
+
+    After `hold()`, the next run pauses at its first sampling step (`sampling` is set) until it is
+    cancelled, so a test can cancel it while it is known to be mid-run; `ended` is set when a run's
+    generator finishes or is closed."""
 
     def __init__(self, models_dir: Path) -> None:
         self._pipeline = Pipeline(ModelStore(models_dir))
         self.produced = 0
+        self.sampling, self.ended = threading.Event(), threading.Event()
+        self._held = False
+
+    def hold(self) -> None:
+        self._held = True
 
     def __call__(self, request, is_cancelled: Callable[[], bool]) -> Iterator[object]:
-        for item in self._pipeline(request, is_cancelled):
-            self.produced += 1
-            yield item
+        try:
+            for item in self._pipeline(request, is_cancelled):
+                self.produced += 1
+                if self._held and isinstance(item, ProgressEvent) and item.type == EventType.SAMPLING:
+                    self._held = False
+                    self.sampling.set()
+                    deadline = time.monotonic() + 60
+                    while not is_cancelled():  # the cancellation travels from the client
+                        assert time.monotonic() < deadline, "the run was never cancelled"
+                        threading.Event().wait(0.01)
+                yield item
+        finally:
+            self.ended.set()
 
 
 @pytest.fixture
@@ -81,14 +100,13 @@ def test_hires_fix_events_arrive_in_order(server_factory, stub_for, tiny_models:
 def test_a_cancelled_generation_stops_within_a_step(server_factory, stub_for, tiny_models: Path) -> None:
     pipeline = CountingPipeline(tiny_models)
     stub = stub_for(server_factory(GenerationWorker(pipeline)))
+    pipeline.hold()
     stream = stub.GenerateImage(request(steps=150))
-    for response in stream:
-        if response.events[0].type == SignpostType.SAMPLING:
-            break
-    stream.cancel()
+    assert pipeline.sampling.wait(60)
     produced_at_cancel = pipeline.produced
-    time.sleep(1.0)  # several steps' time: a pipeline that ignored the cancel would have moved on
-    assert pipeline.produced <= produced_at_cancel + 2
+    stream.cancel()
+    assert pipeline.ended.wait(60)
+    assert pipeline.produced == produced_at_cancel  # the step in hand was the last
     # The worker is free again: the next request runs to completion.
     assert list(stub.GenerateImage(request()))[-1].images
 
@@ -97,24 +115,28 @@ def test_a_passed_deadline_stops_the_generation(server_factory, stub_for, tiny_m
     pipeline = CountingPipeline(tiny_models)
     stub = stub_for(server_factory(GenerationWorker(pipeline)))
     list(stub.GenerateImage(request()))  # load the model first, so the deadline falls while sampling
-    before = pipeline.produced
-    with pytest.raises(grpc.RpcError) as caught:
-        list(stub.GenerateImage(request(steps=150), timeout=1.0))
+    pipeline.hold()
+    with pytest.raises(grpc.RpcError) as caught:  # the deadline passes while the run is held mid-sampling
+        list(stub.GenerateImage(request(steps=150), timeout=3.0))
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    time.sleep(0.5)  # the worker notices within a step
-    stopped_at = pipeline.produced
-    time.sleep(1.0)
-    assert pipeline.produced == stopped_at < before + 150
+    assert pipeline.sampling.is_set()
+    produced_at_deadline = pipeline.produced
+    assert pipeline.ended.wait(60)
+    assert pipeline.produced == produced_at_deadline
 
 
 def test_a_full_queue_is_refused_with_resource_exhausted(server_factory, stub_for, tiny_models: Path) -> None:
-    stub = stub_for(server_factory(max_queued=1))
+    worker = GenerationWorker(Pipeline(ModelStore(tiny_models)), max_queued=1)
+    stub = stub_for(server_factory(worker))
     running = stub.GenerateImage(request(steps=150))
     assert next(running).events[0].type == SignpostType.TEXT_ENCODED  # the worker is busy with it
     queued: list[object] = []
     waiter = threading.Thread(target=lambda: queued.extend(stub.GenerateImage(request())))
     waiter.start()
-    time.sleep(0.5)  # let the second request take the single queue slot
+    deadline = time.monotonic() + 60
+    while worker.queued < 1:  # the second request takes the single queue slot
+        assert time.monotonic() < deadline, "the second request was never queued"
+        threading.Event().wait(0.01)
     with pytest.raises(grpc.RpcError) as caught:
         list(stub.GenerateImage(request()))
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

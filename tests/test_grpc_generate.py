@@ -29,12 +29,7 @@ from mlx_sd.request import (
     GenerationRequest,
 )
 from mlx_sd.sampling.registry import DEFAULT_SAMPLER, SAMPLER_NAMES
-
-
-def tiny_png(color: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (2, 2), color).save(buffer, format="PNG")
-    return buffer.getvalue()
+from tests.conftest import fake_result
 
 
 class RecordingEngine:
@@ -45,11 +40,11 @@ class RecordingEngine:
 
     def __call__(self, request: GenerationRequest, is_cancelled: Callable[[], bool]) -> Iterator[object]:
         self.requests.append(request)
-        yield ProgressEvent(EventType.TEXT_ENCODED, "text encoded", 1_700_000_000_000)
+        yield ProgressEvent(EventType.TEXT_ENCODED, "text encoded", timestamp_ms=1_700_000_000_000)
         for step in range(1, 3):
-            yield ProgressEvent(EventType.SAMPLING, f"step {step}/2", 1_700_000_000_000 + step)
-        yield ProgressEvent(EventType.IMAGE_DECODED, "image decoded", 1_700_000_000_010)
-        yield GenerationResult([tiny_png("red"), tiny_png("blue")], ["seed 1", "seed 2"])
+            yield ProgressEvent(EventType.SAMPLING, f"step {step}/2", step, 2, timestamp_ms=1_700_000_000_000 + step)
+        yield ProgressEvent(EventType.IMAGE_DECODED, "image decoded", timestamp_ms=1_700_000_000_010)
+        yield GenerationResult(fake_result(1).images + fake_result(2, color=(0, 0, 255)).images)
 
 
 def generate(stub, **fields) -> list[pb.ImageGenerationResponse]:
@@ -65,17 +60,20 @@ def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
 def test_streams_events_then_images(server_factory, stub_for) -> None:
     engine = RecordingEngine()
     responses = generate(stub_for(server_factory(engine)), prompt="a cat", sampler="euler A", seed=-5)
-    events = [(e.type, e.name, e.timestamp) for r in responses[:-1] for e in r.events]
+    events = [(e.type, e.name, e.timestamp, e.step, e.total) for r in responses[:-1] for e in r.events]
     assert events == [
-        (pb.SignpostEvent.TEXT_ENCODED, "text encoded", 1_700_000_000_000),
-        (pb.SignpostEvent.SAMPLING, "step 1/2", 1_700_000_000_001),
-        (pb.SignpostEvent.SAMPLING, "step 2/2", 1_700_000_000_002),
-        (pb.SignpostEvent.IMAGE_DECODED, "image decoded", 1_700_000_000_010),
+        (pb.SignpostEvent.TEXT_ENCODED, "text encoded", 1_700_000_000_000, 0, 0),
+        (pb.SignpostEvent.SAMPLING, "step 1/2", 1_700_000_000_001, 1, 2),
+        (pb.SignpostEvent.SAMPLING, "step 2/2", 1_700_000_000_002, 2, 2),
+        (pb.SignpostEvent.IMAGE_DECODED, "image decoded", 1_700_000_000_010, 0, 0),
     ]
     assert all(len(r.events) == 1 and not r.images for r in responses[:-1])
     final = responses[-1]
     assert [Image.open(io.BytesIO(png)).getpixel((0, 0)) for png in final.images] == [(255, 0, 0), (0, 0, 255)]
-    assert list(final.info) == ["seed 1", "seed 2"] and not final.events
+    # The server writes each image's parameters as its info and into its PNG.
+    assert [info.splitlines()[-1].split(", ")[3] for info in final.info] == ["Seed: 1", "Seed: 2"]
+    assert [Image.open(io.BytesIO(png)).text["parameters"] for png in final.images] == list(final.info)
+    assert not final.events
     (request,) = engine.requests
     assert (request.prompt, request.sampler, request.seed) == ("a cat", "Euler a", -5)
 
@@ -95,12 +93,12 @@ def test_progress_arrives_while_the_engine_is_still_working(server_factory, stub
     def engine(request: GenerationRequest, is_cancelled: Callable[[], bool]) -> Iterator[object]:
         yield ProgressEvent(EventType.SAMPLING, "step 1/1")
         assert first_seen.wait(5), "the first event was not delivered before the run finished"
-        yield GenerationResult([tiny_png("green")], ["done"])
+        yield fake_result(9)
 
     stream = stub_for(server_factory(engine)).GenerateImage(pb.ImageGenerationRequest())
     assert next(stream).events[0].name == "step 1/1"
     first_seen.set()
-    assert list(next(stream).info) == ["done"]
+    assert "Seed: 9" in next(stream).info[0]
 
 
 def test_client_cancellation_reaches_the_engine(server_factory, stub_for) -> None:

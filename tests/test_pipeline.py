@@ -7,7 +7,6 @@ A1111's k-diffusion path on the same weights, noise and schedule.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import shutil
 from pathlib import Path
@@ -16,10 +15,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from PIL import Image
 
-from mlx_sd.errors import MissingWeights, ModelNotFound
-from mlx_sd.events import EventType, GenerationResult, ProgressEvent
+from mlx_sd.errors import InvalidRequest, MissingWeights, ModelNotFound
+from mlx_sd.events import EventType, GeneratedImage, GenerationResult, ProgressEvent
+from mlx_sd.images import encode_png
 from mlx_sd.model_store import ModelStore
 from mlx_sd.pipeline import Pipeline
 from mlx_sd.request import GenerationRequest
@@ -55,8 +54,13 @@ def run(pipeline: Pipeline, req: GenerationRequest) -> tuple[list[ProgressEvent]
     return items[:-1], items[-1]
 
 
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+def pixels(image: GeneratedImage) -> np.ndarray:
+    return image.pixels
+
+
+def pngs(result: GenerationResult) -> list[bytes]:
+    """The images as the servers send them (pixels and parameters), to compare whole results."""
+    return [encode_png(image.pixels, image.parameters.text()) for image in result.images]
 
 
 @pytest.mark.parametrize("case", ["euler", "euler_a", "euler_a_cfg1", "dpmpp_2m_karras"])
@@ -84,19 +88,21 @@ def test_events_images_and_parameters(pipeline: Pipeline) -> None:
     events, result = run(pipeline, request(width=128, height=64, batch_size=2, batch_count=2, seed=40, steps=2))
     per_batch = [EventType.SAMPLING] * 2 + [EventType.IMAGE_DECODED]
     assert [e.type for e in events] == [EventType.TEXT_ENCODED] + per_batch * 2
-    assert [e.name for e in events if e.type == EventType.SAMPLING] == ["sampling step 1/2", "sampling step 2/2"] * 2
+    steps = [e for e in events if e.type == EventType.SAMPLING]
+    assert [e.name for e in steps] == ["sampling step 1/2", "sampling step 2/2"] * 2
+    assert [(e.step, e.total) for e in steps] == [(1, 2), (2, 2)] * 2
+    assert all(e.preview is None for e in events)  # none asked for
     assert all(b.timestamp_ms >= a.timestamp_ms for a, b in zip(events, events[1:]))
-    assert len(result.images) == len(result.info) == 4
-    for i, (png, info) in enumerate(zip(result.images, result.info)):
-        image = Image.open(io.BytesIO(png))
-        assert image.size == (128, 64)
-        assert image.text["parameters"] == info
+    assert [image.seed for image in result.images] == [40, 41, 42, 43]
+    for image in result.images:
+        assert image.pixels.shape == (64, 128, 3) and image.pixels.dtype == np.uint8
+        info = image.parameters.text()
         assert info.startswith("a photo of an astronaut riding a horse\nNegative prompt: blurry\n")
-        assert f"Seed: {40 + i}," in info and "Size: 128x64" in info and "Sampler: Euler a" in info
+        assert f"Seed: {image.seed}," in info and "Size: 128x64" in info and "Sampler: Euler a" in info
 
 
 def test_the_same_request_gives_the_same_bytes(pipeline: Pipeline) -> None:
-    assert run(pipeline, request())[1].images == run(pipeline, request())[1].images
+    assert pngs(run(pipeline, request())[1]) == pngs(run(pipeline, request())[1])
 
 
 def test_image_i_of_a_batch_is_the_image_of_seed_plus_i(pipeline: Pipeline) -> None:
@@ -109,15 +115,15 @@ def test_image_i_of_a_batch_is_the_image_of_seed_plus_i(pipeline: Pipeline) -> N
 
 def test_a_random_seed_is_reported_and_reproduces_the_image(pipeline: Pipeline) -> None:
     _, first = run(pipeline, request(seed=-1))
-    seed = int(first.info[0].split("Seed: ")[1].split(",")[0])
-    assert 0 <= seed < 2**32
-    assert run(pipeline, request(seed=seed))[1].images == first.images
+    seed = first.images[0].seed
+    assert 0 <= seed < 2**32 and first.images[0].parameters.seed == seed
+    assert pngs(run(pipeline, request(seed=seed))[1]) == pngs(first)
 
 
 def test_a_prompt_longer_than_one_window_is_used_whole(pipeline: Pipeline) -> None:
     long = " ".join(["a red house by the sea"] * 20)  # ~120 tokens: two windows
     tail_changed = long + " at night"
-    assert run(pipeline, request(prompt=long))[1].images != run(pipeline, request(prompt=tail_changed))[1].images
+    assert pngs(run(pipeline, request(prompt=long))[1]) != pngs(run(pipeline, request(prompt=tail_changed))[1])
 
 
 def test_hires_fix_runs_a_second_pass_at_the_requested_size(pipeline: Pipeline) -> None:
@@ -129,14 +135,38 @@ def test_hires_fix_runs_a_second_pass_at_the_requested_size(pipeline: Pipeline) 
          EventType.SECOND_PASS_IMAGE_ENCODED] + [EventType.SECOND_PASS_SAMPLING] * 2
         + [EventType.SECOND_PASS_IMAGE_DECODED]
     )
-    assert Image.open(io.BytesIO(result.images[0])).size == (192, 128)
-    assert "Denoising strength: 0.5, First pass size: 128x128, Hires resize: 192x128" in result.info[0]
+    assert result.images[0].pixels.shape == (128, 192, 3)
+    assert "Denoising strength: 0.5, First pass size: 128x128, Hires resize: 192x128" in result.images[0].parameters.text()
 
 
 def test_hires_fix_at_or_below_native_size_is_a_single_pass(pipeline: Pipeline) -> None:
     events, result = run(pipeline, request(width=128, height=128, enable_hr=True, steps=2))
     assert EventType.SECOND_PASS_SAMPLING not in {e.type for e in events}
-    assert result.images == run(pipeline, request(width=128, height=128, steps=2))[1].images
+    assert pngs(result) == pngs(run(pipeline, request(width=128, height=128, steps=2))[1])
+
+
+def test_an_explicit_first_pass_size_is_used(pipeline: Pipeline) -> None:
+    events, result = run(pipeline, request(width=192, height=128, enable_hr=True, steps=2, denoising_strength=1.0,
+                                           hires_first_width=64, hires_first_height=64))
+    assert "First pass size: 64x64, Hires resize: 192x128" in result.images[0].parameters.text()
+    assert [(e.step, e.total) for e in events if e.type == EventType.SECOND_PASS_SAMPLING] == [(1, 2), (2, 2)]
+
+
+def test_previews_carry_the_first_images_latents_every_n_steps(pipeline: Pipeline) -> None:
+    events, _ = run(pipeline, request(width=128, height=64, steps=4, batch_size=2, preview_every=2))
+    previews = [(e.step, e.preview) for e in events if e.type == EventType.SAMPLING]
+    assert [step for step, preview in previews if preview is not None] == [2, 4]
+    assert all(p.shape == (8, 16, 4) and p.dtype == np.float32 for _, p in previews if p is not None)
+    assert np.abs(previews[1][1] - previews[3][1]).max() > 0
+
+
+def test_clip_skip_reads_an_earlier_layer_and_is_recorded(pipeline: Pipeline) -> None:
+    skipped = run(pipeline, request(clip_skip=2))[1]
+    assert "Clip skip: 2" in skipped.images[0].parameters.text()
+    assert "Clip skip" not in run(pipeline, request())[1].images[0].parameters.text()
+    assert np.abs(skipped.images[0].pixels.astype(int) - run(pipeline, request())[1].images[0].pixels).max() > 0
+    with pytest.raises(InvalidRequest, match="clip_skip: must be at most 2"):  # the tiny encoder has 2 layers
+        next(pipeline(request(clip_skip=3)))
 
 
 def test_cancellation_stops_within_a_step(pipeline: Pipeline) -> None:
@@ -160,11 +190,11 @@ def test_the_model_is_reloaded_when_its_files_change(tmp_path: Path) -> None:
     models = tiny_models_dir(tmp_path)
     pipeline = Pipeline(ModelStore(models))
     before = run(pipeline, request(steps=2))[1]
-    assert run(pipeline, request(steps=2))[1].images == before.images
+    assert pngs(run(pipeline, request(steps=2))[1]) == pngs(before)
     (models / "vae").mkdir()
     shutil.copy(FIXTURES / "sd1_tiny" / "vae_original" / "model.safetensors", models / "vae" / "model.safetensors")
     after = run(pipeline, request(steps=2))[1]
-    assert after.images != before.images
+    assert pngs(after) != pngs(before)
 
 
 def test_fp16_stored_weights_compute_in_fp32_on_the_cpu(pipeline: Pipeline, tmp_path: Path) -> None:
@@ -189,10 +219,10 @@ def test_low_memory_mode_frees_the_text_encoder_and_gives_the_same_image(pipelin
     size = sum(p.nbytes for _, p in tree_flatten(encoder.parameters()))
     for _ in range(2):  # the second request reads the weights back
         held = mx.get_active_memory()
-        images = run(low, request())[1].images
+        images = pngs(run(low, request())[1])
         mx.clear_cache()
         assert mx.get_active_memory() <= held  # the text encoder was freed again after encoding
-        assert images == run(pipeline, request())[1].images
+        assert images == pngs(run(pipeline, request())[1])
     before = mx.get_active_memory()
     mx.eval(encoder.parameters())  # what a resident text encoder holds
     assert mx.get_active_memory() - before >= size

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
-from PIL import Image
 
 from grpc_service.auth import bearer_metadata
 from grpc_service.client import open_channel
 from grpc_service.generated import imageservice_pb2 as pb
-from mlx_sd.events import GenerationResult
-from tests.conftest import client_settings
+from tests.conftest import client_settings, fake_result
 
 LOGGER = "mlx_sd.requests"
 SECRET = "hunter2-secret"
@@ -23,14 +20,8 @@ PROMPT = "a lighthouse at dusk, oil painting"
 LINE = re.compile(r"^rpc (?P<id>[0-9a-f]{8}) (?P<rpc>\w+) peer=\S+(?P<params>.*) -> (?P<outcome>[A-Z_]+) \d+\.\d\ds$")
 
 
-def png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (2, 2), "red").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def one_image(request: object, is_cancelled: Callable[[], bool]) -> Iterator[object]:
-    yield GenerationResult([png()], ["seed 1"])
+    yield fake_result(1)
 
 
 def lines(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> list[str]:

@@ -158,21 +158,24 @@ def test_sigterm_cancels_work_past_the_grace_and_exits_0(serve, tiny_models: Pat
 
 
 def test_sigterm_lets_work_finish_within_the_grace(serve, tiny_models: Path) -> None:
-    server = serve("--shutdown-grace", "20")
+    # The grace is far longer than 40 tiny steps take even on a loaded machine.
+    server = serve("--shutdown-grace", "120")
     stream = server.stub.GenerateImage(generation(steps=40))
     first_sampling_step(stream)
     server.signal(signal.SIGTERM)
 
     def refused() -> bool:
         try:
-            server.stub.Echo(pb.EchoRequest(), timeout=2)
+            server.stub.Echo(pb.EchoRequest(), timeout=10)
         except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # a loaded machine: ask again
+                return False
             # gRPC refuses calls to a stopping server with UNAVAILABLE, or CANCELLED for one that
             # raced the stop into the transport.
             assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
             return True
         return False
 
-    assert wait_until(refused)  # no new work while the running one finishes
+    assert wait_until(refused, timeout=120)  # no new work while the running one finishes
     assert list(stream)[-1].images  # finished, not cut off
     assert server.wait() == 0

@@ -74,7 +74,7 @@ class ImageGenerationResponse(_message.Message):
     def __init__(self, images: _Optional[_Iterable[bytes]] = ..., info: _Optional[_Iterable[str]] = ..., events: _Optional[_Iterable[_Union[SignpostEvent, _Mapping]]] = ...) -> None: ...
 
 class SignpostEvent(_message.Message):
-    __slots__ = ("name", "timestamp", "type")
+    __slots__ = ("name", "timestamp", "type", "step", "total")
     class EventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         TEXT_ENCODED: _ClassVar[SignpostEvent.EventType]
@@ -98,10 +98,14 @@ class SignpostEvent(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
     name: str
     timestamp: int
     type: SignpostEvent.EventType
-    def __init__(self, name: _Optional[str] = ..., timestamp: _Optional[int] = ..., type: _Optional[_Union[SignpostEvent.EventType, str]] = ...) -> None: ...
+    step: int
+    total: int
+    def __init__(self, name: _Optional[str] = ..., timestamp: _Optional[int] = ..., type: _Optional[_Union[SignpostEvent.EventType, str]] = ..., step: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class UploadFileRequest(_message.Message):
     __slots__ = ("filename", "chunk_data", "sha256")
