@@ -277,8 +277,7 @@ def serve(
 ) -> None:
     """Run the gRPC server until SIGINT/SIGTERM (TLS on, with a generated certificate unless one is given).
 
-    Draw Things' gRPCServerCLI command lines work too: its options without an equivalent here are
-    ignored with a note or refused with the reason (docs/drawthings.md).
+    gRPCServerCLI's command lines work too: its other options are ignored or refused (docs/drawthings.md).
     """
     logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _configure_blas()
