@@ -19,7 +19,7 @@ import re
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +28,7 @@ from typing import BinaryIO
 from mlx_sd.errors import ChecksumMismatch, InvalidRequest, ShuttingDown, StorageFull
 from mlx_sd.model_names import name_problem, shown_name
 
+MAX_NAMES_PER_CALL = 1000  # bounds one FilesExist call's work (each name costs a path resolution)
 DEFAULT_MAX_UPLOAD_BYTES = 8 * 1024**3
 UPLOAD_TEMP_PREFIX = ".mlx-sd-upload-"
 UPLOAD_TEMP_SUFFIX = ".part"
@@ -82,6 +83,12 @@ class ModelDirectory:
         except UnsafePath as exc:
             return FileCheck(name, False, exc.reason)
 
+    def check_all(self, names: Sequence[str]) -> list[FileCheck]:
+        """`check` of each name; more than MAX_NAMES_PER_CALL names is an InvalidRequest for `files`."""
+        if len(names) > MAX_NAMES_PER_CALL:
+            raise InvalidRequest("files", f"at most {MAX_NAMES_PER_CALL} names per call (got {len(names)})")
+        return [self.check(name) for name in names]
+
     def start_upload(self, name: str, sha256: str = "") -> AtomicUpload:
         """A temporary file beside the target `name` (creating its folders); see AtomicUpload.
 
@@ -92,6 +99,8 @@ class ModelDirectory:
         target = self.resolve(name)
         if target.is_dir():
             raise UnsafePath(name, "names a folder")
+        if _is_upload_temp(target.name):  # the next start would delete it
+            raise UnsafePath(name, f"is named like an unfinished upload ({UPLOAD_TEMP_PREFIX}*{UPLOAD_TEMP_SUFFIX})")
         with _storage_errors(0):
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +137,7 @@ class ModelDirectory:
         removed = 0
         for folder, _dirs, files in os.walk(self.root):  # os.walk does not descend into symlinked folders
             for name in files:
-                if not (name.startswith(UPLOAD_TEMP_PREFIX) and name.endswith(UPLOAD_TEMP_SUFFIX)):
+                if not _is_upload_temp(name):
                     continue
                 path = os.path.join(folder, name)
                 with contextlib.suppress(FileNotFoundError):
@@ -209,6 +218,10 @@ def _open_temp(folder: Path) -> tuple[Path, BinaryIO]:
     """A new hidden temporary file in `folder`, named with our prefix so a later start can clean it up."""
     fd, temp = tempfile.mkstemp(prefix=UPLOAD_TEMP_PREFIX, suffix=UPLOAD_TEMP_SUFFIX, dir=folder)
     return Path(temp), os.fdopen(fd, "wb")
+
+
+def _is_upload_temp(name: str) -> bool:
+    return name.startswith(UPLOAD_TEMP_PREFIX) and name.endswith(UPLOAD_TEMP_SUFFIX)
 
 
 @contextlib.contextmanager

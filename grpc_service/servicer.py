@@ -73,7 +73,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
         return pb.EchoResponse(message=ECHO_MESSAGE)
 
     def FilesExist(self, request: pb.FilesExistRequest, context: grpc.ServicerContext) -> pb.FilesExistResponse:
-        checks = [self._models.check(name) for name in request.files]
+        checks = self._models.check_all(request.files)
         return pb.FilesExistResponse(
             files=[c.name for c in checks], exists=[c.exists for c in checks], errors=[c.error for c in checks]
         )

@@ -73,6 +73,9 @@ class GenerationRequest:
         batch_size = _int_in_range("batch_size", self.batch_size or 1, 1, MAX_BATCH_SIZE)
         batch_count = _int_in_range("batch_count", self.batch_count or 1, 1, MAX_BATCH_COUNT)
         seed = _int_in_range("seed", self.seed, INT64_MIN, INT64_MAX)
+        if seed > INT64_MAX - (images := batch_size * batch_count) + 1:  # image i has seed + i
+            raise InvalidRequest("seed", f"must be at most {INT64_MAX - images + 1} for {images} images, so that "
+                                         f"every image's seed (seed + its index) fits in int64 (got {seed})")
         clip_skip = _int_in_range("clip_skip", self.clip_skip or 1, 1, MAX_CLIP_SKIP)
         first_width, first_height = self._hires_first_pass(width, height)
         preview_every = _int_in_range("preview_every", self.preview_every, 0, MAX_STEPS)

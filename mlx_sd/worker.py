@@ -91,11 +91,12 @@ class GenerationWorker:
         self._thread.join(timeout)
 
     def shutdown(self, grace: float, timeout: float | None = None) -> bool:
-        """Stops taking work: cancels the queued jobs at once and gives the running one `grace`
-        seconds to finish before cancelling it too (it then stops within a step). Waits up to
-        `timeout` more seconds for the thread to end; returns whether it did."""
-        for job in self._stop_taking_work():
-            job.cancel(ShuttingDown(_SHUTDOWN_MESSAGE))
+        """Stops taking work: ends the queued jobs at once (their readers get ShuttingDown now, not
+        when the worker would have reached them) and gives the running one `grace` seconds to
+        finish before cancelling it too (it then stops within a step). Waits up to `timeout` more
+        seconds for the thread to end; returns whether it did."""
+        self._stop_taking_work()
+        self._abandon_waiting()
         self._thread.join(grace)
         if self._thread.is_alive():
             self.cancel_all()
@@ -104,18 +105,27 @@ class GenerationWorker:
 
     def cancel_all(self) -> None:
         """Cancels every queued and running job; their readers get ShuttingDown."""
+        self._abandon_waiting()
         with self._lock:
-            jobs = [*self._waiting, *([self._running] if self._running else [])]
+            running = self._running
+        if running is not None:
+            running.cancel(ShuttingDown(_SHUTDOWN_MESSAGE))
+
+    def _abandon_waiting(self) -> None:
+        """Ends every job still queued: taken off the queue, its reader told at once."""
+        with self._lock:
+            jobs, self._waiting = list(self._waiting), deque()
         for job in jobs:
             job.cancel(ShuttingDown(_SHUTDOWN_MESSAGE))
+            job.outbox.put(job.stop_reason)
+            job.outbox.put(_DONE)
 
-    def _stop_taking_work(self) -> list[_Job]:
-        """Refuses new jobs from now on; returns those still waiting."""
+    def _stop_taking_work(self) -> None:
+        """Refuses new jobs from now on."""
         with self._lock:
             if not self._closed:
                 self._closed = True
                 self._jobs.put(None)
-            return list(self._waiting)
 
     @staticmethod
     def _events(job: _Job) -> Iterator[Any]:
@@ -140,6 +150,8 @@ class GenerationWorker:
         try:
             while (job := self._jobs.get()) is not None:
                 with self._lock:
+                    if job not in self._waiting:  # ended while queued
+                        continue
                     self._waiting.remove(job)
                     self._running = job
                 try:

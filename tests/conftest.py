@@ -6,6 +6,7 @@ depend on them importing cleanly.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,15 @@ if TYPE_CHECKING:
     from grpc_service.server import RunningServer
 
 
-SD1_TINY = Path(__file__).parent / "fixtures" / "sd1_tiny"
+FIXTURES = Path(__file__).parent / "fixtures"
+SD1_TINY = FIXTURES / "sd1_tiny"
+TINY_MODEL = SD1_TINY / "diffusers"  # the tiny SD-1 model as diffusers folders (see its README)
+
+
+def install_tiny_model(models_dir: Path) -> Path:
+    """`models_dir` with the tiny model in the default model's place, `stable-diffusion/`."""
+    shutil.copytree(TINY_MODEL, models_dir / "stable-diffusion")
+    return models_dir
 
 
 def fake_result(*seeds: int, color: tuple[int, int, int] = (255, 0, 0), size: int = 2) -> Any:
@@ -60,6 +69,12 @@ def models_dir(tmp_path: Path) -> Path:
     path = tmp_path / "models"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def tiny_models(models_dir: Path) -> Path:
+    """`models_dir`, the folder `server_factory` serves, holding the tiny model."""
+    return install_tiny_model(models_dir)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from mlx_sd.events import EventType, ProgressEvent
 from mlx_sd.request import GenerationRequest
 from tests.conftest import fake_result
 
-TINY_MODEL = Path(__file__).parent / "fixtures" / "sd1_tiny" / "diffusers"
 SMALL = ["--width", "64", "--height", "64", "--steps", "2"]
 
 runner = CliRunner()
@@ -26,14 +24,6 @@ runner = CliRunner()
 
 def run(*args: object):
     return runner.invoke(app, ["generate", *map(str, args)], env={SHARED_SECRET_ENV: None})
-
-
-@pytest.fixture
-def tiny_models(models_dir: Path) -> Path:
-    """The conftest's `models_dir` (the one `server_factory` serves) holding the tiny model."""
-    for part in ("unet", "vae", "text_encoder"):
-        shutil.copytree(TINY_MODEL / part, models_dir / "stable-diffusion" / part)
-    return models_dir
 
 
 def trust(server) -> list[object]:

@@ -23,9 +23,8 @@ from grpc_service.servicer import request_from_proto
 from mlx_sd.errors import InvalidRequest
 from mlx_sd.events import EventType, GenerationResult, ProgressEvent
 from mlx_sd.sampling.registry import SAMPLER_NAMES
-from tests.conftest import client_settings, fake_result
+from tests.conftest import TINY_MODEL, client_settings, fake_result
 
-TINY_MODEL = Path(__file__).parent / "fixtures" / "sd1_tiny" / "diffusers"
 SERVICE = "/mlxsd.v1.ImageGenerationService/"
 Code = grpc.StatusCode
 # One server serves all of a test's examples, hence the function-scoped fixtures.

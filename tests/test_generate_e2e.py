@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +18,6 @@ from mlx_sd.model_store import ModelStore
 from mlx_sd.pipeline import Pipeline
 from mlx_sd.worker import GenerationWorker
 
-TINY_MODEL = Path(__file__).parent / "fixtures" / "sd1_tiny" / "diffusers"
 SignpostType = pb.SignpostEvent.EventType
 
 
@@ -53,12 +51,6 @@ class CountingPipeline:
                 yield item
         finally:
             self.ended.set()
-
-
-@pytest.fixture
-def tiny_models(models_dir: Path) -> Path:
-    shutil.copytree(TINY_MODEL, models_dir / "stable-diffusion")
-    return models_dir
 
 
 def request(**fields) -> pb.ImageGenerationRequest:

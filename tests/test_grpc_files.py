@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from grpc_service.files import UPLOAD_TEMP_PREFIX
+from grpc_service.files import MAX_NAMES_PER_CALL, UPLOAD_TEMP_PREFIX, UPLOAD_TEMP_SUFFIX
 from grpc_service.generated import imageservice_pb2 as pb
 from mlx_sd.model_names import MAX_COMPONENT_BYTES, MAX_NAME_CHARS
 
@@ -72,6 +72,17 @@ def test_files_exist_refuses_unsafe_names(server, connect, name: str) -> None:
     assert check.exists is False and check.error
 
 
+def test_files_exist_takes_a_bounded_number_of_names(server, stub_for, models_dir: Path) -> None:
+    (models_dir / "a.bin").write_bytes(b"x")
+    stub = stub_for(server)
+    reply = stub.FilesExist(pb.FilesExistRequest(files=["a.bin"] * MAX_NAMES_PER_CALL))
+    assert list(reply.exists) == [True] * MAX_NAMES_PER_CALL
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.FilesExist(pb.FilesExistRequest(files=["a.bin"] * (MAX_NAMES_PER_CALL + 1)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(f"files: at most {MAX_NAMES_PER_CALL} names")
+
+
 def test_files_exist_refuses_symlinks_that_leave(server, connect, models_dir: Path, outside: Path) -> None:
     (models_dir / "escape").symlink_to(outside)
     (models_dir / "link.txt").symlink_to(outside / "secret.txt")
@@ -120,6 +131,15 @@ def test_upload_refuses_unsafe_names(server, stub_for, models_dir: Path, tmp_pat
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "filename" in caught.value.details()
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_an_upload_named_like_an_unfinished_upload_is_refused(server, stub_for, models_dir: Path) -> None:
+    # The next start would delete it as a killed server's leftover.
+    with pytest.raises(grpc.RpcError) as caught:
+        stub_for(server).UploadFile(upload_messages((f"sub/{UPLOAD_TEMP_PREFIX}x{UPLOAD_TEMP_SUFFIX}", b"data")))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unfinished upload" in caught.value.details()
+    assert list(models_dir.rglob("*")) == []
 
 
 def test_upload_refuses_a_symlink_out(server, stub_for, models_dir: Path, outside: Path) -> None:

@@ -163,6 +163,7 @@ REJECTED = {
     "prompt too long": ("prompt", {"prompt": "p" * (MAX_PROMPT_CHARS + 1)}),
     "negative prompt too long": ("negative_prompt", {"negative_prompt": "n" * (MAX_PROMPT_CHARS + 1)}),
     "unknown sampler": ("sampler", {"sampler": "Euler b"}),
+    "seeds past int64": ("seed", {"seed": 2**63 - 1, "batch_size": 2}),
 }
 
 

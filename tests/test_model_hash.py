@@ -15,8 +15,7 @@ from convert.cache import file_fingerprint
 from mlx_sd import model_hash
 from mlx_sd.model_hash import HASHES_FILE, file_sha256, short_model_hash
 from mlx_sd.model_store import ModelStore
-
-TINY_MODEL = Path(__file__).parent / "fixtures" / "sd1_tiny" / "diffusers"
+from tests.conftest import TINY_MODEL
 
 
 def checkpoint(path: Path, fill: float) -> Path:

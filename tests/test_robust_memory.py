@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import grpc
@@ -18,14 +17,7 @@ from mlx_sd.models.vae import VAEConfig
 from mlx_sd.pipeline import Pipeline
 from mlx_sd.request import GenerationRequest
 
-TINY_MODEL = Path(__file__).parent / "fixtures" / "sd1_tiny" / "diffusers"
 TINY_SHAPE = ModelShape(attention_heads=8, vae_full_resolution_channels=32)
-
-
-@pytest.fixture
-def tiny_models(models_dir: Path) -> Path:
-    shutil.copytree(TINY_MODEL, models_dir / "stable-diffusion")
-    return models_dir
 
 
 def test_the_attention_term_is_the_documented_formula() -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +18,6 @@ from grpc_service.files import UPLOAD_TEMP_PREFIX
 from grpc_service.generated import imageservice_pb2 as pb
 from grpc_service.generated import imageservice_pb2_grpc as pb_grpc
 
-TINY_MODEL = Path(__file__).parent / "fixtures" / "sd1_tiny" / "diffusers"
 STARTUP_S = 30.0
 EXIT_S = 20.0
 SignpostType = pb.SignpostEvent.EventType
@@ -115,12 +112,6 @@ def test_sigkill_mid_upload_leaves_the_target_and_the_next_start_cleans_up(serve
     server_factory(tls=False)  # the next start
     assert temp_files(models_dir) == []
     assert (models_dir / "model.bin").read_bytes() == b"previous version"
-
-
-@pytest.fixture
-def tiny_models(models_dir: Path) -> Path:
-    shutil.copytree(TINY_MODEL, models_dir / "stable-diffusion")
-    return models_dir
 
 
 def generation(steps: int) -> pb.ImageGenerationRequest:
