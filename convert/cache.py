@@ -64,13 +64,12 @@ def is_converted(path: Path) -> bool:
     return path.suffix == ".safetensors" and read_header(path).metadata.get("format") == FORMAT
 
 
-def cache_entry(
-    cache_dir: Path, source: Path, vae_path: Path | None, dtype: mx.Dtype, configs: SD1Configs | None
-) -> Path:
-    """The entry's name depends on what was asked for; whether it is still valid, on the sources."""
+def cache_entry(cache_dir: Path, layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | None) -> Path:
+    """The entry's name depends on which files are read (however the model was named: a model
+    directory, its checkpoint file, a diffusers folder) and what was asked for; whether it is
+    still valid, on the files' contents."""
     request = {
-        "source": str(source.resolve()),
-        "vae": str(vae_path.resolve()) if vae_path else None,
+        "sources": [str(path.resolve()) for path in layout.files],
         "dtype": dtype_name(dtype),
         "configs": (configs or SD1Configs()).to_dict(),
     }

@@ -144,7 +144,7 @@ class ModelStore:
         """A function that swaps the text encoder's weights for unevaluated reads of the cache entry
         `load_sd1` used, freeing their memory until they are next used; it is run once now."""
         dtype = resolve_dtype(self._dtype)
-        entry = cache_entry(Path(self._cache_dir), source.path, source.vae, dtype, self._configs)
+        entry = cache_entry(Path(self._cache_dir), source.layout(), dtype, self._configs)
         if not entry.is_file():
             log.warning("low-memory mode is off: the converted-weights cache %s could not be written", entry)
             return None

@@ -164,3 +164,23 @@ def test_the_pipeline_generates_with_the_model_the_request_names(models: Path, t
     assert (by_name.parameters.model_name, by_default.parameters.model_name) == ("my_model", "stable-diffusion")
     with pytest.raises(ModelNotFound, match="absent.safetensors"):
         next(pipeline(request(model="absent.safetensors")))
+
+
+def test_one_cache_entry_serves_a_model_however_it_is_named(models: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from convert import loader
+
+    default = tmp_path / "default"
+    (default / "stable-diffusion").mkdir(parents=True)
+    shutil.copy(models / "my_model.safetensors", default / "stable-diffusion" / "model.safetensors")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    loader.convert_checkpoint(default, cache)  # as `mlx-sd convert MODELS CACHE` does
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again instead of read from the cache")
+
+    monkeypatch.setattr(loader, "assemble", no_conversion)
+    for name in ("", "stable-diffusion/model.safetensors"):
+        assert ModelStore(default, cache_dir=cache).get(name).name == "model"
+    assert len(list(cache.glob("sd1-*.safetensors"))) == 1
