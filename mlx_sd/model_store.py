@@ -96,6 +96,7 @@ class ModelStore:
         """
         source = self._source(model)
         if self._current is None or self._current[0] != source:
+            source.layout()  # a name that cannot be loaded (a refused format) keeps the held model
             self._current = None  # free the previous model before the next one is read
             mx.clear_cache()
             self._current = (source, ReloadingValue(lambda: source.layout().files, lambda: self._load(source)))

@@ -122,10 +122,13 @@ def test_a_draw_things_database_is_refused_saying_what_to_use(models: Path) -> N
                      "dim BLOB, data BLOB)")
     database.commit()
     database.close()
+    store = ModelStore(models)
+    held = store.get("")
     with pytest.raises(UnsupportedModelFormat, match=r"sd_v1\.5_f16\.ckpt.*not read.*\.safetensors") as caught:
-        ModelStore(models).get("sd_v1.5_f16.ckpt")
+        store.get("sd_v1.5_f16.ckpt")
     code, details = status_for(caught.value)
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "Draw Things" in details
+    assert store.get("") is held  # the refusal did not cost the loaded model
 
 
 def test_a_pickle_checkpoint_stays_refused(models: Path) -> None:
