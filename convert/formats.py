@@ -9,6 +9,7 @@ a message that says what to use instead.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,9 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database
 # A safetensors header is JSON; real SD headers are ~100 KB, so anything huge is not one.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Bytes per value of each dtype the safetensors format defines.
+ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+              "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 
 # Folder names of the model-directory layout and of a diffusers pipeline folder.
 SINGLE_FILE_DIR = "stable-diffusion"
@@ -96,9 +100,11 @@ def read_header(path: Path, max_header_bytes: int = _MAX_HEADER_BYTES) -> Safete
             raise CheckpointError(f"{path} is not a safetensors file (bad header length {length})")
         raw = f.read(length)
     try:
-        entries = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        entries = json.loads(raw, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path} is not a safetensors file (unreadable header: {e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is not a safetensors file (its header nests too deeply)") from None
     if not isinstance(entries, dict):
         raise CheckpointError(f"{path} is not a safetensors file (header is not a JSON object)")
     metadata = entries.pop("__metadata__", None) or {}
@@ -106,16 +112,39 @@ def read_header(path: Path, max_header_bytes: int = _MAX_HEADER_BYTES) -> Safete
     try:
         tensors = {k: _tensor_info(v, data_start, size) for k, v in entries.items()}
     except (TypeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{path} has a malformed safetensors header ({e!r})") from None
+        raise CheckpointError(f"{path} has a malformed safetensors header ({e})") from None
     return SafetensorsHeader(path, raw, tensors, metadata)
 
 
-def _tensor_info(entry: dict, data_start: int, file_size: int) -> TensorInfo:
-    begin, end = (int(offset) for offset in entry["data_offsets"])
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number a header may hold")
+
+
+def _tensor_info(entry: object, data_start: int, file_size: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise TypeError(f"a tensor entry is {type(entry).__name__}, not an object")
+    dtype = entry["dtype"]
+    if dtype not in ITEM_BYTES:
+        raise ValueError(f"unknown dtype {str(dtype)[:20]!r}")
+    offsets = _sizes(entry["data_offsets"], "data_offsets")
+    if len(offsets) != 2:
+        raise ValueError("data_offsets must be two integers")
+    begin, end = offsets
+    shape = _sizes(entry["shape"], "shape")
     if not 0 <= begin <= end <= file_size - data_start:
         raise ValueError(f"data offsets {begin}..{end} outside the {file_size - data_start}-byte data section")
-    return TensorInfo(entry["dtype"], tuple(int(size) for size in entry["shape"]), data_start + begin,
-                      data_start + end)
+    if math.prod(shape) * ITEM_BYTES[dtype] != end - begin:
+        raise ValueError(f"shape {list(shape)[:8]} of {dtype} does not fill its {end - begin} bytes")
+    return TensorInfo(dtype, shape, data_start + begin, data_start + end)
+
+
+def _sizes(values: object, field: str) -> tuple[int, ...]:
+    """Non-negative integers (not bools or floats), at most 8 of them."""
+    if not isinstance(values, list) or len(values) > 8:
+        raise ValueError(f"{field} must be a list of at most 8 integers")
+    if not all(type(v) is int and 0 <= v < 2**63 for v in values):
+        raise ValueError(f"{field} must hold non-negative integers")
+    return tuple(values)
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,29 @@ def resolve_shared_secret(value: str | None, file: Path | None) -> str | None:
     if value is not None and file is not None:
         raise SecretError("give the shared secret either directly or as a file, not both")
     if file is not None:
+        refuse_readable_by_others(file, "shared secret file")
         try:
             value = file.read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
         except OSError as exc:
             raise SecretError(f"cannot read the shared secret file: {exc}") from exc
     if value is not None and not value:
         raise SecretError("the shared secret is empty")
+    if value is not None and not (value.isascii() and value.isprintable()):
+        # gRPC metadata values are printable ASCII: no client could send another secret.
+        raise SecretError("the shared secret must be printable ASCII (letters, digits, punctuation, spaces)")
     return value
+
+
+def refuse_readable_by_others(path: Path, what: str) -> None:
+    """Raises SecretError when `path`'s group or others may read or write it (as ssh refuses such
+    keys), naming the fix; a file that cannot be inspected is left to the read that follows."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        raise SecretError(f"the {what} {path} is accessible by other users (mode {mode & 0o777:04o}); "
+                          f"make it private with: chmod 600 {path}")
 
 
 def bearer_metadata(secret: str | None) -> tuple[tuple[str, str], ...]:
@@ -63,7 +79,10 @@ def peer_address(peer: str) -> str:
 
 
 class FailureLimiter:
-    """Counts failed authentications per address (see FailureLimit); thread-safe, bounded in memory."""
+    """Counts failed authentications per address (see FailureLimit); thread-safe, bounded in memory.
+
+    A failure is forgotten only once it is older than the window: a right secret does not clear the
+    count, so interleaving right and wrong guesses does not escape the limit."""
 
     MAX_TRACKED = 4096  # addresses remembered at once; the oldest are forgotten first
 
@@ -96,10 +115,6 @@ class FailureLimiter:
             self._failures[address] = failures  # re-inserted last: dicts keep insertion order
             self._forget_oldest(self._failures)
             self._forget_oldest(self._blocked_until)
-
-    def record_success(self, address: str) -> None:
-        with self._lock:
-            self._failures.pop(address, None)
 
     def _forget_oldest(self, table: dict[str, object]) -> None:
         while len(table) > self.MAX_TRACKED:

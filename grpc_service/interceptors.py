@@ -87,7 +87,6 @@ class SharedSecretInterceptor(BehaviorInterceptor):
             if not self._authorized(metadata):
                 self._limiter.record_failure(address)
                 _reject_unauthenticated(request, context)
-            self._limiter.record_success(address)
             return behavior(request, context)
 
         return admitted

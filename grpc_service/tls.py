@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from grpc_service.auth import SecretError, refuse_readable_by_others
+
 CERT_VALIDITY = dt.timedelta(days=825)
 GENERATED_CERT_NAME = "server-cert.pem"
 GENERATED_KEY_NAME = "server-key.pem"
@@ -52,7 +54,12 @@ def normalize_fingerprint(text: str) -> str:
 
 
 def load_identity(cert_path: Path, key_path: Path) -> TlsIdentity:
-    """Reads a PEM certificate (chain) and its unencrypted PEM key; raises TlsError with the cause."""
+    """Reads a PEM certificate (chain) and its unencrypted PEM key, which only its owner may read;
+    raises TlsError with the cause."""
+    try:
+        refuse_readable_by_others(key_path, "TLS key")
+    except SecretError as exc:
+        raise TlsError(str(exc)) from exc
     try:
         cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
     except OSError as exc:

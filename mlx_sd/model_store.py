@@ -23,7 +23,7 @@ from convert.assemble import SD1Configs, SD1Models
 from convert.formats import MODEL_FILE, SINGLE_FILE_DIR, VAE_DIR, CheckpointLayout, find_layout
 from convert.cache import cache_entry, lazy_network_weights
 from convert.loader import load_sd1, resolve_dtype
-from mlx_sd.errors import InvalidRequest, ModelNotFound
+from mlx_sd.errors import CheckpointError, InvalidRequest, ModelNotFound
 from mlx_sd.model_hash import short_model_hash
 from mlx_sd.model_names import name_problem, shown_name
 from mlx_sd.models.quantize import quantize
@@ -99,7 +99,11 @@ class ModelStore:
             source.layout()  # a name that cannot be loaded (a refused format) keeps the held model
             self._current = None  # free the previous model before the next one is read
             mx.clear_cache()
-            self._current = (source, ReloadingValue(lambda: source.layout().files, lambda: self._load(source)))
+            # A checkpoint that cannot be used stays refused until its files change, so a 100 MB
+            # header is not parsed again for every request.
+            loaded = ReloadingValue(lambda: source.layout().files, lambda: self._load(source),
+                                    remembered=(CheckpointError,))
+            self._current = (source, loaded)
         return self._current[1].get()
 
     def _source(self, model: str) -> ModelSource:

@@ -67,6 +67,7 @@ def test_secret_from_the_environment_or_a_file(server_factory, tmp_path: Path) -
     assert run("echo", *trust(server), env={SHARED_SECRET_ENV: SECRET}).stdout.strip() == "HELLO"
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET + "\n")
+    secret_file.chmod(0o600)
     assert run("echo", *trust(server), "--shared-secret-file", secret_file).stdout.strip() == "HELLO"
     refused = run("echo", *trust(server), "--shared-secret", "wrong")
     assert refused.exit_code == 1 and "UNAUTHENTICATED" in refused.stderr
@@ -119,6 +120,7 @@ def test_serve_refuses_a_broken_certificate(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.write_text("not a certificate")
     key.write_text("not a key")
+    key.chmod(0o600)
     result = run("serve", tmp_path / "models", "--port", "0", "--tls-cert", cert, "--tls-key", key)
     assert result.exit_code == 1
     assert "TLS setup failed" in result.stderr and str(cert) in result.stderr

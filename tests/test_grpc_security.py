@@ -81,9 +81,25 @@ def test_the_client_sends_its_secret(server_factory, connect) -> None:
 def test_secret_from_a_file_drops_the_trailing_newline(tmp_path: Path) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET + "\n")
+    secret_file.chmod(0o600)
     assert resolve_shared_secret(None, secret_file) == SECRET
     assert resolve_shared_secret(SECRET, None) == SECRET
     assert resolve_shared_secret(None, None) is None
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_a_secret_file_others_can_read_is_refused(tmp_path: Path, mode: int) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET)
+    secret_file.chmod(mode)
+    with pytest.raises(SecretError, match=rf"\(mode {mode:04o}\).*chmod 600"):
+        resolve_shared_secret(None, secret_file)
+
+
+@pytest.mark.parametrize("secret", ["pässwort", "tab\tsecret", "new\nline", "emoji🔑"])
+def test_a_secret_no_grpc_client_could_send_is_refused(secret: str) -> None:
+    with pytest.raises(SecretError, match="printable ASCII"):
+        resolve_shared_secret(secret, None)
 
 
 @pytest.mark.parametrize("value, file", [("a", Path("f")), ("", None), (None, Path("/nonexistent/secret"))])
@@ -145,7 +161,15 @@ def write_pair(folder: Path, *, days: int = 30, key: ec.EllipticCurvePrivateKey 
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
     )
+    key_path.chmod(0o600)
     return cert_path, key_path
+
+
+def test_a_key_others_can_read_stops_the_server(server_factory, tmp_path: Path) -> None:
+    cert_path, key_path = write_pair(tmp_path / "given")
+    key_path.chmod(0o644)
+    with pytest.raises(ServerStartError, match=r"TLS key .* \(mode 0644\).*chmod 600"):
+        server_factory(tls_cert=cert_path, tls_key=key_path)
 
 
 def test_a_given_certificate_is_served(server_factory, connect, tmp_path: Path, config_dir: Path) -> None:

@@ -47,16 +47,15 @@ def test_failures_within_the_window_block_for_the_backoff() -> None:
     assert limiter.blocked_for("a") == 0
 
 
-def test_failures_older_than_the_window_are_forgotten_and_success_resets() -> None:
+def test_failures_older_than_the_window_are_forgotten() -> None:
     clock = Clock()
     limiter = FailureLimiter(FailureLimit(max_failures=2, window_s=10, backoff_s=30), clock)
     limiter.record_failure("a")
     clock.now += 10
     limiter.record_failure("a")
     assert limiter.blocked_for("a") == 0
-    limiter.record_success("a")
     limiter.record_failure("a")
-    assert limiter.blocked_for("a") == 0
+    assert limiter.blocked_for("a") == 30
 
 
 def test_memory_stays_bounded_under_many_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,3 +94,11 @@ def test_repeated_failures_are_refused_without_comparing_then_let_in_after_the_b
     assert len(comparisons) == compared  # refused without looking at the secret
     time.sleep(1.1)
     assert echo(stub, RIGHT) == grpc.StatusCode.OK
+
+
+def test_right_guesses_between_wrong_ones_do_not_clear_the_count(server_factory, stub_for) -> None:
+    server = server_factory(shared_secret=SECRET, auth_failure_limit=FailureLimit(3, window_s=60, backoff_s=60))
+    stub = stub_for(server)
+    outcomes = [echo(stub, secret) for secret in (WRONG, RIGHT, WRONG, RIGHT, WRONG, RIGHT)]
+    assert outcomes == [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OK] * 2 + [
+        grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED]
