@@ -7,6 +7,7 @@ import hmac
 import logging
 import math
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -104,13 +105,17 @@ def _reject_unauthenticated(_request: Any, context: grpc.ServicerContext) -> Non
 
 
 class ErrorStatusInterceptor(BehaviorInterceptor):
-    """Turns exceptions escaping a handler into statuses (grpc_service.status), logging unexpected
-    ones, and requests whose bytes do not parse into INVALID_ARGUMENT. It goes last in the chain:
-    the deserializer it gives its handlers is the one the outer interceptors copy."""
+    """Turns exceptions escaping a handler into statuses (grpc_service.status, files named relative
+    to `models_root`), logging unexpected ones, and requests whose bytes do not parse into
+    INVALID_ARGUMENT. It goes last in the chain: the deserializer it gives its handlers is the one
+    the outer interceptors copy."""
+
+    def __init__(self, models_root: Path | None = None) -> None:
+        self._models_root = models_root
 
     def wrap(self, behavior: Behavior, handler: grpc.RpcMethodHandler, call: grpc.HandlerCallDetails) -> Behavior:
         return _mapping_errors(call.method, _parsed_requests(behavior, handler.request_streaming),
-                               handler.response_streaming)
+                               handler.response_streaming, self._models_root)
 
     def deserializer(self, handler: grpc.RpcMethodHandler) -> Callable[[bytes], Any] | None:
         parse = handler.request_deserializer
@@ -140,14 +145,14 @@ def _parsed_requests(behavior: Behavior, streams_requests: bool) -> Behavior:
     return lambda request, context: behavior(_parsed(request), context)
 
 
-def _mapping_errors(method: str, behavior: Behavior, streams_responses: bool) -> Behavior:
+def _mapping_errors(method: str, behavior: Behavior, streams_responses: bool, models_root: Path | None) -> Behavior:
     if streams_responses:
 
         def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
                 yield from behavior(request, context)
             except Exception as error:
-                _abort_with_status(method, error, context)
+                _abort_with_status(method, error, context, models_root)
 
         return streaming
 
@@ -155,17 +160,17 @@ def _mapping_errors(method: str, behavior: Behavior, streams_responses: bool) ->
         try:
             return behavior(request, context)
         except Exception as error:
-            _abort_with_status(method, error, context)
+            _abort_with_status(method, error, context, models_root)
 
     return unary
 
 
-def _abort_with_status(method: str, error: Exception, context: grpc.ServicerContext) -> None:
+def _abort_with_status(method: str, error: Exception, context: grpc.ServicerContext, models_root: Path | None) -> None:
     if not context.is_active():
         # The client cancelled or went away; grpc itself quietly ends RPCs whose request
         # stream broke for that reason, and there is nobody to send a status to.
         raise error
-    code, details = status_for(error)
+    code, details = status_for(error, models_root)
     if code is grpc.StatusCode.INTERNAL:
         log.error("%s failed: %s", method, details, exc_info=error)
     context.abort(code, details)

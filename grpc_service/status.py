@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import grpc
 
 from mlx_sd.errors import (
@@ -38,10 +41,13 @@ INTERNAL_ERROR_DETAILS = "internal server error (the cause is in the server's lo
 MAX_DETAILS_CHARS = 1000
 
 
-def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status and details a client sees for `error`; unexpected errors reveal nothing."""
+def status_for(error: Exception, models_root: Path | None = None) -> tuple[grpc.StatusCode, str]:
+    """The status and details a client sees for `error`; unexpected errors reveal nothing, and files
+    in `models_root` are named relative to it (the server's own paths are not the client's business)."""
     for error_type, code in STATUS_BY_ERROR:
         if isinstance(error, error_type):
             details = str(error)
+            if models_root is not None:
+                details = details.replace(f"{models_root}{os.sep}", "").replace(str(models_root), "the model directory")
             return code, details if len(details) <= MAX_DETAILS_CHARS else details[: MAX_DETAILS_CHARS - 1] + "…"
     return grpc.StatusCode.INTERNAL, INTERNAL_ERROR_DETAILS

@@ -281,7 +281,13 @@ def serve(
     """
     logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _configure_blas()
-    from grpc_service.server import ServerSettings, ServerStartError, run_until_signalled, start_server
+    from grpc_service.server import (
+        ServerSettings,
+        ServerStartError,
+        raise_open_file_limit,
+        run_until_signalled,
+        start_server,
+    )
 
     if no_tls and (tls_cert or tls_key):
         raise typer.BadParameter("--no-tls cannot be combined with --tls-cert/--tls-key")
@@ -306,6 +312,7 @@ def serve(
         memory_budget=parse_size(memory_budget) if memory_budget else None,
         shutdown_grace=shutdown_grace,
     )
+    raise_open_file_limit()
     try:
         running = start_server(settings)
     except ServerStartError as exc:
