@@ -106,18 +106,22 @@ def service_record(
     return ServiceRecord(name, port, (str(address),), dict(properties), (str(address),))
 
 
+def _server_name(record: ServiceRecord) -> str:
+    """A host name of our own: answering for the machine's <host>.local could clash with the
+    system's responder, which owns that name."""
+    label = record.instance.split(".")[0].replace(" ", "-") or "mlx-sd"
+    return f"{label}-mlx-sd.local."
+
+
 def service_info(record: ServiceRecord) -> ServiceInfo:
     from zeroconf import ServiceInfo
 
-    # A host name of our own: answering for the machine's <host>.local could clash with the
-    # system's responder, which owns that name.
-    label = record.instance.split(".")[0].replace(" ", "-") or "mlx-sd"
     return ServiceInfo(
         SERVICE_TYPE,
         f"{record.instance}.{SERVICE_TYPE}",
         port=record.port,
         properties=dict(record.properties),
-        server=f"{label}-mlx-sd.local.",
+        server=_server_name(record),
         parsed_addresses=list(record.addresses),
     )
 
@@ -132,14 +136,13 @@ def drawthings_service_info(record: ServiceRecord) -> ServiceInfo:
     """The record as Draw Things' server advertises itself, on the same host and port."""
     from zeroconf import ServiceInfo
 
-    mlx_sd_info = service_info(record)
     instance = drawthings_instance_name(record.instance, record.properties.get("tls") == "1")
     return ServiceInfo(
         DRAW_THINGS_SERVICE_TYPE,
         f"{instance}.{DRAW_THINGS_SERVICE_TYPE}",
         port=record.port,
         properties={"txtvers": TXT_VERSION},
-        server=mlx_sd_info.server,
+        server=_server_name(record),
         parsed_addresses=list(record.addresses),
     )
 
