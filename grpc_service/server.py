@@ -65,6 +65,7 @@ class ServerSettings:
     tls_key: Path | None = None
     shared_secret: str | None = None
     response_compression: bool = True
+    model_browser: bool = False  # Draw Things' Echo lists the models the server can load
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     cache_dir: Path | None = None  # converted weights, reused while their source is unchanged
     max_queued: int = 8  # generations waiting behind the running one; more get RESOURCE_EXHAUSTED

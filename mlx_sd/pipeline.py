@@ -59,7 +59,7 @@ class Pipeline:
         """Generate the images of a validated request."""
         # Before any sampling: missing face-restoration weights fail the request at once.
         restorer = self._restoration.face_restorer() if request.restore_faces else None
-        model = self._store.get()
+        model = self._store.get(request.model)
         if self._memory_budget is not None:  # before this request allocates anything
             unet, vae = model.models.unet, model.models.vae
             on_cpu = mx.default_device() == mx.cpu

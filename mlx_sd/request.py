@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from mlx_sd.errors import InvalidRequest
+from mlx_sd.model_names import name_problem, shown_name
 from mlx_sd.random import DEFAULT_SEED_MODE, SEED_MODES
 from mlx_sd.sampling.registry import (
     DEFAULT_TCD_GAMMA,
@@ -60,6 +61,9 @@ class GenerationRequest:
     preview_every: int = 0  # sampling events carry the latents every this many steps; 0: never
     seed_mode: str = DEFAULT_SEED_MODE  # how a seed becomes noise: one of random.SEED_MODES
     stochastic_sampling_gamma: float = DEFAULT_TCD_GAMMA  # TCD's gamma: 0 deterministic .. 1 fully re-noised
+    # A checkpoint file (or diffusers folder) relative to the model directory; "" is the default
+    # model, `stable-diffusion/`.
+    model: str = ""
 
     def validated(self) -> GenerationRequest:
         """This request with defaults filled in and the sampler name canonical.
@@ -87,6 +91,8 @@ class GenerationRequest:
             supported = ", ".join(SEED_MODES)
             raise InvalidRequest("seed_mode", f"unknown seed mode {self.seed_mode!r}; supported: {supported}")
         gamma = _float_in_range("stochastic_sampling_gamma", self.stochastic_sampling_gamma, 0.0, 1.0)
+        if self.model and (problem := name_problem(self.model)) is not None:
+            raise InvalidRequest("model", f"{shown_name(self.model)!r} {problem}")
         sampler = canonical_sampler_name(self.sampler)
         if sampler is None:
             raise InvalidRequest("sampler", f"unknown sampler {self.sampler!r}; supported: {', '.join(SAMPLER_NAMES)}")
