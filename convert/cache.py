@@ -33,9 +33,16 @@ _SAMPLE_BYTES = 64 * 1024
 
 
 def fingerprint(path: Path) -> dict[str, Any]:
-    """Identity of a source file: resolved path, size, mtime_ns and a sampled content hash."""
+    """Identity of a safetensors source file: resolved path, size, mtime_ns and a content hash of
+    its whole header and sampled blocks of its data."""
+    return file_fingerprint(path, read_header(path).raw)
+
+
+def file_fingerprint(path: Path, header: bytes = b"") -> dict[str, Any]:
+    """Identity of any file: resolved path, size, mtime_ns and a hash of `header` (hashed whole)
+    plus evenly spaced sampled blocks of the file."""
     stat = path.stat()
-    digest = hashlib.sha256(read_header(path).raw)
+    digest = hashlib.sha256(header)
     digest.update(str(stat.st_size).encode())
     with path.open("rb") as f:
         for i in range(_SAMPLE_BLOCKS):
@@ -57,13 +64,12 @@ def is_converted(path: Path) -> bool:
     return path.suffix == ".safetensors" and read_header(path).metadata.get("format") == FORMAT
 
 
-def cache_entry(
-    cache_dir: Path, source: Path, vae_path: Path | None, dtype: mx.Dtype, configs: SD1Configs | None
-) -> Path:
-    """The entry's name depends on what was asked for; whether it is still valid, on the sources."""
+def cache_entry(cache_dir: Path, layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | None) -> Path:
+    """The entry's name depends on which files are read (however the model was named: a model
+    directory, its checkpoint file, a diffusers folder) and what was asked for; whether it is
+    still valid, on the files' contents."""
     request = {
-        "source": str(source.resolve()),
-        "vae": str(vae_path.resolve()) if vae_path else None,
+        "sources": [str(path.resolve()) for path in layout.files],
         "dtype": dtype_name(dtype),
         "configs": (configs or SD1Configs()).to_dict(),
     }

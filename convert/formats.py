@@ -1,7 +1,9 @@
 """Checkpoint files on disk: safetensors headers, pickle refusal, and where each network's file is.
 
 Only safetensors is ever read. Pickle-based formats can run arbitrary code when loaded, so they are
-refused by name and, for files that claim to be safetensors, by their first bytes.
+refused by name and, for files that claim to be safetensors, by their first bytes. Draw Things'
+own `.ckpt` files are SQLite databases of its tensors, recognised by their header and refused with
+a message that says what to use instead.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlx_sd.errors import CheckpointError, ModelNotFound
+from mlx_sd.errors import CheckpointError, ModelNotFound, UnsupportedModelFormat
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database
 # A safetensors header is JSON; real SD headers are ~100 KB, so anything huge is not one.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Bytes per value of each dtype the safetensors format defines.
@@ -49,7 +52,22 @@ class SafetensorsHeader:
     metadata: dict[str, str]
 
 
+def is_sqlite(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+    except OSError:  # absent or unreadable: whoever opens it reports that
+        return False
+
+
 def refuse_pickle(path: Path) -> None:
+    """Refuses the formats that are never read: Draw Things databases, then pickles by name."""
+    if is_sqlite(path):
+        raise UnsupportedModelFormat(
+            f"{path.name} is a Draw Things model (an SQLite database of its own tensors), a format that is "
+            "not read; put the model's single-file .safetensors checkpoint in the model directory and "
+            "name that file instead"
+        )
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(
             f"{path} is a pickle checkpoint ({path.suffix}); pickle files can run code when loaded, "
@@ -65,8 +83,8 @@ def _describe_magic(head: bytes) -> str | None:
     return None
 
 
-def read_header(path: Path) -> SafetensorsHeader:
-    """Parse a safetensors header without reading any tensor data."""
+def read_header(path: Path, max_header_bytes: int = _MAX_HEADER_BYTES) -> SafetensorsHeader:
+    """Parse a safetensors header (of at most `max_header_bytes`) without reading any tensor data."""
     refuse_pickle(path)
     if not path.is_file():
         raise ModelNotFound(str(path), "checkpoint file not found")
@@ -78,7 +96,7 @@ def read_header(path: Path) -> SafetensorsHeader:
         if len(head) < 8:
             raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes)")
         (length,) = struct.unpack("<Q", head)
-        if length > min(size - 8, _MAX_HEADER_BYTES):
+        if length > min(size - 8, max_header_bytes):
             raise CheckpointError(f"{path} is not a safetensors file (bad header length {length})")
         raw = f.read(length)
     try:

@@ -55,7 +55,7 @@ def load_sd1(
     if cache_dir is None:
         return assemble(layout, dtype, configs)
 
-    entry = cache_entry(Path(cache_dir), source, vae_path, dtype, configs)
+    entry = cache_entry(Path(cache_dir), layout, dtype, configs)
     sources = source_fingerprints(layout)
     if is_fresh(entry, sources):
         return read_converted(entry, dtype)
@@ -84,7 +84,7 @@ def convert_checkpoint(
     vae_path = Path(vae_path) if vae_path is not None else None
     layout = find_layout(source, vae_path)
     if destination.is_dir():
-        destination = cache_entry(destination, source, vae_path, dtype, configs)
+        destination = cache_entry(destination, layout, dtype, configs)
     elif destination.suffix != ".safetensors":
         raise ValueError(f"destination must be a directory or a .safetensors file, got {destination}")
     sources = source_fingerprints(layout)

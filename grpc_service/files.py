@@ -1,8 +1,8 @@
 """Safe access to the model directory: name checks for FilesExist, and atomic uploads.
 
-A client names files relative to the model directory. A name is refused when it is empty,
-absolute, contains a `..`, `.` or empty component, a NUL, is over-long, or resolves (through
-symlinks) to a place outside the directory. Refused names are never opened, written or reported on.
+A client names files relative to the model directory. A name is refused when it breaks the rules
+of `mlx_sd.model_names` (empty, absolute, a `..`, `.` or empty component, a NUL, over-long) or
+resolves (through symlinks) to a place outside the directory. Refused names are never opened, written or reported on.
 
 An upload lives in a hidden temporary file until it is complete (and matches its SHA-256, when
 one was declared); only then is it renamed over its target, so the target is never partial.
@@ -21,15 +21,14 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
 from mlx_sd.errors import ChecksumMismatch, InvalidRequest, ShuttingDown, StorageFull
+from mlx_sd.model_names import name_problem, shown_name
 
-MAX_NAME_CHARS = 1024
 MAX_NAMES_PER_CALL = 1000  # bounds one FilesExist call's work (each name costs a path resolution)
-MAX_COMPONENT_BYTES = 255  # the usual file-system limit for one path component
 DEFAULT_MAX_UPLOAD_BYTES = 8 * 1024**3
 UPLOAD_TEMP_PREFIX = ".mlx-sd-upload-"
 UPLOAD_TEMP_SUFFIX = ".part"
@@ -150,22 +149,9 @@ class ModelDirectory:
 
 
 def _check_name_syntax(name: str) -> None:
-    if not name:
-        raise UnsafePath(name, "is empty")
-    if "\0" in name:
-        raise UnsafePath(name, "contains a NUL character")
-    if len(name) > MAX_NAME_CHARS:
-        raise UnsafePath(name[:64] + "...", f"is longer than {MAX_NAME_CHARS} characters")
-    if name.startswith(("/", "\\")) or PureWindowsPath(name).drive:
-        raise UnsafePath(name, "is absolute; names are relative to the model directory")
-    components = name.split("/")
-    # A backslash is an ordinary character here, but a client on Windows may mean a separator.
-    if ".." in components or ".." in name.split("\\"):
-        raise UnsafePath(name, "contains '..'")
-    if any(c in ("", ".") for c in components):
-        raise UnsafePath(name, "has an empty or '.' component")
-    if any(len(c.encode()) > MAX_COMPONENT_BYTES for c in components):
-        raise UnsafePath(name, f"has a component longer than {MAX_COMPONENT_BYTES} bytes")
+    reason = name_problem(name)
+    if reason is not None:
+        raise UnsafePath(shown_name(name), reason)
 
 
 class AtomicUpload:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import resource
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +25,7 @@ from grpc_service.generated import imageservice_pb2_grpc as pb_grpc
 from grpc_service.interceptors import ErrorStatusInterceptor, SharedSecretInterceptor
 from grpc_service.request_logging import RequestLogInterceptor
 from grpc_service.servicer import ImageGenerationServicer
+from grpc_service.streams import StreamLimitInterceptor, StreamLimits
 from grpc_service.tls import TlsError, TlsIdentity, ensure_self_signed, load_identity
 from mlx_sd.engine import Engine, create_engine
 
@@ -30,7 +33,15 @@ from mlx_sd.engine import Engine, create_engine
 # carrying 2048x2048 fp16 tensors (24 MiB each, uncompressed).
 MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024**2
 MAX_SEND_MESSAGE_BYTES = 256 * 1024**2
-WORKER_THREADS = 16
+# Threads for unary calls beside every stream the stream limits allow (grpc_service.streams).
+UNARY_THREADS = 16
+# Connections: a connection with no call in flight for CONNECTION_IDLE_S is closed (clients reconnect
+# as they need), one that has not finished its handshake within HANDSHAKE_S too, and at most
+# MAX_CONNECTIONS are open, or half the descriptors the process may open, if fewer, so that files
+# can still be opened whatever clients do.
+CONNECTION_IDLE_S = 120.0
+HANDSHAKE_S = 10.0
+MAX_CONNECTIONS = 1000
 SHUTDOWN_GRACE_SECONDS = 5.0
 # After the grace, how long cancelled generations get to end with a status of their own (they stop at
 # their next step) before gRPC cancels them outright, and how long the MLX thread gets to end.
@@ -68,6 +79,9 @@ class ServerSettings:
     memory_budget: int | None = None  # bytes for weights plus a request's work; None: mlx_sd.memory_budget's default
     shutdown_grace: float = SHUTDOWN_GRACE_SECONDS  # running calls may finish this long after SIGTERM
     auth_failure_limit: FailureLimit = FailureLimit()  # per-address backoff after wrong shared secrets
+    stream_limits: StreamLimits = StreamLimits()  # open streams in all and per address; their idle limit
+    max_connections: int | None = None  # None: MAX_CONNECTIONS, or half the descriptor limit if fewer
+    connection_idle_s: float = CONNECTION_IDLE_S
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,7 @@ class RunningServer:
     models: ModelDirectory | None = None  # its unfinished uploads are discarded at stop
     engine: Engine | None = None  # stopped at stop
     shutdown_grace: float = SHUTDOWN_GRACE_SECONDS
+    streams: StreamLimitInterceptor | None = None  # its watchdog is stopped at stop
 
     @property
     def port(self) -> int:
@@ -99,6 +114,28 @@ class RunningServer:
         self.server.stop(None if grace is None else max(ERROR_DELIVERY_SECONDS, deadline - time.monotonic())).wait()
         if self.models is not None:
             self.models.close()
+        if self.streams is not None:
+            self.streams.close()
+
+
+def raise_open_file_limit() -> int:
+    """Raises this process's soft limit on open descriptors to its hard limit (macOS starts
+    processes at 256, which a few hundred connections would use up); returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # macOS reports an unlimited hard limit but refuses a soft one above OPEN_MAX (10240).
+    wanted = min(hard, 10240) if sys.platform == "darwin" or hard == resource.RLIM_INFINITY else hard
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, wanted, exc)
+    return soft
+
+
+def default_max_connections() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(MAX_CONNECTIONS, soft // 2))
 
 
 def tls_identity(settings: ServerSettings) -> TlsIdentity:
@@ -132,11 +169,14 @@ def start_server(settings: ServerSettings, engine: Engine | None = None) -> Runn
             drawthings.FIELD_CREDENTIALS, drawthings.OPEN_METHODS))
     interceptors.append(ErrorStatusInterceptor(models.root))
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="rpc"),
+        ThreadPoolExecutor(max_workers=settings.stream_limits.max_streams + UNARY_THREADS, thread_name_prefix="rpc"),
         interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
+            ("grpc.max_allowed_incoming_connections", settings.max_connections or default_max_connections()),
+            ("grpc.max_connection_idle_ms", int(settings.connection_idle_s * 1000)),
+            ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_S * 1000)),
         ],
         compression=grpc.Compression.Gzip if settings.response_compression else grpc.Compression.NoCompression,
     )
@@ -160,8 +200,9 @@ def start_server(settings: ServerSettings, engine: Engine | None = None) -> Runn
         raise ServerStartError(f"cannot listen on {address}: {exc}") from exc
     if port == 0:
         raise ServerStartError(f"cannot listen on {address}")
+    streams.start()
     server.start()
-    return RunningServer(server, f"{host}:{port}", identity, models, engine, settings.shutdown_grace)
+    return RunningServer(server, f"{host}:{port}", identity, models, engine, settings.shutdown_grace, streams)
 
 
 def run_until_signalled(running: RunningServer) -> signal.Signals:

@@ -16,6 +16,7 @@ from mlx_sd.errors import (
     ModelNotFound,
     ResourceExhausted,
     ShuttingDown,
+    UnsupportedModelFormat,
     UnsupportedSetting,
 )
 
@@ -31,6 +32,7 @@ STATUS_BY_ERROR: tuple[tuple[type[MlxSdError], grpc.StatusCode], ...] = (
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ChecksumMismatch, grpc.StatusCode.DATA_LOSS),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (UnsupportedModelFormat, grpc.StatusCode.FAILED_PRECONDITION),  # the client names another file
     (CheckpointError, grpc.StatusCode.INTERNAL),
     (MlxSdError, grpc.StatusCode.INTERNAL),
 )

@@ -60,6 +60,18 @@ SecretOption = Annotated[
         help="Shared secret, sent as `authorization: Bearer <secret>`. Prefer the env var or a file: flags show in `ps`.",
     ),
 ]
+# serve's also answers to -s, as gRPCServerCLI's does (the client commands' -s is --server).
+ServeSecretOption = Annotated[
+    str | None,
+    typer.Option(
+        "--shared-secret",
+        "-s",
+        envvar=SHARED_SECRET_ENV,
+        show_envvar=True,
+        help="Shared secret clients must send (as `authorization: Bearer <secret>`, or in Draw Things' "
+        "sharedSecret field). Prefer the env var or a file: flags show in `ps`.",
+    ),
+]
 SecretFileOption = Annotated[
     Path | None, typer.Option("--shared-secret-file", help="Read the shared secret from this file.", dir_okay=False)
 ]
@@ -203,18 +215,29 @@ def serve(
             help="Folder of the models (created when missing).", show_default=models_dir_help(), file_okay=False
         ),
     ] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = DEFAULT_HOST,
-    port: Annotated[int, typer.Option(help="Port to listen on (0 picks a free one).", min=0, max=65535)] = DEFAULT_PORT,
+    host: Annotated[str, typer.Option("--host", "--address", "-a", help="Address to listen on.")] = DEFAULT_HOST,
+    port: Annotated[
+        int, typer.Option("--port", "-p", help="Port to listen on (0 picks a free one).", min=0, max=65535)
+    ] = DEFAULT_PORT,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", "-n", help="The name the server is advertised under on the local network (Bonjour).",
+                     show_default="the host name"),
+    ] = None,
     no_tls: Annotated[bool, typer.Option("--no-tls", help="Serve plaintext instead of TLS.")] = False,
     tls_cert: Annotated[
         Path | None,
         typer.Option(help="PEM certificate (chain) to serve; default: a generated self-signed one.", dir_okay=False),
     ] = None,
     tls_key: Annotated[Path | None, typer.Option(help="Unencrypted PEM key of --tls-cert.", dir_okay=False)] = None,
-    shared_secret: SecretOption = None,
+    shared_secret: ServeSecretOption = None,
     shared_secret_file: SecretFileOption = None,
     no_response_compression: Annotated[
         bool, typer.Option("--no-response-compression", help="Send responses uncompressed instead of gzip.")
+    ] = False,
+    model_browser: Annotated[
+        bool,
+        typer.Option("--model-browser", help="Let Draw Things clients list the models in the models folder."),
     ] = False,
     max_upload_size: Annotated[
         str, typer.Option(help="Largest file UploadFile accepts, e.g. 8GiB or 512MiB.")
@@ -252,10 +275,19 @@ def serve(
         LogLevel.info
     ),
 ) -> None:
-    """Run the gRPC server until SIGINT/SIGTERM (TLS on, with a generated certificate unless one is given)."""
+    """Run the gRPC server until SIGINT/SIGTERM (TLS on, with a generated certificate unless one is given).
+
+    gRPCServerCLI's command lines work too: its other options are ignored or refused (docs/drawthings.md).
+    """
     logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _configure_blas()
-    from grpc_service.server import ServerSettings, ServerStartError, run_until_signalled, start_server
+    from grpc_service.server import (
+        ServerSettings,
+        ServerStartError,
+        raise_open_file_limit,
+        run_until_signalled,
+        start_server,
+    )
 
     if no_tls and (tls_cert or tls_key):
         raise typer.BadParameter("--no-tls cannot be combined with --tls-cert/--tls-key")
@@ -270,6 +302,7 @@ def serve(
         tls_key=tls_key,
         shared_secret=_secret(shared_secret, shared_secret_file),
         response_compression=not no_response_compression,
+        model_browser=model_browser,
         max_upload_bytes=parse_size(max_upload_size),
         cache_dir=_cache_dir(cache_dir, no_cache),
         max_queued=max_queue,
@@ -279,6 +312,7 @@ def serve(
         memory_budget=parse_size(memory_budget) if memory_budget else None,
         shutdown_grace=shutdown_grace,
     )
+    raise_open_file_limit()
     try:
         running = start_server(settings)
     except ServerStartError as exc:
@@ -294,7 +328,9 @@ def serve(
         typer.secho("warning: the shared secret is sent in plaintext without TLS", err=True, fg="yellow")
     fingerprint = running.tls.fingerprint if running.tls else None
     auth = bool(settings.shared_secret)
-    advertisement = None if no_bonjour else advertise(host, running.port, tls_fingerprint=fingerprint, auth=auth)
+    advertisement = (
+        None if no_bonjour else advertise(host, running.port, tls_fingerprint=fingerprint, auth=auth, name=name)
+    )
     run_until_signalled(running)
     if advertisement is not None:
         advertisement.close()

@@ -29,6 +29,7 @@ import typer
 from typer.core import TyperCommand
 
 from mlx_sd.paths import default_cache_dir, default_config_dir, default_models_dir
+from mlx_sd.serve_compat import ForeignOptionError, drop_foreign_options
 
 CONFIG_FILE_NAME = "config.toml"
 SECTION = "serve"
@@ -138,7 +139,21 @@ def _checked(path: Path, key: str, kind: type, value: Any) -> Any:
 
 
 class ServeCommand(TyperCommand):
-    """`serve`, whose defaults come from the config file: flags and environment variables still win."""
+    """`serve`, whose defaults come from the config file: flags and environment variables still win.
+
+    gRPCServerCLI's options that serve has no setting for are handled first (`mlx_sd.serve_compat`).
+    """
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        value_options = {name for param in self.params if not getattr(param, "is_flag", True) for name in param.opts}
+        try:
+            args, notes = drop_foreign_options(args, value_options)
+        except ForeignOptionError as exc:
+            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(2) from exc
+        for note in notes:
+            typer.secho(f"note: {note}", err=True, fg=typer.colors.YELLOW)
+        return super().parse_args(ctx, args)
 
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
         if "default_map" in extra:

@@ -1,12 +1,13 @@
 """Bonjour (mDNS/DNS-SD): the server advertises itself, `mlx-sd discover` lists the servers it hears.
 
-Service type `_mlx-sd._tcp.local.`; instance name: the host name. TXT keys:
+Service type `_mlx-sd._tcp.local.`; instance name: the server's name (the host name unless
+`serve --name` gives one). TXT keys:
   txtvers=1, version=<mlx-sd version>, tls=1|0, auth=1|0 (1: a shared secret is required),
   sha256=<the certificate's SHA-256 fingerprint, hex without colons> (with TLS only).
 
-Draw Things' own server advertises `_dt-grpc._tcp` with a `_tls`/`_notls` name suffix; this one does
-not use that type, because Draw Things clients would list it and then fail: its gRPC service is
-`mlxsd.v1.ImageGenerationService`, not Draw Things'.
+The same port is also advertised as Draw Things' own server does, so that Draw Things clients list
+it: service type `_dt-grpc._tcp.local.`, instance name `<name>_tls` or `<name>_notls` (the clients
+read TLS from that suffix), TXT `txtvers=1`.
 
 zeroconf is imported inside the functions that use it, so the CLI stays quick to start.
 """
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from zeroconf import ServiceInfo
 
 SERVICE_TYPE = "_mlx-sd._tcp.local."
+DRAW_THINGS_SERVICE_TYPE = "_dt-grpc._tcp.local."
 TXT_VERSION = "1"
 RESOLVE_TIMEOUT_MS = 1500
 CLOSE_WAIT_S = 5.0  # registration probes for about 2 s; wait for it before withdrawing the records
@@ -104,18 +106,43 @@ def service_record(
     return ServiceRecord(name, port, (str(address),), dict(properties), (str(address),))
 
 
+def _server_name(record: ServiceRecord) -> str:
+    """A host name of our own: answering for the machine's <host>.local could clash with the
+    system's responder, which owns that name."""
+    label = record.instance.split(".")[0].replace(" ", "-") or "mlx-sd"
+    return f"{label}-mlx-sd.local."
+
+
 def service_info(record: ServiceRecord) -> ServiceInfo:
     from zeroconf import ServiceInfo
 
-    # A host name of our own: answering for the machine's <host>.local could clash with the
-    # system's responder, which owns that name.
-    label = record.instance.split(".")[0].replace(" ", "-") or "mlx-sd"
     return ServiceInfo(
         SERVICE_TYPE,
         f"{record.instance}.{SERVICE_TYPE}",
         port=record.port,
         properties=dict(record.properties),
-        server=f"{label}-mlx-sd.local.",
+        server=_server_name(record),
+        parsed_addresses=list(record.addresses),
+    )
+
+
+def drawthings_instance_name(instance: str, tls: bool) -> str:
+    """`<name>_tls` or `<name>_notls`, the name cut so the whole stays one DNS label."""
+    suffix = "_tls" if tls else "_notls"
+    return instance.encode()[: 63 - len(suffix)].decode(errors="ignore") + suffix
+
+
+def drawthings_service_info(record: ServiceRecord) -> ServiceInfo:
+    """The record as Draw Things' server advertises itself, on the same host and port."""
+    from zeroconf import ServiceInfo
+
+    instance = drawthings_instance_name(record.instance, record.properties.get("tls") == "1")
+    return ServiceInfo(
+        DRAW_THINGS_SERVICE_TYPE,
+        f"{instance}.{DRAW_THINGS_SERVICE_TYPE}",
+        port=record.port,
+        properties={"txtvers": TXT_VERSION},
+        server=_server_name(record),
         parsed_addresses=list(record.addresses),
     )
 
@@ -138,7 +165,7 @@ class Advertisement:
 
     record: ServiceRecord
     _zeroconf: Any = field(default=None, init=False)
-    _info: Any = field(default=None, init=False)
+    _infos: list[Any] = field(default_factory=list, init=False)
     _thread: threading.Thread = field(init=False)
 
     def __post_init__(self) -> None:
@@ -147,22 +174,25 @@ class Advertisement:
 
     def _register(self) -> None:
         zeroconf = None
+        infos = []
         try:
             zeroconf = _zeroconf(self.record.interfaces, self.record.ipv6)
-            info = service_info(self.record)
-            zeroconf.register_service(info, allow_name_change=True)
+            for info in (service_info(self.record), drawthings_service_info(self.record)):
+                zeroconf.register_service(info, allow_name_change=True)
+                infos.append(info)
         except Exception as exc:  # whatever the network does, the server keeps serving
             log.warning("Bonjour advertisement failed; clients need the address given to them: %s", exc)
             if zeroconf is not None:
                 zeroconf.close()
             return
-        self._zeroconf, self._info = zeroconf, info
+        self._zeroconf, self._infos = zeroconf, infos
         addresses = ", ".join(self.record.addresses)
-        log.info("advertised as %r (%s) at %s port %d", info.name, SERVICE_TYPE, addresses, self.record.port)
+        names = " and ".join(repr(info.name) for info in infos)
+        log.info("advertised as %s at %s port %d", names, addresses, self.record.port)
 
     @property
     def registered(self) -> bool:
-        return self._info is not None
+        return bool(self._infos)
 
     def wait(self, timeout: float = CLOSE_WAIT_S) -> bool:
         """Waits for the registration attempt to end; True if the record is now registered."""
@@ -173,19 +203,21 @@ class Advertisement:
         """Withdraws the record (a goodbye packet, so browsers drop it at once)."""
         if self.wait() and self._zeroconf is not None:
             try:
-                self._zeroconf.unregister_service(self._info)
+                for info in self._infos:
+                    self._zeroconf.unregister_service(info)
             finally:
                 self._zeroconf.close()
-            self._zeroconf = self._info = None
+            self._zeroconf, self._infos = None, []
 
 
-def advertise(host: str, port: int, *, tls_fingerprint: str | None, auth: bool) -> Advertisement | None:
-    """Starts advertising a server on host:port (TLS when it has a certificate fingerprint);
-    None, logged, when there is nothing to announce."""
+def advertise(host: str, port: int, *, tls_fingerprint: str | None, auth: bool,
+              name: str | None = None) -> Advertisement | None:
+    """Starts advertising a server on host:port (TLS when it has a certificate fingerprint) under
+    `name` (default: the host name); None, logged, when there is nothing to announce."""
     tls = tls_fingerprint is not None
     properties = txt_properties(version=__version__, tls=tls, auth=auth, fingerprint=tls_fingerprint)
     try:
-        record = service_record(host, port, properties)
+        record = service_record(host, port, properties, hostname=name)
     except (OSError, ValueError) as exc:
         log.warning("not advertised with Bonjour: %s", exc)
         return None

@@ -44,6 +44,11 @@ class CheckpointError(MlxSdError):
     """A checkpoint is unreadable, of an unsupported format, or does not match the architecture."""
 
 
+class UnsupportedModelFormat(CheckpointError):
+    """A model file is in a format that is not read (a Draw Things .ckpt database); the message
+    says what to put in the model directory instead."""
+
+
 class ResourceExhausted(MlxSdError):
     """A limit of the server (queue, memory, disk) is reached for now; the client may retry later."""
 

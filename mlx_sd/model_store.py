@@ -1,8 +1,17 @@
-"""The loaded model of a model directory: kept between requests, reloaded when its files change."""
+"""The loaded model: kept between requests, switched when a request names another, reloaded when
+its files change.
+
+A request names its model by a path relative to the model directory: a single-file SD-1 checkpoint
+(`my_model.safetensors`, `stable-diffusion/model.safetensors`) or a diffusers folder. "" is the
+default model, `stable-diffusion/` (single file or diffusers folder). The directory's optional
+`vae/model.safetensors` replaces the VAE of every model. One model is held at a time: switching
+frees the previous one before the next is read, so memory peaks at one model.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,11 +20,12 @@ from pathlib import Path
 import mlx.core as mx
 
 from convert.assemble import SD1Configs, SD1Models
-from convert.formats import MODEL_FILE, SINGLE_FILE_DIR, CheckpointLayout, find_layout
+from convert.formats import MODEL_FILE, SINGLE_FILE_DIR, VAE_DIR, CheckpointLayout, find_layout
 from convert.cache import cache_entry, lazy_network_weights
 from convert.loader import load_sd1, resolve_dtype
-from mlx_sd.errors import CheckpointError, ModelNotFound
+from mlx_sd.errors import CheckpointError, InvalidRequest, ModelNotFound
 from mlx_sd.model_hash import short_model_hash
+from mlx_sd.model_names import name_problem, shown_name
 from mlx_sd.models.quantize import quantize
 from mlx_sd.reloading import ReloadingValue
 from mlx_sd.tokenizer import CLIPTokenizer, default_tokenizer
@@ -35,9 +45,21 @@ class LoadedModel:
     release_text_encoder: Callable[[], None] | None = None
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """What `load_sd1` reads for one model: a single file or a diffusers folder, and the VAE that
+    replaces its own (None: its own)."""
+
+    path: Path
+    vae: Path | None
+
+    def layout(self) -> CheckpointLayout:
+        return find_layout(self.path, self.vae)
+
+
 class ModelStore:
-    """Loads `<models_dir>/stable-diffusion/` (single file or diffusers folder) and the optional
-    `<models_dir>/vae/model.safetensors`, and loads again when any of those files changes.
+    """Loads the model a request names (see the module's docstring), and loads it again when any of
+    its files changes. Called from the one generation thread, which serialises requests.
 
     `low_memory` keeps the text encoder's weights (~250 MB in fp16) out of memory between prompt
     encodings: they are read back from the converted cache for each request and freed after it.
@@ -59,45 +81,75 @@ class ModelStore:
         self._quantize_bits = quantize_bits
         self._cache_dir = cache_dir
         self._configs = configs
-        # A checkpoint that cannot be used stays refused until its files change, so a 100 MB header
-        # is not parsed again for every request.
-        self._loaded = ReloadingValue(lambda: self._layout().files, self._load, remembered=(CheckpointError,))
+        self._current: tuple[ModelSource, ReloadingValue[LoadedModel]] | None = None
 
     @property
     def models_dir(self) -> Path:
         return self._models_dir
 
-    def get(self) -> LoadedModel:
-        return self._loaded.get()
+    def get(self, model: str = "") -> LoadedModel:
+        """The model named `model` ("" the default), loaded if another one (or none) is held.
 
-    def _layout(self) -> CheckpointLayout:
-        if not (self._models_dir / SINGLE_FILE_DIR).exists():
-            raise ModelNotFound(CHECKPOINT, "model file not found in the model directory")
-        return find_layout(self._models_dir)
+        Raises InvalidRequest for a name that leads outside the model directory, ModelNotFound for
+        one that is not there, and CheckpointError (UnsupportedModelFormat for a Draw Things
+        database) for a file that cannot be read.
+        """
+        source = self._source(model)
+        if self._current is None or self._current[0] != source:
+            source.layout()  # a name that cannot be loaded (a refused format) keeps the held model
+            self._current = None  # free the previous model before the next one is read
+            mx.clear_cache()
+            # A checkpoint that cannot be used stays refused until its files change, so a 100 MB
+            # header is not parsed again for every request.
+            loaded = ReloadingValue(lambda: source.layout().files, lambda: self._load(source),
+                                    remembered=(CheckpointError,))
+            self._current = (source, loaded)
+        return self._current[1].get()
 
-    def _load(self) -> LoadedModel:
+    def _source(self, model: str) -> ModelSource:
+        # Resolved, so that the default model and the same checkpoint named by its path are one.
+        root = self._models_dir.resolve()
+        standalone_vae = root / VAE_DIR / MODEL_FILE
+        vae = standalone_vae.resolve() if standalone_vae.is_file() else None
+        if not model:
+            if not (root / SINGLE_FILE_DIR).exists():
+                raise ModelNotFound(CHECKPOINT, "model file not found in the model directory")
+            layout = find_layout(root)
+            return ModelSource((layout.single_file or root / SINGLE_FILE_DIR).resolve(), vae)
+        if (problem := name_problem(model)) is not None:
+            raise InvalidRequest("model", f"{shown_name(model)!r} {problem}")
+        path = Path(os.path.realpath(root / model))
+        if root not in path.parents:
+            raise InvalidRequest("model", f"{model!r} leads outside the model directory")
+        if not path.exists():
+            raise ModelNotFound(model, "model file not found in the model directory")
+        return ModelSource(path, vae)
+
+    def _load(self, source: ModelSource) -> LoadedModel:
         started = time.monotonic()
-        models = load_sd1(self._models_dir, dtype=self._dtype, cache_dir=self._cache_dir, configs=self._configs)
+        models = load_sd1(source.path, dtype=self._dtype, vae_path=source.vae, cache_dir=self._cache_dir,
+                          configs=self._configs)
         if self._quantize_bits is not None:  # the VAE is all convolutions, which MLX cannot quantize
             for network in (models.unet, models.text_encoder):
                 quantize(network, self._quantize_bits)
-        release = self._text_encoder_release(models) if self._low_memory else None
-        layout = self._layout()
-        # A single file is named by its stem, as A1111 does; a diffusers folder by the UNet's file.
+        release = self._text_encoder_release(models, source) if self._low_memory else None
+        layout = source.layout()
+        # A single file is named by its stem, as A1111 does; a diffusers folder by its folder's name.
         checkpoint = layout.single_file or layout.diffusers["unet"]
-        name = checkpoint.stem if layout.single_file else SINGLE_FILE_DIR
-        tokenizer_dir = self._models_dir / SINGLE_FILE_DIR / "tokenizer"
+        folder = source.path.parent if layout.single_file else source.path
+        name = checkpoint.stem if layout.single_file else folder.name
+        tokenizer_dir = folder / "tokenizer"
         tokenizer = CLIPTokenizer.from_folder(tokenizer_dir) if tokenizer_dir.is_dir() else default_tokenizer()
         model_hash = short_model_hash(checkpoint, self._cache_dir)
-        log.info("loaded %s%s in %.1f s", checkpoint,
+        log.info("loaded %s%s in %.1f s", source.path,
                  f" with VAE {layout.vae_override}" if layout.vae_override else "", time.monotonic() - started)
         return LoadedModel(models, tokenizer, name, model_hash, release)
 
-    def _text_encoder_release(self, models: SD1Models) -> Callable[[], None] | None:
+    def _text_encoder_release(self, models: SD1Models, source: ModelSource) -> Callable[[], None] | None:
         """A function that swaps the text encoder's weights for unevaluated reads of the cache entry
         `load_sd1` used, freeing their memory until they are next used; it is run once now."""
         dtype = resolve_dtype(self._dtype)
-        entry = cache_entry(Path(self._cache_dir), self._models_dir, None, dtype, self._configs)
+        entry = cache_entry(Path(self._cache_dir), source.layout(), dtype, self._configs)
         if not entry.is_file():
             log.warning("low-memory mode is off: the converted-weights cache %s could not be written", entry)
             return None

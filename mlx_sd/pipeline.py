@@ -59,7 +59,7 @@ class Pipeline:
         """Generate the images of a validated request."""
         # Before any sampling: missing face-restoration weights fail the request at once.
         restorer = self._restoration.face_restorer() if request.restore_faces else None
-        model = self._store.get()
+        model = self._store.get(request.model)
         if self._memory_budget is not None:  # before this request allocates anything
             unet, vae = model.models.unet, model.models.vae
             on_cpu = mx.default_device() == mx.cpu
@@ -102,14 +102,14 @@ class Pipeline:
                uncond: mx.array, first_pass: tuple[int, int] | None, strength: float,
                is_cancelled: Callable[[], bool]) -> Iterator[Event]:
         """Sample and decode one batch; returns its (B, H, W, 3) uint8 pixels, or None if cancelled."""
-        spec = catalog.sampler_spec(request.sampler)
+        spec = catalog.sampler_spec(request.sampler, request.stochastic_sampling_gamma)
         width, height = first_pass or (request.width, request.height)
         denoise = spec.denoiser(
             eps_denoiser(guided(_unet_in_its_dtype(model), _batched(cond, len(seeds)), _batched(uncond, len(seeds)),
                                 request.cfg_scale), self._train_sigmas),
             self._train_sigmas,
         )
-        noise = noise_source(BatchGenerator(seeds))
+        noise = noise_source(BatchGenerator(seeds, request.seed_mode))
         sigmas = spec.sigmas(request.steps, self._train_sigmas)
         x = spec.initial_latents(noise((len(seeds), height // LATENT_SCALE, width // LATENT_SCALE, 4)), sigmas)
         latents = yield from _sample(spec, denoise, x, sigmas, noise, _FIRST, request.preview_every, is_cancelled)
@@ -125,7 +125,7 @@ class Pipeline:
         encoded = _encode_image(model, pixels)
         yield ProgressEvent(EventType.SECOND_PASS_IMAGE_ENCODED, "upscaled image encoded")
         # The second pass re-seeds each image's generator, as A1111 does for its hires noise.
-        noise = noise_source(BatchGenerator(seeds))
+        noise = noise_source(BatchGenerator(seeds, request.seed_mode))
         sigmas = spec.sigmas(request.steps, self._train_sigmas)[hires.img2img_start(request.steps, strength):]
         x = encoded + noise(encoded.shape) * float(sigmas[0])
         latents = yield from _sample(spec, denoise, x, sigmas, noise, _SECOND, request.preview_every, is_cancelled)

@@ -23,15 +23,31 @@ depends on the batch size. A1111 gives image i its own generator seeded with see
 item's noise from it, for the initial latent and for every later per-step draw. `BatchGenerator` follows
 A1111 so that any image of a batch can be reproduced alone from its seed.
 
+Seed modes (`SEED_MODES`, for `BatchGenerator`), Draw Things' `SeedMode` values:
+* "torch_cpu": this generator.
+* "nvidia_gpu": torch's CUDA generator (`random_cuda.CudaCompatibleGenerator`).
+* "scale_alike": Draw Things' "Scale Alike": torch-CPU noise drawn in (H, W, C) order, whose 8x8 cell
+  blocks are laid out in square rings from the centre outwards (draw-things-community,
+  LocalImageGenerator.swift `nestSquares`), so the centre of a larger image starts from the same noise
+  as a smaller one.
+* "legacy": Draw Things' first mode draws on the GPU with its own graph library's generator, which no
+  public source pins down; it is served as "torch_cpu".
+Draw Things draws a batch from one generator ("torch_cpu", "nvidia_gpu") or chains per-image seeds by
+xorshift ("scale_alike"); here every image keeps its own seed in every mode, so the seed recorded with
+an image reproduces it alone. For a batch of one both give the same noise.
+
 Layout: torch draws latents as (B, C, H, W). Latents in another layout must be drawn in that shape and
 transposed (`sampling.samplers.noise_source` does this for NHWC), or the values land on other pixels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
+
+from mlx_sd.random_cuda import CudaCompatibleGenerator
 
 _MT_STATE_WORDS = 624
 _FILL_BLOCK = 16
@@ -115,18 +131,82 @@ class TorchCompatibleGenerator:
         return flat.reshape(shape)
 
 
+_CELL = 8  # scale_alike's block side, in latent cells
+
+
+def _ring_order(rows: int, cols: int) -> list[tuple[int, int]]:
+    """The (row, col) blocks of a rows x cols grid in Draw Things' nestSquares order: square rings of
+    side 2, 4, 6, ... around the centre, each walked clockwise from its top-left corner (top edge,
+    right edge, bottom edge, left edge), skipping blocks outside the grid."""
+    order = []
+    for k in range((max(rows, cols) + 1) // 2):
+        side = 2 * k + 2
+        top, left = (rows + 1) // 2 - k - 1, (cols + 1) // 2 - k - 1
+        edges = (
+            [(top, left + i) for i in range(side - 1)],
+            [(top + i, left + side - 1) for i in range(side - 1)],
+            [(top + side - 1, left + side - 1 - i) for i in range(side - 1)],
+            [(top + side - 1 - i, left) for i in range(side - 1)],
+        )
+        order += [(r, c) for edge in edges for r, c in edge if 0 <= r < rows and 0 <= c < cols]
+    return order
+
+
+def nest_squares(noise: np.ndarray) -> np.ndarray:
+    """Draw Things' scale-alike layout of (H, W, C) noise: consecutive 8 x 8 x C chunks of the flat
+    noise become 8 x 8 blocks placed in `_ring_order`. Sizes that are not whole blocks, or less than
+    two blocks on a side, keep the plain layout."""
+    height, width, channels = noise.shape
+    rows, cols = height // _CELL, width // _CELL
+    if height % _CELL or width % _CELL or min(rows, cols) < 2:
+        return noise
+    rows_at, cols_at = np.array(_ring_order(rows, cols)).T
+    out = np.empty_like(noise)
+    blocks = out.reshape(rows, _CELL, cols, _CELL, channels)
+    blocks[rows_at, :, cols_at] = noise.reshape(-1, _CELL, _CELL, channels)
+    return out
+
+
+class ScaleAlikeGenerator:
+    """Draw Things' "Scale Alike" noise: a torch CPU generator whose (C, H, W) draws are made in
+    (H, W, C) order and nested (`nest_squares`); other shapes are drawn as torch draws them."""
+
+    def __init__(self, seed: int) -> None:
+        self._torch = TorchCompatibleGenerator(seed)
+
+    def randn(self, shape: Sequence[int]) -> np.ndarray:
+        if len(shape) != 3:
+            return self._torch.randn(shape)
+        channels, height, width = (int(d) for d in shape)
+        flat = self._torch.randn((height * width * channels,))
+        return nest_squares(flat.reshape(height, width, channels)).transpose(2, 0, 1)
+
+
+class Generator(Protocol):
+    def randn(self, shape: Sequence[int]) -> np.ndarray: ...
+
+
+SEED_MODES: dict[str, Callable[[int], Generator]] = {
+    "legacy": TorchCompatibleGenerator,
+    "torch_cpu": TorchCompatibleGenerator,
+    "scale_alike": ScaleAlikeGenerator,
+    "nvidia_gpu": CudaCompatibleGenerator,
+}
+DEFAULT_SEED_MODE = "torch_cpu"
+
+
 class BatchGenerator:
     """One generator per batch item (A1111's convention): item i's noise comes only from seeds[i]."""
 
-    def __init__(self, seeds: Sequence[int]) -> None:
+    def __init__(self, seeds: Sequence[int], seed_mode: str = DEFAULT_SEED_MODE) -> None:
         if not seeds:
             raise ValueError("at least one seed is needed")
-        self.generators = [TorchCompatibleGenerator(s) for s in seeds]
+        self.generators = [SEED_MODES[seed_mode](s) for s in seeds]
 
     @classmethod
-    def consecutive(cls, seed: int, batch_size: int) -> BatchGenerator:
+    def consecutive(cls, seed: int, batch_size: int, seed_mode: str = DEFAULT_SEED_MODE) -> BatchGenerator:
         """Seeds seed, seed + 1, ... for the images of one request, as A1111 numbers them."""
-        return cls([seed + i for i in range(batch_size)])
+        return cls([seed + i for i in range(batch_size)], seed_mode)
 
     def randn(self, shape: Sequence[int]) -> np.ndarray:
         """Noise of `shape` (batch first); each item draws shape[1:] from its own generator."""

@@ -11,7 +11,14 @@ import math
 from dataclasses import dataclass
 
 from mlx_sd.errors import InvalidRequest
-from mlx_sd.sampling.registry import SAMPLER_NAMES, canonical_sampler_name
+from mlx_sd.model_names import name_problem, shown_name
+from mlx_sd.random import DEFAULT_SEED_MODE, SEED_MODES
+from mlx_sd.sampling.registry import (
+    DEFAULT_TCD_GAMMA,
+    MAX_STEPS_BY_SAMPLER,
+    SAMPLER_NAMES,
+    canonical_sampler_name,
+)
 
 SIDE_MULTIPLE = 64
 MIN_SIDE = 64
@@ -52,6 +59,11 @@ class GenerationRequest:
     hires_first_width: int = 0
     hires_first_height: int = 0
     preview_every: int = 0  # sampling events carry the latents every this many steps; 0: never
+    seed_mode: str = DEFAULT_SEED_MODE  # how a seed becomes noise: one of random.SEED_MODES
+    stochastic_sampling_gamma: float = DEFAULT_TCD_GAMMA  # TCD's gamma: 0 deterministic .. 1 fully re-noised
+    # A checkpoint file (or diffusers folder) relative to the model directory; "" is the default
+    # model, `stable-diffusion/`.
+    model: str = ""
 
     def validated(self) -> GenerationRequest:
         """This request with defaults filled in and the sampler name canonical.
@@ -75,9 +87,17 @@ class GenerationRequest:
         clip_skip = _int_in_range("clip_skip", self.clip_skip or 1, 1, MAX_CLIP_SKIP)
         first_width, first_height = self._hires_first_pass(width, height)
         preview_every = _int_in_range("preview_every", self.preview_every, 0, MAX_STEPS)
+        if self.seed_mode not in SEED_MODES:
+            supported = ", ".join(SEED_MODES)
+            raise InvalidRequest("seed_mode", f"unknown seed mode {self.seed_mode!r}; supported: {supported}")
+        gamma = _float_in_range("stochastic_sampling_gamma", self.stochastic_sampling_gamma, 0.0, 1.0)
+        if self.model and (problem := name_problem(self.model)) is not None:
+            raise InvalidRequest("model", f"{shown_name(self.model)!r} {problem}")
         sampler = canonical_sampler_name(self.sampler)
         if sampler is None:
             raise InvalidRequest("sampler", f"unknown sampler {self.sampler!r}; supported: {', '.join(SAMPLER_NAMES)}")
+        if steps > MAX_STEPS_BY_SAMPLER.get(sampler, MAX_STEPS):
+            raise InvalidRequest("steps", f"{sampler} takes at most {MAX_STEPS_BY_SAMPLER[sampler]} steps (got {steps})")
         return dataclasses.replace(
             self,
             width=width,
@@ -93,6 +113,7 @@ class GenerationRequest:
             hires_first_width=first_width,
             hires_first_height=first_height,
             preview_every=preview_every,
+            stochastic_sampling_gamma=gamma,
         )
 
     def _hires_first_pass(self, width: int, height: int) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from mlx_sd import __version__, discovery
 from mlx_sd.cli import app
 from mlx_sd.discovery import (
+    DRAW_THINGS_SERVICE_TYPE,
     SERVICE_TYPE,
     Advertisement,
     DiscoveredServer,
@@ -22,6 +23,8 @@ from mlx_sd.discovery import (
     advertise,
     describe,
     discover,
+    drawthings_instance_name,
+    drawthings_service_info,
     instance_name,
     parse_service_info,
     service_info,
@@ -95,6 +98,29 @@ def test_service_info_contents() -> None:
     assert parse_service_info(info) == DiscoveredServer("studio", ("192.168.1.20",), 7859, True, False, "1", "AB" * 32)
 
 
+@pytest.mark.parametrize(("tls", "name"), [(True, "studio_tls"), (False, "studio_notls")])
+def test_the_draw_things_record_says_tls_in_its_name(tls: bool, name: str) -> None:
+    properties = txt_properties(version="1", tls=tls, auth=True, fingerprint=FINGERPRINT if tls else None)
+    info = drawthings_service_info(ServiceRecord("studio", 7859, ("192.168.1.20",), properties))
+    assert info.type == DRAW_THINGS_SERVICE_TYPE == "_dt-grpc._tcp.local."
+    assert info.name == f"{name}._dt-grpc._tcp.local."
+    assert info.port == 7859 and info.parsed_addresses() == ["192.168.1.20"]
+    assert info.properties == {b"txtvers": b"1"}
+    assert info.server == "studio-mlx-sd.local."
+
+
+def test_the_draw_things_name_fits_one_dns_label() -> None:
+    name = drawthings_instance_name("x" * 63, tls=False)
+    assert name == "x" * 57 + "_notls" and len(name.encode()) == 63
+
+
+def test_the_advertised_name_can_be_chosen(monkeypatch) -> None:
+    registered = []
+    monkeypatch.setattr(discovery, "Advertisement", registered.append)
+    advertise("127.0.0.1", 7859, tls_fingerprint=None, auth=False, name="Studio Mac")
+    assert [record.instance for record in registered] == ["Studio Mac"]
+
+
 def test_registration_failure_only_warns(monkeypatch, caplog) -> None:
     def no_multicast(interfaces, ipv6):
         raise OSError(101, "Network is unreachable")
@@ -134,6 +160,17 @@ def test_round_trip_on_loopback(advertised: ServiceRecord) -> None:
     assert servers[advertised.instance] == DiscoveredServer(
         advertised.instance, (LOOPBACK,), 7859, True, True, __version__, "AB" * 32
     )
+
+
+def test_draw_things_clients_find_the_server_on_loopback(advertised: ServiceRecord) -> None:
+    zeroconf = discovery._zeroconf([LOOPBACK], ipv6=False)
+    try:
+        name = f"{advertised.instance}_tls.{DRAW_THINGS_SERVICE_TYPE}"
+        info = zeroconf.get_service_info(DRAW_THINGS_SERVICE_TYPE, name, timeout=3000)
+    finally:
+        zeroconf.close()
+    assert info is not None and info.port == 7859 and info.parsed_addresses() == [LOOPBACK]
+    assert info.properties == {b"txtvers": b"1"}
 
 
 def test_discover_command_on_loopback(advertised: ServiceRecord) -> None:

@@ -186,7 +186,6 @@ def test_third_party_requests_generate(server_factory, dt_connect, tiny_models, 
 
 def test_a_client_lists_the_models_with_the_browser_and_generates_with_one(server_factory, dt_connect, tiny_models,
                                                                            sd1_single_file) -> None:
-    pytest.importorskip("mlx_sd.model_catalog", reason="the model catalog lands with model switching")
     import json
     import shutil
 

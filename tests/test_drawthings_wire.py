@@ -93,10 +93,6 @@ def test_pubkey_and_hours_answer_empty_even_without_the_secret(server_factory, d
 
 
 def test_files_exist_answers_per_name_with_hashes_for_those_asked(server_factory, dt_connect, models_dir: Path) -> None:
-    from mlx_sd import model_hash
-
-    if not hasattr(model_hash, "file_sha256"):
-        pytest.skip("mlx_sd.model_hash.file_sha256 is not here yet")
     (models_dir / "sub").mkdir()
     (models_dir / "sub" / "a.safetensors").write_bytes(b"model a")
     (models_dir / "b.ckpt").write_bytes(b"model b")

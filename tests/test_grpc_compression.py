@@ -8,10 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from grpc_service.files import MAX_NAMES_PER_CALL
 from grpc_service.generated import imageservice_pb2 as pb
 
-# Highly compressible: 3,000 similar names, about 170 KB in the FilesExist response.
-NAMES = [f"stable-diffusion/checkpoints/some-model-variant-{i:05d}.safetensors" for i in range(3000)]
+# Highly compressible: the most names one call takes, similar ones, about 57 KB in the FilesExist response.
+NAMES = [f"stable-diffusion/checkpoints/some-model-variant-{i:05d}.safetensors" for i in range(MAX_NAMES_PER_CALL)]
 RESPONSE_BYTES = pb.FilesExistResponse(files=NAMES, exists=[False] * len(NAMES), errors=[""] * len(NAMES)).ByteSize()
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from grpc_service.files import MAX_COMPONENT_BYTES, MAX_NAME_CHARS, MAX_NAMES_PER_CALL, UPLOAD_TEMP_PREFIX, UPLOAD_TEMP_SUFFIX
+from grpc_service.files import MAX_NAMES_PER_CALL, UPLOAD_TEMP_PREFIX, UPLOAD_TEMP_SUFFIX
 from grpc_service.generated import imageservice_pb2 as pb
+from mlx_sd.model_names import MAX_COMPONENT_BYTES, MAX_NAME_CHARS
 
 REFUSED_NAMES = {
     "parent": "../x",

@@ -235,3 +235,17 @@ def test_low_memory_mode_frees_the_text_encoder_and_gives_the_same_image(pipelin
 def test_low_memory_mode_needs_the_cache_and_no_quantization(tmp_path: Path, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ModelStore(tmp_path, low_memory=True, **{"cache_dir": tmp_path, **options})
+
+
+def test_the_seed_mode_picks_the_noise(pipeline: Pipeline) -> None:
+    torch_cpu = pngs(run(pipeline, request())[1])
+    assert pngs(run(pipeline, request(seed_mode="legacy"))[1]) == torch_cpu  # served as torch_cpu
+    nvidia = run(pipeline, request(seed_mode="nvidia_gpu"))[1]
+    assert np.abs(pixels(nvidia.images[0]).astype(int) - run(pipeline, request())[1].images[0].pixels).max() > 10
+    assert pngs(run(pipeline, request(seed_mode="nvidia_gpu"))[1]) == pngs(nvidia)
+
+
+def test_tcd_uses_the_requests_gamma(pipeline: Pipeline) -> None:
+    low, high = (run(pipeline, request(sampler="TCD", stochastic_sampling_gamma=g))[1].images[0] for g in (0.0, 0.9))
+    assert np.abs(pixels(low).astype(int) - pixels(high)).max() > 10
+    assert low.parameters.sampler == "TCD"

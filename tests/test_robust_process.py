@@ -140,7 +140,8 @@ def test_sigterm_cancels_work_past_the_grace_and_exits_0(serve, tiny_models: Pat
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in caught.value.details()
         assert server.wait() == 0
-        assert time.monotonic() - signalled < 0.5 + 5
+        # Cancelled (above), not waited for: 150 steps would take far longer; the bound catches a hang.
+        assert time.monotonic() - signalled < 0.5 + 60
     finally:
         release.set()
     assert upload.exception(timeout=10).code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)

@@ -1,7 +1,9 @@
-"""Every A1111 sampler against the reference run recorded by fixtures/make_sampler_fixtures.py:
+"""Every sampler against the reference run recorded by fixtures/make_sampler_fixtures.py (A1111's
+names) and fixtures/make_drawthings_sampler_fixtures.py (the names Draw Things adds):
 k-diffusion 0.1.1 for the k-diffusion samplers (A1111's noise: per-item torch generators, also for
-the SDE samplers' noise_sampler) and diffusers 0.39 schedulers with the SD-1.5 config for DDIM, PLMS,
-UniPC and LCM. Both sides use the same analytic eps model. Every step's latents must agree to within
+the SDE samplers' noise_sampler; Draw Things' AYS, Substep and DPM++ SDE Trailing schedules run through
+them too) and diffusers 0.39 schedulers with the SD-1.5 config for DDIM, PLMS, UniPC, LCM, TCD and the
+trailing-spacing variants. Both sides use the same analytic eps model. Every step's latents must agree to within
 1e-5 of that step's largest |x| (float32 arithmetic on both sides; the worst case measured is 1.1e-6,
 and |x| runs from ~30 at the first Karras step to ~1)."""
 
@@ -21,7 +23,8 @@ from mlx_sd.sampling.samplers import noise_source
 from mlx_sd.sampling.denoisers import eps_denoiser, guided, lcm_denoiser, v_denoiser
 from mlx_sd.sampling.schedules import sigma_to_t, train_sigmas
 
-FIXTURES = np.load(Path(__file__).parent / "fixtures" / "samplers" / "samplers.npz")
+_DIR = Path(__file__).parent / "fixtures" / "samplers"
+FIXTURES = {**np.load(_DIR / "samplers.npz"), **np.load(_DIR / "drawthings.npz")}
 SHAPE = (4, 8, 8)
 SEED = 31337
 RELATIVE_TO_MAX = 1e-5
@@ -45,7 +48,23 @@ CASES = {
     "UniPC": ("UniPC", 8, 1, None),
     "UniPC/order3": ("UniPC", 8, 1, partial(samplers_multistep.sample_unipc, solver_order=3)),
     "LCM": ("LCM", 4, 1, None),
+    "Euler a Trailing": ("Euler a Trailing", 8, 1, None),
+    "DPM++ 2M Trailing": ("DPM++ 2M Trailing", 8, 1, None),
+    "DDIM Trailing": ("DDIM Trailing", 8, 1, None),
+    "UniPC Trailing": ("UniPC Trailing", 8, 1, None),
+    "TCD": ("TCD", 4, 1, None),
+    "TCD/gamma0.7": ("TCD", 8, 1, catalog.sampler_spec("TCD", 0.7).sample),
+    "TCD/gamma0": ("TCD", 4, 1, catalog.sampler_spec("TCD", 0.0).sample),
+    "TCD Trailing": ("TCD Trailing", 8, 1, None),
+    "DPM++ SDE Trailing": ("DPM++ SDE Trailing", 8, 1, None),
+    "Euler a AYS": ("Euler a AYS", 10, 1, None),
+    "DPM++ 2M AYS": ("DPM++ 2M AYS", 10, 1, None),
+    "DPM++ SDE AYS": ("DPM++ SDE AYS", 10, 1, None),
+    "UniPC AYS": ("UniPC AYS", 10, 1, None),
+    "Euler a Substep": ("Euler a Substep", 4, 1, None),
+    "DPM++ SDE Substep": ("DPM++ SDE Substep", 4, 1, None),
 }
+
 
 
 def analytic_eps(x: mx.array, t: mx.array, context: mx.array | None) -> mx.array:

@@ -84,3 +84,60 @@ def test_ddim_and_lcm_sigmas_sit_on_their_timesteps(steps: int) -> None:
 def test_lcm_rejects_more_steps_than_its_distillation_schedule() -> None:
     with pytest.raises(ValueError, match="LCM takes"):
         schedules.lcm_timesteps(51)
+
+
+DRAWTHINGS = np.load(Path(__file__).parent / "fixtures" / "samplers" / "drawthings.npz")
+TRAILING_STEPS = (1, 2, 3, 8, 20, 48, 50, 150)
+
+
+@pytest.mark.parametrize("steps", TRAILING_STEPS)
+def test_trailing_timesteps_match_diffusers(steps: int) -> None:
+    for scheduler in ("ddim", "euler_a", "dpmpp_2m", "unipc"):
+        reference = DRAWTHINGS[f"trailing/{scheduler}/{steps}/timesteps"]
+        assert np.array_equal(schedules.trailing_timesteps(steps), reference), scheduler
+
+
+@pytest.mark.parametrize("steps", TRAILING_STEPS)
+@pytest.mark.parametrize(
+    ("sampler", "reference"),
+    [("Euler a Trailing", "euler_a"), ("DPM++ 2M Trailing", "dpmpp_2m"), ("UniPC Trailing", "unipc")],
+)
+def test_trailing_sigmas_match_diffusers(sampler: str, reference: str, steps: int) -> None:
+    ours = catalog.sampler_spec(sampler).sigmas(steps, TRAIN)
+    np.testing.assert_allclose(ours, DRAWTHINGS[f"trailing/{reference}/{steps}/sigmas"], rtol=DIFFUSERS_RTOL)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 8, 20, 48, 50])
+def test_tcd_timesteps_match_diffusers(steps: int) -> None:
+    sigmas = catalog.sampler_spec("TCD").sigmas(steps, TRAIN)
+    expected = [*DRAWTHINGS[f"tcd/{steps}/timesteps"], 0]  # then the final alphas_cumprod[0]
+    np.testing.assert_allclose(schedules.sigma_to_t(sigmas, TRAIN), expected, atol=1e-9)
+
+
+def test_ays_at_ten_steps_is_the_published_schedule() -> None:
+    # diffusers' AysSchedules copy of NVIDIA's SD-1.5 sigmas (its last level, 0.029, set to 0)
+    for sampler in ("Euler a AYS", "DPM++ 2M AYS", "DPM++ SDE AYS", "UniPC AYS"):
+        ours = catalog.sampler_spec(sampler).sigmas(10, TRAIN)
+        np.testing.assert_allclose(ours, DRAWTHINGS["ays/sd1/sigmas"], rtol=1e-12, err_msg=sampler)
+
+
+def test_ays_interpolates_log_linearly_between_the_published_levels() -> None:
+    published = np.array(schedules.AYS_SD1_SIGMAS)
+    twenty = schedules.ays_sigmas(20)  # 21 levels: every other one is a published level
+    np.testing.assert_allclose(twenty[0:20:2], published[:10], rtol=1e-12)
+    np.testing.assert_allclose(twenty[1:20:2], np.sqrt(published[:-1] * published[1:]), rtol=1e-12)
+    assert twenty[-1] == 0.0
+    four = schedules.ays_sigmas(4)  # 5 levels, at positions 0, 2.5, 5, 7.5, 10 of the published 11
+    np.testing.assert_allclose(four[[0, 2]], published[[0, 5]], rtol=1e-12)
+    np.testing.assert_allclose(four[[1, 3]], np.sqrt(published[[2, 7]] * published[[3, 8]]), rtol=1e-12)
+    assert four[-1] == 0.0
+
+
+def test_substep_schedule_is_draw_things_manual_timesteps() -> None:
+    for sampler in ("Euler a Substep", "DPM++ SDE Substep"):
+        four = catalog.sampler_spec(sampler).sigmas(4, TRAIN)
+        np.testing.assert_allclose(four, TRAIN[[999, 899, 799, 699, 0]], rtol=0)
+        nine = catalog.sampler_spec(sampler).sigmas(9, TRAIN)
+        np.testing.assert_allclose(nine, TRAIN[[999, 899, 799, 699, 599, 499, 399, 299, 199, 0]], rtol=0)
+        # from 10 steps Draw Things falls back to its linear spacing, which is k-diffusion's
+        np.testing.assert_allclose(catalog.sampler_spec(sampler).sigmas(20, TRAIN), FIXTURES["k/20"], rtol=RTOL)

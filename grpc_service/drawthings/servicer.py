@@ -24,6 +24,8 @@ from grpc_service.status import Refused
 from mlx_sd.engine import Engine
 from mlx_sd.errors import InvalidRequest
 from mlx_sd.events import GenerationResult, ProgressEvent
+from mlx_sd.model_catalog import catalog
+from mlx_sd.model_hash import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,6 @@ class DrawThingsServicer(pb_grpc.ImageGenerationServiceServicer):
         return reply
 
     def _fill_browser(self, reply: pb.EchoReply) -> None:
-        from mlx_sd.model_catalog import catalog
-
         entries = catalog(self._models.root)
         models = [{"file": e.file, "name": e.name, "prefix": "", "version": e.version, "upcast_attention": False,
                    **({"default_scale": DEFAULT_SCALES[e.version]} if e.version in DEFAULT_SCALES else {})}
@@ -94,8 +94,6 @@ class DrawThingsServicer(pb_grpc.ImageGenerationServiceServicer):
             response.existences.append(exists)
             digest = b""
             if exists and name in hashed:  # check() refused unsafe names, so resolve() succeeds
-                from mlx_sd.model_hash import file_sha256
-
                 digest = file_sha256(self._models.resolve(name), self._settings.cache_dir)
             response.hashes.append(digest)
         return response

@@ -8,13 +8,27 @@ diffusers schedulers with the SD-1.5 scheduler config (betas scaled_linear 0.000
 "leading" timesteps, PNDM with `skip_prk_steps`, UniPC bh2 order 2 on "linspace" timesteps, LCM with
 50 original steps. These start from unit-variance noise in diffusers' VP form and may end at a small
 sigma (DDIM/PLMS stop at alphas_cumprod[0]); `initial_latents` / `output_latents` handle both.
+
+Draw Things' samplers (docs/samplers.md has the table with references):
+* "Trailing" names run the same algorithm on diffusers' `timestep_spacing="trailing"` timesteps, each
+  ending where its diffusers scheduler does (DDIM and TCD at alphas_cumprod[0], the others at 0) and
+  starting as it does (Euler a and DPM++ SDE from noise * sigma_max, the others in VP form).
+* "AYS" names run on NVIDIA's Align Your Steps SD-1.5 sigmas (`schedules.ays_sigmas`), from
+  noise * sigma_max as k-diffusion samplers do.
+* "Substep" names use Draw Things' own discretization for them (draw-things-community,
+  LocalImageGenerator.swift `manualSubsteps` and Denoiser.swift `LinearManualDiscretization`): up to
+  9 steps, timesteps 999, 899, ... (100 apart) ending at alphas_cumprod[0]; from 10 steps, the plain
+  k-diffusion spacing. The sampler itself is the ordinary Euler a / DPM++ SDE.
+* "TCD" follows diffusers' TCDScheduler (LCM's timesteps from 50 original steps; its `eta` is the
+  request's `stochastic_sampling_gamma`), "TCD Trailing" the same on trailing timesteps.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -23,10 +37,12 @@ from mlx_sd.sampling import samplers as single
 from mlx_sd.sampling import samplers_multistep as multi
 from mlx_sd.sampling import schedules
 from mlx_sd.sampling.denoisers import Denoiser, lcm_denoiser
-from mlx_sd.sampling.registry import canonical_sampler_name
+from mlx_sd.sampling.registry import DEFAULT_TCD_GAMMA, canonical_sampler_name
 
 # (steps, training sigmas) -> the descending sigmas a sampler walks through.
 Schedule = Callable[[int, np.ndarray], np.ndarray]
+# TCD reads timesteps off its sigmas, so it needs the (SD-1) training schedule the pipeline samples on.
+_tcd_sampler = partial(single.sample_tcd, train_sigmas=schedules.train_sigmas())
 
 
 def _karras(steps: int, train: np.ndarray) -> np.ndarray:
@@ -49,12 +65,36 @@ def _lcm(steps: int, train: np.ndarray) -> np.ndarray:
     return schedules.sigmas_at(schedules.lcm_timesteps(steps), train, 0.0)
 
 
+def _trailing(steps: int, train: np.ndarray) -> np.ndarray:
+    return schedules.sigmas_at(schedules.trailing_timesteps(steps), train, 0.0)
+
+
+def _trailing_to_sigma_min(steps: int, train: np.ndarray) -> np.ndarray:
+    """Trailing timesteps whose last step lands on alphas_cumprod[0] (DDIM's and TCD's end)."""
+    return schedules.sigmas_at(schedules.trailing_timesteps(steps), train, float(train[0]))
+
+
+def _ays(steps: int, train: np.ndarray) -> np.ndarray:
+    return schedules.ays_sigmas(steps)
+
+
+def _substep(steps: int, train: np.ndarray) -> np.ndarray:
+    if steps > schedules.SUBSTEP_MAX_STEPS:
+        return schedules.spaced_sigmas(steps, train)
+    return schedules.sigmas_at(schedules.substep_timesteps(steps), train, float(train[0]))
+
+
+def _tcd(steps: int, train: np.ndarray) -> np.ndarray:
+    return schedules.sigmas_at(schedules.lcm_timesteps(steps), train, float(train[0]))
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
     sample: single.Sampler
     schedule: Schedule
     vp_start: bool = False  # diffusers schedulers start from unit-variance VP latents
     consistency: bool = False  # LCM: the denoiser gets LCM's boundary condition
+    takes_gamma: bool = False  # TCD: `sample` takes the request's stochastic_sampling_gamma
 
     def sigmas(self, steps: int, train_sigmas: np.ndarray) -> np.ndarray:
         return self.schedule(steps, train_sigmas)
@@ -90,10 +130,27 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "PLMS": SamplerSpec(multi.sample_plms, _leading, vp_start=True),
     "UniPC": SamplerSpec(multi.sample_unipc, _linspace, vp_start=True),
     "LCM": SamplerSpec(single.sample_lcm, _lcm, vp_start=True, consistency=True),
+    "Euler a Substep": SamplerSpec(single.sample_euler_ancestral, _substep),
+    "DPM++ SDE Substep": SamplerSpec(single.sample_dpmpp_sde, _substep),
+    "TCD": SamplerSpec(_tcd_sampler, _tcd, vp_start=True, takes_gamma=True),
+    "Euler a Trailing": SamplerSpec(single.sample_euler_ancestral, _trailing),
+    "DPM++ SDE Trailing": SamplerSpec(single.sample_dpmpp_sde, _trailing),
+    "DPM++ 2M AYS": SamplerSpec(multi.sample_dpmpp_2m, _ays),
+    "Euler a AYS": SamplerSpec(single.sample_euler_ancestral, _ays),
+    "DPM++ SDE AYS": SamplerSpec(single.sample_dpmpp_sde, _ays),
+    "DPM++ 2M Trailing": SamplerSpec(multi.sample_dpmpp_2m, _trailing, vp_start=True),
+    "DDIM Trailing": SamplerSpec(single.sample_euler, _trailing_to_sigma_min, vp_start=True),
+    "UniPC Trailing": SamplerSpec(multi.sample_unipc, _trailing, vp_start=True),
+    "UniPC AYS": SamplerSpec(multi.sample_unipc, _ays),
+    "TCD Trailing": SamplerSpec(_tcd_sampler, _trailing_to_sigma_min, vp_start=True, takes_gamma=True),
 }
 
 
-def sampler_spec(name: str) -> SamplerSpec | None:
-    """What `name` runs (case-insensitive, "" = the default); None if unknown."""
+def sampler_spec(name: str, gamma: float = DEFAULT_TCD_GAMMA) -> SamplerSpec | None:
+    """What `name` runs (case-insensitive, "" = the default), with TCD's `gamma` bound where it takes
+    one; None if unknown."""
     canonical = canonical_sampler_name(name)
-    return None if canonical is None else SAMPLERS[canonical]
+    if canonical is None:
+        return None
+    spec = SAMPLERS[canonical]
+    return replace(spec, sample=partial(spec.sample, gamma=gamma)) if spec.takes_gamma else spec

@@ -27,6 +27,8 @@ import numpy as np
 
 from mlx_sd.random import BatchGenerator
 from mlx_sd.sampling.denoisers import Denoiser
+from mlx_sd.sampling.registry import DEFAULT_TCD_GAMMA
+from mlx_sd.sampling.schedules import sigma_to_t
 
 Noise = Callable[[tuple[int, ...]], mx.array]
 
@@ -181,4 +183,37 @@ def sample_lcm(denoise: Denoiser, x: mx.array, sigmas: np.ndarray, noise: Noise 
     for i, sigma, sigma_next in sigma_pairs(sigmas):
         denoised = denoise(x, sigma)
         x = denoised + noise(x.shape) * sigma_next if sigma_next > 0 else denoised
+        yield step_result(i, x, denoised)
+
+
+def tcd_intermediate_sigmas(sigmas: np.ndarray, train_sigmas: np.ndarray, gamma: float) -> np.ndarray:
+    """TCD's sigma_s for each step: the training sigma at timestep floor((1 - gamma) * t_next), with
+    t_next the (integer) timestep of the next sigma; float32 arithmetic, as diffusers' TCDScheduler."""
+    t_next = np.rint(sigma_to_t(sigmas[1:], train_sigmas)).astype(np.float32)
+    return train_sigmas[np.floor(np.float32(1.0 - gamma) * t_next).astype(np.int64)]
+
+
+def sample_tcd(
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: np.ndarray,
+    noise: Noise | None = None,
+    *,
+    train_sigmas: np.ndarray,
+    gamma: float = DEFAULT_TCD_GAMMA,
+) -> Iterator[Step]:
+    """TCD (Zheng et al. 2024) strategic stochastic sampling, as diffusers' TCDScheduler: from the x0
+    estimate step back along the predicted eps to the smaller sigma_s, then forward to the next sigma
+    with fresh noise (none on the last step). gamma = 0 is deterministic (DDIM-like); gamma = 1 steps back
+    to sigma_min, next to the x0 estimate, and re-noises, like LCM."""
+    if gamma > 0:
+        noise = require_noise(noise)
+    last = len(sigmas) - 2
+    intermediate = tcd_intermediate_sigmas(sigmas, train_sigmas, gamma)
+    for i, sigma, sigma_next in sigma_pairs(sigmas):
+        denoised = denoise(x, sigma)
+        sigma_s = float(intermediate[i])
+        x = euler_step(x, denoised, sigma, sigma_s)  # x0 + sigma_s * eps
+        if gamma > 0 and i < last:
+            x = x + noise(x.shape) * math.sqrt(max(sigma_next**2 - sigma_s**2, 0.0))
         yield step_result(i, x, denoised)

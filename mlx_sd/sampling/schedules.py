@@ -13,7 +13,14 @@ Spacings, with the reference each follows:
 * `leading_timesteps`: diffusers' DDIM/PNDM default for the SD-1.5 config
   (`timestep_spacing="leading"`, `steps_offset=1`, `set_alpha_to_one=False`).
 * `linspace_timesteps`: diffusers' UniPC default (`timestep_spacing="linspace"`, rounded timesteps).
-* `lcm_timesteps`: diffusers' LCMScheduler (50 original steps, evenly spaced indices).
+* `lcm_timesteps`: diffusers' LCMScheduler (50 original steps, evenly spaced indices); TCDScheduler
+  picks its timesteps the same way.
+* `trailing_timesteps`: diffusers' `timestep_spacing="trailing"` (Lin et al. 2023, "Common Diffusion
+  Noise Schedules and Sample Steps are Flawed", table 2): the first step starts at the last timestep.
+* `substep_timesteps`: Draw Things' timesteps for its "Substep" samplers (draw-things-community,
+  LocalImageGenerator.swift `manualSubsteps`).
+* `ays_sigmas`: NVIDIA's Align Your Steps schedule for SD 1.5 (Sabour et al. 2024), published for 10
+  steps and interpolated log-linearly to other step counts as the AYS project describes.
 """
 
 from __future__ import annotations
@@ -99,6 +106,45 @@ def lcm_timesteps(steps: int, original_steps: int = 50) -> np.ndarray:
     k = NUM_TRAIN_TIMESTEPS // original_steps
     origin = (np.arange(original_steps, 0, -1) * k - 1).astype(np.int64)
     return origin[np.floor(np.linspace(0, original_steps, steps, endpoint=False)).astype(np.int64)]
+
+
+# Draw Things' "Substep" samplers: at most this many steps on their own timesteps.
+SUBSTEP_MAX_STEPS = 9
+
+
+def substep_timesteps(steps: int) -> np.ndarray:
+    """Draw Things' manual timesteps for its "Substep" samplers: 999, 899, ... (100 apart)."""
+    if not 1 <= steps <= SUBSTEP_MAX_STEPS:
+        raise ValueError(f"substep timesteps exist for 1..{SUBSTEP_MAX_STEPS} steps, got {steps}")
+    return NUM_TRAIN_TIMESTEPS - 1 - 100 * np.arange(steps)
+
+
+def trailing_timesteps(steps: int) -> np.ndarray:
+    """diffusers "trailing" spacing: 1000 - k * 1000 / steps, rounded, minus 1, for k = 0..steps-1, taken
+    from a float `arange` as diffusers does (its rounding ties follow that); for 61, 103, 121 and 122
+    steps that `arange` has one more entry (-1 once shifted), which diffusers keeps and this drops."""
+    spaced = np.arange(NUM_TRAIN_TIMESTEPS, 0, -NUM_TRAIN_TIMESTEPS / steps)[:steps]
+    return (spaced.round() - 1).astype(np.int64)
+
+
+# NVIDIA's published 10-step AYS sigmas for SD 1.5 (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html):
+# 11 noise levels from sigma_max to the model's sigma_min.
+AYS_SD1_SIGMAS = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+
+
+def loglinear_interp(levels: np.ndarray, count: int) -> np.ndarray:
+    """`count` descending levels, log-linearly interpolated over the evenly spaced positions of
+    `levels` (AYS's `loglinear_interp`)."""
+    positions = np.linspace(0.0, 1.0, count)
+    return np.exp(np.interp(positions, np.linspace(0.0, 1.0, len(levels)), np.log(levels[::-1])))[::-1]
+
+
+def ays_sigmas(steps: int) -> np.ndarray:
+    """AYS: the published noise levels interpolated to steps + 1, the last one replaced by 0 so the
+    final step denoises fully (as diffusers' `AysSchedules` and ComfyUI's AlignYourSteps node do)."""
+    sigmas = loglinear_interp(np.array(AYS_SD1_SIGMAS), steps + 1)
+    sigmas[-1] = 0.0
+    return sigmas
 
 
 def sigmas_at(timesteps: np.ndarray, sigmas: np.ndarray, final_sigma: float) -> np.ndarray:
