@@ -167,7 +167,8 @@ def start_server(settings: ServerSettings, engine: Engine | None = None) -> Runn
         interceptors.append(SharedSecretInterceptor(
             settings.shared_secret, FailureLimiter(settings.auth_failure_limit),
             drawthings.FIELD_CREDENTIALS, drawthings.OPEN_METHODS))
-    interceptors.append(ErrorStatusInterceptor(models.root))
+    streams = StreamLimitInterceptor(settings.stream_limits)
+    interceptors += [streams, ErrorStatusInterceptor(models.root)]
     server = grpc.server(
         ThreadPoolExecutor(max_workers=settings.stream_limits.max_streams + UNARY_THREADS, thread_name_prefix="rpc"),
         interceptors=interceptors,
