@@ -1,5 +1,5 @@
 """Fixtures for the Draw Things-protocol tests: the independent client (tests/dt_client) on a channel
-to a test server, and a marker for tests that need the engine's structured results."""
+to a test server."""
 
 from __future__ import annotations
 
@@ -11,16 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from mlx_sd.request import GenerationRequest
 from tests.dt_client import MAX_MESSAGE_BYTES, DrawThingsClient, compile_messages
-
-# GenerateImage maps onto these GenerationRequest fields (the model, sampler/seed and engine work
-# that lands with it); its tests run once they are all there.
-_WIRE_FIELDS = {"model", "seed_mode", "stochastic_sampling_gamma", "clip_skip", "preview_every", "hires_first_width"}
-needs_generation_fields = pytest.mark.skipif(
-    not _WIRE_FIELDS <= set(GenerationRequest.__dataclass_fields__),
-    reason="GenerationRequest lacks " + ", ".join(sorted(_WIRE_FIELDS - set(GenerationRequest.__dataclass_fields__))),
-)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import fake_result
 from tests.dt_client import CONFIG_SLOTS, HEADER, build_configuration, collect_images, image_tensor
-from tests.dt_fixtures import dt_connect, dt_messages, needs_generation_fields  # noqa: F401  (fixtures)
+from tests.dt_fixtures import dt_connect, dt_messages  # noqa: F401  (fixtures)
 
 Code = grpc.StatusCode
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -49,7 +49,6 @@ def still_up(client) -> bool:
     return client.echo("alive").message == "HELLO alive"
 
 
-@needs_generation_fields
 @FUZZ
 @given(data=st.binary(max_size=600))
 def test_random_configuration_bytes(client, data: bytes) -> None:
@@ -62,7 +61,6 @@ def test_random_configuration_bytes(client, data: bytes) -> None:
                                          "stochastic_sampling_gamma", "model"}, details
 
 
-@needs_generation_fields
 @FUZZ
 @given(position=st.integers(0, len(VALID) - 1), value=st.integers(0, 255), cut=st.integers(0, len(VALID)))
 def test_mutated_and_truncated_configurations(client, position: int, value: int, cut: int) -> None:
@@ -84,7 +82,6 @@ CONFIGS = st.fixed_dictionaries({}, optional={
 })
 
 
-@needs_generation_fields
 @FUZZ
 @given(config=CONFIGS)
 def test_well_formed_configurations_with_any_values(client, config: dict) -> None:
@@ -109,7 +106,6 @@ TENSORS = st.one_of(
 )
 
 
-@needs_generation_fields
 @FUZZ
 @given(tensor=TENSORS, field=st.sampled_from(["image", "mask", "hint"]))
 def test_malformed_tensors_are_invalid_arguments_naming_them(client, tensor: bytes, field: str) -> None:
@@ -125,7 +121,6 @@ def test_malformed_tensors_are_invalid_arguments_naming_them(client, tensor: byt
     assert still_up(client)
 
 
-@needs_generation_fields
 @FUZZ
 @given(keys=st.lists(st.binary(min_size=32, max_size=32), max_size=4),
        contents=st.lists(st.binary(max_size=64), max_size=4))

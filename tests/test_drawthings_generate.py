@@ -15,9 +15,7 @@ from PIL import Image
 
 from grpc_service.generated import imageservice_pb2 as api
 from tests.dt_client import FPZIP, RAW, build_configuration, codec_of, collect_images, decode_image, decode_tensor, image_tensor
-from tests.dt_fixtures import dt_connect, dt_messages, needs_generation_fields  # noqa: F401  (fixtures)
-
-pytestmark = needs_generation_fields
+from tests.dt_fixtures import dt_connect, dt_messages  # noqa: F401  (fixtures)
 
 PROMPT, NEGATIVE = "a lighthouse", "fog"
 # The documented API's defaults where Draw Things has its own: DPM++ 2M Karras (0), torch-CPU noise (1).
