@@ -247,7 +247,8 @@ def serve(
         str | None,
         typer.Option(
             help="Memory for the model plus one generation, e.g. 12GiB; requests estimated to need more are refused.",
-            show_default="Metal's recommended working set, else 3/4 of physical memory",
+            show_default="Metal: its recommended working set, beyond which requests run with a warning up to "
+            "physical memory; else 3/4 of physical memory",
         ),
     ] = None,
     shutdown_grace: Annotated[
