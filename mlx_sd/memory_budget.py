@@ -9,9 +9,9 @@ b = the activations' bytes per value: 2 for fp16 on Metal, 4 for fp32 on the CPU
 - UNet attention: the score matrix of the largest self-attention, at full latent resolution:
   T^2 x heads x batch x 2 (conditional and unconditional passes) x b. On Metal MLX's fused
   attention kernel takes head widths 64, 80 and 128 only; SD 1.x's is 40, so MLX computes
-  matmul-softmax-matmul and holds the whole matrix, counted once on the assumption that the softmax
-  reuses the scores' buffer (MLX donates an input whose only reader is the op). The UNet's other activations (a few maps of
-  320 channels at T) are under a tenth of this term and left out;
+  matmul-softmax-matmul and holds the whole matrix, counted once on the assumption that the
+  softmax reuses the scores' buffer (MLX donates an input whose only reader is the op). The UNet's
+  other activations (a few maps of 320 channels at T) are under a tenth of this term, left out;
 - VAE decode: the full-resolution feature maps, height x width x C x batch x b x live maps, plus
   the mid-block's single-head attention (head width 512, unfused too), T^2 x batch x b.
 

@@ -254,7 +254,9 @@ def _plist_program(path: Path) -> list[str]:
         plist = plistlib.loads(path.read_bytes())
     except (plistlib.InvalidFileException, ValueError, OSError):
         return []
-    program = plist.get("ProgramArguments") or [plist.get("Program")] if isinstance(plist, dict) else []
+    if not isinstance(plist, dict):
+        return []
+    program = plist.get("ProgramArguments") or [plist.get("Program")]
     return program if isinstance(program, list) and all(isinstance(arg, str) for arg in program) else []
 
 

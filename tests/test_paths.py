@@ -69,7 +69,8 @@ def test_a_protected_container_is_kept_as_the_default_and_explained(home: Path, 
 def test_other_unreadable_folders_name_the_error(tmp_path: Path, monkeypatch) -> None:
     deny(monkeypatch, tmp_path)
     assert paths.models_dir_access_problem(tmp_path) == (
-        f"cannot read {tmp_path}: Operation not permitted", "check the folder's permissions or choose another MODELS_DIR"
+        f"cannot read {tmp_path}: Operation not permitted",
+        "check the folder's permissions or choose another MODELS_DIR",
     )
     assert paths.models_dir_access_problem(tmp_path / "missing") is None  # serve creates it
 

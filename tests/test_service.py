@@ -233,6 +233,15 @@ def test_launchd_never_touches_another_programs_plist(tmp_path: Path, action: st
     assert [c[1] for c in fake.commands if c[1] != "print"] == []  # nothing booted out, loaded or kicked
 
 
+def test_launchd_leaves_an_unreadable_plist_alone(tmp_path: Path) -> None:
+    path = tmp_path / "Library/LaunchAgents/com.drawthings.grpcserver.plist"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a plist")
+    with pytest.raises(ServiceError, match="belongs to another program \\(no program\\)"):
+        launchd_agent(tmp_path, FakeLaunchd()).uninstall()
+    assert path.read_bytes() == b"not a plist"
+
+
 def test_launchd_never_unloads_another_programs_loaded_job(tmp_path: Path) -> None:
     """Draw Things' own server may be loaded under the label without a plist in ~/Library/LaunchAgents."""
     arguments = LAUNCHCTL_PRINT.replace(
