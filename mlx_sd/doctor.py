@@ -157,14 +157,15 @@ def send_multicast() -> None:
 
 
 def check_local_network(
-    address: Callable[[], str] = lan_address, multicast: Callable[[], None] = send_multicast
+    address: Callable[[], str] | None = None, multicast: Callable[[], None] | None = None
 ) -> Check:
-    """Whether this process reaches the local network: its LAN address, and a multicast send (Bonjour).
-    macOS 15 grants local network access per program, so the service's own access may differ."""
+    """Whether this process reaches the local network: its LAN address (`lan_address`), and a multicast
+    send (`send_multicast`, as Bonjour). macOS 15 grants local network access per program, so the
+    service's own access may differ."""
     mac = current_platform() == "darwin"
     try:
-        lan = address()
-        multicast()
+        lan = (address or lan_address)()
+        (multicast or send_multicast)()
     except OSError as exc:
         reason = exc.strerror or str(exc)
         hint = (

@@ -147,6 +147,7 @@ def config(tmp_path: Path, monkeypatch) -> Path:
     show = CommandResult(0, "ActiveState=inactive\nSubState=dead\nMainPID=0\n")
     monkeypatch.setattr(service, "current_platform", lambda: "linux")
     monkeypatch.setattr(service, "run_command", lambda args, capture=True: show)
+    monkeypatch.setattr(doctor, "send_multicast", lambda: None)  # nothing leaves the machine
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv(SHARED_SECRET_ENV, raising=False)
     path = tmp_path / "config.toml"
@@ -167,6 +168,18 @@ def test_doctor_command_passes_without_failures(config: Path) -> None:
     result = CliRunner().invoke(app, ["--config", str(config), "doctor", "--port", str(free_port())])
     assert result.exit_code == 0, result.stdout
     assert "FAIL" not in result.stdout and "hint:" in result.stdout
+
+
+def test_doctor_command_warns_when_the_network_is_unreachable(config: Path, monkeypatch) -> None:
+    def unreachable() -> None:
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    monkeypatch.setattr(doctor, "send_multicast", unreachable)
+    result = CliRunner().invoke(app, ["--config", str(config), "doctor", "--port", str(free_port())])
+    assert result.exit_code == 0, result.stdout
+    assert any(
+        line.startswith("WARN  network") and "Network is unreachable" in line for line in result.stdout.splitlines()
+    )
 
 
 def test_models_in_a_protected_container_fail_with_the_permission(tmp_path: Path, monkeypatch) -> None:
