@@ -196,6 +196,8 @@ def find_layout(source: Path, vae_path: Path | None = None) -> CheckpointLayout:
         standalone_vae = source / VAE_DIR / MODEL_FILE
         vae = vae_path or (standalone_vae if standalone_vae.is_file() else None)
         single_file = inner / MODEL_FILE
+        if not (single_file.exists() or (inner / "unet").is_dir()):  # whatever else lies there is not the model
+            raise ModelNotFound(str(single_file), f"model file not found (nor a diffusers folder in {inner})")
         return find_layout(single_file if single_file.exists() else inner, vae)
     pickles = sorted(p for p in source.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:

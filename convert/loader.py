@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -78,15 +79,25 @@ def convert_checkpoint(
     """Write the MLX-layout weights of `source` and return the file written.
 
     A `destination` directory is used as a cache directory (the entry `load_sd1(source,
-    cache_dir=destination)` looks for); otherwise it names the `.safetensors` file to write.
+    cache_dir=destination)` looks for), and so is a new name without a suffix, created as one;
+    otherwise it names the `.safetensors` file to write.
     """
     source, destination, dtype = Path(source), Path(destination), resolve_dtype(dtype)
     vae_path = Path(vae_path) if vae_path is not None else None
     layout = find_layout(source, vae_path)
-    if destination.is_dir():
-        destination = cache_entry(destination, layout, dtype, configs)
-    elif destination.suffix != ".safetensors":
-        raise ValueError(f"destination must be a directory or a .safetensors file, got {destination}")
-    sources = source_fingerprints(layout)
-    write_converted(assemble(layout, dtype, configs), destination, sources)
-    return destination
+    created = not destination.exists() and not destination.suffix
+    if not destination.is_dir() and not created and destination.suffix != ".safetensors":
+        raise ValueError(
+            f"destination must be a folder (an existing one, or a new name without a suffix) or a .safetensors "
+            f"file, got {destination}"
+        )
+    if created:
+        destination.mkdir(parents=True)
+    try:
+        target = cache_entry(destination, layout, dtype, configs) if destination.is_dir() else destination
+        write_converted(assemble(layout, dtype, configs), target, source_fingerprints(layout))
+    except BaseException:
+        if created:
+            shutil.rmtree(destination, ignore_errors=True)
+        raise
+    return target

@@ -22,7 +22,15 @@ from mlx_sd import __version__
 from mlx_sd.config import CONFIG_FILE_META_KEY, SERVE_ARGS, ServeCommand, config_app
 from mlx_sd.discovery import advertise, discover_command
 from mlx_sd.doctor import doctor_command
-from mlx_sd.paths import config_dir_help, default_cache_dir, default_config_dir, default_models_dir, models_dir_help
+from mlx_sd.paths import (
+    config_dir_help,
+    default_cache_dir,
+    default_config_dir,
+    default_models_dir,
+    default_models_dir_note,
+    models_dir_access_problem,
+    models_dir_help,
+)
 from mlx_sd.request import (
     DEFAULT_CFG_SCALE,
     DEFAULT_SIDE,
@@ -36,7 +44,7 @@ from mlx_sd.request import (
     SIDE_MULTIPLE,
 )
 from mlx_sd.sampling.registry import DEFAULT_SAMPLER
-from mlx_sd.service import service_app
+from mlx_sd.service import rotate_service_log, service_app
 
 if TYPE_CHECKING:
     from grpc_service.client import ImageServiceClient
@@ -262,7 +270,8 @@ def serve(
         str | None,
         typer.Option(
             help="Memory for the model plus one generation, e.g. 12GiB; requests estimated to need more are refused.",
-            show_default="Metal's recommended working set, else 3/4 of physical memory",
+            show_default="Metal: its recommended working set, beyond which requests run with a warning up to "
+            "physical memory; else 3/4 of physical memory",
         ),
     ] = None,
     shutdown_grace: Annotated[
@@ -279,6 +288,7 @@ def serve(
 
     gRPCServerCLI's command lines work too: its other options are ignored or refused (docs/drawthings.md).
     """
+    rotate_service_log()
     logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _configure_blas()
     from grpc_service.server import (
@@ -312,6 +322,10 @@ def serve(
         memory_budget=parse_size(memory_budget) if memory_budget else None,
         shutdown_grace=shutdown_grace,
     )
+    if models_dir is None and (note := default_models_dir_note()):
+        typer.echo(note)
+    if problem := models_dir_access_problem(settings.models_dir):
+        _fail("; ".join(problem))
     raise_open_file_limit()
     try:
         running = start_server(settings)
@@ -443,10 +457,13 @@ def convert_command(
     from convert import convert_checkpoint
     from mlx_sd.errors import MlxSdError
 
+    creates_folder = not destination.exists() and not destination.suffix
     try:
         written = convert_checkpoint(source, destination, dtype, vae_path=vae)
     except (MlxSdError, ValueError) as exc:
         _fail(str(exc))
+    if creates_folder:
+        typer.echo(f"created the cache folder {destination} (a name without a suffix is a folder)")
     typer.echo(f"wrote {written}")
 
 

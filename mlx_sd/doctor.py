@@ -26,13 +26,27 @@ from mlx_sd.config import (
     serve_context,
     setting_key,
 )
-from mlx_sd.service import LabelOption, LaunchAgent, ServiceError, ServiceManager, ServiceStatus, service_manager
+from mlx_sd.paths import FULL_DISK_ACCESS, in_app_container, models_dir_access_problem
+from mlx_sd.service import (
+    LabelOption,
+    LaunchAgent,
+    ServiceError,
+    ServiceManager,
+    ServiceStatus,
+    current_platform,
+    service_manager,
+)
 
 EXPIRY_WARNING = dt.timedelta(days=30)
 LOW_MEMORY_BYTES = 8 * 1024**3  # SD-1 at float32 with its text encoder and VAE needs about this much
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 LISTED_FILES = 10
 HOMEBREW_LABEL = "homebrew.mxcl.mlx-sd"  # the LaunchAgent `brew services start mlx-sd` installs
+MDNS_GROUP = ("224.0.0.251", 5353)  # where Bonjour (mDNS) sends
+# Any address off this host: connecting a UDP socket to it picks the LAN route and sends nothing.
+ROUTE_PROBE = ("192.0.2.1", 9)  # TEST-NET-1
+LOCAL_NETWORK_SETTING = "System Settings > Privacy & Security > Local Network"
+NETWORK_DOCS = "docs/operations.md, Local network access"
 
 
 class Level(Enum):
@@ -91,6 +105,8 @@ def check_models(models_dir: Path) -> Check:
         f"put an SD-1 checkpoint at {SINGLE_FILE_DIR}/{MODEL_FILE} (or a diffusers folder at {SINGLE_FILE_DIR}/), "
         f"e.g. `mlx-sd upload FILE {SINGLE_FILE_DIR}/{MODEL_FILE}`"
     )
+    if problem := models_dir_access_problem(models_dir):
+        return Check("models", Level.FAIL, *problem)
     if not models_dir.exists():
         return Check("models", Level.WARN, f"{models_dir} does not exist yet (serve creates it)", hint)
     if not models_dir.is_dir():
@@ -110,6 +126,62 @@ def check_models(models_dir: Path) -> Check:
         )
     used = ", ".join(str(p.relative_to(models_dir)) for p in layout.files)
     return Check("models", Level.OK, f"{models_dir}: SD-1 model {used}; {len(files)} model files", details=details)
+
+
+def check_container_access(models_dir: Path) -> Check | None:
+    """On a Mac whose models folder is in another app's container (Draw Things'): the permission the
+    service needs, which this terminal's access does not prove."""
+    if current_platform() != "darwin" or not in_app_container(models_dir) or models_dir_access_problem(models_dir):
+        return None
+    return Check(
+        "access",
+        Level.OK,
+        f"{models_dir} (another app's container) is readable from this terminal",
+        "the service has no window to answer macOS's \"would like to access data from other apps\" prompt: "
+        f"give {Path(sys.executable).resolve()} Full Disk Access ({FULL_DISK_ACCESS}), or serve another folder",
+    )
+
+
+def lan_address() -> str:
+    """This host's address on the route out (OSError without one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(ROUTE_PROBE)
+        return probe.getsockname()[0]
+
+
+def send_multicast() -> None:
+    """Sends an mDNS message with no questions (which responders ignore) as Bonjour would."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+        probe.sendto(bytes(12), MDNS_GROUP)
+
+
+def check_local_network(
+    address: Callable[[], str] | None = None, multicast: Callable[[], None] | None = None
+) -> Check:
+    """Whether this process reaches the local network: its LAN address (`lan_address`), and a multicast
+    send (`send_multicast`, as Bonjour). macOS 15 grants local network access per program, so the
+    service's own access may differ."""
+    mac = current_platform() == "darwin"
+    try:
+        lan = (address or lan_address)()
+        (multicast or send_multicast)()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        hint = (
+            f"macOS 15 asks each program for local network access: allow it in {LOCAL_NETWORK_SETTING} "
+            f"(see {NETWORK_DOCS})"
+            if mac
+            else "Bonjour and LAN clients need a network route and multicast; check the network and firewall"
+        )
+        return Check("network", Level.WARN, f"cannot reach the local network (Bonjour, LAN clients): {reason}", hint)
+    hint = (
+        f"this terminal has local network access; the service, started by launchd, is asked for its own: if "
+        f"LAN clients or Bonjour fail only with the service, allow it in {LOCAL_NETWORK_SETTING} ({NETWORK_DOCS})"
+        if mac
+        else ""
+    )
+    return Check("network", Level.OK, f"LAN address {lan}; Bonjour's multicast can be sent", hint)
 
 
 def check_tls(tls: bool, cert: Path | None, key: Path | None, config_dir: Path, now: dt.datetime) -> Check:
@@ -219,18 +291,21 @@ def run_checks(
         service, status = check_service(managers(label))
     except ServiceError as exc:
         service, status = Check("service", Level.WARN, str(exc)), None
-    return [
+    checks = [
         check_config_file(path, values, error),
         check_mlx(),
         check_models(directory["models_dir"]),
+        check_container_access(directory["models_dir"]),
         check_tls(not params["no_tls"], tls_cert, tls_key, directory["config_dir"], dt.datetime.now(dt.UTC)),
         check_port(params["host"], params["port"], status),
+        check_local_network(),
         service,
     ]
+    return [check for check in checks if check is not None]
 
 
 def doctor_command(ctx: typer.Context, label: LabelOption = None) -> None:
-    """Check MLX, the model folder, the TLS certificate, the port, the config file and the service.
+    """Check MLX, the model folder, the TLS certificate, the port, the network, the config file and the service.
 
     Serve's flags may follow (`mlx-sd doctor --port 7860`) to check those settings instead.
     """

@@ -44,13 +44,13 @@ def create_engine(models_dir: Path, *, cache_dir: Path | None = None, dtype: mx.
     Converted weights are cached in `cache_dir` (none when None); `quantize_bits` (4 or 8) quantizes
     the UNet's and text encoder's linear layers after loading. Memory MLX kept for reuse is
     handed back after every job, so an idle server holds only the loaded model. Requests that do not
-    fit in `memory_budget` bytes (default: `default_budget_bytes()`) are refused before they start.
+    fit in `memory_budget` bytes (default: `default_budget()`) are refused before they start.
     `low_memory` frees the text encoder between prompt encodings (see `ModelStore`).
     """
     import mlx.core as mx
 
     from mlx_sd.backend import trim_heap
-    from mlx_sd.memory_budget import MemoryBudget, default_budget_bytes
+    from mlx_sd.memory_budget import MemoryBudget, default_budget
     from mlx_sd.model_store import ModelStore
     from mlx_sd.pipeline import Pipeline
     from mlx_sd.worker import GenerationWorker
@@ -61,7 +61,7 @@ def create_engine(models_dir: Path, *, cache_dir: Path | None = None, dtype: mx.
 
     store = ModelStore(models_dir, dtype=dtype, cache_dir=cache_dir, quantize_bits=quantize_bits,
                        low_memory=low_memory)
-    budget = MemoryBudget(memory_budget or default_budget_bytes())
+    budget = MemoryBudget(memory_budget) if memory_budget else default_budget()
     # MLX streams belong to the thread that made them; unless that thread destroys them as it ends
     # (after shutdown), the process aborts at exit with "terminate called without an active exception".
     return GenerationWorker(Pipeline(store, budget), max_queued=max_queued, after_job=release_memory,

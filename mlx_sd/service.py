@@ -1,12 +1,16 @@
 """`mlx-sd service ...`: keep `mlx-sd serve` running in the background as a per-user service.
 
 macOS: a LaunchAgent, ~/Library/LaunchAgents/<label>.plist (label com.drawthings.grpcserver unless
---label says otherwise), started at login and restarted when it exits, as a background process (no
-Dock icon, no menu bar); stdout and stderr go to ~/Library/Logs/mlx-sd/mlx-sd.log. launchctl
-bootstrap/bootout load and unload it in the gui/<uid> domain.
+--label says otherwise), started at login and restarted, at most once a minute, when it fails; stdout
+and stderr go to ~/Library/Logs/mlx-sd/mlx-sd.log, which serve rotates at start. launchctl
+bootstrap/bootout load and unload it in the gui/<uid> domain, or in user/<uid> where there is no
+graphical login (SSH).
 
 Linux: a systemd user unit, <XDG config home>/systemd/user/<name>.service (name mlx-sd), driven with
 `systemctl --user`; its output goes to the journal.
+
+The label and the port are Draw Things' own defaults, so a definition under our name may belong to
+another program: one whose program is not mlx-sd is never replaced, stopped or removed.
 
 Every system command goes through a `Runner`, so tests replace it and nothing real is called.
 """
@@ -16,10 +20,13 @@ from __future__ import annotations
 import os
 import plistlib
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Protocol
@@ -32,8 +39,16 @@ from mlx_sd.config import CONFIG_FILE_META_KEY, SERVE_ARGS, SOURCE_LABELS, serve
 DEFAULT_LABEL = "com.drawthings.grpcserver"
 DEFAULT_UNIT_NAME = "mlx-sd"
 LOG_FILE_NAME = "mlx-sd.log"
+# Set in the LaunchAgent's environment: serve rotates this file (its own stdout/stderr) at start.
+SERVICE_LOG_ENV = "MLX_SD_SERVICE_LOG"
+LOG_ROTATE_BYTES = 10 * 1024**2  # a log past this size is moved to <name>.1 (one kept) at start
 # Output reaches the log as it is written, not when a buffer fills.
 SERVICE_ENVIRONMENT = {"PYTHONUNBUFFERED": "1"}
+# launchd restarts a failed server at most this often (its default, 10 s, fills a log with a crash loop).
+RESTART_THROTTLE_SECONDS = 60
+# How long install waits for a booted-out server to drain before loading the new definition.
+BOOTOUT_WAIT_SECONDS = 30.0
+BOOTOUT_POLL_SECONDS = 0.25
 DESCRIPTION = "mlx-sd: Stable Diffusion over a Draw Things-compatible gRPC API"
 # Flags whose values would sit readable in the service definition.
 REFUSED_FLAGS = {"shared_secret": "--shared-secret-file, or shared-secret in the config file"}
@@ -41,6 +56,24 @@ REFUSED_FLAGS = {"shared_secret": "--shared-secret-file, or shared-secret in the
 
 class ServiceError(Exception):
     """A service command cannot be carried out; the message says why and what to do."""
+
+
+def runs_mlx_sd(program: list[str]) -> bool:
+    """Whether a service's command line starts an mlx-sd (its script, or `python -m mlx_sd.cli`)."""
+    if not program:
+        return False
+    if Path(program[0]).name == "mlx-sd":
+        return True
+    return any(program[i : i + 2] == ["-m", "mlx_sd.cli"] for i in range(len(program) - 1))
+
+
+def _not_ours(what: str, program: list[str], action: str) -> ServiceError:
+    shown = " ".join(program) or "no program"
+    return ServiceError(
+        f"{what} belongs to another program ({shown}), not to mlx-sd; {action}. Give mlx-sd its own name and "
+        f"port instead: `mlx-sd service install --label com.example.mlx-sd --port 7860` (and --label on "
+        "the other service commands)"
+    )
 
 
 @dataclass(frozen=True)
@@ -112,13 +145,46 @@ def launchd_plist(label: str, program: list[str], log_file: Path) -> bytes:
             "Label": label,
             "ProgramArguments": program,
             "RunAtLoad": True,
-            "KeepAlive": True,
-            "ProcessType": "Background",
+            # Restarted when it fails, not after a clean stop; a failing start retries once a minute.
+            "KeepAlive": {"SuccessfulExit": False},
+            "ThrottleInterval": RESTART_THROTTLE_SECONDS,
+            # A server that clients wait on: Interactive runs it without the CPU and I/O throttling that
+            # Background (efficiency cores, throttled I/O) and Standard (light limits) apply. It has
+            # nothing to do with a Dock icon: a LaunchAgent has none either way.
+            "ProcessType": "Interactive",
             "StandardOutPath": str(log_file),
             "StandardErrorPath": str(log_file),
-            "EnvironmentVariables": SERVICE_ENVIRONMENT,
+            "EnvironmentVariables": {**SERVICE_ENVIRONMENT, SERVICE_LOG_ENV: str(log_file)},
         }
     )
+
+
+def rotate_log(path: Path, fds: tuple[int, ...] = (1, 2), max_bytes: int = LOG_ROTATE_BYTES) -> bool:
+    """Moves a log past `max_bytes` to <name>.1 and points `fds` (the process's stdout and stderr,
+    which launchd opened on it) at a new, empty file. Run at serve's start, so even a crash loop
+    keeps at most twice `max_bytes` on disk. Returns whether it rotated."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    os.replace(path, path.with_name(path.name + ".1"))
+    fresh = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for fd in fds:
+            os.dup2(fresh, fd)
+    finally:
+        os.close(fresh)
+    return True
+
+
+def rotate_service_log() -> None:
+    """Rotates the service's log when serve runs as the LaunchAgent (which names it in the environment)."""
+    log_file = os.environ.get(SERVICE_LOG_ENV)
+    if log_file:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        rotate_log(Path(log_file))
 
 
 def systemd_quote(arg: str) -> str:
@@ -136,11 +202,14 @@ def systemd_unit(program: list[str]) -> str:
         [
             "[Unit]",
             f"Description={DESCRIPTION}",
+            # Restarted when it fails, 10 s apart; after 5 failed starts in 10 minutes systemd gives up.
+            "StartLimitIntervalSec=600",
+            "StartLimitBurst=5",
             "",
             "[Service]",
             f"ExecStart={' '.join(systemd_quote(arg) for arg in program)}",
-            "Restart=always",
-            "RestartSec=5",
+            "Restart=on-failure",
+            "RestartSec=10",
             f"Environment={environment}",
             "",
             "[Install]",
@@ -170,14 +239,38 @@ def _tail(path: Path, lines: int) -> list[str]:
     return [line.decode(errors="replace").rstrip("\n") for line in last]
 
 
+def _printed_program(output: str) -> list[str]:
+    """The command line of a job in `launchctl print` output: its arguments block, else its program."""
+    block = re.search(r"^\s*arguments = \{\n(.*?)^\s*\}", output, re.MULTILINE | re.DOTALL)
+    if block:
+        return [line.strip() for line in block.group(1).splitlines() if line.strip()]
+    program = re.search(r"^\s*program = (.+)$", output, re.MULTILINE)
+    return [program.group(1).strip()] if program else []
+
+
+def _plist_program(path: Path) -> list[str]:
+    """The command line a plist runs; empty when it cannot be read as one."""
+    try:
+        plist = plistlib.loads(path.read_bytes())
+    except (plistlib.InvalidFileException, ValueError, OSError):
+        return []
+    if not isinstance(plist, dict):
+        return []
+    program = plist.get("ProgramArguments") or [plist.get("Program")]
+    return program if isinstance(program, list) and all(isinstance(arg, str) for arg in program) else []
+
+
 class LaunchAgent:
-    def __init__(self, label: str, home: Path, uid: int, runner: Runner) -> None:
+    def __init__(
+        self, label: str, home: Path, uid: int, runner: Runner, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
         self.label = label
         self.path = home / "Library" / "LaunchAgents" / f"{label}.plist"
         self.log_file = home / "Library" / "Logs" / "mlx-sd" / LOG_FILE_NAME
-        self._domain = f"gui/{uid}"
-        self._target = f"{self._domain}/{label}"
+        # gui/<uid> exists only with a graphical login; user/<uid> also over SSH.
+        self._domains = (f"gui/{uid}", f"user/{uid}")
         self._runner = runner
+        self._sleep = sleep
 
     def _launchctl(self, *args: str) -> CommandResult:
         result = self._runner(["launchctl", *args])
@@ -185,20 +278,67 @@ class LaunchAgent:
             raise ServiceError(f"launchctl {' '.join(args)} failed ({result.returncode}): {result.output.strip()}")
         return result
 
-    def _loaded(self) -> bool:
-        return self._runner(["launchctl", "print", self._target]).returncode == 0
+    def _loaded(self) -> tuple[str, CommandResult] | None:
+        """The domain the job is loaded in, with its `launchctl print` output; None when not loaded."""
+        for domain in self._domains:
+            result = self._runner(["launchctl", "print", f"{domain}/{self.label}"])
+            if result.returncode == 0:
+                return domain, result
+        return None
+
+    def _ours(self, refusal: str) -> str | None:
+        """The domain our job is loaded in (None: not loaded); ServiceError when the definition file or
+        the loaded job under this label runs another program."""
+        if self.path.exists():
+            program = _plist_program(self.path)
+            if not runs_mlx_sd(program):
+                raise _not_ours(str(self.path), program, refusal)
+        loaded = self._loaded()
+        if loaded is None:
+            return None
+        domain, printed = loaded
+        program = _printed_program(printed.output)
+        if not runs_mlx_sd(program):
+            raise _not_ours(f"the loaded job {domain}/{self.label}", program, refusal)
+        return domain
+
+    def _bootout(self, domain: str) -> None:
+        """Unloads the job and waits until the old server has exited, so a new one can take its port."""
+        target = f"{domain}/{self.label}"
+        self._launchctl("bootout", target)
+        for _ in range(int(BOOTOUT_WAIT_SECONDS / BOOTOUT_POLL_SECONDS)):
+            if self._runner(["launchctl", "print", target]).returncode != 0:
+                return
+            self._sleep(BOOTOUT_POLL_SECONDS)
+        raise ServiceError(f"{target} is still running {BOOTOUT_WAIT_SECONDS:.0f} s after launchctl bootout; "
+                           "try again once it has stopped")
+
+    def _bootstrap(self) -> str:
+        """Loads the plist in the first domain that takes it; returns that domain."""
+        failures = []
+        for domain in self._domains:
+            result = self._runner(["launchctl", "bootstrap", domain, str(self.path)])
+            if result.returncode == 0:
+                return domain
+            failures.append(f"launchctl bootstrap {domain} failed ({result.returncode}): {result.output.strip()}")
+        raise ServiceError("; ".join(failures))
 
     def install(self, program: list[str]) -> list[str]:
+        domain = self._ours("left as it is")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        if self._loaded():  # launchd keeps the old definition until the job is unloaded
-            self._launchctl("bootout", self._target)
+        if domain is not None:  # launchd keeps the old definition until the job is unloaded
+            self._bootout(domain)
         _write_atomically(self.path, launchd_plist(self.label, program, self.log_file))
-        self._launchctl("bootstrap", self._domain, str(self.path))
-        return [f"installed {self.path}", f"started; it starts again at each login. Logs: {self.log_file}"]
+        domain = self._bootstrap()
+        lines = [f"installed {self.path}", f"started; it starts again at each login. Logs: {self.log_file}"]
+        if domain.startswith("user/"):
+            lines.append(f"loaded in {domain}: there is no graphical login; it runs until logout or restart")
+        return lines
 
     def uninstall(self) -> list[str]:
-        if self._loaded():
-            self._launchctl("bootout", self._target)
+        domain = self._ours("left in place")
+        if domain is not None:
+            self._bootout(domain)
         if not self.path.exists():
             return [f"not installed ({self.path} does not exist)"]
         self.path.unlink()
@@ -207,23 +347,26 @@ class LaunchAgent:
     def start(self) -> list[str]:
         if not self.path.exists():
             raise ServiceError(f"not installed ({self.path} does not exist); run `mlx-sd service install`")
-        if self._loaded():
-            self._launchctl("kickstart", self._target)
+        domain = self._ours("not started")
+        if domain is not None:
+            self._launchctl("kickstart", f"{domain}/{self.label}")
         else:
-            self._launchctl("bootstrap", self._domain, str(self.path))
+            self._bootstrap()
         return [f"started {self.label}"]
 
     def stop(self) -> list[str]:
-        if not self._loaded():
+        domain = self._ours("left running")
+        if domain is None:
             return [f"{self.label} is not running"]
-        self._launchctl("bootout", self._target)
+        self._bootout(domain)
         return [f"stopped {self.label} (until the next login or `mlx-sd service start`)"]
 
     def status(self) -> ServiceStatus:
         installed = self.path.exists()
-        result = self._runner(["launchctl", "print", self._target])
-        if result.returncode != 0:
+        loaded = self._loaded()
+        if loaded is None:
             return ServiceStatus(installed, False, None, "not loaded")
+        result = loaded[1]
         state = re.search(r"^\s*state = (.+)$", result.output, re.MULTILINE)
         pid = re.search(r"^\s*pid = (\d+)$", result.output, re.MULTILINE)
         running = state is not None and state.group(1).strip() == "running"
@@ -258,7 +401,20 @@ class SystemdUserUnit:
             )
         return result
 
+    def _check_ours(self, refusal: str) -> None:
+        """ServiceError when the unit file under this name runs another program."""
+        if not self.path.exists():
+            return
+        exec_start = re.search(r"^ExecStart=(.*)$", self.path.read_text(errors="replace"), re.MULTILINE)
+        try:
+            program = shlex.split(exec_start.group(1)) if exec_start else []
+        except ValueError:
+            program = []
+        if not runs_mlx_sd(program):
+            raise _not_ours(str(self.path), program, refusal)
+
     def install(self, program: list[str]) -> list[str]:
+        self._check_ours("left as it is")
         _write_atomically(self.path, systemd_unit(program).encode())
         self._systemctl("daemon-reload")
         self._systemctl("enable", self.unit)
@@ -272,6 +428,7 @@ class SystemdUserUnit:
     def uninstall(self) -> list[str]:
         if not self.path.exists():
             return [f"not installed ({self.path} does not exist)"]
+        self._check_ours("left in place")
         self._systemctl("disable", "--now", self.unit)
         self.path.unlink()
         self._systemctl("daemon-reload")
@@ -280,10 +437,12 @@ class SystemdUserUnit:
     def start(self) -> list[str]:
         if not self.path.exists():
             raise ServiceError(f"not installed ({self.path} does not exist); run `mlx-sd service install`")
+        self._check_ours("not started")
         self._systemctl("start", self.unit)
         return [f"started {self.unit}"]
 
     def stop(self) -> list[str]:
+        self._check_ours("left running")
         self._systemctl("stop", self.unit)
         return [f"stopped {self.unit} (until the next login or `mlx-sd service start`)"]
 

@@ -30,3 +30,19 @@ def test_convert_refuses_a_pickle_checkpoint_without_a_traceback(tmp_path: Path)
     result = CliRunner().invoke(app, ["convert", str(checkpoint), str(tmp_path / "out.safetensors")])
     assert result.exit_code == 1
     assert "pickle" in result.output and "Traceback" not in result.output
+
+
+def test_convert_creates_a_destination_folder_named_without_a_suffix(tmp_path: Path) -> None:
+    destination = tmp_path / "converted"
+    result = CliRunner().invoke(app, ["convert", str(DIFFUSERS), str(destination)])
+    assert result.exit_code == 0, result.output
+    assert f"created the cache folder {destination}" in result.stdout
+    written = [p for p in destination.rglob("*") if p.is_file()]
+    assert written and f"wrote {written[0]}" in result.stdout
+
+
+def test_convert_leaves_no_folder_behind_when_it_fails(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "missing"), str(tmp_path / "converted")])
+    assert result.exit_code == 1 and not (tmp_path / "converted").exists()
+    result = CliRunner().invoke(app, ["convert", str(DIFFUSERS), str(tmp_path / "model.ckpt")])
+    assert result.exit_code == 1 and "or a .safetensors file" in result.stderr

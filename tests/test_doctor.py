@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +15,13 @@ from typer.testing import CliRunner
 
 from grpc_service.auth import SHARED_SECRET_ENV
 from grpc_service.tls import ensure_self_signed
-from mlx_sd import service
+from mlx_sd import doctor, service
 from mlx_sd.cli import app
 from mlx_sd.doctor import (
     Level,
     check_config_file,
+    check_container_access,
+    check_local_network,
     check_mlx,
     check_models,
     check_port,
@@ -144,6 +147,7 @@ def config(tmp_path: Path, monkeypatch) -> Path:
     show = CommandResult(0, "ActiveState=inactive\nSubState=dead\nMainPID=0\n")
     monkeypatch.setattr(service, "current_platform", lambda: "linux")
     monkeypatch.setattr(service, "run_command", lambda args, capture=True: show)
+    monkeypatch.setattr(doctor, "send_multicast", lambda: None)  # nothing leaves the machine
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv(SHARED_SECRET_ENV, raising=False)
     path = tmp_path / "config.toml"
@@ -164,3 +168,79 @@ def test_doctor_command_passes_without_failures(config: Path) -> None:
     result = CliRunner().invoke(app, ["--config", str(config), "doctor", "--port", str(free_port())])
     assert result.exit_code == 0, result.stdout
     assert "FAIL" not in result.stdout and "hint:" in result.stdout
+
+
+def test_doctor_command_warns_when_the_network_is_unreachable(config: Path, monkeypatch) -> None:
+    def unreachable() -> None:
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    monkeypatch.setattr(doctor, "send_multicast", unreachable)
+    result = CliRunner().invoke(app, ["--config", str(config), "doctor", "--port", str(free_port())])
+    assert result.exit_code == 0, result.stdout
+    assert any(
+        line.startswith("WARN  network") and "Network is unreachable" in line for line in result.stdout.splitlines()
+    )
+
+
+def test_models_in_a_protected_container_fail_with_the_permission(tmp_path: Path, monkeypatch) -> None:
+    models = tmp_path / "Library/Containers/com.liuliu.draw-things/Data/Documents/Models"
+    models.mkdir(parents=True)
+    real_scandir = doctor.os.scandir
+
+    def scandir(path):  # macOS privacy protection answers EPERM, even to root
+        if Path(path) == models:
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(doctor.os, "scandir", scandir)
+    check = check_models(models)
+    assert check.level is Level.FAIL and "access data from other apps" in check.message
+    assert "Full Disk Access" in check.hint
+
+
+def test_a_readable_container_still_explains_the_service_permission(tmp_path: Path, monkeypatch) -> None:
+    models = tmp_path / "Library/Containers/com.liuliu.draw-things/Data/Documents/Models"
+    models.mkdir(parents=True)
+    monkeypatch.setattr(doctor, "current_platform", lambda: "darwin")
+    check = check_container_access(models)
+    assert check is not None and check.level is Level.OK and "Full Disk Access" in check.hint
+    assert check_container_access(tmp_path) is None  # not another app's container
+    monkeypatch.setattr(doctor, "current_platform", lambda: "linux")
+    assert check_container_access(models) is None
+
+
+def test_local_network_denied_on_a_mac_names_the_setting(monkeypatch) -> None:
+    def denied() -> None:
+        raise OSError(errno.EHOSTUNREACH, "No route to host")
+
+    monkeypatch.setattr(doctor, "current_platform", lambda: "darwin")
+    check = check_local_network(lambda: "192.168.1.20", denied)
+    assert check.level is Level.WARN and "No route to host" in check.message
+    assert "Privacy & Security > Local Network" in check.hint
+    check = check_local_network(lambda: "192.168.1.20", lambda: None)
+    assert check.level is Level.OK and "192.168.1.20" in check.message
+    assert "the service, started by launchd, is asked for its own" in check.hint
+
+
+def test_local_network_probe_sends_an_empty_mdns_message(monkeypatch) -> None:
+    sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    class Recorder:
+        def __init__(self, *args) -> None:
+            pass
+
+        def __enter__(self) -> Recorder:
+            return self
+
+        def __exit__(self, *args) -> None:
+            pass
+
+        def setsockopt(self, *args) -> None:
+            pass
+
+        def sendto(self, data: bytes, address: tuple[str, int]) -> None:
+            sent.append((data, address))
+
+    monkeypatch.setattr(doctor.socket, "socket", Recorder)
+    doctor.send_multicast()
+    assert sent == [(bytes(12), ("224.0.0.251", 5353))]  # header only: no questions, nothing to answer

@@ -187,6 +187,14 @@ def test_without_the_model_file_the_answer_is_not_found(server, stub_for) -> Non
     assert "stable-diffusion/model.safetensors" in error.details()
 
 
+def test_stray_files_beside_a_missing_model_file_are_not_found_naming_it(server, stub_for, models_dir: Path) -> None:
+    (models_dir / "stable-diffusion").mkdir()
+    (models_dir / "stable-diffusion" / "a.bin").write_bytes(b"a pickle, say")
+    error = rpc_error(lambda: generate(stub_for(server), prompt="x"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error.details().endswith(": stable-diffusion/model.safetensors")
+
+
 def test_an_unreadable_model_file_is_an_internal_error_naming_it(server, stub_for, models_dir: Path) -> None:
     (models_dir / "stable-diffusion").mkdir()
     (models_dir / "stable-diffusion" / "model.safetensors").write_bytes(b"weights")

@@ -10,7 +10,14 @@ import pytest
 
 from grpc_service.generated import imageservice_pb2 as pb
 from mlx_sd.errors import InvalidRequest, MemoryBudgetExceeded
-from mlx_sd.memory_budget import VAE_LIVE_MAPS_CPU, MemoryBudget, ModelShape, estimate_request_bytes, format_bytes
+from mlx_sd.memory_budget import (
+    VAE_LIVE_MAPS,
+    VAE_LIVE_MAPS_CPU,
+    MemoryBudget,
+    ModelShape,
+    estimate_request_bytes,
+    format_bytes,
+)
 from mlx_sd.model_store import ModelStore
 from mlx_sd.models.unet import UNetConfig
 from mlx_sd.models.vae import VAEConfig
@@ -49,6 +56,70 @@ def test_a_request_that_does_not_fit_beside_the_weights_is_resource_exhausted() 
     assert budget.check(512, 512, 1, 2, in_use=100).total == needed  # exactly fits
     with pytest.raises(MemoryBudgetExceeded, match=f"beside the {format_bytes(101)} in use"):
         budget.check(512, 512, 1, 2, in_use=101)
+
+
+GIB = 1024**3
+# SD 1.x in fp16: UNet, CLIP text encoder and VAE parameters (859.52 M, 123.06 M, 83.65 M) x 2 bytes.
+SD1_FP16_WEIGHTS = (859_520_964 + 123_060_480 + 83_653_863) * 2
+
+
+def metal_formula(width: int, height: int, batch: int) -> int:
+    """docs/api.md's Metal estimate for SD 1.x (8 heads, C = 256, 8 live maps), b = 2 bytes."""
+    tokens = (width // 8) * (height // 8)
+    latents = batch * 4 * tokens * 4 * 4
+    attention = tokens**2 * 8 * batch * 2 * 2
+    vae = batch * 2 * (width * height * 256 * 8 + tokens**2)
+    return latents + attention + vae
+
+
+def mac_budget(memory_gib: int) -> MemoryBudget:
+    """Metal's default on an Apple silicon Mac: the working set it recommends (2/3 of memory up to 24 GB,
+    as MLX reports it there), soft, under physical memory."""
+    return MemoryBudget(memory_gib * GIB * 2 // 3, hard_limit=memory_gib * GIB)
+
+
+@pytest.mark.parametrize(
+    "memory_gib, width, height, batch, outcome",
+    [
+        (8, 512, 512, 1, "runs"),  # 3.8 GB with the weights, under the 5.3 GiB working set
+        (8, 512, 512, 2, "runs"),  # 5.4 GB
+        (8, 768, 768, 1, "warns"),  # 7.4 GB: past the working set, within the 8 GiB
+        (8, 1024, 1024, 1, "refused"),  # 13.4 GB alone: more than the Mac has
+        (16, 512, 512, 2, "runs"),
+        (16, 768, 768, 1, "runs"),  # under the 10.7 GiB working set
+        (16, 1024, 1024, 1, "warns"),  # 15.5 GB: within 16 GiB
+        (24, 768, 768, 2, "runs"),  # 12.7 GB, under the 16 GiB working set
+        (24, 1024, 1024, 1, "runs"),  # 15.5 GB
+        (24, 768, 768, 3, "warns"),  # 18.0 GB: past the working set, within 24 GiB
+        (24, 1024, 1024, 2, "refused"),  # 26.8 GB alone
+    ],
+)
+def test_the_metal_budget_on_8_16_and_24_gb_macs(memory_gib, width, height, batch, outcome, caplog) -> None:
+    estimate = estimate_request_bytes(width, height, batch, 2, ModelShape(), VAE_LIVE_MAPS)
+    assert estimate.total == metal_formula(width, height, batch)
+    budget = mac_budget(memory_gib)
+    if outcome == "refused":
+        with pytest.raises(InvalidRequest, match=f"more than the physical memory of {memory_gib}.00 GiB"):
+            budget.check(width, height, batch, 2, SD1_FP16_WEIGHTS)
+        return
+    with caplog.at_level("WARNING", logger="mlx_sd.memory_budget"):
+        budget.check(width, height, batch, 2, SD1_FP16_WEIGHTS)
+    warned = [r.getMessage() for r in caplog.records]
+    assert bool(warned) == (outcome == "warns")
+    assert all("more than the recommended GPU working set" in message for message in warned)
+
+
+def test_metal_refuses_beside_the_weights_only_beyond_physical_memory() -> None:
+    budget = mac_budget(16)
+    needed = estimate_request_bytes(1024, 1024, 1, 2).total
+    with pytest.raises(MemoryBudgetExceeded, match="more than the physical memory of 16.00 GiB"):
+        budget.check(1024, 1024, 1, 2, in_use=16 * GIB - needed + 1)
+
+
+def test_an_explicit_budget_still_refuses_on_metal() -> None:
+    """--memory-budget is a hard limit, whatever the device."""
+    with pytest.raises(InvalidRequest, match="more than the memory budget of 4.00 GiB"):
+        MemoryBudget(4 * GIB).check(1024, 1024, 1, 2, in_use=0)
 
 
 def test_the_estimate_bounds_the_measured_peak_of_the_tiny_model(tiny_models: Path) -> None:

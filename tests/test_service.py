@@ -63,18 +63,19 @@ def agent(home: Path, answers=None) -> tuple[LaunchAgent, FakeRunner]:
     return LaunchAgent(DEFAULT_LABEL, home, 501, fake), fake
 
 
-def test_plist_is_a_background_agent_that_restarts(tmp_path: Path) -> None:
+def test_plist_is_an_interactive_agent_restarted_when_it_fails(tmp_path: Path) -> None:
     log = tmp_path / "Library/Logs/mlx-sd/mlx-sd.log"
     plist = plistlib.loads(launchd_plist(DEFAULT_LABEL, PROGRAM, log))
     assert plist == {
         "Label": "com.drawthings.grpcserver",
         "ProgramArguments": PROGRAM,
         "RunAtLoad": True,
-        "KeepAlive": True,
-        "ProcessType": "Background",
+        "KeepAlive": {"SuccessfulExit": False},
+        "ThrottleInterval": 60,
+        "ProcessType": "Interactive",
         "StandardOutPath": str(log),
         "StandardErrorPath": str(log),
-        "EnvironmentVariables": {"PYTHONUNBUFFERED": "1"},
+        "EnvironmentVariables": {"PYTHONUNBUFFERED": "1", "MLX_SD_SERVICE_LOG": str(log)},
     }
 
 
@@ -83,11 +84,13 @@ def test_systemd_unit() -> None:
     assert unit.splitlines() == [
         "[Unit]",
         f"Description={service.DESCRIPTION}",
+        "StartLimitIntervalSec=600",
+        "StartLimitBurst=5",
         "",
         "[Service]",
         'ExecStart=/home/me/.venv/bin/mlx-sd serve "/home/me/My Models"',
-        "Restart=always",
-        "RestartSec=5",
+        "Restart=on-failure",
+        "RestartSec=10",
         "Environment=PYTHONUNBUFFERED=1",
         "",
         "[Install]",
@@ -126,15 +129,156 @@ def test_launchd_install_writes_the_plist_and_bootstraps(tmp_path: Path) -> None
     assert (tmp_path / "Library/Logs/mlx-sd").is_dir()
     assert fake.commands == [
         ["launchctl", "print", "gui/501/com.drawthings.grpcserver"],
+        ["launchctl", "print", "user/501/com.drawthings.grpcserver"],
         ["launchctl", "bootstrap", "gui/501", str(plist_path)],
     ]
 
 
-def test_launchd_reinstall_unloads_the_old_definition_first(tmp_path: Path) -> None:
-    manager, fake = agent(tmp_path, LOADED)
+class FakeLaunchd:
+    """launchctl print/bootstrap/bootout/kickstart against a table of loaded jobs; a booted-out job stays
+    printable for `drain` more prints (the old server finishing its calls)."""
+
+    def __init__(self, loaded: dict[str, str] | None = None, gui: bool = True, drain: int = 2) -> None:
+        self.loaded = dict(loaded or {})  # target -> `launchctl print` output
+        self.draining: dict[str, int] = {}
+        self.gui, self.drain = gui, drain
+        self.commands: list[list[str]] = []
+
+    def __call__(self, args: list[str], *, capture: bool = True) -> CommandResult:
+        self.commands.append(args)
+        verb, target = args[1], args[2]
+        if verb == "print":
+            if self.draining.get(target):
+                self.draining[target] -= 1
+                return CommandResult(0, self.loaded.get(target, LAUNCHCTL_PRINT))
+            return CommandResult(0, self.loaded[target]) if target in self.loaded else CommandResult(113, "")
+        if verb == "bootstrap":
+            if target.startswith("gui/") and not self.gui:
+                return CommandResult(125, "Bootstrap failed: 125: Domain does not support specified action")
+            label = plistlib.loads(Path(args[3]).read_bytes())["Label"]
+            self.loaded[f"{target}/{label}"] = LAUNCHCTL_PRINT
+            return CommandResult(0, "")
+        if verb == "bootout":
+            self.loaded.pop(target)
+            self.draining[target] = self.drain
+        return CommandResult(0, "")
+
+
+GUI_TARGET = "gui/501/com.drawthings.grpcserver"
+USER_TARGET = "user/501/com.drawthings.grpcserver"
+
+
+def launchd_agent(home: Path, fake: FakeLaunchd, sleeps: list[float] | None = None) -> LaunchAgent:
+    return LaunchAgent(DEFAULT_LABEL, home, 501, fake, sleep=(sleeps if sleeps is not None else []).append)
+
+
+def test_launchd_reinstall_waits_for_the_old_server_to_exit(tmp_path: Path) -> None:
+    fake, sleeps = FakeLaunchd({GUI_TARGET: LAUNCHCTL_PRINT}, drain=3), []
+    launchd_agent(tmp_path, fake, sleeps).install(PROGRAM)
+    verbs = [c[1] for c in fake.commands]
+    assert verbs == ["print", "bootout", "print", "print", "print", "print", "bootstrap"]
+    assert fake.commands[1] == ["launchctl", "bootout", GUI_TARGET]
+    assert sleeps == [service.BOOTOUT_POLL_SECONDS] * 3  # polled until print no longer finds it
+
+
+def test_launchd_gives_up_on_a_server_that_does_not_exit(tmp_path: Path) -> None:
+    fake = FakeLaunchd({GUI_TARGET: LAUNCHCTL_PRINT}, drain=10**6)
+    sleeps: list[float] = []
+    with pytest.raises(ServiceError, match="still running 30 s after launchctl bootout"):
+        launchd_agent(tmp_path, fake, sleeps).install(PROGRAM)
+    assert sum(sleeps) == pytest.approx(service.BOOTOUT_WAIT_SECONDS)  # bounded
+    assert not (tmp_path / "Library/LaunchAgents/com.drawthings.grpcserver.plist").exists()
+
+
+def test_launchd_falls_back_to_the_user_domain_without_a_graphical_login(tmp_path: Path) -> None:
+    fake = FakeLaunchd(gui=False)
+    manager = launchd_agent(tmp_path, fake)
+    lines = manager.install(PROGRAM)
+    assert fake.commands[-2:] == [
+        ["launchctl", "bootstrap", "gui/501", str(manager.path)],
+        ["launchctl", "bootstrap", "user/501", str(manager.path)],
+    ]
+    assert "loaded in user/501" in lines[-1]
+    assert manager.status().running  # found in the user domain
+    manager.stop()
+    assert ["launchctl", "bootout", USER_TARGET] in fake.commands
+
+
+def test_launchd_reports_both_domains_when_neither_takes_it(tmp_path: Path) -> None:
+    manager, _ = agent(tmp_path, {**NOT_LOADED, ("launchctl", "bootstrap"): CommandResult(5, "Input/output error")})
+    with pytest.raises(ServiceError, match="bootstrap gui/501 failed \\(5\\).*; launchctl bootstrap user/501 failed"):
+        manager.install(PROGRAM)
+
+
+DRAW_THINGS_PROGRAM = ["/Applications/Draw Things.app/Contents/MacOS/gRPCServerCLI", "serve"]
+FOREIGN_PRINT = LAUNCHCTL_PRINT.replace("program = /opt/homebrew/bin/mlx-sd", f"program = {DRAW_THINGS_PROGRAM[0]}")
+
+
+def foreign_plist(home: Path) -> tuple[Path, bytes]:
+    path = home / "Library/LaunchAgents/com.drawthings.grpcserver.plist"
+    path.parent.mkdir(parents=True)
+    data = plistlib.dumps({"Label": DEFAULT_LABEL, "ProgramArguments": DRAW_THINGS_PROGRAM, "KeepAlive": True})
+    path.write_bytes(data)
+    return path, data
+
+
+@pytest.mark.parametrize("action", ["install", "uninstall", "start", "stop"])
+def test_launchd_never_touches_another_programs_plist(tmp_path: Path, action: str) -> None:
+    path, data = foreign_plist(tmp_path)
+    fake = FakeLaunchd({GUI_TARGET: FOREIGN_PRINT})
+    manager = launchd_agent(tmp_path, fake)
+    with pytest.raises(ServiceError, match="belongs to another program .*gRPCServerCLI.*--label .* --port"):
+        manager.install(PROGRAM) if action == "install" else getattr(manager, action)()
+    assert path.read_bytes() == data  # neither overwritten nor deleted
+    assert [c[1] for c in fake.commands if c[1] != "print"] == []  # nothing booted out, loaded or kicked
+
+
+def test_launchd_leaves_an_unreadable_plist_alone(tmp_path: Path) -> None:
+    path = tmp_path / "Library/LaunchAgents/com.drawthings.grpcserver.plist"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a plist")
+    with pytest.raises(ServiceError, match="belongs to another program \\(no program\\)"):
+        launchd_agent(tmp_path, FakeLaunchd()).uninstall()
+    assert path.read_bytes() == b"not a plist"
+
+
+def test_launchd_never_unloads_another_programs_loaded_job(tmp_path: Path) -> None:
+    """Draw Things' own server may be loaded under the label without a plist in ~/Library/LaunchAgents."""
+    arguments = LAUNCHCTL_PRINT.replace(
+        "\tprogram = /opt/homebrew/bin/mlx-sd\n", "\targuments = {\n\t\t/usr/bin/python3\n\t\tother.py\n\t}\n"
+    )
+    fake = FakeLaunchd({GUI_TARGET: arguments})
+    with pytest.raises(ServiceError, match="the loaded job gui/501/com.drawthings.grpcserver belongs to another"):
+        launchd_agent(tmp_path, fake).install(PROGRAM)
+    assert fake.loaded == {GUI_TARGET: arguments} and not (tmp_path / "Library/LaunchAgents").exists()
+
+
+def test_launchd_replaces_its_own_definition_from_another_install(tmp_path: Path) -> None:
+    python_program = ["/usr/bin/python3", "-m", "mlx_sd.cli", "serve"]
+    path = tmp_path / "Library/LaunchAgents/com.drawthings.grpcserver.plist"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(launchd_plist(DEFAULT_LABEL, python_program, tmp_path / "log"))
+    manager = launchd_agent(tmp_path, FakeLaunchd())
     manager.install(PROGRAM)
-    assert [c[1] for c in fake.commands] == ["print", "bootout", "bootstrap"]
-    assert fake.commands[1] == ["launchctl", "bootout", "gui/501/com.drawthings.grpcserver"]
+    assert plistlib.loads(path.read_bytes())["ProgramArguments"] == PROGRAM
+    manager.uninstall()
+    assert not path.exists()
+
+
+def test_the_service_log_is_rotated_past_its_size(tmp_path: Path) -> None:
+    log = tmp_path / "mlx-sd.log"
+    log.write_bytes(b"x" * 100)
+    fd = service.os.open(log, service.os.O_WRONLY | service.os.O_APPEND)  # the stdout launchd opened
+    try:
+        assert not service.rotate_log(log, (fd,), max_bytes=100)
+        service.os.write(fd, b"y")
+        assert service.rotate_log(log, (fd,), max_bytes=100)
+        service.os.write(fd, b"after")
+    finally:
+        service.os.close(fd)
+    assert (tmp_path / "mlx-sd.log.1").read_bytes() == b"x" * 100 + b"y"
+    assert log.read_bytes() == b"after"  # the descriptor now writes to the new file
+    assert not service.rotate_log(tmp_path / "missing.log", (), max_bytes=0)
 
 
 def test_launchd_failure_is_reported_with_launchctl_output(tmp_path: Path) -> None:
@@ -144,21 +288,20 @@ def test_launchd_failure_is_reported_with_launchctl_output(tmp_path: Path) -> No
 
 
 def test_launchd_start_stop_uninstall(tmp_path: Path) -> None:
-    manager, fake = agent(tmp_path, NOT_LOADED)
+    fake = FakeLaunchd(drain=0)
+    manager = launchd_agent(tmp_path, fake)
     with pytest.raises(ServiceError, match="not installed"):
         manager.start()
     manager.install(PROGRAM)
     manager.start()
-    assert fake.commands[-1][:2] == ["launchctl", "bootstrap"]
-    assert manager.stop() == [f"{DEFAULT_LABEL} is not running"]
-
-    manager._runner = loaded = FakeRunner(LOADED)
-    manager.start()
-    assert loaded.commands[-1] == ["launchctl", "kickstart", "gui/501/com.drawthings.grpcserver"]
+    assert fake.commands[-1] == ["launchctl", "kickstart", GUI_TARGET]
     manager.stop()
-    assert loaded.commands[-1] == ["launchctl", "bootout", "gui/501/com.drawthings.grpcserver"]
+    assert fake.commands[-2] == ["launchctl", "bootout", GUI_TARGET]
+    assert manager.stop() == [f"{DEFAULT_LABEL} is not running"]
+    manager.start()
+    assert fake.commands[-1] == ["launchctl", "bootstrap", "gui/501", str(manager.path)]
     manager.uninstall()
-    assert not manager.path.exists()
+    assert not manager.path.exists() and fake.loaded == {}
 
 
 def test_launchd_status(tmp_path: Path) -> None:
@@ -214,6 +357,17 @@ def test_systemd_status_and_logs(tmp_path: Path) -> None:
         ["journalctl", "--user", "--unit", "mlx-sd.service", "--lines", "20", "--no-pager", "--follow"],
         False,
     )
+
+
+@pytest.mark.parametrize("action", ["install", "uninstall", "start", "stop"])
+def test_systemd_never_touches_another_programs_unit(tmp_path: Path, action: str) -> None:
+    manager, fake = unit(tmp_path)
+    manager.path.parent.mkdir(parents=True)
+    manager.path.write_text("[Service]\nExecStart=/usr/bin/other-server --port 7859\n")
+    with pytest.raises(ServiceError, match="belongs to another program \\(/usr/bin/other-server --port 7859\\)"):
+        manager.install(PROGRAM) if action == "install" else getattr(manager, action)()
+    assert manager.path.read_text() == "[Service]\nExecStart=/usr/bin/other-server --port 7859\n"
+    assert fake.commands == []
 
 
 def test_systemd_failure_is_reported(tmp_path: Path) -> None:
