@@ -55,13 +55,13 @@ class MlxSd < Formula
   end
 
   resource "flatbuffers" do
-    url "https://files.pythonhosted.org/packages/e8/2d/d2a548598be01649e2d46231d151a6c56d10b964d94043a335ae56ea2d92/flatbuffers-25.12.19-py2.py3-none-any.whl", using: :nounzip
-    sha256 "7634f50c427838bb021c2d66a3d1168e9d199b0607e6329399f04846d42e20b4"
+    url "https://files.pythonhosted.org/packages/9d/1f/3ee70b0a55137442038f2a33469cc5fddd7e0ad2abf83d7497c18a2b6923/flatbuffers-25.9.23.tar.gz"
+    sha256 "676f9fa62750bb50cf531b42a0a2a118ad8f7f797a511eda12881c016f093b12"
   end
 
   resource "fpzip" do
-    url "https://files.pythonhosted.org/packages/16/89/2aa4801f59aff5227164560cf5c3681fe6f018f4c90f5b91789525c1195f/fpzip-1.2.5-cp312-cp312-macosx_11_0_arm64.whl", using: :nounzip
-    sha256 "668879d33906585ac08d18f1524df0fd714b00bf86f9224329681ec1a2e1f2ed"
+    url "https://files.pythonhosted.org/packages/5a/4e/67b22af6c224488d31eefbba6759990d652a8815de5becf3f169fcc65de0/fpzip-1.2.5.tar.gz"
+    sha256 "b52895115ec068ae75c743a3f46e96f8b8cbe7b249afc31c97ce6019cc24a5a1"
   end
 
   resource "fsspec" do
