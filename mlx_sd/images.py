@@ -29,6 +29,7 @@ class Parameters:
     upscaler: str | None = None
     face_restoration: str | None = None  # the restorer's name, when faces were restored
     clip_skip: int = 1
+    upscaled_by: int | None = None  # the finished image's upscale factor (Real-ESRGAN), when it was upscaled
 
     def text(self) -> str:
         fields = [
@@ -52,6 +53,8 @@ class Parameters:
                 ("Hires resize", f"{self.width}x{self.height}"),
                 ("Hires upscaler", self.upscaler or "Lanczos"),
             ]
+        if self.upscaled_by is not None:  # A1111's names for its extras tab's upscaling
+            fields += [("Postprocess upscale by", self.upscaled_by), ("Postprocess upscaler", "Real-ESRGAN")]
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")

@@ -57,8 +57,10 @@ class Pipeline:
 
     def __call__(self, request: GenerationRequest, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Event]:
         """Generate the images of a validated request."""
-        # Before any sampling: missing face-restoration weights fail the request at once.
+        # Before any sampling: missing face-restoration or upscaler weights fail the request at once.
         restorer = self._restoration.face_restorer() if request.restore_faces else None
+        upscaler = self._restoration.required_upscaler() if request.upscale else None
+        upscale_by = (request.upscale_factor or upscaler.scale) if upscaler is not None else None
         model = self._store.get(request.model)
         if self._memory_budget is not None:  # before this request allocates anything
             unet, vae = model.models.unet, model.models.vae
@@ -86,6 +88,9 @@ class Pipeline:
             if restorer is not None:
                 pixels = np.stack([restorer(image) for image in pixels])
                 yield ProgressEvent(EventType.FACE_RESTORED, "faces restored")
+            if upscaler is not None:
+                pixels = np.stack([upscaler.upscale(image, scale=upscale_by) for image in pixels])
+                yield ProgressEvent(EventType.IMAGE_UPSCALED, f"upscaled x{upscale_by}")
             for item_seed, image in zip(seeds, pixels):
                 parameters = Parameters(
                     prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
@@ -94,6 +99,7 @@ class Pipeline:
                     first_pass_size=first_pass, denoising_strength=strength if first_pass else None,
                     upscaler=self._restoration.upscaler_name() if first_pass else None,
                     face_restoration="GFPGAN" if restorer is not None else None, clip_skip=request.clip_skip,
+                    upscaled_by=upscale_by,
                 )
                 images.append(GeneratedImage(image, item_seed, parameters))
         yield GenerationResult(images)

@@ -33,6 +33,8 @@ MAX_BATCH_SIZE = 8
 MAX_BATCH_COUNT = 100
 MAX_PROMPT_CHARS = 10_000
 MAX_CLIP_SKIP = 12  # CLIP ViT-L's layers
+MAX_UPSCALE_FACTOR = 4
+MAX_UPSCALED_SIDE = 8192  # bounds a finished image's memory (8192x8192x3 bytes: 192 MiB)
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
@@ -64,6 +66,9 @@ class GenerationRequest:
     # A checkpoint file (or diffusers folder) relative to the model directory; "" is the default
     # model, `stable-diffusion/`.
     model: str = ""
+    # Upscale the finished images with the installed upscaler, by `upscale_factor` (0: the network's own).
+    upscale: bool = False
+    upscale_factor: int = 0
 
     def validated(self) -> GenerationRequest:
         """This request with defaults filled in and the sampler name canonical.
@@ -87,6 +92,10 @@ class GenerationRequest:
         clip_skip = _int_in_range("clip_skip", self.clip_skip or 1, 1, MAX_CLIP_SKIP)
         first_width, first_height = self._hires_first_pass(width, height)
         preview_every = _int_in_range("preview_every", self.preview_every, 0, MAX_STEPS)
+        upscale_factor = _int_in_range("upscale_factor", self.upscale_factor, 0, MAX_UPSCALE_FACTOR)
+        if self.upscale and max(width, height) * (upscale_factor or MAX_UPSCALE_FACTOR) > MAX_UPSCALED_SIDE:
+            raise InvalidRequest("upscale_factor", f"the upscaled image may be at most {MAX_UPSCALED_SIDE} pixels a "
+                                                   f"side ({width}x{height} x{upscale_factor or 'up to 4'})")
         if self.seed_mode not in SEED_MODES:
             supported = ", ".join(SEED_MODES)
             raise InvalidRequest("seed_mode", f"unknown seed mode {self.seed_mode!r}; supported: {supported}")
@@ -114,6 +123,7 @@ class GenerationRequest:
             hires_first_height=first_height,
             preview_every=preview_every,
             stochastic_sampling_gamma=gamma,
+            upscale_factor=upscale_factor,
         )
 
     def _hires_first_pass(self, width: int, height: int) -> tuple[int, int]:

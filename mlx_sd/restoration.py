@@ -1,6 +1,7 @@
 """The optional post-processing networks of a model directory, for the pipeline.
 
-- `upscaler/model.safetensors`: Real-ESRGAN, used by the hires fix instead of Lanczos when present.
+- `upscaler/model.safetensors`: Real-ESRGAN, used by the hires fix instead of Lanczos when present,
+  and to upscale finished images when a request asks.
 - `face_restoration/{gfpgan,detection}.safetensors`: GFPGAN + RetinaFace, for restore_faces.
 Each is loaded on first use and again when its files change, like the SD model.
 """
@@ -29,6 +30,12 @@ class Restoration:
     def upscaler(self) -> Upscaler | None:
         """The installed upscaler, or None (the hires fix then resizes with Lanczos)."""
         return self._upscaler.get() if (self._models_dir / UPSCALER_FILE).is_file() else None
+
+    def required_upscaler(self) -> Upscaler:
+        """The installed upscaler, for a request that asks to upscale; MissingWeights names its file."""
+        if not (self._models_dir / UPSCALER_FILE).is_file():
+            raise MissingWeights(UPSCALER_FILE)
+        return self._upscaler.get()
 
     def upscaler_name(self) -> str | None:
         """What the images' parameters call the hires upscaler (None: Lanczos)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import sqlite3
 
 import grpc
@@ -14,9 +15,12 @@ import pytest
 from PIL import Image
 
 from grpc_service.generated import imageservice_pb2 as api
+from mlx_sd.upscale import UPSCALER_FILE, load_upscaler
+from tests.conftest import FIXTURES
 from tests.dt_client import FPZIP, RAW, build_configuration, codec_of, collect_images, decode_image, decode_tensor, image_tensor
 from tests.dt_fixtures import dt_connect, dt_messages  # noqa: F401  (fixtures)
 
+RESTORATION = FIXTURES / "restoration"
 PROMPT, NEGATIVE = "a lighthouse", "fog"
 # The documented API's defaults where Draw Things has its own: DPM++ 2M Karras (0), torch-CPU noise (1).
 BASE = dict(start_width=1, start_height=1, steps=2, guidance_scale=5.0, seed=9, sampler=0, seed_mode=1)
@@ -100,7 +104,6 @@ def test_the_hires_fix_runs_a_second_pass_from_its_start_size(server_factory, dt
     (dict(loras=["style.safetensors"]), "loras"),
     (dict(controls=["canny.safetensors"]), "controls"),
     (dict(shift=2.0), "shift"),
-    (dict(upscaler="realesrgan_x4plus_f16.ckpt"), "upscaler"),
     (dict(refiner_model="refiner.safetensors"), "refiner_model"),
 ])
 def test_settings_that_would_change_the_image_are_refused_by_name(server_factory, dt_connect, tiny_models, config,
@@ -109,6 +112,29 @@ def test_settings_that_would_change_the_image_are_refused_by_name(server_factory
     with pytest.raises(grpc.RpcError) as caught:
         list(client.generate(dt_request(client, **config)))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and caught.value.details().startswith(setting)
+
+
+def test_an_upscaler_upscales_the_finished_images_with_the_installed_one(server_factory, dt_connect, stub_for,
+                                                                         tiny_models) -> None:
+    server = server_factory()
+    client = dt_connect(server)
+    with pytest.raises(grpc.RpcError) as caught:  # named, but none installed
+        list(client.generate(dt_request(client, upscaler="realesrgan_x4plus_f16.ckpt")))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "upscaler/model.safetensors" in caught.value.details()
+    (tiny_models / "upscaler").mkdir()
+    shutil.copy(RESTORATION / "esrgan_rrdb_x2.safetensors", tiny_models / UPSCALER_FILE)
+    expected = load_upscaler(tiny_models / UPSCALER_FILE).upscale(documented_pixels(stub_for, server)[0])
+    for factor, side in ((0, 128), (3, 192)):  # 0: the network's own factor
+        responses = list(client.generate(dt_request(client, upscaler="realesrgan_x4plus_f16.ckpt",
+                                                    upscaler_scale_factor=factor)))
+        (data,), progress = collect_images(responses)
+        assert decode_image(data).shape == (side, side, 3)
+        assert [r.scaleFactor for r in responses if r.generatedImages] == [side // 64]
+        assert progress[0].currentSignpost.WhichOneof("signpost") == "textEncoded"
+        assert "imageUpscaled" in {s.WhichOneof("signpost") for s in progress[0].signposts}
+        if factor == 0:
+            assert np.array_equal(decode_image(data), expected)
 
 
 def test_speed_settings_are_ignored(server_factory, dt_connect, tiny_models) -> None:

@@ -16,9 +16,9 @@ from mlx_sd.faces import DETECTOR_FILE, RESTORER_FILE
 from mlx_sd.model_store import ModelStore
 from mlx_sd.pipeline import Pipeline
 from mlx_sd.request import GenerationRequest
-from mlx_sd.upscale import UPSCALER_FILE
+from mlx_sd.upscale import UPSCALER_FILE, load_upscaler
+from tests.conftest import FIXTURES, install_tiny_model
 
-FIXTURES = Path(__file__).parent / "fixtures"
 RESTORATION = FIXTURES / "restoration"
 
 
@@ -29,8 +29,7 @@ def _request(**fields) -> GenerationRequest:
 
 @pytest.fixture
 def models_dir(tmp_path: Path) -> Path:
-    shutil.copytree(FIXTURES / "sd1_tiny" / "diffusers", tmp_path / "stable-diffusion")
-    return tmp_path
+    return install_tiny_model(tmp_path)
 
 
 def _install_faces(models_dir: Path) -> None:
@@ -70,3 +69,20 @@ def test_hires_fix_uses_the_installed_upscaler(models_dir: Path) -> None:
     texts = [result.images[0].parameters.text() for result in (items[-1], lanczos)]
     assert "Hires upscaler: Real-ESRGAN" in texts[0] and "Lanczos" in texts[1]
     assert items[-1].images[0] != lanczos.images[0]
+
+
+def test_finished_images_are_upscaled_after_their_faces_are_restored(models_dir: Path) -> None:
+    pipeline = Pipeline(ModelStore(models_dir))
+    with pytest.raises(MissingWeights, match="upscaler/model.safetensors"):  # before any sampling
+        next(pipeline(_request(upscale=True)))
+    plain = list(pipeline(_request(width=64, height=64)))[-1].images[0]
+    (models_dir / "upscaler").mkdir()
+    shutil.copy(RESTORATION / "esrgan_rrdb_x2.safetensors", models_dir / UPSCALER_FILE)
+    for factor, side in ((0, 128), (3, 192)):  # 0: the network's own factor
+        items = list(pipeline(_request(width=64, height=64, upscale=True, upscale_factor=factor)))
+        image = items[-1].images[0]
+        assert image.pixels.shape == (side, side, 3)
+        assert [i.type for i in items if isinstance(i, ProgressEvent)][-1] == EventType.IMAGE_UPSCALED
+        assert f"Postprocess upscale by: {side // 64}, Postprocess upscaler: Real-ESRGAN" in image.parameters.text()
+    expected = load_upscaler(models_dir / UPSCALER_FILE).upscale(plain.pixels)
+    assert np.array_equal(list(pipeline(_request(width=64, height=64, upscale=True)))[-1].images[0].pixels, expected)

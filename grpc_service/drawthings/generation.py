@@ -45,7 +45,7 @@ SEED_MODES = ("legacy", "torch_cpu", "scale_alike", "nvidia_gpu")
 MAPPED = (
     "start_width", "start_height", "seed", "steps", "guidance_scale", "model", "sampler", "batch_count", "batch_size",
     "hires_fix", "hires_fix_start_width", "hires_fix_start_height", "hires_fix_strength", "seed_mode", "clip_skip",
-    "face_restoration", "stochastic_sampling_gamma",
+    "face_restoration", "stochastic_sampling_gamma", "upscaler", "upscaler_scale_factor",
 )
 IGNORED_FOR_SPEED = (
     "tiled_decoding", "decoding_tile_width", "decoding_tile_height", "decoding_tile_overlap", "tiled_diffusion",
@@ -64,14 +64,13 @@ NOT_FOR_SD1 = (
 )
 DEPENDENT = (
     "strength", "mask_blur", "mask_blur_outset", "preserve_original_after_inpaint", "refiner_start",
-    "upscaler_scale_factor", "compression_artifacts_quality", "id", "name", "decode_with_attention",
+    "compression_artifacts_quality", "id", "name", "decode_with_attention",
     "hires_fix_decode_with_attention",
 )
 REFUSED: Mapping[str, str] = {
     "loras": "LoRAs are not supported yet",
     "controls": "control networks are not supported yet",
     "refiner_model": "a refiner model is not supported yet",
-    "upscaler": "upscaling the result is not supported yet (the hires fix uses the server's upscaler)",
     "sharpness": "sharpness is not supported",
     "shift": "a shifted noise schedule is not supported",
     "zero_negative_prompt": "a zeroed negative prompt is not supported",
@@ -125,6 +124,9 @@ def generation_request(message: pb.ImageGenerationRequest) -> GenerationRequest:
         clip_skip=config["clip_skip"],
         model=config["model"],
         preview_every=PREVIEW_EVERY,
+        # Any upscaler named runs as the one installed in the model directory (upscaler/model.safetensors).
+        upscale=bool(config["upscaler"]),
+        upscale_factor=config["upscaler_scale_factor"],
     )
     return request.validated()
 
@@ -176,6 +178,8 @@ def expected_signposts(request: GenerationRequest) -> list[pb.ImageGenerationSig
                      _signpost(EventType.SECOND_PASS_IMAGE_DECODED)]
     if request.restore_faces:
         expected.append(_signpost(EventType.FACE_RESTORED))
+    if request.upscale:
+        expected.append(_signpost(EventType.IMAGE_UPSCALED))
     return expected
 
 
@@ -197,10 +201,11 @@ def progress_response(event: ProgressEvent, signposts: Sequence[pb.ImageGenerati
     return response
 
 
-def image_responses(images: Sequence[GeneratedImage], compress: bool, chunked: bool
+def image_responses(images: Sequence[GeneratedImage], width: int, compress: bool, chunked: bool
                     ) -> Iterator[pb.ImageGenerationResponse]:
     """The total size, then each image as a tensor (in 4 MiB pieces when the client takes chunks and
-    there is more than that in all); without images, a single closing message."""
+    there is more than that in all), with its scale against the requested `width`; without images,
+    a single closing message."""
     encoded = [tensors.encode_image(image.pixels, compress) for image in images]
     total = sum(map(len, encoded))
     if not encoded:
@@ -208,10 +213,10 @@ def image_responses(images: Sequence[GeneratedImage], compress: bool, chunked: b
         return
     yield pb.ImageGenerationResponse(downloadSize=total)
     piece = CHUNK_BYTES if chunked and total > CHUNK_BYTES else None
-    for data in encoded:
+    for image, data in zip(images, encoded):
         starts = range(0, len(data), piece) if piece else [0]
         for start in starts:
             end = start + piece if piece else len(data)
             yield pb.ImageGenerationResponse(
-                generatedImages=[data[start:end]], scaleFactor=1,
+                generatedImages=[data[start:end]], scaleFactor=image.pixels.shape[1] // width,
                 chunkState=pb.LAST_CHUNK if end >= len(data) else pb.MORE_CHUNKS)

@@ -36,7 +36,7 @@ CONFIG_SLOTS: dict[str, tuple[int, str, Any]] = {
     "zero_negative_prompt": (37, "Bool", False), "sharpness": (48, "Float32", 0.0), "shift": (49, "Float32", 1.0),
     "tiled_decoding": (53, "Bool", False), "stochastic_sampling_gamma": (57, "Float32", 0.3),
     "preserve_original_after_inpaint": (58, "Bool", True), "tiled_diffusion": (59, "Bool", False),
-    "t5_text_encoder": (64, "Bool", True), "resolution_dependent_shift": (71, "Bool", True),
+    "upscaler_scale_factor": (63, "Uint8", 0), "t5_text_encoder": (64, "Bool", True), "resolution_dependent_shift": (71, "Bool", True),
     "tea_cache": (75, "Bool", False), "cfg_zero_star": (82, "Bool", False),
 }
 CONFIG_FIELD_COUNT = 88
