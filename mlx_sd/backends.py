@@ -23,6 +23,7 @@ from typing import TypeVar
 import mlx.core as mx
 import mlx.nn as nn
 
+from convert.assemble import SD1Models
 from convert.reader import ReaderFactory, TensorReader
 from mlx_sd import cpu
 from mlx_sd.cpu.reader import ParallelTensorReader
@@ -41,6 +42,10 @@ class Backend(enum.Enum):
         """A loaded (and quantized) network made ready to run here."""
         return cpu.accelerate(model) if self is Backend.CPU else model
 
+    def prepare_models(self, models: SD1Models) -> SD1Models:
+        """`prepare` for each network of an SD-1 model."""
+        return SD1Models(*(self.prepare(network) for network in (models.text_encoder, models.unet, models.vae)))
+
     def activation_dtype(self, weights: mx.Dtype) -> mx.Dtype:
         """The dtype a network whose weights are `weights` is fed and computes in."""
         return mx.float32 if self is Backend.CPU else weights
@@ -51,7 +56,7 @@ class Backend(enum.Enum):
         return ParallelTensorReader if self is Backend.CPU else TensorReader
 
 
-def cpu_kernels_usable() -> bool:
+def kernels_usable() -> bool:
     """Whether MLX computes on the CPU here and the CPU kernels were built."""
     return mx.default_device() == mx.cpu and cpu.available()
 
@@ -64,7 +69,7 @@ def choose(setting: str | Backend = "auto") -> Backend:
         raise ValueError(f"{ENV_VAR} must be one of {', '.join(SETTINGS)}, got {setting!r}")
     if setting == "mlx":
         return Backend.MLX
-    usable = cpu_kernels_usable()
+    usable = kernels_usable()
     if setting == "cpu" and not usable:
         raise ValueError("the CPU backend needs MLX's CPU device and the CPU kernels, built when mlx-sd is "
                          "installed with a C compiler")

@@ -14,7 +14,7 @@ VAE_LIVE_MAPS is measured. With MLX's convolutions, which unfold each 3x3 convol
 nine times its size, decoding peaked at 38-45 feature maps of the decoder's full-resolution width
 (SD 1.x's VAE and the tiny test model, 128 to 512 pixels, MLX's CPU backend): the GPU figure,
 unmeasured on Metal and likely generous there. The CPU computes convolutions as shifted GEMMs
-without unfolding (mlx_sd.models.cpu_gemm) and peaks at 3.3-4.5 maps (SD 1.x's VAE at 256² and
+without unfolding (mlx_sd.cpu.gemm) and peaks at 3.3-4.5 maps (SD 1.x's VAE at 256² and
 512²). The terms are added although they peak at different times, so the bound stays safe.
 """
 

@@ -91,8 +91,7 @@ class ModelStore:
         if self._quantize_bits is not None:  # the VAE is all convolutions, which MLX cannot quantize
             for network in (models.unet, models.text_encoder):
                 quantize(network, self._quantize_bits)
-        prepare = self._backend.prepare
-        models = SD1Models(prepare(models.text_encoder), prepare(models.unet), prepare(models.vae))
+        models = self._backend.prepare_models(models)
         release = self._text_encoder_release(models) if self._low_memory else None
         layout = self._layout()
         # A single file is named by its stem, as A1111 does; a diffusers folder by the UNet's file.

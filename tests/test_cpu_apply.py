@@ -81,7 +81,7 @@ def test_quantized_layers_are_left_as_they_are() -> None:
 
 def test_backend_settings() -> None:
     assert backends.choose("mlx") is Backend.MLX
-    assert backends.choose("auto") is (Backend.CPU if backends.cpu_kernels_usable() else Backend.MLX)
+    assert backends.choose("auto") is (Backend.CPU if backends.kernels_usable() else Backend.MLX)
     assert backends.from_environment({}) is backends.choose("auto")
     assert backends.from_environment({"MLX_SD_BACKEND": "mlx"}) is Backend.MLX
     with pytest.raises(ValueError, match="MLX_SD_BACKEND must be one of auto, mlx, cpu"):

@@ -80,7 +80,7 @@ def models(form: str, dtype: mx.Dtype, backend: Backend, tiny_configs: SD1Config
         models = load_sd1(sd1_single_file, dtype=dtype, configs=tiny_configs, reader=backend.reader)
     else:  # configs come from the folder's config.json files
         models = load_sd1(DIFFUSERS, dtype=dtype, reader=backend.reader)
-    return SD1Models(*(backend.prepare(n) for n in (models.text_encoder, models.unet, models.vae)))
+    return backend.prepare_models(models)
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ Two gaps in MLX's CPU backend (measured with benchmarks/cpu_gemm.py on a 2-core 
   `cblas_gemm_bf16bf16f32` takes bf16 inputs, accumulates in fp32 and runs on AMX or
   AVX512-BF16 units: 860-1800 GFLOP/s for the convolutions and 730-1150 for the linear layers.
 
-So on the CPU backend, convolutions go through `conv2d` here, and layers whose weights are stored in
-bf16 (`--dtype bfloat16`) compute their products in bf16 with fp32 accumulation, as torch
-does for bf16 models. Activations, normalisation and everything else stay fp32. These calls
-leave MLX's lazy graph (their inputs are evaluated), as the CPU attention already does. With no
-fast BLAS loaded, the layers (layers.py) keep MLX's ops.
+So on the CPU backend, convolutions go through `conv2d` here, and layers whose weights are
+stored in bf16 (`--dtype bfloat16`) compute their products in bf16 with fp32 accumulation, as
+torch does for bf16 models. Activations, normalisation and everything else stay fp32. These
+calls leave MLX's lazy graph (their inputs are evaluated), as the CPU attention already does.
+With no fast BLAS loaded, the layers (layers.py) keep MLX's ops.
 """
 
 from __future__ import annotations

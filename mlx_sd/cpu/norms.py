@@ -1,9 +1,7 @@
 """GroupNorm and LayerNorm on the CPU kernels, with `nn.GroupNorm`'s and `nn.LayerNorm`'s
 parameters and results.
 
-GroupNorm:
-
-`nn.GroupNorm(..., pytorch_compatible=True)` transposes the channels into groups and back around
+GroupNorm: `nn.GroupNorm(..., pytorch_compatible=True)` transposes the channels into groups and back around
 `mx.fast.layer_norm` (composed ops on the CPU), then applies the affine map: several
 single-threaded passes over the tensor, ~17 ns per element at 512x512x128. On the CPU this form
 reads the evaluated input once for per-channel sums of the deviations from a rough per-channel
