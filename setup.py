@@ -1,13 +1,13 @@
 """The build steps pyproject.toml cannot declare stably: the CPU path's compiled helpers.
 
-- mlx_sd/models/cpu_kernels.c (with amx_attention.c, cpu_pool.c and cpu_layers.c) is a plain C
-  library, loaded with ctypes (mlx_sd/models/cpu_kernels.py).
-- mlx_sd/models/uninitialized.cpp is a C++ extension module built against MLX's headers and
+- mlx_sd/cpu/kernels.c (with amx_attention.c, pool.c and layers.c) is a plain C library, loaded
+  with ctypes (mlx_sd/cpu/kernels.py).
+- mlx_sd/cpu/uninitialized.cpp is a C++ extension module built against MLX's headers and
   nanobind (both build requirements on Linux), which makes MLX arrays without filling them
-  (mlx_sd/models/cpu_buffers.py).
+  (mlx_sd/cpu/buffers.py).
 
 Both are optional: without a compiler, or without MLX's headers, the install still succeeds and
-the CPU path uses MLX's slower ops or zero-filled arrays.
+the networks run on MLX's slower ops (mlx_sd.backends) or the CPU kernels fill zeroed arrays.
 """
 
 import importlib.util
@@ -28,8 +28,8 @@ def _uninitialized_arrays() -> list[Extension]:
         return []
     nanobind_root = Path(nanobind.include_dir()).parent
     return [Extension(
-        "mlx_sd.models._uninitialized",
-        sources=["mlx_sd/models/uninitialized.cpp", str(nanobind_root / "src" / "nb_combined.cpp")],
+        "mlx_sd.cpu._uninitialized",
+        sources=["mlx_sd/cpu/uninitialized.cpp", str(nanobind_root / "src" / "nb_combined.cpp")],
         include_dirs=[nanobind.include_dir(), str(nanobind_root / "ext" / "robin_map" / "include"),
                       str(mlx_root / "include")],
         # MLX's Python module registers its types in nanobind's "mlx" domain; sharing it is what
@@ -45,10 +45,9 @@ def _uninitialized_arrays() -> list[Extension]:
 
 
 setup(ext_modules=[Extension(
-    "mlx_sd.models._cpu_kernels",
-    sources=["mlx_sd/models/cpu_kernels.c", "mlx_sd/models/amx_attention.c", "mlx_sd/models/cpu_pool.c",
-             "mlx_sd/models/cpu_layers.c"],
-    depends=["mlx_sd/models/cpu_math.h", "mlx_sd/models/cpu_pool.h", "mlx_sd/models/cpu_kernels.h"],
+    "mlx_sd.cpu._kernels",
+    sources=["mlx_sd/cpu/kernels.c", "mlx_sd/cpu/amx_attention.c", "mlx_sd/cpu/pool.c", "mlx_sd/cpu/layers.c"],
+    depends=["mlx_sd/cpu/vector_math.h", "mlx_sd/cpu/pool.h", "mlx_sd/cpu/kernels.h"],
     # Finite math without signed zeros lets the exp clamps become min/max instructions; without
     # them GCC splits the clamped case into a speculative branch whose subnormal results cost
     # microcode assists (SiLU 9x slower). ISO C mode turns off fused multiply-adds, which the

@@ -21,9 +21,9 @@ configure()
 import mlx.core as mx  # noqa: E402  (after the BLAS is chosen)
 import numpy as np  # noqa: E402
 
-from mlx_sd.models import attention as attn  # noqa: E402
-from mlx_sd.models import cpu_kernels  # noqa: E402
-from mlx_sd.models.blas import gemm  # noqa: E402
+from mlx_sd.cpu import attention as attn  # noqa: E402
+from mlx_sd.cpu import kernels as cpu_kernels  # noqa: E402
+from mlx_sd.cpu.blas import gemm  # noqa: E402
 
 Fn = Callable[[mx.array, mx.array, mx.array, float], mx.array]
 
@@ -63,7 +63,7 @@ def ours(bf16_products: bool, amx: bool = False) -> Fn:
         else:
             available, cpu_kernels.amx_ready = cpu_kernels.amx_ready, lambda: False
             try:
-                out = attn.cpu_attention(*tokens, h, scale, bf16_products=bf16_products)
+                out = attn.attention(*tokens, h, scale, bf16_products=bf16_products)
             finally:
                 cpu_kernels.amx_ready = available
         return out.reshape(b, n, h, d).transpose(0, 2, 1, 3)

@@ -53,8 +53,10 @@ def measure(repeat: int, unet: bool) -> dict:
     }
     if unet:
         from convert import load_sd1
+        from mlx_sd.backends import from_environment
 
-        model = load_sd1(CHECKPOINT, dtype="float32", cache_dir=CACHE_DIR).unet
+        backend = from_environment()
+        model = backend.prepare(load_sd1(CHECKPOINT, dtype="float32", cache_dir=CACHE_DIR, reader=backend.reader).unet)
         latents = mx.random.normal((2, 32, 32, 4), key=key)
         context = mx.random.normal((2, 77, 768), key=key)
         result["unet_256_b2_s"] = median_seconds(lambda: mx.eval(model(latents, mx.array([500, 500]), context)), repeat)

@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/compile_models.py [--checkpoint FILE] [--size 512] [--repeat 3]
 
-MLX's own ops are the path generation takes on Metal. On the CPU the C kernels (cpu_kernels)
+MLX's own ops are the path generation takes on Metal. On the CPU the C kernels (mlx_sd.cpu)
 replace many of them, and since they evaluate their inputs they cannot be traced by
-`mx.compile`; this benchmark turns them off so that the CPU times the same ops the GPU runs.
+`mx.compile`; this benchmark leaves the networks plain (MLX_SD_BACKEND=mlx's path) so that the
+CPU times the same ops the GPU runs.
 The checkpoint defaults to the full-size random SD-1.5 one (benchmarks/build_sd15_checkpoint.py);
 any SD-1 single file works. Weights in the default dtype (float16 on Metal, float32 on the CPU).
 
@@ -30,7 +31,6 @@ configure()
 import mlx.core as mx  # noqa: E402  (after the BLAS is chosen)
 
 from convert import load_sd1  # noqa: E402
-from mlx_sd.models import cpu_kernels  # noqa: E402
 
 CHECKPOINT = REPO / ".cache" / "sd15-random" / "stable-diffusion" / "model.safetensors"
 
@@ -62,8 +62,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    cpu_kernels.active = lambda: False  # MLX's own ops everywhere, as on the GPU
-    models = load_sd1(args.checkpoint)
+    models = load_sd1(args.checkpoint)  # plain networks: MLX's own ops everywhere, as on the GPU
     dtype = models.unet.conv_in.weight.dtype
     key = mx.random.key(0)
     side = args.size // 8

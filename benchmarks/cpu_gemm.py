@@ -1,4 +1,4 @@
-"""MLX's CPU convolution and matmul against mlx_sd.models.cpu_gemm, side by side in one run.
+"""MLX's CPU convolution and matmul against mlx_sd.cpu.gemm, side by side in one run.
 
     .venv/bin/python benchmarks/cpu_gemm.py [--repeat 5]
 
@@ -20,8 +20,8 @@ configure()
 
 import mlx.core as mx  # noqa: E402  (after the BLAS is chosen)
 
-from mlx_sd.models import cpu_gemm  # noqa: E402
-from mlx_sd.models.activations import geglu  # noqa: E402
+from mlx_sd.cpu import gemm as cpu_gemm  # noqa: E402
+from mlx_sd.cpu.activations import geglu  # noqa: E402
 
 CONVS = [  # (batch, height, width, in, out)
     ("vae 512² 128", (1, 512, 512, 128, 128)),

@@ -1,4 +1,4 @@
-"""The fused C kernels (mlx_sd.models.cpu_kernels) against what they replaced, in one run.
+"""The fused C kernels (mlx_sd.cpu.kernels) against what they replaced, in one run.
 
     .venv/bin/python benchmarks/cpu_kernels.py [--repeat 20]
 
@@ -24,8 +24,8 @@ configure()
 import mlx.core as mx  # noqa: E402  (after the BLAS is chosen)
 import numpy as np  # noqa: E402
 
-from mlx_sd.models import cpu_kernels  # noqa: E402
-from mlx_sd.models.blas import gemm  # noqa: E402
+from mlx_sd.cpu import kernels as cpu_kernels  # noqa: E402
+from mlx_sd.cpu.blas import gemm  # noqa: E402
 
 RNG = np.random.default_rng(0)
 

@@ -20,7 +20,7 @@ import mlx.core as mx  # noqa: E402  (after the BLAS is chosen)
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlx_sd.models.group_norm import GroupNorm  # noqa: E402
+from mlx_sd.cpu.norms import GroupNorm  # noqa: E402
 
 SHAPES = [
     (1, 512, 512, 128), (1, 256, 256, 256), (1, 128, 128, 512), (1, 64, 64, 512),

@@ -35,15 +35,18 @@ def run_phase(phase: str, checkpoint: Path, cache_dir: Path, dtype: str, size: i
     import mlx.core as mx
 
     from convert import convert_checkpoint, load_sd1
+    from mlx_sd.backends import from_environment
 
+    backend = from_environment()
     start = time.perf_counter()
     if phase == "convert":
-        convert_checkpoint(checkpoint, cache_dir, dtype)
+        convert_checkpoint(checkpoint, cache_dir, dtype, reader=backend.reader)
         return {"seconds": time.perf_counter() - start, "peak_rss_gib": peak_rss_gib()}
-    models = load_sd1(checkpoint, dtype=dtype, cache_dir=cache_dir if phase != "cold" else None)
+    models = backend.prepare_models(load_sd1(checkpoint, dtype=dtype, cache_dir=cache_dir if phase != "cold" else None,
+                                             reader=backend.reader))
     result = {"seconds": time.perf_counter() - start, "peak_rss_gib": peak_rss_gib()}
     if phase == "step":
-        weight_dtype = models.unet.conv_in.weight.dtype
+        weight_dtype = backend.activation_dtype(models.unet.conv_in.weight.dtype)
         latents = mx.random.normal((1, size // 8, size // 8, 4), key=mx.random.key(0)).astype(weight_dtype)
         context = mx.zeros((1, 77, models.unet.config.cross_attention_dim), dtype=weight_dtype)
         start = time.perf_counter()

@@ -1,5 +1,5 @@
-"""Where a full-size UNet forward (or VAE decode) spends its time on MLX's CPU backend, by kind
-of operation.
+"""Where a full-size UNet forward (or VAE decode) spends its time on MLX's CPU device, by kind
+of operation: on the CPU kernels, or on MLX's own ops with MLX_SD_BACKEND=mlx.
 
     nice .venv/bin/python benchmarks/profile_unet.py [--size 512] [--batch 2] [--vae] [--dtype float32]
 
@@ -21,11 +21,14 @@ from mlx_sd.backend import configure
 configure()
 
 import mlx.core as mx  # noqa: E402  (after the BLAS is chosen)
+import mlx.nn as nn  # noqa: E402
 
 from convert import load_sd1  # noqa: E402
+from mlx_sd.backends import Backend, from_environment  # noqa: E402
+from mlx_sd.cpu import activations as cpu_activations  # noqa: E402
+from mlx_sd.cpu import layers as cpu_layers  # noqa: E402
+from mlx_sd.cpu.norms import GroupNorm, LayerNorm  # noqa: E402
 from mlx_sd.models import layers, unet, vae  # noqa: E402
-from mlx_sd.models.group_norm import GroupNorm  # noqa: E402
-from mlx_sd.models.layer_norm import LayerNorm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / ".cache" / "sd15-random" / "stable-diffusion" / "model.safetensors"
@@ -50,10 +53,13 @@ def main() -> None:
     parser.add_argument("--vae", action="store_true", help="profile a VAE decode instead")
     parser.add_argument("--dtype", default="float32", help="weights: float32, float16 or bfloat16")
     args = parser.parse_args()
-    models = load_sd1(CHECKPOINT, dtype=args.dtype, cache_dir=REPO / ".cache" / "converted")
+    backend = from_environment()
+    models = backend.prepare_models(load_sd1(CHECKPOINT, dtype=args.dtype, cache_dir=REPO / ".cache" / "converted",
+                                             reader=backend.reader))
+    dtype = backend.activation_dtype(models.unet.conv_in.weight.dtype)
     key = mx.random.key(0)
-    x = mx.random.normal((args.batch, args.size // 8, args.size // 8, 4), key=key)
-    context = mx.random.normal((args.batch, 77, 768), key=key)
+    x = mx.random.normal((args.batch, args.size // 8, args.size // 8, 4), key=key).astype(dtype)
+    context = mx.random.normal((args.batch, 77, 768), key=key).astype(dtype)
     t = mx.array([500] * args.batch)
     forward = (lambda: models.vae.decode(x)) if args.vae else (lambda: models.unet(x, t, context))
     mx.eval(forward())  # warm-up
@@ -63,20 +69,26 @@ def main() -> None:
     plain = time.perf_counter() - start
 
     totals: dict[str, float] = defaultdict(float)
-    patches = {
-        (layers.Conv2d, "__call__"): "conv",
-        (layers.Linear, "__call__"): "linear",
-        (GroupNorm, "__call__"): "group norm",
-        (GroupNorm, "with_silu"): "group norm + silu",
-        (LayerNorm, "__call__"): "layer norm",
-        (unet.FeedForward, "__call__"): "feed-forward",
-    }
+    if backend is Backend.CPU:
+        patches = {
+            (cpu_layers.Conv2d, "__call__"): "conv",
+            (cpu_layers.Linear, "__call__"): "linear",
+            (GroupNorm, "__call__"): "group norm",
+            (GroupNorm, "with_silu"): "group norm + silu",
+            (LayerNorm, "__call__"): "layer norm",
+            (cpu_layers.FeedForward, "__call__"): "feed-forward",
+        }
+        fn_patches = {(cpu_layers, "attention"): "attention core", (cpu_activations, "geglu"): "geglu",
+                      (cpu_activations, "silu"): "silu"}
+    else:
+        patches = {(nn.Conv2d, "__call__"): "conv", (nn.Linear, "__call__"): "linear",
+                   (nn.GroupNorm, "__call__"): "group norm", (nn.LayerNorm, "__call__"): "layer norm",
+                   (unet.FeedForward, "__call__"): "feed-forward", (nn.SiLU, "__call__"): "silu"}
+        fn_patches = {(layers, "attention"): "attention core"}
+    fn_patches |= {(unet, "upsample_nearest"): "upsample", (vae, "upsample_nearest"): "upsample"}
     originals = {k: getattr(*k) for k in patches}
     for (cls, attr), name in patches.items():
         setattr(cls, attr, timed(totals, name, originals[(cls, attr)]))
-    fn_patches = {(layers, "attention"): "attention core", (unet, "geglu"): "geglu",
-                  (layers, "silu"): "silu", (unet, "silu"): "silu",
-                  (unet, "upsample_nearest"): "upsample", (vae, "upsample_nearest"): "upsample"}
     fn_originals = {k: getattr(*k) for k in fn_patches}
     for (mod, attr), name in fn_patches.items():
         setattr(mod, attr, timed(totals, name, fn_originals[(mod, attr)]))

@@ -27,7 +27,6 @@ import platform
 import resource
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -75,14 +74,17 @@ def run_ours(stage: str, repeat: int, cache_dir: Path, dtype: str) -> dict:
     import mlx.core as mx
 
     from convert import load_sd1
+    from mlx_sd.backends import from_environment
 
+    backend = from_environment()
     if stage == "load_first":
         cache_dir = Path(tempfile.mkdtemp(dir=cache_dir))
     start = time.perf_counter()
-    models = load_sd1(SINGLE, dtype=dtype, cache_dir=cache_dir if stage != "load_cold" else None)
+    models = backend.prepare_models(load_sd1(SINGLE, dtype=dtype, cache_dir=cache_dir if stage != "load_cold" else None,
+                                             reader=backend.reader))
     mx.eval(models.unet.parameters(), models.vae.parameters(), models.text_encoder.parameters())
     load_s = time.perf_counter() - start
-    result: dict = {"blas": blas.name, "dtype": dtype}
+    result: dict = {"blas": blas.name, "backend": backend.value, "dtype": dtype}
     if stage.startswith("load"):
         return result | {"times": [load_s], "peak_rss_gib": peak_rss_gib()}
     key = mx.random.key(0)

@@ -19,10 +19,10 @@ from mlx.utils import tree_flatten
 from convert import keymaps
 from convert.formats import CheckpointLayout, SafetensorsHeader, TensorInfo, read_config, read_header
 from convert.infer_config import INFER
-from convert.reader import Request, TensorReader
+from convert.reader import ReaderFactory, Request, TensorReader
 from convert.transforms import mlx_shape
+from mlx_sd.cpu.threads import cores, least_loaded
 from mlx_sd.errors import CheckpointError
-from mlx_sd.models import cpu_threads
 from mlx_sd.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_sd.models.unet import UNet2DConditionModel, UNetConfig
 from mlx_sd.models.vae import AutoencoderKL, VAEConfig
@@ -168,7 +168,7 @@ def _conversion_streams() -> list[mx.Stream]:
     if mx.default_device() != mx.cpu:
         return [mx.default_stream(mx.default_device())]
     if not hasattr(_streams, "cpu"):
-        _streams.cpu = [mx.new_stream(mx.cpu) for _ in range(cpu_threads.cores())]
+        _streams.cpu = [mx.new_stream(mx.cpu) for _ in range(cores())]
     return _streams.cpu
 
 
@@ -186,8 +186,10 @@ def _groups(source: NetworkSource, expected: dict[str, mx.array]) -> list[list[t
     return groups
 
 
-def assemble(layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | None = None) -> SD1Models:
-    """Build the three networks from a checkpoint layout; raises `CheckpointError` on any mismatch."""
+def assemble(layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | None = None,
+             reader: ReaderFactory = TensorReader) -> SD1Models:
+    """Build the three networks from a checkpoint layout, reading the tensors with a `reader()`;
+    raises `CheckpointError` on any mismatch."""
     configs = configs or SD1Configs()
     sources, stray = plan_sources(layout)
     # Parameters start as unevaluated random-init graphs, so building costs no memory until loaded.
@@ -201,18 +203,18 @@ def assemble(layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | No
         files = ", ".join(str(p) for p in layout.files)
         raise CheckpointError(f"{files} does not match the SD-1 architecture:\n" + "\n".join(report))
 
-    streams, reader = _conversion_streams(), TensorReader()
+    streams, tensor_reader = _conversion_streams(), reader()
     for network in NETWORKS:
         weights, previous = [], []
         for group in _groups(sources[network], expected[network]):
-            # Each group is read in MLX's layout (on every core, and cast as it is read where
-            # the CPU kernels can, see convert.reader), then cast (or, already cast, made
-            # contiguous: nothing to do) tensor by tensor on the least loaded of one CPU stream
+            # Each group is read in MLX's layout (the CPU backend's reader reads on every core
+            # and casts as it reads where it can, see mlx_sd.cpu.reader), then cast (or, already
+            # cast, made contiguous: nothing to do) tensor by tensor on the least loaded of one CPU stream
             # per core, which MLX runs on threads of their own, while the next group is read.
             # Groups of about EVAL_GROUP_BYTES bound the sources held.
             infos = [sources[network].tensors[name] for name, _ in group]
-            lanes = cpu_threads.least_loaded((info.stop - info.start for info in infos), len(streams))
-            tensors = reader.read([Request(*sources[network].keys[name], info, param.ndim, streams[lane], dtype)
+            lanes = least_loaded((info.stop - info.start for info in infos), len(streams))
+            tensors = tensor_reader.read([Request(*sources[network].keys[name], info, param.ndim, streams[lane], dtype)
                                    for (name, param), info, lane in zip(group, infos, lanes)])
             converted = []
             for lane, tensor in zip(lanes, tensors):

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 
 from convert.assemble import MODEL_TYPES, NETWORKS, SD1Configs, SD1Models
 from convert.formats import CheckpointLayout, read_header
-from convert.reader import Request, TensorReader
+from convert.reader import ReaderFactory, Request, TensorReader
 from mlx_sd.errors import CheckpointError
 
 FORMAT = "mlx-sd-sd1"
@@ -115,8 +115,9 @@ def write_converted(models: SD1Models, path: Path, sources: list[dict[str, Any]]
         tmp.unlink(missing_ok=True)
 
 
-def read_converted(path: Path, dtype: mx.Dtype) -> SD1Models:
-    """Load a converted file: no renaming or re-layout, only a cast when `dtype` differs."""
+def read_converted(path: Path, dtype: mx.Dtype, reader: ReaderFactory = TensorReader) -> SD1Models:
+    """Load a converted file, its tensors read with a `reader()`: no renaming or re-layout, only a
+    cast when `dtype` differs."""
     header = read_header(path)
     metadata = header.metadata
     if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
@@ -125,12 +126,13 @@ def read_converted(path: Path, dtype: mx.Dtype) -> SD1Models:
         )
     configs = SD1Configs.from_dict(json.loads(metadata["configs"]))
     tensors = dict(header.tensors)
-    reader, stream = TensorReader(), mx.default_stream(mx.cpu)  # as stored: nothing to re-lay out
+    tensor_reader, stream = reader(), mx.default_stream(mx.cpu)  # as stored: nothing to re-lay out
     models = {}
     for network in NETWORKS:
         model = MODEL_TYPES[network](getattr(configs, network))
         keys = [k for k in tensors if k.startswith(f"{network}.")]
-        arrays = dict(zip(keys, reader.read([Request(path, k, tensors.pop(k), None, stream) for k in keys])))
+        requests = [Request(path, k, tensors.pop(k), None, stream) for k in keys]
+        arrays = dict(zip(keys, tensor_reader.read(requests)))
         weights = _take_network(arrays, network, dtype)
         try:
             model.load_weights(weights, strict=True)

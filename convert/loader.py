@@ -11,6 +11,7 @@ import mlx.core as mx
 from convert.assemble import SD1Configs, SD1Models, assemble
 from convert.cache import cache_entry, is_converted, is_fresh, read_converted, source_fingerprints, write_converted
 from convert.formats import find_layout
+from convert.reader import ReaderFactory, TensorReader
 from mlx_sd.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ def load_sd1(
     vae_path: str | Path | None = None,
     configs: SD1Configs | None = None,
     cache_dir: str | Path | None = None,
+    reader: ReaderFactory = TensorReader,
 ) -> SD1Models:
     """Load the text encoder, UNet and VAE of an SD-1 model.
 
@@ -43,24 +45,25 @@ def load_sd1(
     (`stable-diffusion/` + optional `vae/model.safetensors`) or a file written by `convert_checkpoint`.
     `vae_path` replaces the checkpoint's VAE. `configs` overrides what would be read from the
     checkpoint. With `cache_dir`, a converted copy is reused while its sources are unchanged and
-    (re)written otherwise.
+    (re)written otherwise. `reader` makes the tensor reader for the load (`mx.load`'s by default;
+    the CPU backend's reads on every core, see mlx_sd.backends).
     """
     source, dtype = Path(source), resolve_dtype(dtype)
     vae_path = Path(vae_path) if vae_path is not None else None
     if source.is_file() and is_converted(source):
         if vae_path is not None or configs is not None:
             raise CheckpointError(f"{source} is already converted; convert again to change its VAE or configs")
-        return read_converted(source, dtype)
+        return read_converted(source, dtype, reader)
 
     layout = find_layout(source, vae_path)
     if cache_dir is None:
-        return assemble(layout, dtype, configs)
+        return assemble(layout, dtype, configs, reader)
 
     entry = cache_entry(Path(cache_dir), layout, dtype, configs)
     sources = source_fingerprints(layout)
     if is_fresh(entry, sources):
-        return read_converted(entry, dtype)
-    models = assemble(layout, dtype, configs)
+        return read_converted(entry, dtype, reader)
+    models = assemble(layout, dtype, configs, reader)
     try:
         write_converted(models, entry, sources)
     except OSError as e:  # a cache that cannot be written only costs speed
@@ -75,6 +78,7 @@ def convert_checkpoint(
     *,
     vae_path: str | Path | None = None,
     configs: SD1Configs | None = None,
+    reader: ReaderFactory = TensorReader,
 ) -> Path:
     """Write the MLX-layout weights of `source` and return the file written.
 
@@ -95,7 +99,7 @@ def convert_checkpoint(
         destination.mkdir(parents=True)
     try:
         target = cache_entry(destination, layout, dtype, configs) if destination.is_dir() else destination
-        write_converted(assemble(layout, dtype, configs), target, source_fingerprints(layout))
+        write_converted(assemble(layout, dtype, configs, reader), target, source_fingerprints(layout))
     except BaseException:
         if created:
             shutil.rmtree(destination, ignore_errors=True)

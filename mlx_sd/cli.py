@@ -455,11 +455,12 @@ def convert_command(
     """Convert a checkpoint to MLX weights once, so later loads skip the conversion."""
     _configure_blas()
     from convert import convert_checkpoint
+    from mlx_sd.backends import from_environment
     from mlx_sd.errors import MlxSdError
 
     creates_folder = not destination.exists() and not destination.suffix
     try:
-        written = convert_checkpoint(source, destination, dtype, vae_path=vae)
+        written = convert_checkpoint(source, destination, dtype, vae_path=vae, reader=from_environment().reader)
     except (MlxSdError, ValueError) as exc:
         _fail(str(exc))
     if creates_folder:
@@ -573,11 +574,13 @@ def upscale(
 ) -> None:
     """Upscale an image with the Real-ESRGAN network in MODELS_DIR/upscaler/model.safetensors."""
     _configure_blas()
+    from mlx_sd.backends import from_environment
     from mlx_sd.errors import MlxSdError
     from mlx_sd.upscale import UPSCALER_FILE, upscale_file
 
     try:
-        written = upscale_file(image, out, (models_dir or default_models_dir()) / UPSCALER_FILE, scale)
+        written = upscale_file(image, out, (models_dir or default_models_dir()) / UPSCALER_FILE, scale,
+                               from_environment())
     except (MlxSdError, OSError) as exc:
         _fail(str(exc))
     typer.echo(f"wrote {written}")

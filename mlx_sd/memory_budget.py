@@ -22,7 +22,7 @@ The live maps differ by device:
   the skip connection and the normalised input, a ResNet block at full resolution peaks at
   1 + 1 + 1.8 + 1.8 + 1 = 6.6 maps, rounded up to 8. No 3x3 convolution's input is unfolded.
 - CPU (VAE_LIVE_MAPS_CPU = 8, measured): convolutions run as shifted GEMMs without unfolding
-  (mlx_sd.models.cpu_gemm) and peak at 3.3-4.5 maps (SD 1.x's VAE at 256² and 512²).
+  (mlx_sd.cpu.gemm) and peak at 3.3-4.5 maps (SD 1.x's VAE at 256² and 512²).
 The terms are added although they peak at different times, so the bound stays safe.
 
 The budget: an explicit one (--memory-budget) is a hard limit. Metal's default is its recommended

@@ -23,6 +23,7 @@ from convert.assemble import SD1Configs, SD1Models
 from convert.formats import MODEL_FILE, SINGLE_FILE_DIR, VAE_DIR, CheckpointLayout, find_layout
 from convert.cache import cache_entry, lazy_network_weights
 from convert.loader import load_sd1, resolve_dtype
+from mlx_sd.backends import Backend, choose, from_environment
 from mlx_sd.errors import CheckpointError, InvalidRequest, ModelNotFound
 from mlx_sd.model_hash import short_model_hash
 from mlx_sd.model_names import name_problem, shown_name
@@ -41,6 +42,7 @@ class LoadedModel:
     tokenizer: CLIPTokenizer
     name: str  # shown in each image's parameters
     hash: str  # A1111's short model hash: the first 10 hex digits of the checkpoint's SHA-256
+    activation_dtype: mx.Dtype  # what the networks are fed and compute in (see Backend.activation_dtype)
     # Low-memory mode: frees the text encoder's weights, which are read again when next used.
     release_text_encoder: Callable[[], None] | None = None
 
@@ -64,11 +66,15 @@ class ModelStore:
     `low_memory` keeps the text encoder's weights (~250 MB in fp16) out of memory between prompt
     encodings: they are read back from the converted cache for each request and freed after it.
     It needs the cache, and leaves the text encoder unquantized.
+
+    `backend` runs the networks (mlx_sd.backends): each is prepared for it once loaded and
+    quantized. By default `MLX_SD_BACKEND` picks it, read once here.
     """
 
     def __init__(self, models_dir: Path, *, dtype: mx.Dtype | str | None = None,
                  cache_dir: Path | None = None, configs: SD1Configs | None = None,
-                 quantize_bits: int | None = None, low_memory: bool = False) -> None:
+                 quantize_bits: int | None = None, low_memory: bool = False,
+                 backend: Backend | str | None = None) -> None:
         if low_memory and cache_dir is None:
             raise ValueError("low-memory mode reads the text encoder back from the converted-weights cache; "
                              "it cannot be used without the cache")
@@ -76,6 +82,7 @@ class ModelStore:
             raise ValueError("low-memory mode and quantization cannot be combined: the text encoder is read "
                              "back unquantized from the cache")
         self._low_memory = low_memory
+        self._backend = from_environment() if backend is None else choose(backend)
         self._models_dir = Path(models_dir)
         self._dtype = dtype
         self._quantize_bits = quantize_bits
@@ -86,6 +93,10 @@ class ModelStore:
     @property
     def models_dir(self) -> Path:
         return self._models_dir
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
 
     def get(self, model: str = "") -> LoadedModel:
         """The model named `model` ("" the default), loaded if another one (or none) is held.
@@ -128,10 +139,11 @@ class ModelStore:
     def _load(self, source: ModelSource) -> LoadedModel:
         started = time.monotonic()
         models = load_sd1(source.path, dtype=self._dtype, vae_path=source.vae, cache_dir=self._cache_dir,
-                          configs=self._configs)
+                          configs=self._configs, reader=self._backend.reader)
         if self._quantize_bits is not None:  # the VAE is all convolutions, which MLX cannot quantize
             for network in (models.unet, models.text_encoder):
                 quantize(network, self._quantize_bits)
+        models = self._backend.prepare_models(models)
         release = self._text_encoder_release(models, source) if self._low_memory else None
         layout = source.layout()
         # A single file is named by its stem, as A1111 does; a diffusers folder by its folder's name.
@@ -143,7 +155,8 @@ class ModelStore:
         model_hash = short_model_hash(checkpoint, self._cache_dir)
         log.info("loaded %s%s in %.1f s", source.path,
                  f" with VAE {layout.vae_override}" if layout.vae_override else "", time.monotonic() - started)
-        return LoadedModel(models, tokenizer, name, model_hash, release)
+        dtype = self._backend.activation_dtype(models.unet.conv_in.weight.dtype)
+        return LoadedModel(models, tokenizer, name, model_hash, dtype, release)
 
     def _text_encoder_release(self, models: SD1Models, source: ModelSource) -> Callable[[], None] | None:
         """A function that swaps the text encoder's weights for unevaluated reads of the cache entry

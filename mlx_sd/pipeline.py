@@ -23,7 +23,6 @@ from mlx_sd.events import EventType, GeneratedImage, GenerationResult, ProgressE
 from mlx_sd.images import Parameters
 from mlx_sd.memory_budget import VAE_LIVE_MAPS, VAE_LIVE_MAPS_CPU, MemoryBudget, ModelShape
 from mlx_sd.model_store import LoadedModel, ModelStore
-from mlx_sd.models.layers import activation_dtype
 from mlx_sd.random import BatchGenerator
 from mlx_sd.request import GenerationRequest
 from mlx_sd.restoration import Restoration
@@ -52,7 +51,7 @@ class Pipeline:
     def __init__(self, store: ModelStore, memory_budget: MemoryBudget | None = None) -> None:
         self._store = store
         self._memory_budget = memory_budget
-        self._restoration = Restoration(store.models_dir)
+        self._restoration = Restoration(store.models_dir, backend=store.backend)
         self._train_sigmas = schedules.train_sigmas()
 
     def __call__(self, request: GenerationRequest, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Event]:
@@ -66,7 +65,7 @@ class Pipeline:
             unet, vae = model.models.unet, model.models.vae
             on_cpu = mx.default_device() == mx.cpu
             self._memory_budget.check(request.width, request.height, request.batch_size,
-                                      activation_dtype(unet.conv_in.weight.dtype).size, mx.get_active_memory(),
+                                      model.activation_dtype.size, mx.get_active_memory(),
                                       ModelShape.of(unet.config, vae.config),
                                       VAE_LIVE_MAPS_CPU if on_cpu else VAE_LIVE_MAPS)
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
@@ -197,13 +196,13 @@ def _unet_in_its_dtype(model: LoadedModel) -> EpsModel:
     """The UNet, fed in its compute dtype (fp16 weights on Metal: fp16) and answering in fp32, the
     samplers' dtype."""
     unet = model.models.unet
-    dtype = activation_dtype(unet.conv_in.weight.dtype)
+    dtype = model.activation_dtype
     return lambda x, t, context: unet(x.astype(dtype), t, context.astype(dtype)).astype(mx.float32)
 
 
 def _decode(model: LoadedModel, latents: mx.array) -> np.ndarray:
     vae = model.models.vae
-    dtype = activation_dtype(vae.decoder.conv_in.weight.dtype)
+    dtype = model.activation_dtype
     images = vae.decode((latents / vae.config.scaling_factor).astype(dtype)).astype(mx.float32)
     pixels = mx.round(mx.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(mx.uint8)
     return np.array(pixels)
@@ -212,6 +211,6 @@ def _decode(model: LoadedModel, latents: mx.array) -> np.ndarray:
 def _encode_image(model: LoadedModel, pixels: np.ndarray) -> mx.array:
     """Latents of (B, H, W, 3) uint8 images: the posterior mean, so the result is deterministic."""
     vae = model.models.vae
-    dtype = activation_dtype(vae.encoder.conv_in.weight.dtype)
+    dtype = model.activation_dtype
     mean, _ = vae.encode((mx.array(pixels).astype(mx.float32) / 127.5 - 1.0).astype(dtype))
     return mean.astype(mx.float32) * vae.config.scaling_factor

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_sd.backends import Backend
 from mlx_sd.errors import MissingWeights
 from mlx_sd.faces import FaceRestorer, load_face_restorer, missing_files
 from mlx_sd.faces.restore import DETECTOR_FILE, RESTORER_FILE
@@ -20,12 +21,12 @@ from mlx_sd.upscale import UPSCALER_FILE, Upscaler, load_upscaler
 
 
 class Restoration:
-    def __init__(self, models_dir: Path, dtype: mx.Dtype | str | None = None) -> None:
+    def __init__(self, models_dir: Path, dtype: mx.Dtype | str | None = None, backend: Backend = Backend.MLX) -> None:
         self._models_dir = Path(models_dir)
         upscaler = self._models_dir / UPSCALER_FILE
         faces = [self._models_dir / RESTORER_FILE, self._models_dir / DETECTOR_FILE]
-        self._upscaler = ReloadingValue(lambda: [upscaler], lambda: load_upscaler(upscaler, dtype))
-        self._faces = ReloadingValue(lambda: faces, lambda: load_face_restorer(self._models_dir, dtype))
+        self._upscaler = ReloadingValue(lambda: [upscaler], lambda: load_upscaler(upscaler, dtype, backend=backend))
+        self._faces = ReloadingValue(lambda: faces, lambda: load_face_restorer(self._models_dir, dtype, backend))
 
     def upscaler(self) -> Upscaler | None:
         """The installed upscaler, or None (the hires fix then resizes with Lanczos)."""

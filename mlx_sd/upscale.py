@@ -22,6 +22,7 @@ from PIL import Image
 from convert.esrgan_keys import build_upscaler
 from convert.loader import resolve_dtype
 from convert.restoration import load_strict, read_weights
+from mlx_sd.backends import Backend
 from mlx_sd.models.esrgan import RRDBNet, SRVGGNetCompact
 
 UPSCALER_FILE = "upscaler/model.safetensors"  # relative to the model directory
@@ -89,19 +90,21 @@ class Upscaler:
 
 
 def load_upscaler(path: str | Path, dtype: mx.Dtype | str | None = None, tile: int = DEFAULT_TILE,
-                  pad: int = DEFAULT_PAD) -> Upscaler:
-    """The Real-ESRGAN network in a safetensors file (see `convert.pth` for the released .pth)."""
+                  pad: int = DEFAULT_PAD, backend: Backend = Backend.MLX) -> Upscaler:
+    """The Real-ESRGAN network in a safetensors file (see `convert.pth` for the released .pth),
+    prepared for `backend`."""
     path = Path(path)
     weights = read_weights(path)
     network, dtype = build_upscaler(weights, path), resolve_dtype(dtype)
     load_strict(network, weights, dtype, path)
-    return Upscaler(network, dtype, tile, pad)
+    return Upscaler(backend.prepare(network), dtype, tile, pad)
 
 
-def upscale_file(source: Path, destination: Path | None, weights: Path, scale: float | None = None) -> Path:
+def upscale_file(source: Path, destination: Path | None, weights: Path, scale: float | None = None,
+                 backend: Backend = Backend.MLX) -> Path:
     """Upscale an image file (any format Pillow reads) into a PNG; returns the file written.
     Without `destination` it is written beside the source as `<name>_x<scale>.png`."""
-    upscaler = load_upscaler(weights)
+    upscaler = load_upscaler(weights, backend=backend)
     with Image.open(source) as image:
         pixels = np.asarray(image.convert("RGB"))
     out = upscaler.upscale(pixels, scale)

@@ -2,6 +2,10 @@
 
 The server modules are imported inside the fixtures, so test files that use none of them do not
 depend on them importing cleanly.
+
+`backend`: tests that take it run once on MLX's own ops (what Metal runs) and once on the CPU
+kernels; the CPU kernels' run is skipped where they cannot run, or where `MLX_SD_BACKEND=mlx`
+forces MLX ops for the whole process (CI's second pass).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import pytest
 from mlx_sd.backend import configure
 
 configure()  # as the entry points do: choose the BLAS before any test module imports mlx.core
+
+from mlx_sd.backends import Backend, from_environment  # noqa: E402  (after the BLAS is chosen)
 
 if TYPE_CHECKING:
     import grpc
@@ -49,6 +55,19 @@ def fake_result(*seeds: int, color: tuple[int, int, int] = (255, 0, 0), size: in
                                                 seed=seed, width=size, height=size, model_name="fake", model_hash="0"))
         for seed in seeds
     ])
+
+
+def backend_or_skip(name: str) -> Backend:
+    """The backend a test parameter names, or a skip where the CPU kernels cannot or must not run."""
+    backend = Backend(name)
+    if backend is Backend.CPU and from_environment() is not Backend.CPU:
+        pytest.skip("CPU kernels not used here: MLX_SD_BACKEND=mlx, or not built, or MLX is not on the CPU")
+    return backend
+
+
+@pytest.fixture(scope="module", params=[b.value for b in Backend])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return backend_or_skip(request.param)
 
 
 @pytest.fixture(scope="session")

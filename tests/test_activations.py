@@ -1,5 +1,5 @@
-"""SiLU, CLIP's quick GELU and GEGLU against float64 references, on the CPU kernels and on MLX's
-own ops (the path without the kernels), including the tails where exp under/overflows."""
+"""SiLU, CLIP's quick GELU and GEGLU on the CPU kernels against float64 references, including the
+tails where exp under/overflows; and the networks' own quick GELU on MLX ops."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_sd.models import activations, cpu_kernels
+from mlx_sd.cpu import activations
+from mlx_sd.models.clip import QuickGELU
 
 X = np.concatenate([np.linspace(-12, 12, 20002, dtype=np.float32),
                     np.array([-1e4, -100, -89, -87, 87, 89, 100, 1e4, 0.0, -0.0], dtype=np.float32)])
@@ -28,25 +29,17 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return x * 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
 
 
-@pytest.fixture(params=["kernels", "mlx"])
-def path(request, monkeypatch) -> str:
-    """(On the kernels, the gates' 20k values run on the calling thread, GEGLU's on the pool.)"""
-    if request.param == "mlx":
-        monkeypatch.setattr(cpu_kernels, "active", lambda: False)
-    else:
-        assert cpu_kernels.active(), "the tests run on the CPU with the kernels built"
-    return request.param
-
-
-@pytest.mark.parametrize(("fn", "slope"), [(activations.silu, 1.0), (activations.quick_gelu, 1.702)],
-                         ids=["silu", "quick_gelu"])
-def test_sigmoid_gates_match_float64(path: str, fn, slope: float) -> None:
+# (The gates' 20k values run on the calling thread, GEGLU's on the kernels' pool.)
+@pytest.mark.parametrize(("fn", "slope"), [(activations.silu, 1.0), (activations.quick_gelu, 1.702),
+                                           (QuickGELU(), 1.702)],
+                         ids=["silu", "quick_gelu", "quick_gelu on MLX ops"])
+def test_sigmoid_gates_match_float64(fn, slope: float) -> None:
     got = np.array(fn(mx.array(X.reshape(-1, 1))))
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got.reshape(-1), sigmoid_gate(X, slope), rtol=RTOL, atol=ATOL)
 
 
-def test_geglu_gates_the_first_half_with_the_exact_gelu_of_the_second(path: str) -> None:
+def test_geglu_gates_the_first_half_with_the_exact_gelu_of_the_second() -> None:
     rng = np.random.default_rng(0)
     hidden = rng.standard_normal((2, 300, 48), dtype=np.float32) * 3
     gate = np.concatenate([X, rng.standard_normal(2 * 300 * 48 - X.size, dtype=np.float32) * 3])

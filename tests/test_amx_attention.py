@@ -17,11 +17,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_sd.models import attention as attention_module
-from mlx_sd.models import cpu_kernels
-from mlx_sd.models.attention import cpu_attention
+from mlx_sd.cpu import attention as attention_module
+from mlx_sd.cpu import kernels
+from mlx_sd.cpu.attention import attention
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.amx_ready(), reason="no AMX-BF16 on this processor")
+pytestmark = pytest.mark.skipif(not kernels.amx_ready(), reason="no AMX-BF16 on this processor")
 
 
 def bf16(x: np.ndarray) -> np.ndarray:
@@ -65,7 +65,7 @@ def test_matches_bf16_rounded_float64(batch: int, n: int, keys: int, count: int,
     """Token-major views straight from the projections; dims, keys and queries that are not
     multiples of the tiles (16, 32) are padded inside the kernel and must not count."""
     q, k, v = heads(batch, n, keys, count, dim)
-    out = cpu_attention(mx.array(q), mx.array(k), mx.array(v), count, dim**-0.5, bf16_products=True)
+    out = attention(mx.array(q), mx.array(k), mx.array(v), count, dim**-0.5, bf16_products=True)
     assert out.shape == q.shape and out.dtype == mx.float32
     expected = reference(split(q, count), split(k, count), split(v, count), dim**-0.5)
     assert_close(split(np.array(out), count), expected)
@@ -75,7 +75,7 @@ def test_is_further_from_fp32_than_from_its_own_rounding() -> None:
     """The test above cannot pass by accident: the kernel does round (fp32 attention is ~100x
     further from it than the bf16 reference)."""
     q, k, v = heads(2, 128, 128, 2, 40, seed=1)
-    out = split(np.array(cpu_attention(mx.array(q), mx.array(k), mx.array(v), 2, 40**-0.5, bf16_products=True)), 2)
+    out = split(np.array(attention(mx.array(q), mx.array(k), mx.array(v), 2, 40**-0.5, bf16_products=True)), 2)
     q, k, v = (split(t, 2) for t in (q, k, v))
     s = np.einsum("...qd,...kd->...qk", q.astype(np.float64), k.astype(np.float64)) * 40**-0.5
     p = np.exp(s - s.max(-1, keepdims=True))
@@ -89,13 +89,13 @@ def test_causal_mask_over_runs_of_query_rows(queries: int) -> None:
     """One head and more pool threads than heads: the head is split into runs of query rows,
     each of which must mask the keys from its own first query on."""
     q, k, v = heads(1, queries, queries, 1, 64, spread=2.0, seed=2)
-    out = cpu_attention(mx.array(q), mx.array(k), mx.array(v), 1, 0.125, bf16_products=True, causal=True)
+    out = attention(mx.array(q), mx.array(k), mx.array(v), 1, 0.125, bf16_products=True, causal=True)
     assert_close(np.array(out)[0], reference(q[0], k[0], v[0], 0.125, causal=True))
 
 
 def test_large_logits_stay_finite() -> None:
     q, k, v = heads(1, 64, 64, 2, 16, spread=6.0, seed=4)
-    out = split(np.array(cpu_attention(mx.array(q), mx.array(k), mx.array(v), 2, 1.0, bf16_products=True)), 2)
+    out = split(np.array(attention(mx.array(q), mx.array(k), mx.array(v), 2, 1.0, bf16_products=True)), 2)
     assert np.isfinite(out).all()
     # Logits in the hundreds, where one bf16 step of q or k moves a logit by ~1: compared on the
     # same rounded operands, the kernel still agrees.
@@ -118,7 +118,7 @@ def test_refuses_what_it_cannot_read(bad: str) -> None:
     else:
         count = 3  # 32 columns do not split into 3 heads
     with pytest.raises(ValueError):
-        cpu_kernels.amx_attention(q, k, v, count, 0.25, False, out)
+        kernels.amx_attention(q, k, v, count, 0.25, False, out)
 
 
 def test_the_models_bf16_attention_uses_it(monkeypatch) -> None:

@@ -13,9 +13,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_sd.models.blas import gemm
-from mlx_sd.models import cpu_kernels
-from mlx_sd.models.attention import attention, cpu_attention
+from mlx_sd.cpu import kernels
+from mlx_sd.cpu.attention import attention
+from mlx_sd.cpu.blas import gemm
+from mlx_sd.models import layers
 
 TOL = 1e-5
 
@@ -45,7 +46,7 @@ def per_head(out: mx.array, heads: int) -> np.ndarray:
 
 
 def run(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, **options) -> np.ndarray:
-    return per_head(cpu_attention(tokens(q), tokens(k), tokens(v), q.shape[1], scale, **options), q.shape[1])
+    return per_head(attention(tokens(q), tokens(k), tokens(v), q.shape[1], scale, **options), q.shape[1])
 
 
 @pytest.mark.parametrize(
@@ -56,7 +57,7 @@ def run(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, **options) ->
 def test_cpu_attention_matches_float64_softmax(shape_q: tuple[int, ...], kv_tokens: int) -> None:
     q, k, v = inputs(shape_q, kv_tokens, spread=1.0)
     scale = shape_q[-1] ** -0.5
-    out = cpu_attention(tokens(q), tokens(k), tokens(v), shape_q[1], scale)
+    out = attention(tokens(q), tokens(k), tokens(v), shape_q[1], scale)
     b, h, n, d = shape_q
     assert out.shape == (b, n, h * d) and out.dtype == mx.float32
     np.testing.assert_allclose(per_head(out, h), reference(q, k, v, scale), rtol=TOL, atol=TOL)
@@ -88,7 +89,7 @@ def test_cpu_attention_matches_mlx_fused_kernel() -> None:
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 def test_half_precision_inputs_keep_their_dtype(dtype: mx.Dtype) -> None:
     q, k, v = (tokens(a).astype(dtype) for a in inputs((1, 2, 32, 16), 32, spread=1.0))
-    out = cpu_attention(q, k, v, 2, 0.25)
+    out = attention(q, k, v, 2, 0.25)
     assert out.dtype == dtype
     full = [per_head(t, 2) for t in (q, k, v)]
     np.testing.assert_allclose(per_head(out, 2), reference(*full, 0.25), atol=2e-2)
@@ -106,7 +107,7 @@ def test_bf16_value_product_rounds_weights_and_values_only(monkeypatch) -> None:
     """Exactly the rounding the bf16 path without AMX promises: the unnormalised softmax weights
     and v to bf16, products and sums in fp32, normalised by the sum of the unrounded weights.
     (The AMX form, which also rounds q and k, is tested in test_amx_attention.py.)"""
-    monkeypatch.setattr(cpu_kernels, "amx_ready", lambda: False)
+    monkeypatch.setattr(kernels, "amx_ready", lambda: False)
     q, k, v = inputs((2, 3, 200, 40), 300, spread=1.0, seed=3)
     out = run(q, k, v, 40**-0.5, bf16_products=True)
     s = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k.astype(np.float64)) * 40**-0.5
@@ -120,12 +121,11 @@ def test_bf16_value_product_rounds_weights_and_values_only(monkeypatch) -> None:
     assert off_fp32.mean() > 50 * error.mean()
 
 
-def test_both_forms_take_and_give_the_token_major_layout(monkeypatch) -> None:
+def test_both_forms_take_and_give_the_token_major_layout() -> None:
     q, k, v = (tokens(a) for a in inputs((2, 4, 24, 8), 10, spread=1.0, seed=4))
     with mx.stream(mx.cpu):
-        ours = attention(q, k, v, 4, 0.5)
-        monkeypatch.setattr(cpu_kernels, "active", lambda: False)  # as on the GPU: MLX's fused op
-        theirs = attention(q, k, v, 4, 0.5)
+        ours = attention(q, k, v, 4, 8**-0.5)
+        theirs = layers.attention(q, k, v, 4)  # the networks' own: MLX's fused op
     assert ours.shape == theirs.shape == q.shape
     np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=TOL, atol=TOL)
 
@@ -148,10 +148,9 @@ def test_causal_attention_sees_only_earlier_keys() -> None:
     np.testing.assert_allclose(np.array(fused), expected, rtol=TOL, atol=TOL)
 
 
-def test_both_forms_agree_on_the_causal_mask(monkeypatch) -> None:
+def test_both_forms_agree_on_the_causal_mask() -> None:
     q, k, v = (tokens(a) for a in inputs((1, 4, 30, 8), 30, spread=1.0, seed=6))
     with mx.stream(mx.cpu):
-        ours = attention(q, k, v, 4, 0.5, causal=True)
-        monkeypatch.setattr(cpu_kernels, "active", lambda: False)
-        theirs = attention(q, k, v, 4, 0.5, causal=True)
+        ours = attention(q, k, v, 4, 8**-0.5, causal=True)
+        theirs = layers.attention(q, k, v, 4, causal=True)
     np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=TOL, atol=TOL)

@@ -9,14 +9,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_sd.models import cpu_buffers
-from mlx_sd.models.cpu_buffers import new_array
+from mlx_sd.cpu import buffers
+from mlx_sd.cpu.buffers import new_array
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="built where pyproject.toml gives MLX's headers and nanobind")
 def test_the_unfilled_arrays_are_built_on_linux() -> None:
     # The install compiles the extension; on Linux a missing one means the build silently failed.
-    assert cpu_buffers._unfilled() is not None
+    assert buffers._unfilled() is not None
 
 
 def test_new_arrays_are_separate_writable_buffers_that_mlx_reads() -> None:
@@ -30,45 +30,45 @@ def test_new_arrays_are_separate_writable_buffers_that_mlx_reads() -> None:
 def test_new_arrays_of_nothing_and_of_bad_shapes() -> None:
     empty, view = new_array((0, 5))
     assert empty.shape == (0, 5) and view.size == 0
-    if cpu_buffers._unfilled() is not None:
+    if buffers._unfilled() is not None:
         with pytest.raises(ValueError, match="negative"):
-            cpu_buffers._unfilled()([2, -1], mx.float32)
+            buffers._unfilled()([2, -1], mx.float32)
 
 
 def test_an_extension_built_for_another_mlx_is_refused(monkeypatch, caplog) -> None:
     try:
-        extension = importlib.import_module("mlx_sd.models._uninitialized")
+        extension = importlib.import_module("mlx_sd.cpu._uninitialized")
     except ImportError:
         pytest.skip("the extension was not built here")
-    cpu_buffers._unfilled.cache_clear()
+    buffers._unfilled.cache_clear()
     monkeypatch.setattr(extension, "mlx_version", "0.0.1")
     try:
         with caplog.at_level("WARNING"):
-            assert cpu_buffers._unfilled() is None
+            assert buffers._unfilled() is None
             result, out = new_array((2, 3))
         assert "reinstalled" in caplog.text and (out == 0).all()
     finally:
         monkeypatch.undo()
-        cpu_buffers._unfilled.cache_clear()
-    assert cpu_buffers._unfilled() is not None
+        buffers._unfilled.cache_clear()
+    assert buffers._unfilled() is not None
 
 
 def test_an_extension_that_cannot_make_mlx_arrays_is_refused(monkeypatch, caplog) -> None:
     try:
-        extension = importlib.import_module("mlx_sd.models._uninitialized")
+        extension = importlib.import_module("mlx_sd.cpu._uninitialized")
     except ImportError:
         pytest.skip("the extension was not built here")
 
     def foreign(shape: list[int], dtype: mx.Dtype) -> mx.array:
         raise TypeError("Unable to convert function return value to a Python type!")
 
-    cpu_buffers._unfilled.cache_clear()
+    buffers._unfilled.cache_clear()
     monkeypatch.setattr(extension, "empty", foreign)
     try:
         with caplog.at_level("WARNING"):
-            assert cpu_buffers._unfilled() is None
+            assert buffers._unfilled() is None
         assert "cannot make MLX arrays" in caplog.text
     finally:
         monkeypatch.undo()
-        cpu_buffers._unfilled.cache_clear()
-    assert cpu_buffers._unfilled() is not None
+        buffers._unfilled.cache_clear()
+    assert buffers._unfilled() is not None

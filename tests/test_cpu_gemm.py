@@ -9,14 +9,14 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_sd.models import cpu_gemm, cpu_kernels
-from mlx_sd.models.activations import geglu
-from mlx_sd.models.layers import Conv2d, Linear, output_plus
+from mlx_sd.cpu import accelerate, gemm, kernels
+from mlx_sd.cpu.activations import geglu
+from mlx_sd.cpu.layers import Conv2d, Linear, output_plus
 from mlx_sd.models.unet import FeedForward
 
-pytestmark = pytest.mark.skipif(cpu_gemm.gemm() is None, reason="no fast BLAS loaded (reference BLAS)")
+pytestmark = pytest.mark.skipif(gemm.gemm() is None, reason="no fast BLAS loaded (reference BLAS)")
 needs_bf16 = pytest.mark.skipif(
-    cpu_gemm.gemm() is None or cpu_gemm.gemm().bf16 is None, reason="no bf16 GEMM on this CPU/BLAS"
+    gemm.gemm() is None or gemm.gemm().bf16 is None, reason="no bf16 GEMM on this CPU/BLAS"
 )
 
 
@@ -53,9 +53,9 @@ CONV_CASES = [((2, 5, 7, 3), 4, 3), ((1, 9, 6, 13), 8, 3), ((1, 4, 4, 6), 5, 5),
 @pytest.fixture(params=["shifted", "shifted in row blocks", "unfolded"])
 def conv_form(request, monkeypatch) -> str:
     """Every case through each form of the convolution, whatever its size would pick."""
-    monkeypatch.setattr(cpu_gemm, "IM2COL_ROWS", 1 << 30 if request.param == "unfolded" else 0)
-    monkeypatch.setattr(cpu_gemm, "SUMS_BYTES", 0 if request.param == "shifted in row blocks" else 1 << 40)
-    monkeypatch.setattr(cpu_gemm, "BLOCK_ROWS", 512)  # several blocks of shifted GEMMs in the largest case
+    monkeypatch.setattr(gemm, "IM2COL_ROWS", 1 << 30 if request.param == "unfolded" else 0)
+    monkeypatch.setattr(gemm, "SUMS_BYTES", 0 if request.param == "shifted in row blocks" else 1 << 40)
+    monkeypatch.setattr(gemm, "BLOCK_ROWS", 512)  # several blocks of shifted GEMMs in the largest case
     return request.param
 
 
@@ -72,7 +72,7 @@ def addend(kind: str, shape: tuple, out_channels: int) -> np.ndarray | None:
 def test_fp32_conv_matches_float64(shape: tuple, out_channels: int, kernel: int, add: str, conv_form: str) -> None:
     x, w, b = random(*shape, seed=0), random(out_channels, kernel, kernel, shape[-1], seed=1), random(out_channels, seed=2)
     extra = addend(add, shape, out_channels)
-    ours = cpu_gemm.conv2d(mx.array(x), mx.array(w), mx.array(b), kernel // 2, None if extra is None else mx.array(extra))
+    ours = gemm.conv2d(mx.array(x), mx.array(w), mx.array(b), kernel // 2, None if extra is None else mx.array(extra))
     reference = conv_reference(x.astype(np.float64), w.astype(np.float64), b, kernel // 2) + (0 if extra is None else extra)
     assert ours.dtype == mx.float32 and ours.shape == (*shape[:3], out_channels)
     assert relative_error(ours, reference) < 1e-6
@@ -84,7 +84,7 @@ def test_bf16_conv_is_exact_on_bf16_operands(shape: tuple, out_channels: int, ke
     """Products of bf16 values are exact in fp32, so only fp32 accumulation error remains."""
     x, w, b = random(*shape, seed=3), random(out_channels, kernel, kernel, shape[-1], seed=4), random(out_channels, seed=5)
     weight = mx.array(w).astype(mx.bfloat16)
-    ours = cpu_gemm.conv2d(mx.array(x), weight, mx.array(b).astype(mx.bfloat16), kernel // 2)
+    ours = gemm.conv2d(mx.array(x), weight, mx.array(b).astype(mx.bfloat16), kernel // 2)
     reference = conv_reference(bf16_rounded(x), bf16_rounded(w), bf16_rounded(b), kernel // 2)
     assert ours.dtype == mx.float32
     assert relative_error(ours, reference) < 1e-6
@@ -102,7 +102,7 @@ def test_bf16_linear_is_exact_on_bf16_operands(lead: tuple, n: int, k: int, with
     x, w, b = random(*lead, k, seed=6), random(n, k, seed=7), random(n, seed=8)
     extra = random(*lead, n, seed=9) if with_add else None
     bias, residual = mx.array(b).astype(mx.bfloat16), None if extra is None else mx.array(extra)
-    ours = cpu_gemm.linear(mx.array(x), mx.array(w).astype(mx.bfloat16), bias, residual)
+    ours = gemm.linear(mx.array(x), mx.array(w).astype(mx.bfloat16), bias, residual)
     reference = bf16_rounded(x) @ bf16_rounded(w).T + bf16_rounded(b) + (0 if extra is None else extra)
     assert ours.shape == (*lead, n) and ours.dtype == mx.float32
     assert relative_error(ours, reference) < 1e-6
@@ -119,7 +119,7 @@ def test_the_linear_kernel_takes_fp32_operands_with_sgemm(rows: int) -> None:
     x, w, b, extra = random(rows, 256, seed=30), random(200, 256, seed=31), random(200, seed=32), random(rows, 200,
                                                                                                           seed=33)
     out = np.empty((rows, 200), np.float32)
-    cpu_kernels.linear(x, w, b, extra, cpu_gemm.gemm().sgemm, out)
+    kernels.linear(x, w, b, extra, gemm.gemm().sgemm, out)
     reference = x.astype(np.float64) @ w.T.astype(np.float64) + b + extra
     assert np.abs(out - reference).max() / np.abs(reference).max() < 1e-6
 
@@ -130,20 +130,20 @@ def test_bf16_matmul_of_bf16_bits_is_exact_on_bf16_operands() -> None:
     a, b = (rng.standard_normal(shape, dtype=np.float32) for shape in ((33, 300), (300, 20)))
     bits = [np.array(mx.array(t).astype(mx.bfloat16).view(mx.uint16)) for t in (a, b)]
     out = np.empty((33, 20), np.float32)
-    cpu_gemm.matmul(*bits, out)
+    gemm.matmul(*bits, out)
     np.testing.assert_allclose(out, bf16_rounded(a) @ bf16_rounded(b), rtol=1e-5, atol=1e-5)
 
 
 def test_matmul_refuses_mixed_operand_types() -> None:
     with pytest.raises(ValueError, match="fp32 or bf16"):
-        cpu_gemm.matmul(np.zeros((2, 3), np.float32), np.zeros((3, 2), np.uint16), np.empty((2, 2), np.float32))
+        gemm.matmul(np.zeros((2, 3), np.float32), np.zeros((3, 2), np.uint16), np.empty((2, 2), np.float32))
 
 
 def test_matmul_reads_and_writes_row_strided_views_in_place() -> None:
     """One head's columns of token-major (tokens, heads * dim) arrays, as the attention passes them."""
     q, k = random(9, 3 * 4, seed=14), random(11, 3 * 4, seed=15)
     out = np.full((9, 3 * 11), 5.0, np.float32)
-    cpu_gemm.matmul(q[:, 4:8], k[:, 4:8], out[:, 11:22], transpose_b=True)
+    gemm.matmul(q[:, 4:8], k[:, 4:8], out[:, 11:22], transpose_b=True)
     np.testing.assert_allclose(out[:, 11:22], q[:, 4:8].astype(np.float64) @ k[:, 4:8].T, rtol=1e-6, atol=1e-6)
     assert (out[:, :11] == 5).all() and (out[:, 22:] == 5).all()  # the other heads' columns untouched
 
@@ -151,17 +151,17 @@ def test_matmul_reads_and_writes_row_strided_views_in_place() -> None:
 def test_matmul_reads_strided_operands_and_refuses_a_strided_output() -> None:
     a, b = random(6, 5, seed=12), random(7, 5, seed=13)
     out = np.empty((6, 7), np.float32)
-    cpu_gemm.matmul(np.asfortranarray(a), b[:, :], out, transpose_b=True, alpha=0.5)
+    gemm.matmul(np.asfortranarray(a), b[:, :], out, transpose_b=True, alpha=0.5)
     np.testing.assert_allclose(out, 0.5 * a.astype(np.float64) @ b.T, rtol=1e-6, atol=1e-6)
-    cpu_gemm.matmul(a, b.T, out)  # a transposed view as b
+    gemm.matmul(a, b.T, out)  # a transposed view as b
     np.testing.assert_allclose(out, a.astype(np.float64) @ b.T, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="rows must be contiguous"):
-        cpu_gemm.matmul(a, b, np.empty((7, 6), np.float32).T, transpose_b=True)
+        gemm.matmul(a, b, np.empty((7, 6), np.float32).T, transpose_b=True)
 
 
 def test_layers_take_the_fast_path_only_where_it_applies(monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr(cpu_gemm, "conv2d", lambda *args: calls.append("conv2d"))
+    monkeypatch.setattr(gemm, "conv2d", lambda *args: calls.append("conv2d"))
     x = mx.array(random(1, 8, 8, 4, seed=9))
     Conv2d(4, 4, 3, padding=1)(x)
     assert calls == ["conv2d"]
@@ -174,8 +174,8 @@ def test_layers_take_the_fast_path_only_where_it_applies(monkeypatch) -> None:
 @needs_bf16
 def test_bf16_layers_compute_in_bf16_and_fp32_layers_do_not(monkeypatch) -> None:
     calls = []
-    real_linear = cpu_gemm.linear
-    monkeypatch.setattr(cpu_gemm, "linear", lambda *args: calls.append(args[1].dtype) or real_linear(*args))
+    real_linear = gemm.linear
+    monkeypatch.setattr(gemm, "linear", lambda *args: calls.append(args[1].dtype) or real_linear(*args))
     x = mx.array(random(2, 3, 3, 8, seed=10))
     for layer in (Linear(8, 6), Conv2d(8, 6, 1)):
         layer(x)
@@ -185,8 +185,8 @@ def test_bf16_layers_compute_in_bf16_and_fp32_layers_do_not(monkeypatch) -> None
 
 
 def test_without_a_fast_blas_layers_use_mlx(monkeypatch) -> None:
-    monkeypatch.setattr(cpu_gemm, "gemm", lambda: None)
-    monkeypatch.setattr(cpu_gemm, "conv2d", lambda *args: pytest.fail("fast path taken"))
+    monkeypatch.setattr(gemm, "gemm", lambda: None)
+    monkeypatch.setattr(gemm, "conv2d", lambda *args: pytest.fail("fast path taken"))
     layer, x = Conv2d(4, 4, 3, padding=1), mx.array(random(1, 6, 6, 4, seed=11))
     layer.set_dtype(mx.bfloat16)
     assert mx.array_equal(layer(x), nn.Conv2d.__call__(layer, x))
@@ -205,13 +205,13 @@ def test_feed_forward_matches_float64(dtype: mx.Dtype, with_bias: bool, with_add
     """Blocks of rows (here 16, so 74 rows end with a short block) projected, gated and projected
     again in scratch. In bf16 the gated activations are rounded to bf16 before the second
     product, as the reference does too."""
-    monkeypatch.setattr(cpu_gemm, "FF_ROWS", 16)
+    monkeypatch.setattr(gemm, "FF_ROWS", 16)
     x, w1, b1 = random(2, 37, 24, seed=16), random(2 * 20, 24, seed=17), random(2 * 20, seed=18)
     w2, b2 = random(12, 20, seed=20), random(12, seed=21)
     rounded = bf16_rounded if dtype == mx.bfloat16 else lambda t: t.astype(np.float64)
     biases = [mx.array(b).astype(dtype) if with_bias else None for b in (b1, b2)]
     extra = random(2, 37, 12, seed=22) if with_add else None
-    ours = cpu_gemm.feed_forward(mx.array(x), mx.array(w1).astype(dtype), biases[0], mx.array(w2).astype(dtype),
+    ours = gemm.feed_forward(mx.array(x), mx.array(w1).astype(dtype), biases[0], mx.array(w2).astype(dtype),
                                  biases[1], None if extra is None else mx.array(extra))
     gated = geglu_reference(rounded(x) @ rounded(w1).T + (rounded(b1) if with_bias else 0))
     reference = rounded(gated) @ rounded(w2).T + (rounded(b2) if with_bias else 0) + (0 if extra is None else extra)
@@ -223,9 +223,9 @@ def test_feed_forward_matches_float64(dtype: mx.Dtype, with_bias: bool, with_add
 
 def test_unet_feed_forward_is_fused_where_the_gemms_take_it(monkeypatch) -> None:
     calls = []
-    real = cpu_gemm.feed_forward
-    monkeypatch.setattr(cpu_gemm, "feed_forward", lambda *args: calls.append(args[1].dtype) or real(*args))
-    layer, x = FeedForward(8), mx.array(random(1, 5, 8, seed=19))
+    real = gemm.feed_forward
+    monkeypatch.setattr(gemm, "feed_forward", lambda *args: calls.append(args[1].dtype) or real(*args))
+    layer, x = accelerate(FeedForward(8)), mx.array(random(1, 5, 8, seed=19))
     separate = layer.net[2](geglu(layer.net[0].proj(x)))
     np.testing.assert_allclose(np.array(layer(x)), np.array(separate), rtol=1e-5, atol=1e-6)
     layer.set_dtype(mx.float16)  # MLX's own fp16 matmuls: not fused

@@ -13,11 +13,11 @@ import threading
 import numpy as np
 import pytest
 
-from mlx_sd.models import cpu_kernels, cpu_threads
-from mlx_sd.models.blas import gemm
+from mlx_sd.cpu import kernels, threads
+from mlx_sd.cpu.blas import gemm
 
 SMALL = 1 << 15  # POOL_MIN_VALUES in cpu_pool.h
-pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="the CPU kernels are not built")
+pytestmark = pytest.mark.skipif(kernels.kernels() is None, reason="the CPU kernels are not built")
 
 
 def values(*shape: int, seed: int = 0) -> np.ndarray:
@@ -26,7 +26,7 @@ def values(*shape: int, seed: int = 0) -> np.ndarray:
 
 def test_the_pool_has_a_thread_per_core_where_mkl_limits_each_threads_gemms() -> None:
     mkl = gemm() is not None and gemm().set_local_threads is not None
-    assert cpu_kernels.kernels().pool_threads() == (cpu_threads.cores() if mkl else 1)
+    assert kernels.kernels().pool_threads() == (threads.cores() if mkl else 1)
 
 
 def in_pieces(kernel, x: np.ndarray, out: np.ndarray, rows: int) -> None:
@@ -35,10 +35,10 @@ def in_pieces(kernel, x: np.ndarray, out: np.ndarray, rows: int) -> None:
 
 
 ROW_KERNELS = {
-    "to_bf16": (lambda x, out: cpu_kernels.to_bf16(x, out), 1, np.uint16),
-    "sigmoid_gate": (lambda x, out: cpu_kernels.sigmoid_gate(x, 1.0, out), 1, np.float32),
-    "geglu": (cpu_kernels.geglu, 0.5, np.float32),
-    "layer_norm": (lambda x, out: cpu_kernels.layer_norm(x, values(96, seed=1), values(96, seed=2), 1e-5, out), 1,
+    "to_bf16": (lambda x, out: kernels.to_bf16(x, out), 1, np.uint16),
+    "sigmoid_gate": (lambda x, out: kernels.sigmoid_gate(x, 1.0, out), 1, np.float32),
+    "geglu": (kernels.geglu, 0.5, np.float32),
+    "layer_norm": (lambda x, out: kernels.layer_norm(x, values(96, seed=1), values(96, seed=2), 1e-5, out), 1,
                    np.float32),
 }
 
@@ -56,9 +56,9 @@ def test_row_kernels_on_the_pool_match_one_thread(name: str) -> None:
 def test_scale_shift_on_the_pool_matches_one_thread() -> None:
     x, scale, offset = values(3, 401, 64), values(3, 64, seed=1), values(3, 64, seed=2)
     whole, pieces = np.empty_like(x), np.empty_like(x)
-    cpu_kernels.scale_shift(x, scale, offset, True, whole)
+    kernels.scale_shift(x, scale, offset, True, whole)
     for i in range(3):
-        cpu_kernels.scale_shift(x[i:i + 1], scale[i:i + 1], offset[i:i + 1], True, pieces[i:i + 1])
+        kernels.scale_shift(x[i:i + 1], scale[i:i + 1], offset[i:i + 1], True, pieces[i:i + 1])
     np.testing.assert_array_equal(whole, pieces)
 
 
@@ -67,23 +67,23 @@ def test_image_kernels_on_the_pool_match_one_thread(bf16: bool) -> None:
     x = values(2, 37, 29, 24)
     out_type = np.uint16 if bf16 else np.float32
     padded = np.empty((2, 39, 31, 24), out_type)
-    cpu_kernels.pad_image(x, 1, 0, 78, padded)
+    kernels.pad_image(x, 1, 0, 78, padded)
     rows = np.empty_like(padded)
     for first in range(0, 78, 7):  # 7 rows of 31x24: under the pool's threshold
-        cpu_kernels.pad_image(x, 1, first, min(first + 7, 78), rows)
+        kernels.pad_image(x, 1, first, min(first + 7, 78), rows)
     np.testing.assert_array_equal(padded, rows)
 
     patches, rows = (np.empty((2 * 37 * 29, 9 * 24), out_type) for _ in range(2))
-    cpu_kernels.im2col(x, 3, 1, 0, len(patches), patches)
+    kernels.im2col(x, 3, 1, 0, len(patches), patches)
     for first in range(0, len(patches), 100):
-        cpu_kernels.im2col(x, 3, 1, first, min(first + 100, len(patches)), rows)
+        kernels.im2col(x, 3, 1, first, min(first + 100, len(patches)), rows)
     np.testing.assert_array_equal(patches, rows)
 
     source, bias, residual = values(2, 39, 31, 24, seed=3), values(2, 24, seed=4), values(2, 37, 29, 24, seed=5)
     cropped, rows = np.empty_like(residual), np.empty_like(residual)
-    cpu_kernels.crop_bias(source, bias, 0, 74, cropped, residual)
+    kernels.crop_bias(source, bias, 0, 74, cropped, residual)
     for first in range(0, 74, 10):
-        cpu_kernels.crop_bias(source, bias, first, min(first + 10, 74), rows, residual)
+        kernels.crop_bias(source, bias, first, min(first + 10, 74), rows, residual)
     np.testing.assert_array_equal(cropped, rows)
 
 
@@ -94,12 +94,12 @@ def test_concurrent_callers_each_get_their_own_result() -> None:
     expected = []
     for x in inputs:
         expected.append(np.empty_like(x))
-        cpu_kernels.layer_norm(x, weight, bias, 1e-5, expected[-1])
+        kernels.layer_norm(x, weight, bias, 1e-5, expected[-1])
     results = [np.empty_like(x) for x in inputs]
 
     def run(i: int) -> None:
         for _ in range(20):
-            cpu_kernels.layer_norm(inputs[i], weight, bias, 1e-5, results[i])
+            kernels.layer_norm(inputs[i], weight, bias, 1e-5, results[i])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for thread in threads:
@@ -115,11 +115,11 @@ def test_a_forked_child_runs_its_kernels_on_one_thread() -> None:
     """The pool's threads do not survive a fork: the child must neither wait for them nor fail."""
     x, weight, bias = values(2048, 320), values(320, seed=1), values(320, seed=2)
     expected = np.empty_like(x)
-    cpu_kernels.layer_norm(x, weight, bias, 1e-5, expected)
+    kernels.layer_norm(x, weight, bias, 1e-5, expected)
     child = os.fork()
     if child == 0:  # only C kernels and numpy here: nothing that needs the parent's other threads
         out = np.empty_like(x)
-        cpu_kernels.layer_norm(x, weight, bias, 1e-5, out)
-        os._exit(0 if cpu_kernels.kernels().pool_threads() == 1 and np.array_equal(out, expected) else 1)
+        kernels.layer_norm(x, weight, bias, 1e-5, out)
+        os._exit(0 if kernels.kernels().pool_threads() == 1 and np.array_equal(out, expected) else 1)
     _, status = os.waitpid(child, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

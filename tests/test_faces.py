@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from mlx_sd.backends import Backend
 from mlx_sd.faces import DETECTOR_FILE, RESTORER_FILE, load_face_restorer, missing_files
 from mlx_sd.faces import align
 from mlx_sd.faces.detection import FaceDetector, decode_boxes, decode_landmarks, nms, prior_boxes
 from mlx_sd.faces.restore import load_detector, load_restorer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "restoration"
-# fp32 on the MLX CPU backend: measured relative errors <= 1e-6 (see the README).
+# fp32 on MLX's CPU device, MLX ops or CPU kernels: measured relative errors <= 1e-6 (see the README).
 REL_TOL = 1e-5
 
 
@@ -44,12 +45,12 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def detector(models_dir: Path) -> FaceDetector:
-    return load_detector(models_dir / DETECTOR_FILE, mx.float32)
+def detector(models_dir: Path, backend: Backend) -> FaceDetector:
+    return load_detector(models_dir / DETECTOR_FILE, mx.float32, backend)
 
 
-def test_restorer_matches_reference(golden, models_dir: Path) -> None:
-    net = load_restorer(models_dir / RESTORER_FILE, mx.float32)
+def test_restorer_matches_reference(golden, models_dir: Path, backend: Backend) -> None:
+    net = load_restorer(models_dir / RESTORER_FILE, mx.float32, backend)
     assert net.config.out_size == 512 and net.config.different_w and net.config.sft_half
     x = mx.array(golden["gfpgan_input"])[None].astype(mx.float32) / 127.5 - 1.0
     out = np.array(net(x)).transpose(0, 3, 1, 2)

@@ -11,8 +11,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_sd.models.activations import silu
-from mlx_sd.models.group_norm import GroupNorm, group_moments
+from mlx_sd.cpu.activations import silu
+from mlx_sd.cpu.norms import GroupNorm, group_moments
 
 TOL = 1e-5
 

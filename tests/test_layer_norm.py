@@ -7,7 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_sd.models.layer_norm import LayerNorm
+from mlx_sd.cpu.norms import LayerNorm
 
 
 @pytest.mark.parametrize("weights", [mx.float32, mx.bfloat16])

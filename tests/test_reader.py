@@ -1,4 +1,5 @@
-"""convert.reader: checkpoint tensors read on every core into MLX's layout, against mx.load."""
+"""The CPU backend's reader (mlx_sd.cpu.reader): checkpoint tensors read on every core into MLX's
+layout, against mx.load."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import numpy as np
 import pytest
 
 from convert.formats import read_header
-from convert import reader
-from convert.reader import Request, TensorReader, reading_stream
+from convert.reader import Request, reading_stream
 from convert.transforms import to_mlx
+from mlx_sd.cpu import buffers, kernels, reader
+from mlx_sd.cpu.reader import ParallelTensorReader
 from mlx_sd.errors import CheckpointError
-from mlx_sd.models import cpu_buffers, cpu_kernels
 
 STREAM = mx.default_stream(mx.cpu)
 
@@ -60,7 +61,7 @@ TARGETS = {"conv": 4, "conv_bf16": 4, "one_by_one": 2, "conv_wide": 4, "conv_fp3
 def read_all(path: Path, layout: bool) -> dict[str, mx.array]:
     tensors = read_header(path).tensors
     requests = [Request(path, k, tensors[k], TARGETS[k] if layout else None, STREAM) for k in TARGETS]
-    return dict(zip(TARGETS, TensorReader().read(requests)))
+    return dict(zip(TARGETS, ParallelTensorReader().read(requests)))
 
 
 @pytest.mark.parametrize("layout", [True, False])
@@ -69,7 +70,7 @@ def read_all(path: Path, layout: bool) -> dict[str, mx.array]:
 def test_tensors_equal_mx_load_in_mlx_layout_or_as_stored(checkpoint: Path, layout: bool, unfilled: bool,
                                                           piece_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
     if not unfilled:  # the fallback: mx.load, lazily
-        monkeypatch.setattr(cpu_buffers, "unfilled", lambda shape, dtype: None)
+        monkeypatch.setattr(buffers, "unfilled", lambda shape, dtype: None)
     monkeypatch.setattr(reader, "PIECE_BYTES", piece_bytes)  # 16: every tensor of several rows in pieces
     got = read_all(checkpoint, layout)
     stored = mx.load(str(checkpoint))
@@ -84,17 +85,17 @@ def test_tensors_equal_mx_load_in_mlx_layout_or_as_stored(checkpoint: Path, layo
 def test_tensors_are_cast_as_they_are_read_where_the_kernels_make_the_cast(checkpoint: Path, dtype: mx.Dtype,
                                                                           piece_bytes: int,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """fp16, bf16 and fp32 tensors, plain and conv, come in `dtype` where cpu_kernels casts between
+    """fp16, bf16 and fp32 tensors, plain and conv, come in `dtype` where the kernels cast between
     them (to bf16 or fp32), with the values of MLX's own cast; otherwise (to fp16, other types)
     as stored, for the caller to cast."""
     monkeypatch.setattr(reader, "PIECE_BYTES", piece_bytes)
     tensors = read_header(checkpoint).tensors
     requests = [Request(checkpoint, k, tensors[k], TARGETS[k], STREAM, dtype) for k in TARGETS]
-    got = dict(zip(TARGETS, TensorReader().read(requests)))
+    got = dict(zip(TARGETS, ParallelTensorReader().read(requests)))
     stored = mx.load(str(checkpoint))
     for key, tensor in got.items():
         expected = to_mlx(stored[key], TARGETS[key], stored[key].dtype)
-        if (expected.dtype, dtype) in cpu_kernels.CONVERSIONS:
+        if (expected.dtype, dtype) in kernels.CONVERSIONS:
             expected = expected.astype(dtype)
         assert tensor.dtype == expected.dtype and tensor.shape == expected.shape, key
         assert mx.array_equal(tensor, expected).item(), key
@@ -123,10 +124,10 @@ def test_a_file_cut_short_after_its_header_was_read(tmp_path: Path, key: str, nd
     info = read_header(path).tensors[key]
     with path.open("r+b") as f:
         f.truncate(info.start + 8)
-    if cpu_buffers.unfilled((1,), mx.float32) is None:
+    if buffers.unfilled((1,), mx.float32) is None:
         pytest.skip("the fallback reads through mx.load, which raises its own error")
     with pytest.raises(CheckpointError, match=f"ended inside {key}"):
-        TensorReader().read([Request(path, key, info, ndim, STREAM)])
+        ParallelTensorReader().read([Request(path, key, info, ndim, STREAM)])
 
 
 def test_mx_load_reads_on_a_cpu_stream_whatever_stream_the_work_is_on() -> None:

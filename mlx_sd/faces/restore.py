@@ -17,6 +17,7 @@ from convert.gfpgan_keys import build_restorer, prepare_restorer_weights
 from convert.loader import resolve_dtype
 from convert.restoration import load_strict, read_weights
 from convert.retinaface_keys import build_detector, prepare_detector_weights
+from mlx_sd.backends import Backend
 from mlx_sd.faces import align
 from mlx_sd.faces.detection import FaceDetector
 from mlx_sd.models.gfpgan import GFPGANv1Clean
@@ -57,18 +58,19 @@ class FaceRestorer:
         return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
-def load_restorer(path: Path, dtype: mx.Dtype) -> GFPGANv1Clean:
+def load_restorer(path: Path, dtype: mx.Dtype, backend: Backend = Backend.MLX) -> GFPGANv1Clean:
     weights = read_weights(path)
-    return load_strict(build_restorer(weights, path), prepare_restorer_weights(weights), dtype, path)
+    return backend.prepare(load_strict(build_restorer(weights, path), prepare_restorer_weights(weights), dtype, path))
 
 
-def load_detector(path: Path, dtype: mx.Dtype) -> FaceDetector:
+def load_detector(path: Path, dtype: mx.Dtype, backend: Backend = Backend.MLX) -> FaceDetector:
     weights = read_weights(path)
     network = load_strict(build_detector(weights, path), prepare_detector_weights(weights), dtype, path)
-    return FaceDetector(network, dtype)
+    return FaceDetector(backend.prepare(network), dtype)
 
 
-def load_face_restorer(models_dir: str | Path, dtype: mx.Dtype | str | None = None) -> FaceRestorer:
+def load_face_restorer(models_dir: str | Path, dtype: mx.Dtype | str | None = None,
+                       backend: Backend = Backend.MLX) -> FaceRestorer:
     models_dir, dtype = Path(models_dir), resolve_dtype(dtype)
-    return FaceRestorer(load_detector(models_dir / DETECTOR_FILE, dtype),
-                        load_restorer(models_dir / RESTORER_FILE, dtype), dtype)
+    return FaceRestorer(load_detector(models_dir / DETECTOR_FILE, dtype, backend),
+                        load_restorer(models_dir / RESTORER_FILE, dtype, backend), dtype)

@@ -12,14 +12,18 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_sd.models import cpu_gemm
-from mlx_sd.models.activations import quick_gelu
-from mlx_sd.models.attention import attention
-from mlx_sd.models.layer_norm import LayerNorm
-from mlx_sd.models.layers import Linear, activation_dtype
+from mlx_sd.models.layers import attention
 
 
-_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": nn.gelu}
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's sigmoid approximation of GELU, x * sigmoid(1.702 x), which its weights were trained with."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x * mx.sigmoid(1.702 * x)
+
+
+# GELU is the exact (erf) form.
+_ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
 
 
 @dataclass(frozen=True)
@@ -48,35 +52,32 @@ class CLIPAttention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.q_proj = Linear(dim, dim)
-        self.k_proj = Linear(dim, dim)
-        self.v_proj = Linear(dim, dim)
-        self.out_proj = Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        out = attention(q, k, v, self.heads, scale=(x.shape[-1] // self.heads) ** -0.5, causal=True,
-                        bf16_products=cpu_gemm.uses_bf16(self.v_proj.weight))
-        return self.out_proj(out)
+        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True))
 
 
 class CLIPMLP(nn.Module):
     def __init__(self, config: CLIPTextConfig) -> None:
         super().__init__()
-        self.activation = _ACTIVATIONS[config.hidden_act]
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
+        self.activation_fn = _ACTIVATIONS[config.hidden_act]()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(self.activation(self.fc1(x)))
+        return self.fc2(self.activation_fn(self.fc1(x)))
 
 
 class CLIPEncoderLayer(nn.Module):
     def __init__(self, config: CLIPTextConfig) -> None:
         super().__init__()
-        self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = CLIPAttention(config.hidden_size, config.num_attention_heads)
-        self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -109,14 +110,13 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.embeddings = CLIPEmbeddings(config)
         self.encoder = CLIPEncoder(config)
-        self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def __call__(self, input_ids: mx.array, skip_last_layers: int = 0) -> mx.array:
         """`skip_last_layers=1` is "CLIP skip 2": the penultimate layer's output, still final-normed."""
         if not 0 <= skip_last_layers < len(self.encoder.layers):
             raise ValueError(f"skip_last_layers must be in [0, {len(self.encoder.layers)}), got {skip_last_layers}")
         x = self.embeddings(input_ids)
-        x = x.astype(activation_dtype(x.dtype))  # later layers follow the activations' dtype
         for layer in self.encoder.layers[: len(self.encoder.layers) - skip_last_layers]:
             x = layer(x)
         return self.final_layer_norm(x)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_sd.models.layers import Conv2d, upsample_nearest
+from mlx_sd.models.layers import upsample_nearest
 
 
 def pixel_shuffle(x: mx.array, r: int) -> mx.array:
@@ -47,11 +47,11 @@ class ResidualDenseBlock(nn.Module):
     def __init__(self, num_feat: int, num_grow_ch: int) -> None:
         super().__init__()
         # conv k sees the block input and the k-1 growths before it.
-        self.conv1 = Conv2d(num_feat, num_grow_ch, 3, padding=1)
-        self.conv2 = Conv2d(num_feat + num_grow_ch, num_grow_ch, 3, padding=1)
-        self.conv3 = Conv2d(num_feat + 2 * num_grow_ch, num_grow_ch, 3, padding=1)
-        self.conv4 = Conv2d(num_feat + 3 * num_grow_ch, num_grow_ch, 3, padding=1)
-        self.conv5 = Conv2d(num_feat + 4 * num_grow_ch, num_feat, 3, padding=1)
+        self.conv1 = nn.Conv2d(num_feat, num_grow_ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(num_feat + num_grow_ch, num_grow_ch, 3, padding=1)
+        self.conv3 = nn.Conv2d(num_feat + 2 * num_grow_ch, num_grow_ch, 3, padding=1)
+        self.conv4 = nn.Conv2d(num_feat + 3 * num_grow_ch, num_grow_ch, 3, padding=1)
+        self.conv5 = nn.Conv2d(num_feat + 4 * num_grow_ch, num_feat, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         features = [x]
@@ -79,13 +79,13 @@ class RRDBNet(nn.Module):
         self._unshuffle = {4: 1, 2: 2, 1: 4}[config.scale]
         in_channels = 3 * self._unshuffle**2
         f = config.num_feat
-        self.conv_first = Conv2d(in_channels, f, 3, padding=1)
+        self.conv_first = nn.Conv2d(in_channels, f, 3, padding=1)
         self.body = [RRDB(f, config.num_grow_ch) for _ in range(config.num_block)]
-        self.conv_body = Conv2d(f, f, 3, padding=1)
-        self.conv_up1 = Conv2d(f, f, 3, padding=1)
-        self.conv_up2 = Conv2d(f, f, 3, padding=1)
-        self.conv_hr = Conv2d(f, f, 3, padding=1)
-        self.conv_last = Conv2d(f, 3, 3, padding=1)
+        self.conv_body = nn.Conv2d(f, f, 3, padding=1)
+        self.conv_up1 = nn.Conv2d(f, f, 3, padding=1)
+        self.conv_up2 = nn.Conv2d(f, f, 3, padding=1)
+        self.conv_hr = nn.Conv2d(f, f, 3, padding=1)
+        self.conv_last = nn.Conv2d(f, 3, 3, padding=1)
 
     @property
     def scale(self) -> int:
@@ -125,10 +125,10 @@ class SRVGGNetCompact(nn.Module):
         super().__init__()
         self.config = config
         f, r = config.num_feat, config.upscale
-        self.body: list[nn.Module] = [Conv2d(3, f, 3, padding=1), nn.PReLU(f)]
+        self.body: list[nn.Module] = [nn.Conv2d(3, f, 3, padding=1), nn.PReLU(f)]
         for _ in range(config.num_conv):
-            self.body += [Conv2d(f, f, 3, padding=1), nn.PReLU(f)]
-        self.body.append(Conv2d(f, 3 * r * r, 3, padding=1))
+            self.body += [nn.Conv2d(f, f, 3, padding=1), nn.PReLU(f)]
+        self.body.append(nn.Conv2d(f, 3 * r * r, 3, padding=1))
 
     @property
     def scale(self) -> int:

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_sd.models.layers import Conv2d, Linear
-
 SQRT2 = math.sqrt(2.0)
 
 
@@ -78,9 +76,9 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, up: bool) -> None:
         super().__init__()
-        self.conv1 = Conv2d(in_channels, in_channels, 3, padding=1)
-        self.conv2 = Conv2d(in_channels, out_channels, 3, padding=1)
-        self.skip = Conv2d(in_channels, out_channels, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self._resample = upsample_bilinear2x if up else downsample_bilinear2x
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -96,7 +94,7 @@ class ModulatedConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, num_style_feat: int,
                  demodulate: bool = True, upsample: bool = False) -> None:
         super().__init__()
-        self.modulation = Linear(num_style_feat, in_channels)
+        self.modulation = nn.Linear(num_style_feat, in_channels)
         self.weight = mx.zeros((out_channels, kernel_size, kernel_size, in_channels))
         self.demodulate = demodulate
         self.upsample = upsample
@@ -183,20 +181,20 @@ class GFPGANv1Clean(nn.Module):
         self.config = config
         unet = lambda resolution: config.channels(resolution, unet=True)  # noqa: E731
         sizes = [2**level for level in range(config.log_size, 1, -1)]  # out_size ... 4
-        self.conv_body_first = Conv2d(3, unet(sizes[0]), 1)
+        self.conv_body_first = nn.Conv2d(3, unet(sizes[0]), 1)
         self.conv_body_down = [ResBlock(unet(a), unet(b), up=False) for a, b in zip(sizes, sizes[1:])]
-        self.final_conv = Conv2d(unet(4), unet(4), 3, padding=1)
+        self.final_conv = nn.Conv2d(unet(4), unet(4), 3, padding=1)
         rising = sizes[::-1]  # 4 ... out_size
         self.conv_body_up = [ResBlock(unet(a), unet(b), up=True) for a, b in zip(rising, rising[1:])]
         styles = config.num_latent if config.different_w else 1
-        self.final_linear = Linear(unet(4) * 16, styles * config.num_style_feat)
+        self.final_linear = nn.Linear(unet(4) * 16, styles * config.num_style_feat)
         self.stylegan_decoder = StyleGAN2GeneratorCSFT(config)
         self.condition_scale, self.condition_shift = [], []
         for resolution in rising[1:]:
             c = unet(resolution)
             sft = c if config.sft_half else 2 * c
             for branch in (self.condition_scale, self.condition_shift):
-                branch.append([Conv2d(c, c, 3, padding=1), nn.LeakyReLU(0.2), Conv2d(c, sft, 3, padding=1)])
+                branch.append([nn.Conv2d(c, c, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(c, sft, 3, padding=1)])
 
     def __call__(self, x: mx.array) -> mx.array:
         feat = _lrelu(self.conv_body_first(x))

@@ -5,60 +5,18 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_sd.models import cpu_gemm
-from mlx_sd.models.activations import silu
-from mlx_sd.models.attention import attention
-from mlx_sd.models.group_norm import GroupNorm
 
+def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool = False) -> mx.array:
+    """Multi-head softmax(q kᵀ / √head_dim) v for token-major projections (batch, tokens, heads *
+    head_dim), returned in the same layout; `causal` lets query i see keys 0..i only."""
+    batch, n, width = q.shape
 
-def activation_dtype(weights: mx.Dtype) -> mx.Dtype:
-    """The dtype of the activations for weights stored as `weights`: the same on the GPU, but fp32
-    on the CPU, where MLX's fp16/bf16 elementwise ops and products are slow. Ops promote the stored
-    weights as they go, so fp16 storage still halves the memory the weights hold; bf16 layers run
-    their products in bf16 through cpu_gemm."""
-    return weights if mx.default_device() == mx.gpu else mx.float32
+    def split(t: mx.array) -> mx.array:
+        return t.reshape(batch, t.shape[1], heads, width // heads).transpose(0, 2, 1, 3)
 
-
-def _plus(y: mx.array, add: mx.array | None) -> mx.array:
-    return y if add is None else y + add
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` that, on the CPU, computes bf16-stored layers with bf16 products (see cpu_gemm).
-    `add`, of the result's shape (a residual), is added to the result: on the CPU by
-    accumulating the products onto it."""
-
-    def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
-        if cpu_gemm.uses_bf16(self.weight) and (add is None or add.shape == (*x.shape[:-1], self.weight.shape[0])):
-            return cpu_gemm.linear(x, self.weight, self.get("bias"), add)
-        return _plus(super().__call__(x), add)
-
-
-class Conv2d(nn.Conv2d):
-    """`nn.Conv2d` that, on the CPU, runs stride-1 "same" convolutions straight on the BLAS and 1x1
-    convolutions of bf16-stored layers as bf16 products (see cpu_gemm). `add` is added to the
-    result: on the CPU with the bias, when it is a residual (the result's shape) or one vector
-    per image (B, 1, 1, out)."""
-
-    def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
-        kernel = self.weight.shape[1]
-        plain = self.groups == 1 and self.dilation in (1, (1, 1)) and self.stride == (1, 1)
-        same = kernel == self.weight.shape[2] and self.padding == (kernel // 2,) * 2
-        shape = (*x.shape[:-1], self.weight.shape[0])
-        if plain and same and cpu_gemm.on_cpu():
-            if kernel > 1 and (add is None or add.shape in (shape, (shape[0], 1, 1, shape[-1]))):
-                return cpu_gemm.conv2d(x, self.weight, self.get("bias"), kernel // 2, add)
-            if kernel == 1 and cpu_gemm.uses_bf16(self.weight) and (add is None or add.shape == shape):
-                return cpu_gemm.linear(x, self.weight, self.get("bias"), add)
-        return _plus(super().__call__(x), add)
-
-
-def output_plus(layer: nn.Module, x: mx.array, add: mx.array | None) -> mx.array:
-    """layer(x) + add: folded into the layer's output pass where the layer is ours (not, say, an
-    `nn.QuantizedLinear` that quantization put in its place)."""
-    if isinstance(layer, (Linear, Conv2d)):
-        return layer(x, add=add)
-    return _plus(layer(x), add)
+    out = mx.fast.scaled_dot_product_attention(split(q), split(k), split(v), scale=(width // heads) ** -0.5,
+                                               mask="causal" if causal else None)
+    return out.transpose(0, 2, 1, 3).reshape(batch, n, width)
 
 
 def upsample_nearest(x: mx.array, size: tuple[int, int]) -> mx.array:
@@ -86,21 +44,23 @@ class ResnetBlock2D(nn.Module):
         eps: float,
     ) -> None:
         super().__init__()
-        self.norm1 = GroupNorm(groups, in_channels, eps=eps, pytorch_compatible=True)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, pytorch_compatible=True)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         if temb_channels is not None:
-            self.time_emb_proj = Linear(temb_channels, out_channels)
-        self.norm2 = GroupNorm(groups, out_channels, eps=eps, pytorch_compatible=True)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+            self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps, pytorch_compatible=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nonlinearity = nn.SiLU()
         if in_channels != out_channels:
-            self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
-        # The time embedding (one vector per image) and the shortcut join the convolutions' outputs.
-        step = None if temb is None else self.time_emb_proj(silu(temb))[:, None, None, :]
-        h = output_plus(self.conv1, self.norm1.with_silu(x), step)
+        h = self.conv1(self.nonlinearity(self.norm1(x)))
+        if temb is not None:
+            h = h + self.time_emb_proj(self.nonlinearity(temb))[:, None, None, :]
+        h = self.conv2(self.nonlinearity(self.norm2(h)))
         shortcut = self.conv_shortcut(x) if "conv_shortcut" in self else x
-        return output_plus(self.conv2, self.norm2.with_silu(h), shortcut)
+        return shortcut + h
 
 
 class Attention(nn.Module):
@@ -116,15 +76,12 @@ class Attention(nn.Module):
         super().__init__()
         context_dim = context_dim or query_dim
         self.heads = heads
-        self.to_q = Linear(query_dim, query_dim, bias=qkv_bias)
-        self.to_k = Linear(context_dim, query_dim, bias=qkv_bias)
-        self.to_v = Linear(context_dim, query_dim, bias=qkv_bias)
-        self.to_out = [Linear(query_dim, query_dim)]
+        self.to_q = nn.Linear(query_dim, query_dim, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=qkv_bias)
+        self.to_out = [nn.Linear(query_dim, query_dim)]
 
-    def __call__(self, x: mx.array, context: mx.array | None = None, add: mx.array | None = None) -> mx.array:
-        """The attention's output, plus `add` (a residual) if given."""
+    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
         context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        out = attention(q, k, v, self.heads, scale=(x.shape[-1] // self.heads) ** -0.5,
-                        bf16_products=cpu_gemm.uses_bf16(self.to_v.weight))
-        return output_plus(self.to_out[0], out, add)
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out[0](out)

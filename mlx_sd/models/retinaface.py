@@ -11,7 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_sd.models.layers import Conv2d, upsample_nearest
+from mlx_sd.models.layers import upsample_nearest
 
 Layers = list[nn.Module]
 ANCHORS = 2  # prior boxes per feature-map cell (two sizes per level)
@@ -26,13 +26,13 @@ def _run(layers: Layers, x: mx.array) -> mx.array:
 
 def conv_bn(inp: int, oup: int, stride: int = 1, leaky: float | None = 0.0, kernel: int = 3) -> Layers:
     """Conv (no bias), batch norm and, unless `leaky` is None, a leaky ReLU."""
-    layers: Layers = [Conv2d(inp, oup, kernel, stride=stride, padding=kernel // 2, bias=False), nn.BatchNorm(oup)]
+    layers: Layers = [nn.Conv2d(inp, oup, kernel, stride=stride, padding=kernel // 2, bias=False), nn.BatchNorm(oup)]
     return layers if leaky is None else layers + [nn.LeakyReLU(leaky)]
 
 
 def conv_dw(inp: int, oup: int, stride: int, leaky: float = 0.1) -> Layers:
     """Depthwise 3x3 then pointwise 1x1, each with batch norm and a leaky ReLU."""
-    return [Conv2d(inp, inp, 3, stride=stride, padding=1, groups=inp, bias=False), nn.BatchNorm(inp),
+    return [nn.Conv2d(inp, inp, 3, stride=stride, padding=1, groups=inp, bias=False), nn.BatchNorm(inp),
             nn.LeakyReLU(leaky), *conv_bn(inp, oup, leaky=leaky, kernel=1)]
 
 
@@ -90,7 +90,7 @@ class SSH(nn.Module):
 class Head(nn.Module):
     def __init__(self, channels: int, values: int) -> None:
         super().__init__()
-        self.conv1x1 = Conv2d(channels, ANCHORS * values, 1)
+        self.conv1x1 = nn.Conv2d(channels, ANCHORS * values, 1)
         self.values = values
 
     def __call__(self, x: mx.array) -> mx.array:

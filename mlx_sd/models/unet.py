@@ -11,11 +11,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_sd.models import cpu_gemm
-from mlx_sd.models.activations import geglu, silu
-from mlx_sd.models.group_norm import GroupNorm
-from mlx_sd.models.layer_norm import LayerNorm
-from mlx_sd.models.layers import Attention, Conv2d, Linear, ResnetBlock2D, output_plus, upsample_nearest
+from mlx_sd.models.layers import Attention, ResnetBlock2D, upsample_nearest
 
 # Config values the SD-1 architecture has; anything else in a config.json is another model family.
 _SD1_ONLY = {
@@ -95,51 +91,51 @@ def timestep_embedding(timesteps: mx.array, dim: int, flip_sin_to_cos: bool, fre
 class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim: int, dim: int) -> None:
         super().__init__()
-        self.linear_1 = Linear(in_dim, dim)
-        self.linear_2 = Linear(dim, dim)
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(silu(self.linear_1(x)))
+        return self.linear_2(self.act(self.linear_1(x)))
 
 
 class GEGLU(nn.Module):
     def __init__(self, dim: int, inner_dim: int) -> None:
         super().__init__()
-        self.proj = Linear(dim, 2 * inner_dim)
+        self.proj = nn.Linear(dim, 2 * inner_dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return geglu(self.proj(x))
+        """The first half of the projection gated by the (exact) GELU of the second half."""
+        hidden, gate = mx.split(self.proj(x), 2, axis=-1)
+        return hidden * nn.gelu(gate)
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         # The Identity holds diffusers' dropout slot so that `net.2` keeps its checkpoint name.
-        self.net = [GEGLU(dim, 4 * dim), nn.Identity(), Linear(4 * dim, dim)]
+        self.net = [GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)]
 
-    def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
-        """The feed-forward's output, plus `add` (a residual) if given."""
-        proj, out = self.net[0].proj, self.net[2]
-        if (isinstance(proj, Linear) and isinstance(out, Linear) and cpu_gemm.computes(proj.weight)
-                and out.weight.dtype == proj.weight.dtype):
-            return cpu_gemm.feed_forward(x, proj.weight, proj.get("bias"), out.weight, out.get("bias"), add)
-        return output_plus(out, self.net[1](self.net[0](x)), add)
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.net:
+            x = layer(x)
+        return x
 
 
 class BasicTransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, context_dim: int) -> None:
         super().__init__()
-        self.norm1 = LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads)
-        self.norm2 = LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, context_dim=context_dim)
-        self.norm3 = LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
-        x = self.attn1(self.norm1(x), add=x)
-        x = self.attn2(self.norm2(x), context, add=x)
-        return self.ff(self.norm3(x), add=x)
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
 
 
 class Transformer2DModel(nn.Module):
@@ -147,10 +143,10 @@ class Transformer2DModel(nn.Module):
 
     def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int) -> None:
         super().__init__()
-        self.norm = GroupNorm(groups, channels, eps=1e-6, pytorch_compatible=True)
-        self.proj_in = Linear(channels, channels)
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6, pytorch_compatible=True)
+        self.proj_in = nn.Linear(channels, channels)
         self.transformer_blocks = [BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)]
-        self.proj_out = Linear(channels, channels)
+        self.proj_out = nn.Linear(channels, channels)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
         b, h, w, c = x.shape
@@ -158,13 +154,13 @@ class Transformer2DModel(nn.Module):
         y = self.proj_in(self.norm(x).reshape(b, h * w, c))
         for block in self.transformer_blocks:
             y = block(y, context)
-        return output_plus(self.proj_out, y, x.reshape(b, h * w, c)).reshape(b, h, w, c)
+        return x + self.proj_out(y).reshape(b, h, w, c)
 
 
 class Downsample2D(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(x)
@@ -173,7 +169,7 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x: mx.array, size: tuple[int, int]) -> mx.array:
         return self.conv(upsample_nearest(x, size))
@@ -243,7 +239,7 @@ class UNet2DConditionModel(nn.Module):
         cross_attn_down = [t.startswith("CrossAttn") for t in config.down_block_types]
         cross_attn_up = [t.startswith("CrossAttn") for t in config.up_block_types]
 
-        self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], 4 * channels[0])
 
         self.down_blocks = []
@@ -281,10 +277,11 @@ class UNet2DConditionModel(nn.Module):
                 )
             )
 
-        self.conv_norm_out = GroupNorm(
+        self.conv_norm_out = nn.GroupNorm(
             config.norm_num_groups, channels[0], eps=config.norm_eps, pytorch_compatible=True
         )
-        self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
 
     def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array) -> mx.array:
         """x: (B, H, W, C) latents; timesteps: (B,) or scalar; context: (B, tokens, cross_attention_dim)."""
@@ -316,4 +313,4 @@ class UNet2DConditionModel(nn.Module):
                 # Upsample to the next skip's size so odd latent sizes round-trip like diffusers.
                 x = block.upsamplers[0](x, skips[-1].shape[1:3])
 
-        return self.conv_out(self.conv_norm_out.with_silu(x))
+        return self.conv_out(self.conv_act(self.conv_norm_out(x)))

@@ -9,8 +9,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_sd.models.group_norm import GroupNorm
-from mlx_sd.models.layers import Attention, Conv2d, ResnetBlock2D, upsample_nearest
+from mlx_sd.models.layers import Attention, ResnetBlock2D, upsample_nearest
 
 # The VAE's norms all use this epsilon in diffusers and in the original LDM code.
 _EPS = 1e-6
@@ -47,11 +46,11 @@ class SpatialSelfAttention(Attention):
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__(channels, heads=1, qkv_bias=True)
-        self.group_norm = GroupNorm(groups, channels, eps=_EPS, pytorch_compatible=True)
+        self.group_norm = nn.GroupNorm(groups, channels, eps=_EPS, pytorch_compatible=True)
 
     def __call__(self, x: mx.array) -> mx.array:
         b, h, w, c = x.shape
-        return super().__call__(self.group_norm(x).reshape(b, h * w, c), add=x.reshape(b, h * w, c)).reshape(b, h, w, c)
+        return x + super().__call__(self.group_norm(x).reshape(b, h * w, c)).reshape(b, h, w, c)
 
 
 class MidBlock(nn.Module):
@@ -70,7 +69,7 @@ class MidBlock(nn.Module):
 class EncoderDownsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, stride=2)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
 
     def __call__(self, x: mx.array) -> mx.array:
         # The VAE pads only bottom and right before its stride-2 conv (unlike the UNet's symmetric pad).
@@ -80,7 +79,7 @@ class EncoderDownsample(nn.Module):
 class DecoderUpsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(upsample_nearest(x, (2 * x.shape[1], 2 * x.shape[2])))
@@ -111,7 +110,7 @@ class Encoder(nn.Module):
         super().__init__()
         channels, groups = config.block_out_channels, config.norm_num_groups
         last = len(channels) - 1
-        self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.down_blocks = [
             ResolutionBlock(
                 [(channels[max(i - 1, 0)] if j == 0 else out, out) for j in range(config.layers_per_block)],
@@ -121,15 +120,16 @@ class Encoder(nn.Module):
             for i, out in enumerate(channels)
         ]
         self.mid_block = MidBlock(channels[-1], groups, config.mid_block_add_attention)
-        self.conv_norm_out = GroupNorm(groups, channels[-1], eps=_EPS, pytorch_compatible=True)
-        self.conv_out = Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
+        self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=_EPS, pytorch_compatible=True)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(self.conv_norm_out.with_silu(x))
+        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
 
 
 class Decoder(nn.Module):
@@ -137,7 +137,7 @@ class Decoder(nn.Module):
         super().__init__()
         channels, groups = config.block_out_channels[::-1], config.norm_num_groups
         last = len(channels) - 1
-        self.conv_in = Conv2d(config.latent_channels, channels[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(config.latent_channels, channels[0], 3, padding=1)
         self.mid_block = MidBlock(channels[0], groups, config.mid_block_add_attention)
         self.up_blocks = [
             ResolutionBlock(
@@ -147,14 +147,15 @@ class Decoder(nn.Module):
             )
             for i, out in enumerate(channels)
         ]
-        self.conv_norm_out = GroupNorm(groups, channels[-1], eps=_EPS, pytorch_compatible=True)
-        self.conv_out = Conv2d(channels[-1], config.out_channels, 3, padding=1)
+        self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=_EPS, pytorch_compatible=True)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(self.conv_norm_out.with_silu(x))
+        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
 
 
 class AutoencoderKL(nn.Module):
@@ -167,9 +168,9 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         latent = config.latent_channels
         if config.use_quant_conv:
-            self.quant_conv = Conv2d(2 * latent, 2 * latent, 1)
+            self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
         if config.use_post_quant_conv:
-            self.post_quant_conv = Conv2d(latent, latent, 1)
+            self.post_quant_conv = nn.Conv2d(latent, latent, 1)
 
     def encode(self, images: mx.array) -> tuple[mx.array, mx.array]:
         """The mean and log-variance of the latent distribution (unscaled)."""

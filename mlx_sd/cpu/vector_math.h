@@ -1,4 +1,4 @@
-/* Inline arithmetic shared by mlx-sd's CPU kernels (cpu_kernels.c, amx_attention.c).
+/* Inline arithmetic shared by mlx-sd's CPU kernels (kernels.c, amx_attention.c).
  *
  * exp is computed here rather than through libm so that every loop vectorises on every
  * compiler: e^x = 2^n e^r with n = round(x / ln 2) and |r| <= ln(2) / 2, where r is reduced

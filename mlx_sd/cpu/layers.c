@@ -1,6 +1,6 @@
 /* Whole linear and feed-forward layers on the CPU: the input rounded to bf16, the bias and a
- * residual, and the BLAS's GEMMs, in one call spread over the pool (cpu_pool.c), so that a
- * layer costs one ctypes call and no Python between its passes (mlx_sd/models/cpu_gemm.py
+ * residual, and the BLAS's GEMMs, in one call spread over the pool (pool.c), so that a
+ * layer costs one ctypes call and no Python between its passes (mlx_sd/cpu/gemm.py
  * describes the math). The GEMM is passed in: MKL's cblas_gemm_bf16bf16f32 for bf16 operands
  * (as uint16 bits), or any BLAS's cblas_sgemm for fp32; both take the same arguments.
  */
@@ -8,9 +8,9 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 
-#include "cpu_kernels.h"
-#include "cpu_math.h"
-#include "cpu_pool.h"
+#include "kernels.h"
+#include "vector_math.h"
+#include "pool.h"
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 /* Below this many rows per thread a linear layer is split by its output columns instead (the

@@ -1,5 +1,5 @@
 """ctypes bindings to the fast BLAS that `mlx_sd.backend` loaded: fp32 and bf16 GEMMs and MKL's
-per-thread thread count, for the CPU kernels that call it directly (cpu_gemm, the attention)."""
+per-thread thread count, for the CPU kernels that call it directly (gemm.py, the attention)."""
 
 from __future__ import annotations
 

@@ -1,23 +1,23 @@
 /* Fused elementwise and row kernels for mlx-sd's CPU path, called through ctypes
- * (mlx_sd/models/cpu_kernels.py).
+ * (mlx_sd/cpu/kernels.py).
  *
  * Each replaces a chain of numpy or MLX passes (softmax: max, subtract, exp, sum; GELU: about
  * twenty; a convolution's pad, cast, slice and bias add) with one or two passes over
  * cache-resident blocks, vectorised by the compiler. Each exported kernel spreads its rows
- * over the pool's threads (cpu_pool.c); ctypes releases the GIL while it runs.
+ * over the pool's threads (pool.c); ctypes releases the GIL while it runs.
  *
- * The shared arithmetic (exp, bf16 rounding, row maxima) is in cpu_math.h.
+ * The shared arithmetic (exp, bf16 rounding, row maxima) is in vector_math.h.
  */
 
 #include <stdatomic.h>
 #include <stdlib.h>
 
-#include "cpu_kernels.h"
-#include "cpu_math.h"
-#include "cpu_pool.h"
+#include "kernels.h"
+#include "vector_math.h"
+#include "pool.h"
 
 /* The interface version: bump it with any change to an exported function's signature or
- * meaning, together with ABI_VERSION in cpu_kernels.py, so that a library left over from an
+ * meaning, together with ABI_VERSION in kernels.py, so that a library left over from an
  * older install is refused instead of called with the wrong arguments. */
 int kernels_abi_version(void) { return 7; }
 

@@ -1,4 +1,4 @@
-/* A pool of one thread per core for the CPU kernels' parallel loops (cpu_pool.c). */
+/* A pool of one thread per core for the CPU kernels' parallel loops (pool.c). */
 
 #ifndef MLX_SD_CPU_POOL_H
 #define MLX_SD_CPU_POOL_H

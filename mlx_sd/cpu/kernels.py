@@ -1,9 +1,9 @@
-"""The fused CPU kernels of cpu_kernels.c: the attention's softmax numerators, GEGLU, SiLU-style
+"""The fused CPU kernels of kernels.c: the attention's softmax numerators, GEGLU, SiLU-style
 gates, GroupNorm's moments and scale-and-shift, LayerNorm, rounding to bf16, and the
 convolutions' padding, cropping and unfolding; each one vectorised pass over a block instead of
 a chain of numpy or MLX passes. amx_attention.c: a whole attention head for bf16 models on
-Intel's AMX tile units, where the processor has them. cpu_layers.c: whole linear and
-feed-forward layers, spread over cpu_pool.c's threads.
+Intel's AMX tile units, where the processor has them. layers.c: whole linear and
+feed-forward layers, spread over pool.c's threads.
 
 MLX's CPU elementwise transcendentals are scalar (`nn.silu`, `nn.gelu` about 50 ns per element
 here) and numpy's formulas make a pass over memory per operation (GELU about twenty).
@@ -11,9 +11,9 @@ benchmarks/cpu_kernels.py measures each kernel against the numpy form or MLX op 
 2x (softmax numerators) to 19x (GEGLU) on one thread.
 
 The library is compiled when mlx-sd is installed (setup.py) and is optional: `kernels()` is None
-where it was not built, and the callers then use MLX's own ops. These functions take numpy
+where it was not built, and the networks then run on MLX's own ops (mlx_sd.backends). These functions take numpy
 arrays and check that each is C-contiguous float32, because the C code reads raw pointers. Each
-call releases the GIL (ctypes) and spreads its work over cpu_pool.c's threads, one per core,
+call releases the GIL (ctypes) and spreads its work over pool.c's threads, one per core,
 started when the library is loaded.
 """
 
@@ -28,9 +28,9 @@ from collections.abc import Callable
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd.models.blas import gemm
-from mlx_sd.models.cpu_buffers import as_fp32, new_array
-from mlx_sd.models.cpu_threads import cores
+from mlx_sd.cpu.blas import gemm
+from mlx_sd.cpu.buffers import as_fp32, new_array
+from mlx_sd.cpu.threads import cores
 
 _log = logging.getLogger(__name__)
 _SIZE, _POINTER, _FLOAT, _INT = ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
@@ -56,15 +56,15 @@ _SIGNATURES = {  # name: (argument types, result type)
 }
 
 
-# cpu_kernels.c's kernels_abi_version(): the two change together.
+# kernels.c's kernels_abi_version(): the two change together.
 ABI_VERSION = 7
 
 
 @functools.cache
 def kernels() -> ctypes.CDLL | None:
     """The compiled library, or None: not built (no C compiler when mlx-sd was installed), or
-    built from another version of cpu_kernels.c (a checkout updated without reinstalling)."""
-    spec = importlib.util.find_spec("mlx_sd.models._cpu_kernels")
+    built from another version of kernels.c (a checkout updated without reinstalling)."""
+    spec = importlib.util.find_spec("mlx_sd.cpu._kernels")
     if spec is None or spec.origin is None:
         _log.warning("CPU kernels not built (no C compiler at install?): using MLX's slower CPU ops")
         return None
@@ -82,17 +82,12 @@ def kernels() -> ctypes.CDLL | None:
 
 
 def _start_pool(library: ctypes.CDLL) -> None:
-    """Starts the kernels' pool (cpu_pool.c): a thread per core, each of whose BLAS calls runs on
+    """Starts the kernels' pool (pool.c): a thread per core, each of whose BLAS calls runs on
     one thread (MKL's per-thread setting). Without that setting (no MKL), the kernels' GEMMs
     would each start the BLAS's own threads on every core, so there is no pool: one thread."""
     functions = gemm()
     local = None if functions is None else functions.set_local_threads
     library.pool_start(cores() if local is not None else 1, None if local is None else _address(local))
-
-
-def active() -> bool:
-    """Whether MLX computes on the CPU here and the kernels are there to help it."""
-    return mx.default_device() == mx.cpu and kernels() is not None
 
 
 def _pointer(array: np.ndarray, dtype: type = np.float32) -> int:

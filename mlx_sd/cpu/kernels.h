@@ -1,4 +1,4 @@
-/* The single-threaded forms of cpu_kernels.c's kernels that the other C files build on (their
+/* The single-threaded forms of kernels.c's kernels that the other C files build on (their
  * exported forms spread the same work over the pool). */
 
 #ifndef MLX_SD_CPU_KERNELS_H

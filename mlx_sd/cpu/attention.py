@@ -1,16 +1,15 @@
-"""Multi-head scaled dot-product attention over token-major projections, in the fastest correct
-form for the device.
+"""Multi-head scaled dot-product attention over token-major projections on the CPU kernels.
 
 On the GPU MLX's fused `mx.fast.scaled_dot_product_attention` is best. On the CPU that op
 becomes matmul-softmax-matmul, and MLX's CPU `exp` is scalar (~12 ns per element here), so at
 512² the softmax over 2x8 4096x4096 scores dominates the UNet. The CPU form therefore
 evaluates its inputs and runs each (batch, head) slice in fp32, straight from and to the
 projections' token-major layout, in blocks of query rows: the scores from the fast BLAS, their
-exponentials and row sums from one fused kernel (cpu_kernels), and the normalisation moved
+exponentials and row sums from one fused kernel (kernels.py), and the normalisation moved
 after the value product (a tokens x head_dim division instead of tokens x tokens). About
 8 MiB of scores are alive per thread, against 1 GiB for the whole batch at 512². The blocks
 are spread over the cores, each thread's two GEMMs going to the fast BLAS on one thread
-(cpu_threads). See benchmarks/attention_cpu.py.
+(threads.py). See benchmarks/attention_cpu.py.
 
 bf16 models on processors with AMX (Intel Sapphire Rapids and later) take a fused kernel instead
 (amx_attention.c): each head's 32-row blocks of scores, weights and values stay in the L2 cache,
@@ -19,7 +18,7 @@ them. 2x8x4096x40 (benchmarks/attention_cpu.py): 0.08-0.09 s against 0.18-0.20 s
 form with a bf16 value product, and 0.087 s for torch's bf16 flash attention on the same two cores.
 
 The CPU form leaves MLX's lazy graph (it evaluates q, k and v), so it cannot be traced by
-`mx.compile` or differentiated. Where the CPU kernels were not built it is MLX's op.
+`mx.compile` or differentiated.
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd.models import cpu_gemm, cpu_kernels, cpu_threads
-from mlx_sd.models.cpu_buffers import as_fp32, new_array
+from mlx_sd.cpu import gemm, kernels, threads
+from mlx_sd.cpu.buffers import as_fp32, new_array
 
 # The CPU path computes scores in blocks of query rows of about BLOCK_SCORES floats (8 MiB: 512
 # rows of 4096 keys), which bounds the scratch per thread. Smaller blocks kept the scores in the
@@ -54,17 +53,17 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, scores: n
     bf16 and v holds bf16 bits. With `first_query`, the block's row r is query first_query + r and
     sees only the keys up to that one (a causal mask). q, k and v are contiguous: the BLAS reads
     strided heads about 30% slower, more than the copies cost."""
-    cpu_gemm.matmul(q, k, scores, transpose_b=True, alpha=scale)
+    gemm.matmul(q, k, scores, transpose_b=True, alpha=scale)
     if first_query is not None:
         queries = np.arange(first_query, first_query + len(scores))
         np.copyto(scores, MASKED, where=np.arange(scores.shape[1]) > queries[:, None])
-    sums = cpu_kernels.softmax_numerators(scores, bf16_scores)
-    cpu_gemm.matmul(scores if bf16_scores is None else bf16_scores, v, values)
+    sums = kernels.softmax_numerators(scores, bf16_scores)
+    gemm.matmul(scores if bf16_scores is None else bf16_scores, v, values)
     np.divide(values, sums[:, None], out=out)
 
 
-def cpu_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float, rows: int | None = None,
-                  bf16_products: bool = False, causal: bool = False) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float, rows: int | None = None,
+              bf16_products: bool = False, causal: bool = False) -> mx.array:
     """Multi-head softmax(q kᵀ scale) v on the CPU kernels, for token-major projections q
     (batch, tokens, heads * head_dim) and k, v (batch, keys, heads * head_dim); the result has
     q's layout, the one the output projection reads (no head transposes: each block copies its
@@ -78,11 +77,11 @@ def cpu_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: floa
     batch, n, width = q.shape
     d = width // heads
     qs, ks, vs = (as_fp32(t) for t in (q, k, v))
-    if bf16_products and cpu_kernels.amx_ready():
+    if bf16_products and kernels.amx_ready():
         result = _amx_attention(qs, ks, vs, heads, scale, causal)
         return result if q.dtype == mx.float32 else result.astype(q.dtype)
     if bf16_products:
-        vs = cpu_gemm.bf16_bits(vs)
+        vs = gemm.bf16_bits(vs)
     keys = ks.shape[1]
     rows = rows or max(MIN_ROWS, BLOCK_SCORES // keys)
     result, out = new_array(qs.shape)
@@ -102,32 +101,15 @@ def cpu_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: floa
                     scores[:count], None if bf16_scores is None else bf16_scores[:count], values[:count],
                     out[i, start:start + count, columns], start if causal else None)
 
-    cpu_threads.for_each_chunk(attend_blocks, len(blocks))
+    threads.for_each_chunk(attend_blocks, len(blocks))
     return result if q.dtype == mx.float32 else result.astype(q.dtype)
 
 
 def _amx_attention(qs: np.ndarray, ks: np.ndarray, vs: np.ndarray, heads: int, scale: float,
                    causal: bool) -> mx.array:
-    """cpu_attention's form on AMX: one kernel call, each head (or run of a head's query rows,
+    """attention's form on AMX: one kernel call, each head (or run of a head's query rows,
     where there are fewer heads than cores: the VAE's single head) a job on the kernels' pool."""
     result, out = new_array(qs.shape)
-    cpu_kernels.amx_attention(qs, ks, vs, heads, scale, causal, out)
+    kernels.amx_attention(qs, ks, vs, heads, scale, causal, out)
     return result
 
-
-def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float,
-              bf16_products: bool = False, causal: bool = False) -> mx.array:
-    """Multi-head softmax(q kᵀ scale) v for token-major projections (batch, tokens, heads *
-    head_dim), returned in the same layout; `causal` lets query i see keys 0..i only.
-    `bf16_products` (`cpu_gemm.uses_bf16` of the layer's weights, which holds only where MKL's
-    bf16 GEMM is) gives the CPU form's bf16 value product, or the fused AMX kernel where AMX is."""
-    if cpu_kernels.active():
-        return cpu_attention(q, k, v, heads, scale, bf16_products=bf16_products, causal=causal)
-    batch, n, width = q.shape
-
-    def split(t: mx.array) -> mx.array:
-        return t.reshape(batch, t.shape[1], heads, width // heads).transpose(0, 2, 1, 3)
-
-    out = mx.fast.scaled_dot_product_attention(split(q), split(k), split(v), scale=scale,
-                                               mask="causal" if causal else None)
-    return out.transpose(0, 2, 1, 3).reshape(batch, n, width)

@@ -1,6 +1,6 @@
 /* A pool of one thread per core for the CPU kernels' parallel loops, in C.
  *
- * The Python thread pool (cpu_threads.py) costs 100-150 µs per parallel call on a virtual
+ * The Python thread pool (threads.py) costs 100-150 µs per parallel call on a virtual
  * machine whose idle cores halt: a submitted chunk waits for its thread to be woken, and the
  * caller waits again to be woken when it is done; each is a trip through the hypervisor.
  * That is as much as a whole small layer (a 2x1024x320 linear layer: 0.3 ms of GEMM). Here
@@ -15,7 +15,7 @@
  */
 
 #define _GNU_SOURCE
-#include "cpu_pool.h"
+#include "pool.h"
 
 #include <pthread.h>
 #include <sched.h>

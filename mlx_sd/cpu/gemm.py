@@ -8,7 +8,7 @@ Two gaps in MLX's CPU backend (measured with benchmarks/cpu_gemm.py on a 2-core 
   constant offset, so each tap is one GEMM reading the padded input in place and accumulating
   into the output (beta = 1): no im2col, a fifth of the memory, and 270-370 GFLOP/s in fp32
   from the same BLAS (1.6x MLX's speed at the VAE's largest layers, even at the UNet's). The
-  padding columns produce junk outputs, which are dropped. The fused kernels (cpu_kernels)
+  padding columns produce junk outputs, which are dropped. The fused kernels (kernels.py)
   write the padded input, already in the GEMM's input type, and the cropped output plus bias,
   on all cores: MLX's pad, cast, slice and add each make a single-threaded pass, which had cost
   as much as the GEMMs at the VAE's 512² layers. Small images (the UNet's 8x8 and 16x16
@@ -17,11 +17,11 @@ Two gaps in MLX's CPU backend (measured with benchmarks/cpu_gemm.py on a 2-core 
   `cblas_gemm_bf16bf16f32` takes bf16 inputs, accumulates in fp32 and runs on AMX or
   AVX512-BF16 units: 860-1800 GFLOP/s for the convolutions and 730-1150 for the linear layers.
 
-So on the CPU, convolutions go through `conv2d` here, and layers whose weights are stored in
-bf16 (`--dtype bfloat16`) compute their products in bf16 with fp32 accumulation, as torch
-does for bf16 models. Activations, normalisation and everything else stay fp32. These calls
-leave MLX's lazy graph (their inputs are evaluated), as the CPU attention already does. On the
-GPU, with no fast BLAS loaded, or without the CPU kernels, nothing here is used.
+So on the CPU backend, convolutions go through `conv2d` here, and layers whose weights are
+stored in bf16 (`--dtype bfloat16`) compute their products in bf16 with fp32 accumulation, as
+torch does for bf16 models. Activations, normalisation and everything else stay fp32. These
+calls leave MLX's lazy graph (their inputs are evaluated), as the CPU attention already does.
+With no fast BLAS loaded, the layers (layers.py) keep MLX's ops.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import ctypes
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd.models import cpu_kernels
-from mlx_sd.models.blas import gemm
-from mlx_sd.models.cpu_buffers import as_fp32, bf16_view, new_array
+from mlx_sd.cpu import kernels
+from mlx_sd.cpu.blas import gemm
+from mlx_sd.cpu.buffers import as_fp32, bf16_view, new_array
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 # Output rows per GEMM call: large enough to amortise the call, small enough that the rows
@@ -57,13 +57,14 @@ SUMS_BYTES = 64 << 20
 FF_ROWS = 256
 
 
-def on_cpu() -> bool:
-    return cpu_kernels.active() and gemm() is not None
+def fast_blas() -> bool:
+    """Whether a fast BLAS is loaded for these GEMMs to call."""
+    return gemm() is not None
 
 
 def uses_bf16(weight: mx.array) -> bool:
     """Whether a layer with this weight computes its products in bf16 here."""
-    return weight.dtype == mx.bfloat16 and on_cpu() and gemm().bf16 is not None
+    return weight.dtype == mx.bfloat16 and fast_blas() and gemm().bf16 is not None
 
 
 def _leading_dimension(x: np.ndarray) -> int | None:
@@ -101,7 +102,7 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, transpose_b: bool = Fa
 def computes(weight: mx.array) -> bool:
     """Whether this module's GEMMs take a layer with this weight here: bf16 weights with bf16
     products (`uses_bf16`), fp32 weights in fp32."""
-    return uses_bf16(weight) or (weight.dtype == mx.float32 and on_cpu())
+    return uses_bf16(weight) or (weight.dtype == mx.float32 and fast_blas())
 
 
 def _weights(weight: mx.array, bf16: bool) -> np.ndarray:
@@ -125,7 +126,7 @@ def _gemm(bf16: bool) -> ctypes._CFuncPtr:
 def bf16_bits(x: np.ndarray) -> np.ndarray:
     """x rounded to bf16 on all cores (MLX's CPU `astype` runs on one)."""
     out = np.empty(x.shape, np.uint16)
-    cpu_kernels.to_bf16(x, out)
+    kernels.to_bf16(x, out)
     return out
 
 
@@ -144,14 +145,14 @@ def _start(out: np.ndarray, bias: np.ndarray | None, add: np.ndarray | None) -> 
 def linear(x: mx.array, weight: mx.array, bias: mx.array | None, add: mx.array | None = None) -> mx.array:
     """x @ weightᵀ + bias (+ add, an array of the result's shape: a residual) with bf16 products
     and fp32 accumulation; `weight` is (out, in), or a 1x1 convolution's (out, 1, 1, in). One C
-    call (cpu_kernels.linear) rounds each thread's rows to bf16 in its scratch, starts them from
+    call (kernels.linear) rounds each thread's rows to bf16 in its scratch, starts them from
     the bias and residual and runs their GEMM: a 2x1024x320 layer of a UNet step took 0.6 ms,
     against 0.9-1.1 ms with the same passes driven from Python, which paid two thread wake-ups
     and several MLX evaluations around 0.3 ms of GEMM."""
     *lead, k = x.shape
     n = weight.shape[0]
     y, out = new_array((*lead, n))
-    cpu_kernels.linear(as_fp32(x).reshape(-1, k), _weights(weight, True).reshape(n, k), _fp32_or_none(bias),
+    kernels.linear(as_fp32(x).reshape(-1, k), _weights(weight, True).reshape(n, k), _fp32_or_none(bias),
                        None if add is None else as_fp32(add).reshape(-1, n), gemm().bf16, out.reshape(-1, n))
     return y
 
@@ -162,7 +163,7 @@ def feed_forward(x: mx.array, proj_weight: mx.array, proj_bias: mx.array | None,
     projection's columns times the exact GELU of the second half, in blocks of FF_ROWS rows: each
     block is projected onto the bias in per-thread scratch, gated, and projected again onto its
     rows of the output, so neither the projection (84 MB at 64²) nor the gated activations
-    (42 MB) are ever held whole or read back from memory; one C call (cpu_kernels.feed_forward).
+    (42 MB) are ever held whole or read back from memory; one C call (kernels.feed_forward).
     bf16 products (the input and the gated activations rounded to bf16, as a bf16 model's
     layers would) for bf16 weights, else fp32; both weights of one type, where `computes`
     holds. `add`, of the result's shape (a residual), is added by accumulating onto it."""
@@ -170,7 +171,7 @@ def feed_forward(x: mx.array, proj_weight: mx.array, proj_bias: mx.array | None,
     *lead, k = x.shape
     dim = out_weight.shape[0]
     y, out = new_array((*lead, dim))
-    cpu_kernels.feed_forward(as_fp32(x).reshape(-1, k), _weights(proj_weight, bf16), _fp32_or_none(proj_bias),
+    kernels.feed_forward(as_fp32(x).reshape(-1, k), _weights(proj_weight, bf16), _fp32_or_none(proj_bias),
                              _weights(out_weight, bf16), _fp32_or_none(out_bias),
                              None if add is None else as_fp32(add).reshape(-1, dim), FF_ROWS, _gemm(bf16),
                              out.reshape(-1, dim))
@@ -201,7 +202,7 @@ def _conv_unfolded(image: np.ndarray, w: np.ndarray, bias: np.ndarray | None, re
     out_channels, kernel = w.shape[0], w.shape[1]
     pixels, terms = batch * height * width, kernel * kernel * channels
     patches = np.empty((pixels, terms), np.uint16 if bf16 else np.float32)
-    cpu_kernels.im2col(image, kernel, padding, 0, pixels, patches)
+    kernels.im2col(image, kernel, padding, 0, pixels, patches)
     y, out = new_array((pixels, out_channels))
     # The bias (per image: (B, C)) and residual are added by accumulating onto them.
     beta = _start(out.reshape(batch, height, width, out_channels),
@@ -219,7 +220,7 @@ def _conv_shifted(image: np.ndarray, w: np.ndarray, bias: np.ndarray | None, res
     out_channels, kernel = w.shape[0], w.shape[1]
     rows, row = height + 2 * padding, width + 2 * padding
     source = np.empty((batch, rows, row, channels), np.uint16 if bf16 else np.float32)
-    cpu_kernels.pad_image(image, padding, 0, batch * rows, source)
+    kernels.pad_image(image, padding, 0, batch * rows, source)
     # Output pixel p of the flattened padded batch sums input pixels p + dy * row + dx, so the
     # whole batch is one run of rows; those that land in padding are junk and dropped by the
     # crop, which also adds the bias and the residual. The last `reach` rows would read past the
@@ -230,7 +231,7 @@ def _conv_shifted(image: np.ndarray, w: np.ndarray, bias: np.ndarray | None, res
     if batch * rows * row * out_channels * 4 <= SUMS_BYTES:
         sums = np.empty((batch, rows, row, out_channels), np.float32)
         _sum_taps(source, w, bf16, row, 0, total, sums)
-        cpu_kernels.crop_bias(sums, bias, 0, batch * height, out, residual)
+        kernels.crop_bias(sums, bias, 0, batch * height, out, residual)
         return y
     # Larger images go in blocks of whole rows, each cropped as soon as it is summed.
     lines = max(1, BLOCK_ROWS // row)
@@ -243,7 +244,7 @@ def _conv_shifted(image: np.ndarray, w: np.ndarray, bias: np.ndarray | None, res
             _sum_taps(source, w, bf16, row, origin, min(count * row, total - origin), sums)
             block, target = sums[:, :count], out[i:i + 1, first:first + count]
             add = None if residual is None else residual[i:i + 1, first:first + count]
-            cpu_kernels.crop_bias(block, image_bias, 0, count, target, add)
+            kernels.crop_bias(block, image_bias, 0, count, target, add)
     return y
 
 

@@ -1,7 +1,7 @@
 /* Fused attention for bf16 models on Intel AMX (Sapphire Rapids and later), called through
- * ctypes (mlx_sd/models/cpu_kernels.py).
+ * ctypes (mlx_sd/cpu/kernels.py).
  *
- * Each head (or run of a head's query rows) is one job for the pool (cpu_pool.c), computing
+ * Each head (or run of a head's query rows) is one job for the pool (pool.c), computing
  * softmax(q kᵀ scale) v 32 query rows at a time, all inside the L2 cache: the block's scores
  * (32 rows x all keys) come from AMX tile products of bf16 q and k with fp32 sums, their
  * exponentials and row sums from AVX-512, and the value product again from AMX, on the
@@ -22,8 +22,8 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 
-#include "cpu_math.h"
-#include "cpu_pool.h"
+#include "vector_math.h"
+#include "pool.h"
 
 #if X86_GCC && __GNUC__ >= 11
 #define AMX_BUILT 1

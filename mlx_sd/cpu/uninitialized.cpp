@@ -1,8 +1,8 @@
 // New MLX arrays whose buffers are not filled: the one thing MLX's Python API cannot make.
-// `mx.zeros` writes every byte, and the CPU kernels and the checkpoint reader (cpu_buffers.py,
+// `mx.zeros` writes every byte, and the CPU kernels and the checkpoint reader (buffers.py,
 // convert/reader.py) overwrite every byte again. Built against MLX's own headers and nanobind,
 // in MLX's nanobind domain, so it takes `mlx.core.Dtype`s and returns ordinary
-// `mlx.core.array`s. Optional: see setup.py and cpu_buffers.py.
+// `mlx.core.array`s. Optional: see setup.py and buffers.py.
 
 #include <string>
 #include <vector>

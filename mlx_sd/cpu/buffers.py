@@ -29,7 +29,7 @@ _log = logging.getLogger(__name__)
 def _unfilled() -> Callable[[list[int], mx.Dtype], mx.array] | None:
     """The extension's array maker, where it was built against the MLX now loaded."""
     try:
-        extension = importlib.import_module("mlx_sd.models._uninitialized")
+        extension = importlib.import_module("mlx_sd.cpu._uninitialized")
     except ImportError:
         return None
     if mx.__version__.split(".dev")[0] != extension.mlx_version:

@@ -2,7 +2,7 @@
 
 numpy's passes and BLAS calls run on one thread but release the GIL, so blocks of such work
 can run on a small pool of threads, one per core: the checkpoint reader's reads, the BLAS form
-of the attention. (The C kernels spread their own work over a pool in C, cpu_pool.c, which
+of the attention. (The C kernels spread their own work over a pool in C, pool.c, which
 hands work over without waking threads.) Each pool thread limits its own BLAS calls to one
 thread (MKL's per-thread setting), so GEMMs made inside the blocks do not oversubscribe the
 cores. Without that setting (no MKL), work stays on the calling thread, as it would be with a
@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
 
-from mlx_sd.models.blas import gemm
+from mlx_sd.cpu.blas import gemm
 
 # Jobs reading fewer values than this run on the calling thread: waking the pool costs more
 # (LayerNorm over 2x77x768, CLIP's size: 0.17 ms on one thread, 0.30 ms on two).
