@@ -7,7 +7,7 @@
   (mlx_sd/cpu/buffers.py).
 
 Both are optional: without a compiler, or without MLX's headers, the install still succeeds and
-the networks run on MLX's slower ops (mlx_sd.backends) or the CPU kernels fill zeroed arrays.
+the networks run on MLX's slower ops (mlx_sd.engine.backends) or the CPU kernels fill zeroed arrays.
 """
 
 import importlib.util

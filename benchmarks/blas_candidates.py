@@ -36,7 +36,7 @@ def median_seconds(fn, repeat: int) -> float:
 
 
 def measure(repeat: int, unet: bool) -> dict:
-    from mlx_sd.backend import configure
+    from mlx_sd.cpu.runtime import configure
 
     blas = configure()
     import mlx.core as mx
@@ -53,7 +53,7 @@ def measure(repeat: int, unet: bool) -> dict:
     }
     if unet:
         from convert import load_sd1
-        from mlx_sd.backends import from_environment
+        from mlx_sd.engine.backends import from_environment
 
         backend = from_environment()
         model = backend.prepare(load_sd1(CHECKPOINT, dtype="float32", cache_dir=CACHE_DIR, reader=backend.reader).unet)

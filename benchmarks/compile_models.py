@@ -24,7 +24,7 @@ from pathlib import Path
 
 from harness import REPO, write_report
 
-from mlx_sd.backend import configure
+from mlx_sd.cpu.runtime import configure
 
 configure()
 

@@ -14,7 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from mlx_sd.backend import configure
+from mlx_sd.cpu.runtime import configure
 
 configure()
 

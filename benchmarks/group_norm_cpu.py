@@ -12,7 +12,7 @@ import argparse
 import statistics
 import time
 
-from mlx_sd.backend import configure
+from mlx_sd.cpu.runtime import configure
 
 configure()
 

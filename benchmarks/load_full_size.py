@@ -35,7 +35,7 @@ def run_phase(phase: str, checkpoint: Path, cache_dir: Path, dtype: str, size: i
     import mlx.core as mx
 
     from convert import convert_checkpoint, load_sd1
-    from mlx_sd.backends import from_environment
+    from mlx_sd.engine.backends import from_environment
 
     backend = from_environment()
     start = time.perf_counter()

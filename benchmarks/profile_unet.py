@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from mlx_sd.backend import configure
+from mlx_sd.cpu.runtime import configure
 
 configure()
 
@@ -24,7 +24,7 @@ import mlx.core as mx  # noqa: E402  (after the BLAS is chosen)
 import mlx.nn as nn  # noqa: E402
 
 from convert import load_sd1  # noqa: E402
-from mlx_sd.backends import Backend, from_environment  # noqa: E402
+from mlx_sd.engine.backends import Backend, from_environment  # noqa: E402
 from mlx_sd.cpu import activations as cpu_activations  # noqa: E402
 from mlx_sd.cpu import layers as cpu_layers  # noqa: E402
 from mlx_sd.cpu.norms import GroupNorm, LayerNorm  # noqa: E402

@@ -68,13 +68,13 @@ def euler_sigmas(steps: int) -> tuple[list[float], list[float]]:
 
 
 def run_ours(stage: str, repeat: int, cache_dir: Path, dtype: str) -> dict:
-    from mlx_sd.backend import configure
+    from mlx_sd.cpu.runtime import configure
 
     blas = configure()
     import mlx.core as mx
 
     from convert import load_sd1
-    from mlx_sd.backends import from_environment
+    from mlx_sd.engine.backends import from_environment
 
     backend = from_environment()
     if stage == "load_first":

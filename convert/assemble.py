@@ -22,7 +22,7 @@ from convert.infer_config import INFER
 from convert.reader import ReaderFactory, Request, TensorReader
 from convert.transforms import mlx_shape
 from mlx_sd.cpu.threads import cores, least_loaded
-from mlx_sd.errors import CheckpointError
+from mlx_sd.engine.errors import CheckpointError
 from mlx_sd.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_sd.models.unet import UNet2DConditionModel, UNetConfig
 from mlx_sd.models.vae import AutoencoderKL, VAEConfig

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 from convert.assemble import MODEL_TYPES, NETWORKS, SD1Configs, SD1Models
 from convert.formats import CheckpointLayout, read_header
 from convert.reader import ReaderFactory, Request, TensorReader
-from mlx_sd.errors import CheckpointError
+from mlx_sd.engine.errors import CheckpointError
 
 FORMAT = "mlx-sd-sd1"
 FORMAT_VERSION = "1"

@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from convert.keymaps import distinct_indices
 from convert.restoration import shape_of
-from mlx_sd.errors import CheckpointError
+from mlx_sd.engine.errors import CheckpointError
 from mlx_sd.models.esrgan import RRDBNet, RRDBNetConfig, SRVGGNetCompact, SRVGGNetCompactConfig
 
 # conv_first's input channels -> scale: x2/x1 models see 2x2/4x4 pixel-unshuffled RGB.

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlx_sd.errors import CheckpointError, ModelNotFound, UnsupportedModelFormat
+from mlx_sd.engine.errors import CheckpointError, ModelNotFound, UnsupportedModelFormat
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database

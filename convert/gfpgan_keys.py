@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from convert.keymaps import distinct_indices
 from convert.restoration import shape_of
-from mlx_sd.errors import CheckpointError
+from mlx_sd.engine.errors import CheckpointError
 from mlx_sd.models.gfpgan import GFPGANConfig, GFPGANv1Clean
 
 # Not used to restore: the style MLP (v1.4 feeds the decoder latents directly) and the U-Net's

@@ -7,7 +7,7 @@ cannot tell follows SD-1 conventions: 8 UNet attention heads, 64-wide CLIP heads
 from __future__ import annotations
 
 from convert.keymaps import distinct_indices
-from mlx_sd.errors import CheckpointError
+from mlx_sd.engine.errors import CheckpointError
 from mlx_sd.models.clip import CLIPTextConfig
 from mlx_sd.models.unet import UNetConfig
 from mlx_sd.models.vae import VAEConfig

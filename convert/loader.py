@@ -12,7 +12,7 @@ from convert.assemble import SD1Configs, SD1Models, assemble
 from convert.cache import cache_entry, is_converted, is_fresh, read_converted, source_fingerprints, write_converted
 from convert.formats import find_layout
 from convert.reader import ReaderFactory, TensorReader
-from mlx_sd.errors import CheckpointError
+from mlx_sd.engine.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def load_sd1(
     `vae_path` replaces the checkpoint's VAE. `configs` overrides what would be read from the
     checkpoint. With `cache_dir`, a converted copy is reused while its sources are unchanged and
     (re)written otherwise. `reader` makes the tensor reader for the load (`mx.load`'s by default;
-    the CPU backend's reads on every core, see mlx_sd.backends).
+    the CPU backend's reads on every core, see mlx_sd.engine.backends).
     """
     source, dtype = Path(source), resolve_dtype(dtype)
     vae_path = Path(vae_path) if vae_path is not None else None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_sd.errors import CheckpointError
+from mlx_sd.engine.errors import CheckpointError
 
 # Where the released files keep their state dict: Real-ESRGAN/GFPGAN training checkpoints store
 # the EMA weights (used for inference) under params_ema, some under params.

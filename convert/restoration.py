@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 
 from convert.formats import read_header
 from convert.transforms import to_mlx
-from mlx_sd.errors import CheckpointError
+from mlx_sd.engine.errors import CheckpointError
 
 # Prefixes some tools add to every key: DataParallel's `module.` (facexlib's detector files).
 _WRAPPER_PREFIXES = ("module.",)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_sd.errors import CheckpointError
+from mlx_sd.engine.errors import CheckpointError
 from mlx_sd.models.retinaface import RetinaFace
 
 

@@ -20,8 +20,8 @@ from grpc_service.generated import imageservice_pb2_grpc as pb_grpc
 from grpc_service.server import MAX_RECEIVE_MESSAGE_BYTES, MAX_SEND_MESSAGE_BYTES
 from grpc_service.servicer import EncodedImages, items_from_response, request_to_proto
 from grpc_service.tls import fingerprint, normalize_fingerprint
-from mlx_sd.events import ProgressEvent
-from mlx_sd.request import GenerationRequest
+from mlx_sd.engine.events import ProgressEvent
+from mlx_sd.engine.request import GenerationRequest
 
 UPLOAD_CHUNK_BYTES = 4 * 1024**2
 UNARY_TIMEOUT_SECONDS = 30.0

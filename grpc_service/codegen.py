@@ -1,7 +1,7 @@
 """Regenerates grpc_service/generated/ from protos/ (needs grpcio-tools: `pip install -e ".[test]"`).
 
 Run from a checkout: `python -m grpc_service.codegen`. The generated modules are committed;
-tests/test_proto_generated.py fails when they are stale against the .proto.
+tests/grpc_service/test_proto_generated.py fails when they are stale against the .proto.
 """
 
 from __future__ import annotations

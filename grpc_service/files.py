@@ -1,7 +1,7 @@
 """Safe access to the model directory: name checks for FilesExist, and atomic uploads.
 
 A client names files relative to the model directory. A name is refused when it breaks the rules
-of `mlx_sd.model_names` (empty, absolute, a `..`, `.` or empty component, a NUL, over-long) or
+of `mlx_sd.engine.model_names` (empty, absolute, a `..`, `.` or empty component, a NUL, over-long) or
 resolves (through symlinks) to a place outside the directory. Refused names are never opened, written or reported on.
 
 An upload lives in a hidden temporary file until it is complete (and matches its SHA-256, when
@@ -25,8 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from mlx_sd.errors import ChecksumMismatch, InvalidRequest, ShuttingDown, StorageFull
-from mlx_sd.model_names import name_problem, shown_name
+from mlx_sd.engine.errors import ChecksumMismatch, InvalidRequest, ShuttingDown, StorageFull
+from mlx_sd.engine.model_names import name_problem, shown_name
 
 MAX_NAMES_PER_CALL = 1000  # bounds one FilesExist call's work (each name costs a path resolution)
 DEFAULT_MAX_UPLOAD_BYTES = 8 * 1024**3

@@ -15,7 +15,7 @@ import grpc
 
 from grpc_service.auth import AUTH_METADATA_KEY, BEARER_PREFIX, FailureLimiter, peer_address
 from grpc_service.status import Refused, status_for
-from mlx_sd.errors import InvalidRequest
+from mlx_sd.engine.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from grpc_service.auth import AUTH_METADATA_KEY
 from grpc_service.drawthings.config import read_configuration
 from grpc_service.drawthings.servicer import SERVICE as DRAW_THINGS_SERVICE
 from grpc_service.interceptors import Behavior, BehaviorInterceptor, MalformedMessage
-from mlx_sd.errors import InvalidRequest
+from mlx_sd.engine.errors import InvalidRequest
 
 log = logging.getLogger("mlx_sd.requests")
 

@@ -76,7 +76,7 @@ class ServerSettings:
     dtype: str | None = None  # how weights are held: float32/float16/bfloat16; None: float16 on Metal, float32 on CPU
     quantize_bits: int | None = None  # 4 or 8: quantize the UNet's and text encoder's linear layers
     low_memory: bool = False  # free the text encoder between prompt encodings (needs cache_dir)
-    memory_budget: int | None = None  # bytes for weights plus a request's work; None: mlx_sd.memory_budget's default
+    memory_budget: int | None = None  # bytes for weights plus a request's work; None: mlx_sd.engine.memory_budget's default
     shutdown_grace: float = SHUTDOWN_GRACE_SECONDS  # running calls may finish this long after SIGTERM
     auth_failure_limit: FailureLimit = FailureLimit()  # per-address backoff after wrong shared secrets
     stream_limits: StreamLimits = StreamLimits()  # open streams in all and per address; their idle limit

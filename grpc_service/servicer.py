@@ -15,10 +15,10 @@ from grpc_service.files import ModelDirectory
 from grpc_service.generated import imageservice_pb2 as pb
 from grpc_service.generated import imageservice_pb2_grpc as pb_grpc
 from mlx_sd.engine import Engine
-from mlx_sd.errors import InvalidRequest
-from mlx_sd.events import EventType, GenerationResult, ProgressEvent
-from mlx_sd.images import encode_png
-from mlx_sd.request import GenerationRequest
+from mlx_sd.engine.errors import InvalidRequest
+from mlx_sd.engine.events import EventType, GenerationResult, ProgressEvent
+from mlx_sd.engine.images import encode_png
+from mlx_sd.engine.request import GenerationRequest
 
 ECHO_MESSAGE = "HELLO"
 _EVENT_TYPES = frozenset(EventType)  # IntEnum members compare equal to their ints

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from mlx_sd.errors import (
+from mlx_sd.engine.errors import (
     CheckpointError,
     ChecksumMismatch,
     InvalidRequest,

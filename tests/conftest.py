@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from mlx_sd.backend import configure
+from mlx_sd.cpu.runtime import configure
 
 configure()  # as the entry points do: choose the BLAS before any test module imports mlx.core
 
-from mlx_sd.backends import Backend, from_environment  # noqa: E402  (after the BLAS is chosen)
+from mlx_sd.engine.backends import Backend, from_environment  # noqa: E402  (after the BLAS is chosen)
 
 if TYPE_CHECKING:
     import grpc
@@ -46,8 +46,8 @@ def fake_result(*seeds: int, color: tuple[int, int, int] = (255, 0, 0), size: in
     """A GenerationResult as a fake engine yields it: one `size`-pixel square of `color` per seed."""
     import numpy as np
 
-    from mlx_sd.events import GeneratedImage, GenerationResult
-    from mlx_sd.images import Parameters
+    from mlx_sd.engine.events import GeneratedImage, GenerationResult
+    from mlx_sd.engine.images import Parameters
 
     pixels = np.broadcast_to(np.array(color, np.uint8), (size, size, 3)).copy()
     return GenerationResult([
@@ -110,7 +110,7 @@ def server_factory(models_dir: Path, config_dir: Path) -> Iterator[Callable[...,
 
     def start(engine: Any = None, **overrides: Any) -> RunningServer:
         """`engine`: an Engine, or a plain generate function, which then runs on a real worker."""
-        from mlx_sd.worker import GenerationWorker
+        from mlx_sd.engine.worker import GenerationWorker
 
         fields = {"models_dir": models_dir, "config_dir": config_dir, "host": "127.0.0.1", "port": 0, **overrides}
         if engine is not None and not hasattr(engine, "shutdown"):

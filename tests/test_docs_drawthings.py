@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import typer.main
 
-from mlx_sd.cli import app
+from mlx_sd.app.cli import app
 
 DOC = Path(__file__).parent.parent / "docs" / "drawthings.md"
 SHELL_BLOCK = re.compile(r"^[ \t]*```(?:sh|bash|shell|console)\n(.*?)^[ \t]*```", re.M | re.S)

@@ -183,4 +183,4 @@ def test_the_release_script_builds_the_sdist(release, tmp_path: Path) -> None:
     with tarfile.open(sdist) as archive:
         names = set(archive.getnames())
     root = sdist.name.removesuffix(".tar.gz")
-    assert {f"{root}/setup.py", f"{root}/pyproject.toml", f"{root}/mlx_sd/models/cpu_kernels.h"} <= names
+    assert {f"{root}/setup.py", f"{root}/pyproject.toml", f"{root}/mlx_sd/cpu/kernels.h"} <= names

@@ -17,7 +17,7 @@ from typing import Any
 from flatbuffers import number_types as N
 from flatbuffers.table import Table
 
-from mlx_sd.errors import InvalidRequest
+from mlx_sd.engine.errors import InvalidRequest
 
 MAX_CONFIGURATION_BYTES = 1024 * 1024
 MAX_LIST_ITEMS = 256  # LoRAs or controls in one configuration

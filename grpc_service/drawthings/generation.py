@@ -22,10 +22,10 @@ from typing import Any
 from grpc_service.drawthings import tensors
 from grpc_service.drawthings.config import SLOTS, read_configuration
 from grpc_service.generated import drawthings_pb2 as pb
-from mlx_sd import hires
-from mlx_sd.errors import InvalidRequest, UnsupportedSetting
-from mlx_sd.events import EventType, GeneratedImage, ProgressEvent
-from mlx_sd.request import GenerationRequest
+from mlx_sd.engine import hires
+from mlx_sd.engine.errors import InvalidRequest, UnsupportedSetting
+from mlx_sd.engine.events import EventType, GeneratedImage, ProgressEvent
+from mlx_sd.engine.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 

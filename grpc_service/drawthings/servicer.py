@@ -22,10 +22,10 @@ from grpc_service.generated import drawthings_pb2_grpc as pb_grpc
 from grpc_service.interceptors import FieldCredential
 from grpc_service.status import Refused
 from mlx_sd.engine import Engine
-from mlx_sd.errors import InvalidRequest
-from mlx_sd.events import GenerationResult, ProgressEvent
-from mlx_sd.model_catalog import catalog
-from mlx_sd.model_hash import file_sha256
+from mlx_sd.engine.errors import InvalidRequest
+from mlx_sd.engine.events import GenerationResult, ProgressEvent
+from mlx_sd.engine.model_catalog import catalog
+from mlx_sd.engine.model_hash import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import fpzip
 import numpy as np
 
-from mlx_sd.errors import InvalidRequest
+from mlx_sd.engine.errors import InvalidRequest
 
 _HEADER = struct.Struct("<5I12i")
 HEADER_BYTES = _HEADER.size  # 68

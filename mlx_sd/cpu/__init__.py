@@ -3,9 +3,7 @@ and the fast BLAS's GEMMs (gemm.py) for MLX's CPU device, where MLX's own ops ar
 
 The networks in mlx_sd.models are plain MLX; `accelerate(model)` (apply.py) swaps a loaded
 network's layers and blocks for their forms here, and `ParallelTensorReader` (reader.py) reads
-checkpoints on every core. mlx_sd.backends decides whether they are used.
+checkpoints on every core; mlx_sd.engine.backends decides whether they are used. runtime.py sets
+up the process's native libraries (the BLAS MLX's CPU ops call, glibc's heap) before MLX loads,
+which is why importing this package imports nothing.
 """
-
-from mlx_sd.cpu.apply import accelerate, available
-
-__all__ = ["accelerate", "available"]

@@ -1,4 +1,4 @@
-"""ctypes bindings to the fast BLAS that `mlx_sd.backend` loaded: fp32 and bf16 GEMMs and MKL's
+"""ctypes bindings to the fast BLAS that `mlx_sd.cpu.runtime` loaded: fp32 and bf16 GEMMs and MKL's
 per-thread thread count, for the CPU kernels that call it directly (gemm.py, the attention)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import ctypes
 import functools
 from dataclasses import dataclass
 
-from mlx_sd import backend
+from mlx_sd.cpu import runtime
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,8 @@ def _bind(function: ctypes._CFuncPtr) -> ctypes._CFuncPtr:
 
 @functools.cache
 def gemm() -> Gemm | None:
-    """The fast BLAS that `mlx_sd.backend` loaded, or None (reference BLAS, macOS)."""
-    blas = backend.configure()
+    """The fast BLAS that `mlx_sd.cpu.runtime` loaded, or None (reference BLAS, macOS)."""
+    blas = runtime.configure()
     if blas.path is None:
         return None
     try:
@@ -41,7 +41,7 @@ def gemm() -> Gemm | None:
         return None
     bf16 = getattr(library, "cblas_gemm_bf16bf16f32", None)
     # Without bf16 units MKL emulates the bf16 products, slower than fp32.
-    has_units = {"amx_bf16", "avx512_bf16"} & backend.cpu_flags()
+    has_units = {"amx_bf16", "avx512_bf16"} & runtime.cpu_flags()
     local_threads = getattr(library, "MKL_Set_Num_Threads_Local", None)
     if local_threads is not None:
         local_threads.argtypes, local_threads.restype = [ctypes.c_int], ctypes.c_int

@@ -11,7 +11,7 @@ benchmarks/cpu_kernels.py measures each kernel against the numpy form or MLX op 
 2x (softmax numerators) to 19x (GEGLU) on one thread.
 
 The library is compiled when mlx-sd is installed (setup.py) and is optional: `kernels()` is None
-where it was not built, and the networks then run on MLX's own ops (mlx_sd.backends). These functions take numpy
+where it was not built, and the networks then run on MLX's own ops (mlx_sd.engine.backends). These functions take numpy
 arrays and check that each is C-contiguous float32, because the C code reads raw pointers. Each
 call releases the GIL (ctypes) and spreads its work over pool.c's threads, one per core,
 started when the library is loaded.

@@ -8,7 +8,7 @@ into a new, unfilled MLX array of its final layout (`buffers.unfilled`), in piec
 that one thread per core shares out by cost: plain tensors with `preadv`, conv weights a few
 output channels at a time through a small scratch buffer, transposed on the way
 (`kernels.transpose_taps`). Each piece's pages are mapped in with one system call before it
-is written (`backend.populate`). An fp16 SD-1.5 single-file load took 0.68-0.70 s here, against
+is written (`runtime.populate`). An fp16 SD-1.5 single-file load took 0.68-0.70 s here, against
 1.02 s through `mx.load` (`benchmarks/run_sd15.py --stages load_cold`): 0.83 s without the
 mapping, 0.75 s with numpy's transpose, 0.74 s with whole tensors for each thread. Tensors
 whose cast the CPU kernels make (fp16 or bf16 to fp32, fp16 or fp32 to bf16) are cast on the
@@ -28,9 +28,9 @@ import mlx.core as mx
 import numpy as np
 
 from convert.reader import Request, TensorReader
-from mlx_sd import backend
+from mlx_sd.cpu import runtime
 from mlx_sd.cpu import buffers, kernels, threads
-from mlx_sd.errors import CheckpointError
+from mlx_sd.engine.errors import CheckpointError
 
 DTYPES = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32, "F64": mx.float64, "I64": mx.int64,
           "I32": mx.int32, "I16": mx.int16, "I8": mx.int8, "U8": mx.uint8, "BOOL": mx.bool_}
@@ -120,7 +120,7 @@ def _read_into(fd: int, piece: _Piece) -> None:
     stored, dtype = DTYPES[info.dtype], piece.array.dtype
     row = math.prod(info.shape[1:]) if info.shape else 1
     buffer = memoryview(piece.array).cast("B")[piece.first * row * dtype.size:piece.last * row * dtype.size]
-    backend.populate(np.frombuffer(buffer, np.uint8).ctypes.data, len(buffer))
+    runtime.populate(np.frombuffer(buffer, np.uint8).ctypes.data, len(buffer))
     start = info.start + piece.first * row * stored.size
     if not request.transposed and dtype == stored:
         _read_at(fd, request, buffer, start)

@@ -17,7 +17,7 @@ from convert.gfpgan_keys import build_restorer, prepare_restorer_weights
 from convert.loader import resolve_dtype
 from convert.restoration import load_strict, read_weights
 from convert.retinaface_keys import build_detector, prepare_detector_weights
-from mlx_sd.backends import Backend
+from mlx_sd.engine.backends import Backend
 from mlx_sd.faces import align
 from mlx_sd.faces.detection import FaceDetector
 from mlx_sd.models.gfpgan import GFPGANv1Clean

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd.random import BatchGenerator
+from mlx_sd.engine.random import BatchGenerator
 from mlx_sd.sampling.denoisers import Denoiser
 from mlx_sd.sampling.registry import DEFAULT_TCD_GAMMA
 from mlx_sd.sampling.schedules import sigma_to_t

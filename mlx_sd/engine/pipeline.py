@@ -1,0 +1,216 @@
+"""Text to image: prompt -> text encoder -> sampler loop over the UNet -> VAE -> PNGs.
+
+`Pipeline(store)(request, is_cancelled)` yields a ProgressEvent as each stage and each sampling step
+finishes, then one GenerationResult: pixels, seeds and parameters, which the callers encode. It stops
+between steps once `is_cancelled()` is true.
+
+Seeds follow A1111: image i of a request uses seed + i, and every image draws its noise from its own
+torch-compatible CPU generator, so an image can be reproduced alone from the seed in its parameters.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_sd.engine import hires
+from mlx_sd.engine.errors import InvalidRequest
+from mlx_sd.engine.events import EventType, GeneratedImage, GenerationResult, ProgressEvent
+from mlx_sd.engine.images import Parameters
+from mlx_sd.engine.memory_budget import VAE_LIVE_MAPS, VAE_LIVE_MAPS_CPU, MemoryBudget, ModelShape
+from mlx_sd.engine.model_store import LoadedModel, ModelStore
+from mlx_sd.engine.random import BatchGenerator
+from mlx_sd.engine.request import GenerationRequest
+from mlx_sd.engine.restoration import Restoration
+from mlx_sd.sampling import catalog, schedules
+from mlx_sd.sampling.catalog import SamplerSpec
+from mlx_sd.sampling.denoisers import Denoiser, EpsModel, eps_denoiser, guided
+from mlx_sd.sampling.samplers import Noise, noise_source
+
+Event = ProgressEvent | GenerationResult
+LATENT_SCALE = 8  # pixels per latent cell in each direction
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One sampling pass: its event type and label, for progress."""
+
+    event: EventType
+    label: str
+
+
+_FIRST = _Pass(EventType.SAMPLING, "sampling")
+_SECOND = _Pass(EventType.SECOND_PASS_SAMPLING, "hires sampling")
+
+
+class Pipeline:
+    def __init__(self, store: ModelStore, memory_budget: MemoryBudget | None = None) -> None:
+        self._store = store
+        self._memory_budget = memory_budget
+        self._restoration = Restoration(store.models_dir, backend=store.backend)
+        self._train_sigmas = schedules.train_sigmas()
+
+    def __call__(self, request: GenerationRequest, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Event]:
+        """Generate the images of a validated request."""
+        # Before any sampling: missing face-restoration or upscaler weights fail the request at once.
+        restorer = self._restoration.face_restorer() if request.restore_faces else None
+        upscaler = self._restoration.required_upscaler() if request.upscale else None
+        upscale_by = (request.upscale_factor or upscaler.scale) if upscaler is not None else None
+        model = self._store.get(request.model)
+        if self._memory_budget is not None:  # before this request allocates anything
+            unet, vae = model.models.unet, model.models.vae
+            on_cpu = mx.default_device() == mx.cpu
+            self._memory_budget.check(request.width, request.height, request.batch_size,
+                                      model.activation_dtype.size, mx.get_active_memory(),
+                                      ModelShape.of(unet.config, vae.config),
+                                      VAE_LIVE_MAPS_CPU if on_cpu else VAE_LIVE_MAPS)
+        seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
+        cond, uncond = _encode_prompts(model, request)
+        if model.release_text_encoder is not None:
+            model.release_text_encoder()
+        yield ProgressEvent(EventType.TEXT_ENCODED, "text encoded")
+
+        # The model's native side: 512 for SD 1.x, whose UNet was trained on 64x64 latents.
+        native = model.models.unet.config.sample_size * LATENT_SCALE
+        first_pass = _first_pass(request, native)
+        strength = request.denoising_strength or hires.DEFAULT_STRENGTH
+        images = []
+        for batch in range(request.batch_count):
+            seeds = [seed + batch * request.batch_size + i for i in range(request.batch_size)]
+            pixels = yield from self._batch(model, request, seeds, cond, uncond, first_pass, strength, is_cancelled)
+            if pixels is None:
+                return
+            if restorer is not None:
+                pixels = np.stack([restorer(image) for image in pixels])
+                yield ProgressEvent(EventType.FACE_RESTORED, "faces restored")
+            if upscaler is not None:
+                pixels = np.stack([upscaler.upscale(image, scale=upscale_by) for image in pixels])
+                yield ProgressEvent(EventType.IMAGE_UPSCALED, f"upscaled x{upscale_by}")
+            for item_seed, image in zip(seeds, pixels):
+                parameters = Parameters(
+                    prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
+                    sampler=request.sampler, cfg_scale=request.cfg_scale, seed=item_seed,
+                    width=request.width, height=request.height, model_name=model.name, model_hash=model.hash,
+                    first_pass_size=first_pass, denoising_strength=strength if first_pass else None,
+                    upscaler=self._restoration.upscaler_name() if first_pass else None,
+                    face_restoration="GFPGAN" if restorer is not None else None, clip_skip=request.clip_skip,
+                    upscaled_by=upscale_by,
+                )
+                images.append(GeneratedImage(image, item_seed, parameters))
+        yield GenerationResult(images)
+
+    def _batch(self, model: LoadedModel, request: GenerationRequest, seeds: list[int], cond: mx.array,
+               uncond: mx.array, first_pass: tuple[int, int] | None, strength: float,
+               is_cancelled: Callable[[], bool]) -> Iterator[Event]:
+        """Sample and decode one batch; returns its (B, H, W, 3) uint8 pixels, or None if cancelled."""
+        spec = catalog.sampler_spec(request.sampler, request.stochastic_sampling_gamma)
+        width, height = first_pass or (request.width, request.height)
+        denoise = spec.denoiser(
+            eps_denoiser(guided(_unet_in_its_dtype(model), _batched(cond, len(seeds)), _batched(uncond, len(seeds)),
+                                request.cfg_scale), self._train_sigmas),
+            self._train_sigmas,
+        )
+        noise = noise_source(BatchGenerator(seeds, request.seed_mode))
+        sigmas = spec.sigmas(request.steps, self._train_sigmas)
+        x = spec.initial_latents(noise((len(seeds), height // LATENT_SCALE, width // LATENT_SCALE, 4)), sigmas)
+        latents = yield from _sample(spec, denoise, x, sigmas, noise, _FIRST, request.preview_every, is_cancelled)
+        if latents is None:
+            return None
+        pixels = _decode(model, latents)
+        yield ProgressEvent(EventType.IMAGE_DECODED, "image decoded")
+        if first_pass is None:
+            return pixels
+
+        pixels = self._upscale(pixels, request.width, request.height)
+        yield ProgressEvent(EventType.IMAGE_UPSCALED, f"upscaled to {request.width}x{request.height}")
+        encoded = _encode_image(model, pixels)
+        yield ProgressEvent(EventType.SECOND_PASS_IMAGE_ENCODED, "upscaled image encoded")
+        # The second pass re-seeds each image's generator, as A1111 does for its hires noise.
+        noise = noise_source(BatchGenerator(seeds, request.seed_mode))
+        sigmas = spec.sigmas(request.steps, self._train_sigmas)[hires.img2img_start(request.steps, strength):]
+        x = encoded + noise(encoded.shape) * float(sigmas[0])
+        latents = yield from _sample(spec, denoise, x, sigmas, noise, _SECOND, request.preview_every, is_cancelled)
+        if latents is None:
+            return None
+        pixels = _decode(model, latents)
+        yield ProgressEvent(EventType.SECOND_PASS_IMAGE_DECODED, "hires image decoded")
+        return pixels
+
+
+    def _upscale(self, pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+        """The hires fix's resize: Real-ESRGAN when installed (then Lanczos to the exact size)."""
+        upscaler = self._restoration.upscaler()
+        if upscaler is None:
+            return hires.resize_lanczos(pixels, width, height)
+        return np.stack([upscaler.upscale(image, size=(width, height)) for image in pixels])
+
+
+def _sample(spec: SamplerSpec, denoise: Denoiser, x: mx.array, sigmas: np.ndarray, noise: Noise, stage: _Pass,
+            preview_every: int, is_cancelled: Callable[[], bool]) -> Iterator[Event]:
+    """Run a sampler with one progress event per step (with the first image's latents every
+    `preview_every` steps); returns the latents to decode, or None."""
+    total = len(sigmas) - 1
+    for step in spec.sample(denoise, x, sigmas, noise):
+        x, done = step.x, step.index + 1
+        preview = np.array(x[0]) if preview_every and done % preview_every == 0 else None
+        yield ProgressEvent(stage.event, f"{stage.label} step {done}/{total}", done, total, preview)
+        if is_cancelled():
+            return None
+    return spec.output_latents(x, sigmas)
+
+
+def _first_pass(request: GenerationRequest, native: int) -> tuple[int, int] | None:
+    """The hires fix's first-pass size, or None when one pass runs at the requested size."""
+    if not request.enable_hr:
+        return None
+    if request.hires_first_width:
+        explicit = (request.hires_first_width, request.hires_first_height)
+        return None if explicit == (request.width, request.height) else explicit
+    return hires.first_pass_size(request.width, request.height, native)
+
+
+def _encode_prompts(model: LoadedModel, request: GenerationRequest) -> tuple[mx.array, mx.array]:
+    """(1, W*77, C) embeddings of the prompt and the negative prompt; prompts longer than 75 tokens
+    are encoded in 75-token windows whose embeddings are concatenated (see `mlx_sd.engine.tokenizer`)."""
+    layers = len(model.models.text_encoder.encoder.layers)
+    if request.clip_skip > layers:
+        raise InvalidRequest("clip_skip", f"must be at most {layers}, the text encoder's layers (got {request.clip_skip})")
+    ids = model.tokenizer.tokenize_windows([request.prompt, request.negative_prompt])
+    prompts, windows, length = ids.shape
+    hidden = model.models.text_encoder(mx.array(ids.reshape(prompts * windows, length)),
+                                       skip_last_layers=request.clip_skip - 1)
+    hidden = hidden.reshape(prompts, windows * length, hidden.shape[-1]).astype(mx.float32)
+    mx.eval(hidden)
+    return hidden[:1], hidden[1:]
+
+
+def _batched(embedding: mx.array, size: int) -> mx.array:
+    return mx.repeat(embedding, size, axis=0)
+
+
+def _unet_in_its_dtype(model: LoadedModel) -> EpsModel:
+    """The UNet, fed in its compute dtype (fp16 weights on Metal: fp16) and answering in fp32, the
+    samplers' dtype."""
+    unet = model.models.unet
+    dtype = model.activation_dtype
+    return lambda x, t, context: unet(x.astype(dtype), t, context.astype(dtype)).astype(mx.float32)
+
+
+def _decode(model: LoadedModel, latents: mx.array) -> np.ndarray:
+    vae = model.models.vae
+    dtype = model.activation_dtype
+    images = vae.decode((latents / vae.config.scaling_factor).astype(dtype)).astype(mx.float32)
+    pixels = mx.round(mx.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(mx.uint8)
+    return np.array(pixels)
+
+
+def _encode_image(model: LoadedModel, pixels: np.ndarray) -> mx.array:
+    """Latents of (B, H, W, 3) uint8 images: the posterior mean, so the result is deterministic."""
+    vae = model.models.vae
+    dtype = model.activation_dtype
+    mean, _ = vae.encode((mx.array(pixels).astype(mx.float32) / 127.5 - 1.0).astype(dtype))
+    return mean.astype(mx.float32) * vae.config.scaling_factor

@@ -1,0 +1,161 @@
+"""The domain form of an image-generation request, and its validation against documented limits.
+
+The API's fields are proto3 scalars, so "not set" arrives as 0: `validated()` replaces 0 by the
+documented default for width, height, steps, cfg_scale, batch_size and batch_count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from mlx_sd.engine.errors import InvalidRequest
+from mlx_sd.engine.model_names import name_problem, shown_name
+from mlx_sd.engine.random import DEFAULT_SEED_MODE, SEED_MODES
+from mlx_sd.sampling.registry import (
+    DEFAULT_TCD_GAMMA,
+    MAX_STEPS_BY_SAMPLER,
+    SAMPLER_NAMES,
+    canonical_sampler_name,
+)
+
+SIDE_MULTIPLE = 64
+MIN_SIDE = 64
+MAX_SIDE = 2048
+DEFAULT_SIDE = 512
+MIN_STEPS = 1
+MAX_STEPS = 150
+DEFAULT_STEPS = 20
+MAX_CFG_SCALE = 30.0
+DEFAULT_CFG_SCALE = 7.0
+MAX_BATCH_SIZE = 8
+MAX_BATCH_COUNT = 100
+MAX_PROMPT_CHARS = 10_000
+MAX_CLIP_SKIP = 12  # CLIP ViT-L's layers
+MAX_UPSCALE_FACTOR = 4
+MAX_UPSCALED_SIDE = 8192  # bounds a finished image's memory (8192x8192x3 bytes: 192 MiB)
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate. A negative seed asks for a random one (the pipeline picks it)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int = DEFAULT_SIDE
+    height: int = DEFAULT_SIDE
+    steps: int = DEFAULT_STEPS
+    cfg_scale: float = DEFAULT_CFG_SCALE
+    seed: int = -1
+    sampler: str = ""
+    restore_faces: bool = False
+    enable_hr: bool = False
+    denoising_strength: float = 0.0
+    batch_size: int = 1
+    batch_count: int = 1
+    clip_skip: int = 1  # A1111's "Clip skip": 1 reads the text encoder's last layer, 2 the penultimate
+    # The hires fix's first pass in pixels; 0 and 0: the model's native area at the requested aspect.
+    hires_first_width: int = 0
+    hires_first_height: int = 0
+    preview_every: int = 0  # sampling events carry the latents every this many steps; 0: never
+    seed_mode: str = DEFAULT_SEED_MODE  # how a seed becomes noise: one of random.SEED_MODES
+    stochastic_sampling_gamma: float = DEFAULT_TCD_GAMMA  # TCD's gamma: 0 deterministic .. 1 fully re-noised
+    # A checkpoint file (or diffusers folder) relative to the model directory; "" is the default
+    # model, `stable-diffusion/`.
+    model: str = ""
+    # Upscale the finished images with the installed upscaler, by `upscale_factor` (0: the network's own).
+    upscale: bool = False
+    upscale_factor: int = 0
+
+    def validated(self) -> GenerationRequest:
+        """This request with defaults filled in and the sampler name canonical.
+
+        Raises InvalidRequest naming the first field that is out of its documented range.
+        """
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
+                raise InvalidRequest(name, f"longer than {MAX_PROMPT_CHARS} characters")
+        width = _side("width", self.width)
+        height = _side("height", self.height)
+        steps = _int_in_range("steps", self.steps or DEFAULT_STEPS, MIN_STEPS, MAX_STEPS)
+        cfg_scale = _float_in_range("cfg_scale", self.cfg_scale or DEFAULT_CFG_SCALE, 0.0, MAX_CFG_SCALE)
+        strength = _float_in_range("denoising_strength", self.denoising_strength, 0.0, 1.0)
+        batch_size = _int_in_range("batch_size", self.batch_size or 1, 1, MAX_BATCH_SIZE)
+        batch_count = _int_in_range("batch_count", self.batch_count or 1, 1, MAX_BATCH_COUNT)
+        seed = _int_in_range("seed", self.seed, INT64_MIN, INT64_MAX)
+        if seed > INT64_MAX - (images := batch_size * batch_count) + 1:  # image i has seed + i
+            raise InvalidRequest("seed", f"must be at most {INT64_MAX - images + 1} for {images} images, so that "
+                                         f"every image's seed (seed + its index) fits in int64 (got {seed})")
+        clip_skip = _int_in_range("clip_skip", self.clip_skip or 1, 1, MAX_CLIP_SKIP)
+        first_width, first_height = self._hires_first_pass(width, height)
+        preview_every = _int_in_range("preview_every", self.preview_every, 0, MAX_STEPS)
+        upscale_factor = _int_in_range("upscale_factor", self.upscale_factor, 0, MAX_UPSCALE_FACTOR)
+        if self.upscale and max(width, height) * (upscale_factor or MAX_UPSCALE_FACTOR) > MAX_UPSCALED_SIDE:
+            raise InvalidRequest("upscale_factor", f"the upscaled image may be at most {MAX_UPSCALED_SIDE} pixels a "
+                                                   f"side ({width}x{height} x{upscale_factor or 'up to 4'})")
+        if self.seed_mode not in SEED_MODES:
+            supported = ", ".join(SEED_MODES)
+            raise InvalidRequest("seed_mode", f"unknown seed mode {self.seed_mode!r}; supported: {supported}")
+        gamma = _float_in_range("stochastic_sampling_gamma", self.stochastic_sampling_gamma, 0.0, 1.0)
+        if self.model and (problem := name_problem(self.model)) is not None:
+            raise InvalidRequest("model", f"{shown_name(self.model)!r} {problem}")
+        sampler = canonical_sampler_name(self.sampler)
+        if sampler is None:
+            raise InvalidRequest("sampler", f"unknown sampler {self.sampler!r}; supported: {', '.join(SAMPLER_NAMES)}")
+        if steps > MAX_STEPS_BY_SAMPLER.get(sampler, MAX_STEPS):
+            raise InvalidRequest("steps", f"{sampler} takes at most {MAX_STEPS_BY_SAMPLER[sampler]} steps (got {steps})")
+        return dataclasses.replace(
+            self,
+            width=width,
+            height=height,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            sampler=sampler,
+            denoising_strength=strength,
+            batch_size=batch_size,
+            batch_count=batch_count,
+            clip_skip=clip_skip,
+            hires_first_width=first_width,
+            hires_first_height=first_height,
+            preview_every=preview_every,
+            stochastic_sampling_gamma=gamma,
+            upscale_factor=upscale_factor,
+        )
+
+    def _hires_first_pass(self, width: int, height: int) -> tuple[int, int]:
+        """The validated explicit first-pass size (both sides, each within the final size), or (0, 0)."""
+        if not (self.hires_first_width or self.hires_first_height):
+            return 0, 0
+        sides = []
+        for name, value, final in (("hires_first_width", self.hires_first_width, width),
+                                   ("hires_first_height", self.hires_first_height, height)):
+            if value % SIDE_MULTIPLE or not MIN_SIDE <= value <= final:
+                raise InvalidRequest(name, f"must be a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and the "
+                                           f"final size {final} (got {value})")
+            sides.append(value)
+        return sides[0], sides[1]
+
+
+def _int_in_range(field: str, value: int, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise InvalidRequest(field, f"must be between {low} and {high} (got {value})")
+    return value
+
+
+def _float_in_range(field: str, value: float, low: float, high: float) -> float:
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidRequest(field, f"must be a finite number between {low:g} and {high:g} (got {value})")
+    return float(value)
+
+
+def _side(field: str, value: int) -> int:
+    value = value or DEFAULT_SIDE
+    if value % SIDE_MULTIPLE or not MIN_SIDE <= value <= MAX_SIDE:
+        raise InvalidRequest(
+            field, f"must be a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and {MAX_SIDE} (got {value})"
+        )
+    return value
