@@ -8,23 +8,42 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from grpc_service.auth import SHARED_SECRET_ENV, SecretError, resolve_shared_secret
 from grpc_service.defaults import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SERVER
 from mlx_sd import __version__
 from mlx_sd.app.config import CONFIG_FILE_META_KEY, SERVE_ARGS, ServeCommand, config_app
 from mlx_sd.app.discovery import advertise, discover_command
 from mlx_sd.app.doctor import doctor_command
+from mlx_sd.app.options import (
+    DEFAULT_MAX_UPLOAD_SIZE,
+    CacheDirOption,
+    CaOption,
+    DtypeOption,
+    FingerprintOption,
+    LowMemoryOption,
+    NoCacheOption,
+    NoTlsOption,
+    QuantizeOption,
+    SecretFileOption,
+    SecretOption,
+    ServerOption,
+    ServeSecretOption,
+    cache_folder,
+    check_low_memory,
+    configure_blas,
+    fail,
+    parse_size,
+    resolve_secret,
+)
+from mlx_sd.app.os_service import rotate_service_log, service_app
 from mlx_sd.app.paths import (
     config_dir_help,
-    default_cache_dir,
     default_config_dir,
     default_models_dir,
     default_models_dir_note,
@@ -44,7 +63,6 @@ from mlx_sd.engine.request import (
     SIDE_MULTIPLE,
 )
 from mlx_sd.sampling.registry import DEFAULT_SAMPLER
-from mlx_sd.app.os_service import rotate_service_log, service_app
 
 if TYPE_CHECKING:
     from grpc_service.client import ImageServiceClient
@@ -55,136 +73,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-
-DEFAULT_MAX_UPLOAD_SIZE = "8GiB"
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}
-
-SecretOption = Annotated[
-    str | None,
-    typer.Option(
-        "--shared-secret",
-        envvar=SHARED_SECRET_ENV,
-        show_envvar=True,
-        help="Shared secret, sent as `authorization: Bearer <secret>`. Prefer the env var or a file: flags show in `ps`.",
-    ),
-]
-# serve's also answers to -s, as gRPCServerCLI's does (the client commands' -s is --server).
-ServeSecretOption = Annotated[
-    str | None,
-    typer.Option(
-        "--shared-secret",
-        "-s",
-        envvar=SHARED_SECRET_ENV,
-        show_envvar=True,
-        help="Shared secret clients must send (as `authorization: Bearer <secret>`, or in Draw Things' "
-        "sharedSecret field). Prefer the env var or a file: flags show in `ps`.",
-    ),
-]
-SecretFileOption = Annotated[
-    Path | None, typer.Option("--shared-secret-file", help="Read the shared secret from this file.", dir_okay=False)
-]
-ServerOption = Annotated[str, typer.Option("--server", "-s", help="The server's host:port.")]
-CaOption = Annotated[
-    Path | None,
-    typer.Option("--ca", help="Trust the server certificate(s) in this PEM file.", exists=True, dir_okay=False),
-]
-FingerprintOption = Annotated[
-    str | None,
-    typer.Option(
-        "--fingerprint",
-        help="Trust the server's certificate if its SHA-256 fingerprint (as `serve` prints it) matches.",
-    ),
-]
-NoTlsOption = Annotated[
-    bool, typer.Option("--no-tls", "--insecure", help="Talk plaintext to a server started with --no-tls.")
-]
-CacheDirOption = Annotated[
-    Path | None,
-    typer.Option(
-        help="Where converted weights are cached so later starts load faster.",
-        show_default="the user cache folder's mlx-sd/converted",
-        file_okay=False,
-    ),
-]
-NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Convert weights on every load; cache nothing.")]
-
-
-class WeightsDtype(StrEnum):
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-
-
-def _quantize_bits(value: int | None) -> int | None:
-    if value is not None and value not in (4, 8):
-        raise typer.BadParameter(f"must be 8 or 4, got {value}")
-    return value
-
-
-QuantizeOption = Annotated[
-    int | None,
-    typer.Option(
-        "--quantize",
-        help="Quantize the UNet's and text encoder's linear layers to 8 or 4 bits (less memory, small loss).",
-        callback=_quantize_bits,
-    ),
-]
-LowMemoryOption = Annotated[
-    bool,
-    typer.Option(
-        "--low-memory",
-        help="Free the text encoder (~250 MB in fp16) after each prompt encoding; it is read back from the "
-        "converted cache for the next request. Needs the cache; not with --quantize.",
-    ),
-]
-DtypeOption = Annotated[
-    WeightsDtype | None,
-    typer.Option(
-        help="How the model's weights are held in memory. On the CPU the work is done in float32, except that "
-        "bfloat16 weights also make matrix products bfloat16 where the processor has bf16 units (fastest).",
-        show_default="float16 on Metal, float32 on CPU",
-    ),
-]
-
-
-def _check_low_memory(low_memory: bool, no_cache: bool, quantize: int | None) -> None:
-    if low_memory and no_cache:
-        raise typer.BadParameter("--low-memory needs the cache (drop --no-cache)")
-    if low_memory and quantize is not None:
-        raise typer.BadParameter("--low-memory and --quantize don't combine")
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
-
-
-def parse_size(text: str) -> int:
-    """Bytes from "8GiB", "512M", "1048576" (K/M/G are binary multiples, like KiB/MiB/GiB)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
-    unit = match and _SIZE_UNITS.get(match.group(2).lower())
-    if not match or unit is None:
-        raise typer.BadParameter(f"expected a size such as 8GiB, 512MiB or a number of bytes, got {text!r}")
-    return int(match.group(1)) * unit
-
-
-def _cache_dir(cache_dir: Path | None, no_cache: bool) -> Path | None:
-    return None if no_cache else cache_dir or default_cache_dir()
-
-
-def _secret(value: str | None, file: Path | None) -> str | None:
-    try:
-        return resolve_shared_secret(value, file)
-    except SecretError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-
-
-def _configure_blas() -> None:
-    """Load the fast BLAS before anything imports mlx.core (see mlx_sd.cpu.runtime)."""
-    from mlx_sd.cpu.runtime import configure
-
-    configure()
-
 
 def _version(value: bool) -> None:
     if value:
@@ -290,7 +178,7 @@ def serve(
     """
     rotate_service_log()
     logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _configure_blas()
+    configure_blas()
     from grpc_service.server import (
         ServerSettings,
         ServerStartError,
@@ -301,7 +189,7 @@ def serve(
 
     if no_tls and (tls_cert or tls_key):
         raise typer.BadParameter("--no-tls cannot be combined with --tls-cert/--tls-key")
-    _check_low_memory(low_memory, no_cache, quantize)
+    check_low_memory(low_memory, no_cache, quantize)
     settings = ServerSettings(
         models_dir=models_dir or default_models_dir(),
         config_dir=config_dir or default_config_dir(),
@@ -310,11 +198,11 @@ def serve(
         tls=not no_tls,
         tls_cert=tls_cert,
         tls_key=tls_key,
-        shared_secret=_secret(shared_secret, shared_secret_file),
+        shared_secret=resolve_secret(shared_secret, shared_secret_file),
         response_compression=not no_response_compression,
         model_browser=model_browser,
         max_upload_bytes=parse_size(max_upload_size),
-        cache_dir=_cache_dir(cache_dir, no_cache),
+        cache_dir=cache_folder(cache_dir, no_cache),
         max_queued=max_queue,
         dtype=dtype,
         quantize_bits=quantize,
@@ -325,12 +213,12 @@ def serve(
     if models_dir is None and (note := default_models_dir_note()):
         typer.echo(note)
     if problem := models_dir_access_problem(settings.models_dir):
-        _fail("; ".join(problem))
+        fail("; ".join(problem))
     raise_open_file_limit()
     try:
         running = start_server(settings)
     except ServerStartError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"serving models from {settings.models_dir}")
     typer.echo(f"listening on {running.address} ({'TLS' if running.tls else 'plaintext'})")
     if running.tls:
@@ -362,14 +250,14 @@ def _connected(
 
     if sum((ca is not None, fingerprint is not None, no_tls)) > 1:
         raise typer.BadParameter("give at most one of --ca, --fingerprint and --no-tls")
-    settings = ClientSettings(server, not no_tls, ca, fingerprint, _secret(secret, secret_file))
+    settings = ClientSettings(server, not no_tls, ca, fingerprint, resolve_secret(secret, secret_file))
     try:
         with ImageServiceClient(settings) as client:
             yield client
     except grpc.RpcError as exc:
-        _fail(f"{exc.code().name}: {exc.details()}")
+        fail(f"{exc.code().name}: {exc.details()}")
     except (TrustError, OSError, ValueError) as exc:
-        _fail(f"cannot connect to {server}: {exc}")
+        fail(f"cannot connect to {server}: {exc}")
 
 
 @app.command()
@@ -422,7 +310,14 @@ def upload(
 ) -> None:
     """Upload a file into the server's model directory, with a progress bar."""
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     name = remote or local.name
     columns = (
@@ -453,7 +348,7 @@ def convert_command(
     vae: Annotated[Path | None, typer.Option(help="Standalone VAE replacing the checkpoint's.", dir_okay=False)] = None,
 ) -> None:
     """Convert a checkpoint to MLX weights once, so later loads skip the conversion."""
-    _configure_blas()
+    configure_blas()
     from convert import convert_checkpoint
     from mlx_sd.engine.backends import from_environment
     from mlx_sd.engine.errors import MlxSdError
@@ -462,7 +357,7 @@ def convert_command(
     try:
         written = convert_checkpoint(source, destination, dtype, vae_path=vae, reader=from_environment().reader)
     except (MlxSdError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if creates_folder:
         typer.echo(f"created the cache folder {destination} (a name without a suffix is a folder)")
     typer.echo(f"wrote {written}")
@@ -516,8 +411,15 @@ def generate(
 
     An invalid value exits with status 2, any other failure with 1, Ctrl-C with 130.
     """
-    _configure_blas()
-    from mlx_sd.app.generate import encoded, follow, local_engine, option_error, validated_as_sent, write_images
+    configure_blas()
+    from mlx_sd.app.generate import (
+        encoded,
+        follow,
+        local_engine,
+        option_error,
+        validated_as_sent,
+        write_images,
+    )
     from mlx_sd.engine.errors import InvalidRequest, MlxSdError, ModelNotFound
     from mlx_sd.engine.request import GenerationRequest
 
@@ -529,7 +431,7 @@ def generate(
         rule = "apply to local generation only"
     if given := [name for name, value in misplaced.items() if value]:
         raise typer.BadParameter(f"{', '.join(given)}: {rule}")
-    _check_low_memory(low_memory, no_cache, quantize)
+    check_low_memory(low_memory, no_cache, quantize)
     try:
         request = validated_as_sent(GenerationRequest(
             prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps, cfg_scale=cfg,
@@ -537,13 +439,13 @@ def generate(
             batch_count=batch_count,
         ))
     except InvalidRequest as exc:
-        _fail(option_error(exc), code=2)
+        fail(option_error(exc), code=2)
 
     root = models_dir or default_models_dir()
     try:
         out.mkdir(parents=True, exist_ok=True)  # before generating, so a bad --out fails fast
         if server is None:
-            with local_engine(root, _cache_dir(cache_dir, no_cache), dtype, quantize, low_memory) as engine:
+            with local_engine(root, cache_folder(cache_dir, no_cache), dtype, quantize, low_memory) as engine:
                 result = follow(engine(request), request)
         else:
             with _connected(server, ca, fingerprint, no_tls, shared_secret, shared_secret_file) as client:
@@ -551,11 +453,11 @@ def generate(
         for path in write_images(encoded(result, request), out):
             typer.echo(path)
     except KeyboardInterrupt:
-        _fail("cancelled", code=130)
+        fail("cancelled", code=130)
     except ModelNotFound as exc:
-        _fail(f"{exc} (in {root})")
+        fail(f"{exc} (in {root})")
     except (MlxSdError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @app.command()
@@ -573,7 +475,7 @@ def upscale(
     ] = None,
 ) -> None:
     """Upscale an image with the Real-ESRGAN network in MODELS_DIR/upscaler/model.safetensors."""
-    _configure_blas()
+    configure_blas()
     from mlx_sd.engine.backends import from_environment
     from mlx_sd.engine.errors import MlxSdError
     from mlx_sd.engine.upscale import UPSCALER_FILE, upscale_file
@@ -582,7 +484,7 @@ def upscale(
         written = upscale_file(image, out, (models_dir or default_models_dir()) / UPSCALER_FILE, scale,
                                from_environment())
     except (MlxSdError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"wrote {written}")
 
 
@@ -599,7 +501,7 @@ def convert_pth_command(
     try:
         written = convert_pth(source, destination)
     except MlxSdError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"wrote {written}")
 
 

@@ -2,7 +2,7 @@
 
 - `Backend.MLX`: the plain networks on MLX's own ops, in their weights' dtype: what Metal runs.
 - `Backend.CPU`: MLX's CPU device with the CPU kernels (mlx_sd.cpu): each loaded network goes
-  through `mlx_sd.cpu.accelerate`, activations are fp32 whatever the weights' dtype (MLX's fp16
+  through `mlx_sd.cpu.apply.accelerate`, activations are fp32 whatever the weights' dtype (MLX's fp16
   and bf16 CPU ops are slow; bf16 layers still take bf16 products), and checkpoints are read on
   every core.
 

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from grpc_service.auth import SHARED_SECRET_ENV
 from grpc_service.tls import GENERATED_CERT_NAME
 from mlx_sd import __version__
-from mlx_sd.app.cli import app, parse_size
+from mlx_sd.app.cli import app
+from mlx_sd.app.options import parse_size
 
 runner = CliRunner()
 SECRET = "s3cret"

@@ -1,4 +1,4 @@
-"""The seam (mlx_sd.cpu.accelerate): a loaded network's layers and blocks swapped for their CPU
+"""The seam (mlx_sd.cpu.apply.accelerate): a loaded network's layers and blocks swapped for their CPU
 forms with the same parameters, quantized layers left alone; and what mlx_sd.engine.backends decides."""
 
 from __future__ import annotations
