@@ -1,4 +1,4 @@
-"""Text to image: prompt -> text encoder -> sampler loop over the UNet -> VAE -> PNGs.
+"""Text to image: prompt -> text encoder -> sampler loop over the UNet -> VAE -> images.
 
 `Pipeline(store)(request, is_cancelled)` yields a ProgressEvent as each stage and each sampling step
 finishes, then one GenerationResult: pixels, seeds and parameters, which the callers encode. It stops

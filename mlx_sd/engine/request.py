@@ -34,7 +34,7 @@ MAX_BATCH_COUNT = 100
 MAX_PROMPT_CHARS = 10_000
 MAX_CLIP_SKIP = 12  # CLIP ViT-L's layers
 MAX_UPSCALE_FACTOR = 4
-MAX_UPSCALED_SIDE = 8192  # bounds a finished image's memory (8192x8192x3 bytes: 192 MiB)
+MAX_UPSCALED_BYTES = 2 * 1024**3  # bounds a request's upscaled pixels, all images together
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
@@ -93,9 +93,11 @@ class GenerationRequest:
         first_width, first_height = self._hires_first_pass(width, height)
         preview_every = _int_in_range("preview_every", self.preview_every, 0, MAX_STEPS)
         upscale_factor = _int_in_range("upscale_factor", self.upscale_factor, 0, MAX_UPSCALE_FACTOR)
-        if self.upscale and max(width, height) * (upscale_factor or MAX_UPSCALE_FACTOR) > MAX_UPSCALED_SIDE:
-            raise InvalidRequest("upscale_factor", f"the upscaled image may be at most {MAX_UPSCALED_SIDE} pixels a "
-                                                   f"side ({width}x{height} x{upscale_factor or 'up to 4'})")
+        if self.upscale:
+            factor = upscale_factor or MAX_UPSCALE_FACTOR  # 0 (the network's own) may be up to 4
+            if (size := images * width * height * factor**2 * 3) > MAX_UPSCALED_BYTES:
+                raise InvalidRequest("upscale_factor", f"{images} upscaled images would hold {size / 2**30:.1f} GiB of "
+                                                       f"pixels, more than {MAX_UPSCALED_BYTES / 2**30:.0f} GiB")
         if self.seed_mode not in SEED_MODES:
             supported = ", ".join(SEED_MODES)
             raise InvalidRequest("seed_mode", f"unknown seed mode {self.seed_mode!r}; supported: {supported}")

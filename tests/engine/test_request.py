@@ -62,3 +62,21 @@ def test_distilled_samplers_take_at_most_50_steps(sampler: str) -> None:
         GenerationRequest(sampler=sampler, steps=51).validated()
     assert "at most 50" in str(raised.value)
     assert GenerationRequest(sampler="TCD Trailing", steps=150).validated().steps == 150
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    (dict(width=2048, height=2048, upscale=True, upscale_factor=4, batch_size=8, batch_count=2), "GiB of pixels"),
+    (dict(width=2048, height=2048, upscale=True, batch_size=8, batch_count=2), "GiB of pixels"),  # 0: up to 4
+    (dict(upscale=True, upscale_factor=5), "between 0 and 4"),
+])
+def test_upscaling_is_bounded(fields: dict, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message) as caught:
+        GenerationRequest(**fields).validated()
+    assert caught.value.field == "upscale_factor"
+
+
+def test_an_upscale_within_the_bounds_is_kept() -> None:
+    request = GenerationRequest(width=1024, height=512, upscale=True, upscale_factor=4).validated()
+    assert (request.upscale, request.upscale_factor) == (True, 4)
+    # 2048x2048 x4 is 8192 pixels a side, 192 MiB an image: ten of them fit.
+    assert GenerationRequest(width=2048, height=2048, upscale=True, batch_size=5, batch_count=2).validated().upscale
