@@ -384,6 +384,8 @@ def generate(
     ] = DEFAULT_CFG_SCALE,
     batch_size: Annotated[int, typer.Option(help=f"Images sampled together (1-{MAX_BATCH_SIZE}).")] = 1,
     batch_count: Annotated[int, typer.Option(help=f"Batches run one after another (1-{MAX_BATCH_COUNT}).")] = 1,
+    model: Annotated[str, typer.Option(help="A checkpoint file or diffusers folder relative to the model directory "
+                                            "(SD 1.x, SD 2.x or SDXL); empty: stable-diffusion/.")] = "",
     hires: Annotated[
         bool, typer.Option("--hires", help="Hires fix: sample at the model's native size, upscale, then refine.")
     ] = False,
@@ -442,7 +444,7 @@ def generate(
         request = validated_as_sent(GenerationRequest(
             prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps, cfg_scale=cfg,
             seed=seed, sampler=sampler, enable_hr=hires, denoising_strength=denoise, batch_size=batch_size,
-            batch_count=batch_count,
+            batch_count=batch_count, model=model,
         ))
     except InvalidRequest as exc:
         fail(option_error(exc), code=2)

@@ -38,6 +38,7 @@ OPTION_OF_FIELD = {
     "cfg_scale": "--cfg",
     "seed": "--seed",
     "sampler": "--sampler",
+    "model": "--model",
     "denoising_strength": "--denoise",
     "batch_size": "--batch-size",
     "batch_count": "--batch-count",
