@@ -29,6 +29,7 @@ from mlx_sd.app.options import (
     LowMemoryOption,
     NoCacheOption,
     NoTlsOption,
+    PadAttentionHeadsOption,
     QuantizeOption,
     SecretFileOption,
     SecretOption,
@@ -151,6 +152,7 @@ def serve(
     dtype: DtypeOption = None,
     quantize: QuantizeOption = None,
     low_memory: LowMemoryOption = False,
+    pad_attention_heads: PadAttentionHeadsOption = False,
     max_queue: Annotated[
         int, typer.Option(help="Generations that may wait behind the running one; more are refused.", min=1)
     ] = 8,
@@ -207,6 +209,7 @@ def serve(
         dtype=dtype,
         quantize_bits=quantize,
         low_memory=low_memory,
+        pad_attention_heads=pad_attention_heads,
         memory_budget=parse_size(memory_budget) if memory_budget else None,
         shutdown_grace=shutdown_grace,
     )
@@ -396,6 +399,7 @@ def generate(
     dtype: DtypeOption = None,
     quantize: QuantizeOption = None,
     low_memory: LowMemoryOption = False,
+    pad_attention_heads: PadAttentionHeadsOption = False,
     cache_dir: CacheDirOption = None,
     no_cache: NoCacheOption = False,
     server: Annotated[
@@ -427,7 +431,8 @@ def generate(
         misplaced, rule = {"--ca": ca, "--fingerprint": fingerprint, "--no-tls": no_tls}, "need --server"
     else:
         misplaced = {"--models-dir": models_dir, "--dtype": dtype, "--quantize": quantize, "--cache-dir": cache_dir,
-                     "--no-cache": no_cache, "--low-memory": low_memory}
+                     "--no-cache": no_cache, "--low-memory": low_memory,
+                     "--pad-attention-heads": pad_attention_heads}
         rule = "apply to local generation only"
     if given := [name for name, value in misplaced.items() if value]:
         raise typer.BadParameter(f"{', '.join(given)}: {rule}")
@@ -445,7 +450,8 @@ def generate(
     try:
         out.mkdir(parents=True, exist_ok=True)  # before generating, so a bad --out fails fast
         if server is None:
-            with local_engine(root, cache_folder(cache_dir, no_cache), dtype, quantize, low_memory) as engine:
+            with local_engine(root, cache_folder(cache_dir, no_cache), dtype, quantize, low_memory,
+                              pad_attention_heads) as engine:
                 result = follow(engine(request), request)
         else:
             with _connected(server, ca, fingerprint, no_tls, shared_secret, shared_secret_file) as client:
