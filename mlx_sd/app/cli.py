@@ -511,6 +511,49 @@ def convert_pth_command(
     typer.echo(f"wrote {written}")
 
 
+def _sides(value: str | None) -> tuple[int, ...] | None:
+    try:
+        return None if value is None else tuple(int(side) for side in value.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected sides in pixels such as 512,1024, got {value!r}") from None
+
+
+@app.command("bench")
+def bench_command(
+    models_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder of the models; without a default model a random-weight SD 1.5 is measured.",
+                     show_default=models_dir_help(), file_okay=False),
+    ] = None,
+    sizes: Annotated[
+        str | None, typer.Option(help="Image sides to measure, comma-separated.", show_default="512,1024",
+                                 callback=_sides)
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps of the measured image.", min=1)] = 20,
+    dtype: DtypeOption = None,
+    quick: Annotated[bool, typer.Option("--quick", help="One timed call per measurement, and 512 only "
+                                                        "unless --sizes says otherwise.")] = False,
+) -> None:
+    """Measure this machine (UNet step, image, peak memory, fused attention, mx.compile) and print a
+    Markdown block to paste into an issue (see docs/operations.md)."""
+    configure_blas()
+    from mlx_sd.engine import bench
+    from mlx_sd.engine.backends import from_environment
+    from mlx_sd.engine.errors import InvalidRequest, MlxSdError
+
+    chosen = sizes or (bench.QUICK_SIZES if quick else bench.DEFAULT_SIZES)
+    repeats = 1 if quick else bench.DEFAULT_REPEATS
+    root = models_dir or default_models_dir()
+    try:
+        block = bench.bench(root, sizes=chosen, steps=steps, dtype=dtype, repeats=repeats, backend=from_environment(),
+                            cache_dir=cache_folder(None, False), log=lambda line: typer.echo(line, err=True))
+    except InvalidRequest as exc:
+        fail(str(exc), code=2)
+    except (MlxSdError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(block)
+
+
 app.add_typer(config_app, name="config")
 app.add_typer(service_app, name="service")
 app.command("discover")(discover_command)

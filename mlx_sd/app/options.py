@@ -97,7 +97,7 @@ PadAttentionHeadsOption = Annotated[
     bool,
     typer.Option(
         "--pad-attention-heads",
-        help="Zero-pad the UNet's and VAE's attention heads to a size MLX's fused Metal kernel takes (SD 1.x: "
+        help="Zero-pad the networks' attention heads to a size MLX's fused Metal kernel takes (SD 1.x: "
         "40 -> 64). Exact; whether it is faster is measured by `mlx-sd bench`. No effect on the CPU backend.",
     ),
 ]

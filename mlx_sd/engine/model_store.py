@@ -71,7 +71,7 @@ class ModelStore:
     `backend` runs the networks (mlx_sd.engine.backends): each is prepared for it once loaded and
     quantized. By default `MLX_SD_BACKEND` picks it, read once here.
 
-    `pad_attention_heads` zero-pads the UNet's and VAE's attention heads to a size MLX's fused Metal
+    `pad_attention_heads` zero-pads the networks' attention heads to a size MLX's fused Metal
     kernel takes (mlx_sd.models.layers.attention; exact). The CPU backend's attention ignores it.
     """
 
@@ -148,7 +148,7 @@ class ModelStore:
         if self._quantize_bits is not None:  # the VAE is all convolutions, which MLX cannot quantize
             for network in (models.unet, models.text_encoder):
                 quantize(network, self._quantize_bits)
-        for network in (models.unet, models.vae):
+        for network in (models.text_encoder, models.unet, models.vae):
             pad_attention_heads(network, self._pad_attention_heads)
         models = self._backend.prepare_models(models)
         release = self._text_encoder_release(models, source) if self._low_memory else None

@@ -33,9 +33,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool = 
 
 
 def pad_attention_heads(model: nn.Module, enabled: bool) -> None:
-    """Turns head padding (see `attention`) on or off for each of `model`'s `Attention` modules."""
+    """Turns head padding (see `attention`) on or off for each of `model`'s attention modules: those
+    with a `pad_heads` switch (`Attention` and CLIP's)."""
     for module in model.modules():
-        if isinstance(module, Attention):
+        if isinstance(getattr(module, "pad_heads", None), bool):
             module.pad_heads = enabled
 
 

@@ -25,6 +25,7 @@ from mlx_sd.engine.model_store import ModelStore
 from mlx_sd.engine.pipeline import Pipeline
 from mlx_sd.engine.request import GenerationRequest
 from mlx_sd.models.fused_attention import recording
+from mlx_sd.models.clip import CLIPAttention
 from mlx_sd.models.layers import Attention
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -268,8 +269,8 @@ def test_tcd_uses_the_requests_gamma(pipeline: Pipeline) -> None:
 def test_padded_attention_heads_give_the_same_image(pipeline: Pipeline, backend: Backend, tmp_path: Path) -> None:
     store = ModelStore(tiny_models_dir(tmp_path / "models"), backend=backend, pad_attention_heads=True)
     models = store.get().models
-    assert all(m.pad_heads for network in (models.unet, models.vae) for m in network.modules()
-               if isinstance(m, Attention))
+    assert all(m.pad_heads for network in (models.text_encoder, models.unet, models.vae) for m in network.modules()
+               if isinstance(m, (Attention, CLIPAttention)))
     with recording() as calls:
         padded = run(Pipeline(store), request())[1]
     plain = run(pipeline, request())[1]
