@@ -8,7 +8,8 @@ which. Per image side it measures:
 - the UNet step with classifier-free guidance (batch 2), with the attention heads as they are and
   zero-padded to a size MLX's fused Metal kernel takes (`--pad-attention-heads`), each plain and
   `mx.compile`d: the median of `repeats` calls after a warm-up call (which traces and builds kernels);
-- one whole image (text encoder, `steps` sampling steps, VAE decode) through the pipeline, both ways;
+- one whole image (text encoder, `steps` sampling steps, VAE decode) through the pipeline, both ways,
+  after the UNet steps at its size (no warm-up image of its own);
 - MLX's peak memory during each (reset before it);
 - which attention calls Metal's fused kernel runs, with the heads as they are and padded
   (mlx_sd.models.fused_attention), from a forward pass over unevaluated networks of the model's
@@ -107,10 +108,11 @@ class _Held:
 
 
 def _measure(size: int, stage: str, padded: bool, compiled: bool, run: Callable[[], object],
-             repeats: int) -> Row:
-    """`run`'s median time over `repeats` calls after a warm-up call, and MLX's peak memory then."""
+             repeats: int, warm_up: bool = True) -> Row:
+    """`run`'s median time over `repeats` calls (after a warm-up call), and MLX's peak memory then."""
     try:
-        mx.eval(run())
+        if warm_up:
+            mx.eval(run())
         mx.reset_peak_memory()
         times = []
         for _ in range(repeats):
@@ -154,7 +156,8 @@ def measure(model: BenchModel, models_dir: Path, sizes: tuple[int, ...], steps: 
                 fn = mx.compile(forward) if compiled else forward
                 rows.append(_measure(size, step, padded, compiled, lambda: fn(latents, timesteps, context), repeats))
             log(f"{size}²: one image, heads {HEADS[padded]}")
-            rows.append(_measure(size, image, padded, False, lambda: _image(pipeline, request), 1))
+            # The UNet steps before it warmed up its kernels at this size; one image is minutes at 1024².
+            rows.append(_measure(size, image, padded, False, lambda: _image(pipeline, request), 1, warm_up=False))
         _pad(model, False)
     return rows
 
@@ -227,7 +230,7 @@ def report(model: BenchModel, rows: list[Row], calls: dict[int, dict[str, Counte
         f"| backend | {model.backend.value} |",
         f"| model | {model.source} |",
         f"| dtype | {dtype} |",
-        f"| timing | UNet step: median of {repeats} after a warm-up call; image: 1 after a warm-up |",
+        f"| timing | UNet step: median of {repeats} after a warm-up call; image: one, after the steps |",
         "",
         "| size | measurement | attention heads | mx.compile | seconds | peak memory | note |",
         "|---|---|---|---|---|---|---|",

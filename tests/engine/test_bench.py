@@ -4,7 +4,6 @@ the random-weight fallback, and the command's options."""
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,11 @@ from mlx_sd.engine.backends import Backend
 from mlx_sd.engine.model_store import ModelStore
 from mlx_sd.models.clip import CLIPAttention
 from mlx_sd.models.layers import Attention
+from tests.conftest import install_tiny_model
 
-FIXTURES = Path(__file__).parents[1] / "fixtures"
 SETUP = {"machine", "device", "MLX", "mlx-sd", "backend", "model", "dtype", "timing"}
 MEASUREMENTS = ["size", "measurement", "attention heads", "mx.compile", "seconds", "peak memory", "note"]
 ATTENTION = ["network", "calls", "batch × heads", "queries × keys", "head size", "fused", "padded: fused"]
-
-
-def tiny_models_dir(root: Path) -> Path:
-    shutil.copytree(FIXTURES / "sd1_tiny" / "diffusers", root / "stable-diffusion")
-    return root
 
 
 def tables(markdown: str) -> list[list[dict[str, str]]]:
@@ -48,7 +42,7 @@ def tables(markdown: str) -> list[list[dict[str, str]]]:
 
 @pytest.fixture(scope="module")
 def block(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> str:
-    models = tiny_models_dir(tmp_path_factory.mktemp("models"))
+    models = install_tiny_model(tmp_path_factory.mktemp("models"))
     return bench.bench(models, sizes=(64,), steps=2, repeats=1, backend=backend)
 
 
@@ -79,7 +73,7 @@ def test_the_block_holds_every_field(block: str, backend: Backend) -> None:
 
 def test_the_attention_table_counts_every_attention_call(block: str, tmp_path: Path) -> None:
     attention = tables(block)[2]
-    models = ModelStore(tiny_models_dir(tmp_path), backend=Backend.MLX).get().models
+    models = ModelStore(install_tiny_model(tmp_path), backend=Backend.MLX).get().models
     modules = {"text encoder": (models.text_encoder, CLIPAttention), "UNet": (models.unet, Attention),
                "VAE decoder": (models.vae.decoder, Attention)}
     for network, (model, kind) in modules.items():
@@ -107,7 +101,7 @@ def test_sd15_attention_at_512() -> None:
 
 def test_without_a_model_a_random_sd15_is_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The tiny model's configs stand for SD 1.5's, which the CPU here would take minutes over.
-    tiny = ModelStore(tiny_models_dir(tmp_path / "tiny"), backend=Backend.MLX).get().models.configs
+    tiny = ModelStore(install_tiny_model(tmp_path / "tiny"), backend=Backend.MLX).get().models.configs
     monkeypatch.setattr(bench, "SD15", SD1Configs(tiny.text_encoder, tiny.unet, tiny.vae))
     block = bench.bench(tmp_path / "empty", sizes=(64,), steps=1, repeats=1, backend=Backend.MLX, dtype="float16")
     setup = {row["setting"]: row["value"] for row in tables(block)[0]}
@@ -118,7 +112,7 @@ runner = CliRunner()
 
 
 def test_the_command_prints_the_block(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["bench", "--models-dir", tiny_models_dir(tmp_path), "--sizes", "64",
+    result = runner.invoke(app, ["bench", "--models-dir", install_tiny_model(tmp_path), "--sizes", "64",
                                  "--steps", "1", "--quick"])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(bench.TITLE) and "median of 1" in result.stdout
