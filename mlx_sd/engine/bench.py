@@ -249,13 +249,8 @@ def report(model: BenchModel, rows: list[Row], calls: dict[int, dict[str, Counte
 
 def _attention_row(network: str, call: AttentionCall, count: int) -> str:
     reason = fused_attention.fallback_reason(call)
-    padded = fused_attention.padded_head_dim(call.head_dim, call.queries)
-    if padded == call.head_dim:
-        padded_cell = "(not padded)"
-    else:
-        again = fused_attention.fallback_reason(AttentionCall(call.batch, call.heads, call.queries, call.keys,
-                                                              padded, call.causal))
-        padded_cell = f"yes, {call.head_dim} → {padded}" if again is None else f"no, {padded}: {again}"
+    padded = fused_attention.padded_head_dim(call)
+    padded_cell = "(not padded)" if padded == call.head_dim else f"yes, {call.head_dim} → {padded}"
     mask = ", causal" if call.causal else ""
     return (f"| {network} | {count} | {call.batch} × {call.heads} | {call.queries} × {call.keys}{mask} | "
             f"{call.head_dim} | {'yes' if reason is None else 'no: ' + reason} | {padded_cell} |")

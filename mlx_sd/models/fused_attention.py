@@ -21,6 +21,7 @@ SD 2.x and SDXL with 64, CLIP with 64: only 40 has a larger supported size (64) 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,10 +80,14 @@ def fallback_reason(call: AttentionCall, version: str = mx.__version__) -> str |
     return None
 
 
-def padded_head_dim(head_dim: int, queries: int, version: str = mx.__version__) -> int:
-    """The smallest head size the fused kernel takes that is at least `head_dim`, for attention
-    with `queries` queries; `head_dim` itself where it is supported or none is large enough."""
-    return min((d for d in supported_head_dims(queries, version) if d >= head_dim), default=head_dim)
+def padded_head_dim(call: AttentionCall, version: str = mx.__version__) -> int:
+    """The smallest head size at least `call.head_dim` with which the fused kernel runs `call`;
+    `call.head_dim` itself where it runs already or no padding makes it run."""
+    if fallback_reason(call, version) is None:
+        return call.head_dim
+    larger = [d for d in supported_head_dims(call.queries, version) if d > call.head_dim]
+    fused = [d for d in larger if fallback_reason(dataclasses.replace(call, head_dim=d), version) is None]
+    return min(fused, default=call.head_dim)
 
 
 _recorded: list[AttentionCall] | None = None

@@ -13,13 +13,15 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool = 
     """Multi-head softmax(q kᵀ / √head_dim) v for token-major projections (batch, tokens, heads *
     head_dim), returned in the same layout; `causal` lets query i see keys 0..i only.
 
-    `pad_heads` zero-pads each head of q, k and v to the next size MLX's fused Metal kernel takes
-    (fused_attention.py), e.g. 40 -> 64: the zeros add nothing to q·k, the extra output columns
-    (zero) are dropped, and the scale stays that of the real size, so the result is unchanged."""
+    `pad_heads` zero-pads each head of q, k and v to the next size with which MLX's fused Metal
+    kernel runs the call (fused_attention.py), e.g. 40 -> 64: the zeros add nothing to q·k, the
+    extra output columns (zero) are dropped, and the scale stays that of the real size, so the
+    result is unchanged."""
     batch, n, width = q.shape
     head_dim = width // heads
-    record(AttentionCall(batch, heads, n, k.shape[1], head_dim, causal))
-    padded = padded_head_dim(head_dim, n) if pad_heads else head_dim
+    call = AttentionCall(batch, heads, n, k.shape[1], head_dim, causal)
+    record(call)
+    padded = padded_head_dim(call) if pad_heads else head_dim
 
     def split(t: mx.array) -> mx.array:
         t = t.reshape(batch, t.shape[1], heads, head_dim).transpose(0, 2, 1, 3)

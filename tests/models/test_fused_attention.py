@@ -36,7 +36,7 @@ def test_the_rule_on_a_table_of_head_sizes(version: str, queries: int, head_dim:
     call = fa.AttentionCall(batch=2, heads=8, queries=queries, keys=queries, head_dim=head_dim)
     reason = fa.fallback_reason(call, version)
     assert (reason is None) is fused, reason
-    assert fa.padded_head_dim(head_dim, queries, version) == padded
+    assert fa.padded_head_dim(call, version) == padded
     if padded != head_dim:  # the padded shape is one the kernel runs
         assert fa.fallback_reason(fa.AttentionCall(2, 8, queries, queries, padded), version) is None
 
@@ -46,6 +46,10 @@ def test_masks_and_key_counts() -> None:
     assert fa.fallback_reason(fa.AttentionCall(1, 12, 77, 77, 64, causal=True)) is None
     assert "causal" in fa.fallback_reason(fa.AttentionCall(1, 12, 77, 10, 64, causal=True))
     assert "more queries than keys" in fa.fallback_reason(fa.AttentionCall(1, 1, 8, 4, 64))
+    # Padding is left out where it would not make the call fused.
+    assert fa.padded_head_dim(fa.AttentionCall(1, 12, 77, 10, 40, causal=True)) == 40
+    assert fa.padded_head_dim(fa.AttentionCall(1, 1, 8, 4, 40)) == 40
+    assert fa.padded_head_dim(fa.AttentionCall(1, 12, 77, 77, 40, causal=True)) == 64
 
 
 def test_version_numbers() -> None:
@@ -62,7 +66,7 @@ def _projections(heads: int, head_dim: int, queries: int, keys: int) -> tuple[mx
 
 
 # Each size padding reaches with the installed MLX, with the head sizes padded to it (40: SD 1.x).
-PADDED = sorted({(fa.padded_head_dim(d, 64), d) for d in (40, 8, 70, 76, 90, 100) if fa.padded_head_dim(d, 64) > d})
+PADDED = sorted({(fa.padded_head_dim(fa.AttentionCall(2, 3, 64, 64, d)), d) for d in (8, 40, 70, 76, 90, 100)})
 
 
 @pytest.mark.parametrize(("target", "head_dim"), PADDED)
@@ -86,7 +90,8 @@ def test_padding_is_exact(target: int, head_dim: int, causal: bool, monkeypatch:
 
 
 def test_the_sizes_padding_reaches_are_tested() -> None:
-    assert {target for target, _ in PADDED} == {d for d in fa.full_head_dims() if d > 8}
+    assert all(target > head_dim for target, head_dim in PADDED)
+    assert {target for target, _ in PADDED} == set(fa.full_head_dims())
 
 
 def test_padding_is_exact_through_a_unet_and_switches_per_module() -> None:
