@@ -24,7 +24,7 @@ from mlx_sd.engine.errors import InvalidRequest
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_SIDE = 4096  # either side of an init image or mask, in pixels
-MAX_BYTES = 64 * 1024 * 1024  # an encoded image
+MAX_BYTES = 24 * 1024 * 1024  # an encoded image (two fit in one 64 MiB message)
 _WHITE = 255
 
 
