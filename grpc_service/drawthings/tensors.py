@@ -1,4 +1,5 @@
-"""Draw Things' tensor format: a 68-byte little-endian header, then the payload.
+"""Draw Things' tensor format: a 68-byte little-endian header, then the payload. `encode` writes our
+results; `inspect` and `decode` read a client's (image, mask, hints) with every size checked first.
 
 Header: uint32 codec, memory type, format, datatype, reserved; then 12 int32 dimensions (unused
 ones 0). The payload is raw, fpzip-compressed (floats) or raw-DEFLATE-compressed. Images are NHWC
@@ -92,6 +93,26 @@ def inspect(data: bytes, what: str) -> TensorInfo:
     if codec == FPZIP:
         _check_fpzip(payload, datatype, elements, what)
     return TensorInfo(codec, layout, datatype, shape)
+
+
+# fpzip's decoder reads its buffer without knowing its end; no valid stream needs 8 bytes a value, so a
+# payload padded with zeros to that length cannot be read past, whatever a client sends.
+_FPZIP_MAX_BYTES_PER_VALUE = 8
+_DTYPES = {U8: np.uint8, F32: np.float32, F64: np.float64, F16: np.float16}
+
+
+def decode(data: bytes, what: str) -> tuple[TensorInfo, np.ndarray]:
+    """A client's tensor, checked by `inspect`, and its values in the declared shape and datatype."""
+    info = inspect(data, what)
+    payload = bytes(memoryview(data)[HEADER_BYTES:])
+    if info.codec == FPZIP:
+        elements = int(np.prod(info.shape, dtype=np.int64))
+        padded = payload + bytes(max(0, elements * _FPZIP_MAX_BYTES_PER_VALUE - len(payload)))
+        values = fpzip.decompress(padded, order="C").reshape(info.shape)
+        return info, values.astype(_DTYPES[info.datatype])
+    if info.codec == ZIP:
+        payload = zlib.decompress(payload, -zlib.MAX_WBITS)  # its inflated size was checked
+    return info, np.frombuffer(payload, dtype=np.dtype(_DTYPES[info.datatype]).newbyteorder("<")).reshape(info.shape)
 
 
 def _check_deflate(payload: memoryview, expected: int, what: str) -> None:
