@@ -108,9 +108,13 @@ class GenerationRequest:
         first_width, first_height = self._hires_first_pass(width, height)
         preview_every = _int_in_range("preview_every", self.preview_every, 0, MAX_STEPS)
         upscale_factor = _int_in_range("upscale_factor", self.upscale_factor, 0, MAX_UPSCALE_FACTOR)
+        source = self._source()
         if self.upscale:
             factor = upscale_factor or MAX_UPSCALE_FACTOR  # 0 (the network's own) may be up to 4
-            if (size := images * width * height * factor**2 * 3) > MAX_UPSCALED_BYTES:
+            out_width, out_height = width, height
+            if source is not None and source.mask is not None and self.inpaint_full_res:  # the init image's size
+                out_height, out_width = source.mask.shape
+            if (size := images * out_width * out_height * factor**2 * 3) > MAX_UPSCALED_BYTES:
                 raise InvalidRequest("upscale_factor", f"{images} upscaled images would hold {size / 2**30:.1f} GiB of "
                                                        f"pixels, more than {MAX_UPSCALED_BYTES / 2**30:.0f} GiB")
         if self.seed_mode not in SEED_MODES:
@@ -124,7 +128,6 @@ class GenerationRequest:
             raise InvalidRequest("sampler", f"unknown sampler {self.sampler!r}; supported: {', '.join(SAMPLER_NAMES)}")
         if steps > MAX_STEPS_BY_SAMPLER.get(sampler, MAX_STEPS):
             raise InvalidRequest("steps", f"{sampler} takes at most {MAX_STEPS_BY_SAMPLER[sampler]} steps (got {steps})")
-        source = self._source()
         return dataclasses.replace(
             self,
             source=source,

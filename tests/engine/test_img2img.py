@@ -194,3 +194,12 @@ def test_a_decoded_source_is_taken_as_it_is(pipeline: Pipeline) -> None:
     from_bytes = run(pipeline, request(init_image=png(picture()), denoising_strength=0.5, steps=2))[1]
     from_source = run(pipeline, request(source=Source(picture()), denoising_strength=0.5, steps=2))[1]
     assert pngs(from_bytes) == pngs(from_source)
+
+
+def test_the_upscaled_bytes_bound_counts_an_only_masked_results_size() -> None:
+    image, mask = picture(2048, 2048), block_mask(2048, 2048)
+    fields = dict(init_image=png(image), mask=png(mask), upscale=True, upscale_factor=4, batch_size=8, batch_count=2)
+    request(**fields)  # 16 images of 64x64 upscaled 4 times: small
+    with pytest.raises(InvalidRequest) as caught:
+        request(**fields, inpaint_full_res=True)  # 16 images of 2048x2048 upscaled 4 times: 3 GiB
+    assert caught.value.field == "upscale_factor"
