@@ -8,6 +8,8 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from mlx_sd.engine.errors import InvalidRequest
@@ -152,3 +154,23 @@ def test_resize_modes_follow_a1111() -> None:
     assert filled.shape == (20, 20, 3)
     assert np.array_equal(filled[0], filled[5]) and np.array_equal(filled[19], filled[14])
     assert filled[0, 2].min() == 255 and filled[0, 17].max() == 0
+
+
+_SEEDS = [encoded(Image.fromarray(rgb(24, 16)), f, **({"lossless": True} if f == "WEBP" else {}))
+          for f in ("PNG", "JPEG", "WEBP")] + [png_declaring(100_000, 100_000)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.sampled_from(_SEEDS), edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
+                                                    max_size=8), cut=st.integers(0, 10_000))
+def test_mutated_images_decode_or_are_refused_by_name(seed: bytes, edits: list[tuple[int, int]], cut: int) -> None:
+    data = bytearray(seed)
+    for position, value in edits:
+        data[position % len(data)] = value
+    try:
+        source = decode_source(bytes(data[: max(1, cut)]), b"")
+    except InvalidRequest as error:
+        assert error.field == "init_image"
+    else:
+        assert source.image.dtype == np.uint8 and source.image.ndim == 3 and source.image.shape[2] == 3
+        assert max(source.image.shape[:2]) <= MAX_SIDE
