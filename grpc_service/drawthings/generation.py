@@ -105,7 +105,8 @@ def generation_request(message: pb.ImageGenerationRequest) -> GenerationRequest:
     _check_settings(config)
     hires_fix = config["hires_fix"]
     if source is not None and hires_fix:
-        raise UnsupportedSetting("hires_fix", "the hires fix is for text to image; with an input image it is not supported")
+        raise UnsupportedSetting("hires_fix", "the hires fix is for text to image; with an input image it is not "
+                                              "supported")
     request = GenerationRequest(
         prompt=message.prompt,
         negative_prompt=message.negativePrompt,

@@ -10,8 +10,9 @@ The steps, in A1111's order (docs/api.md, "Image to image and inpainting"):
 3. Sampling. A 4-channel UNet with a mask: before every model call the known region of x is replaced
    by the init latents re-noised to the current sigma (`blended`), and after the last step by the init
    latents (`with_known`). Samplers update x elementwise, so this equals diffusers' blend after each
-   step (StableDiffusionInpaintPipeline), for every sampler. A 9-channel (inpainting) UNet gets the mask and the masked image's latents as
-   extra input channels (`conditioned`), without blending, as diffusers feeds it.
+   step (StableDiffusionInpaintPipeline), for every sampler. A 9-channel (inpainting) UNet gets the
+   mask and the masked image's latents as extra input channels (`conditioned`), without blending,
+   as diffusers feeds it.
 4. `Overlay.apply`: the original pixels pasted back through the blurred mask (A1111's overlay), the
    "only masked" crop first scaled back into its place.
 """

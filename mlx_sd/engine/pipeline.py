@@ -119,7 +119,8 @@ class Pipeline:
         unet = _unet_in_its_dtype(model)
         if model.models.unet.config.in_channels == img2img.INPAINTING_CHANNELS:  # an inpainting checkpoint
             mask, masked_image = img2img.inpainting_conditioning(prepared, width, height, LATENT_SCALE)
-            unet = img2img.conditioned(unet, _batched(mask, len(seeds)), _batched(_encode(model, masked_image), len(seeds)))
+            masked_latents = _encode(model, masked_image)
+            unet = img2img.conditioned(unet, _batched(mask, len(seeds)), _batched(masked_latents, len(seeds)))
         denoise = spec.denoiser(
             eps_denoiser(guided(unet, _batched(cond, len(seeds)), _batched(uncond, len(seeds)),
                                 request.cfg_scale), self._train_sigmas),

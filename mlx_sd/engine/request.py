@@ -155,7 +155,8 @@ class GenerationRequest:
             return None
         source.checked()
         if self.enable_hr:
-            raise InvalidRequest("enable_hr", "the hires fix is for text to image; image to image has none (as in A1111)")
+            raise InvalidRequest("enable_hr", "the hires fix is for text to image; image to image has none "
+                                              "(as in A1111)")
         _int_in_range("mask_blur", self.mask_blur, 0, MAX_MASK_BLUR)
         _int_in_range("inpaint_full_res_padding", self.inpaint_full_res_padding, 0, MAX_PADDING)
         _int_in_range("resize_mode", self.resize_mode, 0, len(ResizeMode) - 1)
