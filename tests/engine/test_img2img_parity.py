@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -69,3 +70,19 @@ def test_matches_diffusers(pipelines: dict[bool, Pipeline], case: str) -> None:
     expected = GOLDEN[f"{case}/image"].astype(np.float64) * 255
     # PNG pixels are rounded to whole levels: 0.5 of rounding plus the float tolerance.
     assert np.abs(ours - expected).max() <= 0.5 + IMAGE_ATOL * 255
+
+
+def test_a_single_file_inpainting_checkpoint_is_detected_from_its_weights(tmp_path: Path) -> None:
+    from tests.fixtures.sd1_keymap import single_file_from_diffusers
+
+    weights = single_file_from_diffusers(TINY_MODEL.parent)
+    weights["model.diffusion_model.input_blocks.0.0.weight"] = GOLDEN["inpainting_conv_in"]
+    (tmp_path / "single" / "stable-diffusion").mkdir(parents=True)
+    save_file(weights, str(tmp_path / "single" / "stable-diffusion" / "model.safetensors"))
+    single = ModelStore(tmp_path / "single").get("").models.unet
+    folder = ModelStore(inpainting_model(tmp_path / "folder")).get("").models.unet
+    assert single.config.in_channels == folder.config.in_channels == 9
+    x = mx.array(np.random.default_rng(0).standard_normal((1, 8, 8, 9)).astype(np.float32))
+    context = mx.array(np.random.default_rng(1).standard_normal((1, 77, 32)).astype(np.float32))
+    t = mx.array([500.0])
+    assert np.array_equal(np.array(single(x, t, context)), np.array(folder(x, t, context)))
