@@ -104,6 +104,17 @@ class LogLevel(StrEnum):
     warning = "warning"
 
 
+class ResizeChoice(StrEnum):
+    """The API's ResizeMode, in its order (A1111's names: just resize, crop and resize, resize and fill)."""
+
+    just = "just"
+    crop = "crop"
+    fill = "fill"
+
+
+DEFAULT_IMG2IMG_STRENGTH = 0.75  # A1111's default denoising strength for image to image
+
+
 @app.command(cls=ServeCommand)
 def serve(
     models_dir: Annotated[
@@ -387,8 +398,21 @@ def generate(
         bool, typer.Option("--hires", help="Hires fix: sample at the model's native size, upscale, then refine.")
     ] = False,
     denoise: Annotated[
-        float, typer.Option(help="Denoising strength of the hires second pass (0-1; 0 means 0.7).")
-    ] = 0.0,
+        float | None, typer.Option(help="Denoising strength (0-1): of the image to image (default 0.75), or of the "
+                                        "hires second pass (default, and 0: 0.7).")
+    ] = None,
+    init_image: Annotated[
+        Path | None, typer.Option(help="Start from this image (PNG, JPEG or WebP): image to image.", exists=True,
+                                  dir_okay=False, readable=True)
+    ] = None,
+    mask: Annotated[
+        Path | None, typer.Option(help="Inpaint: repaint where this image is white, keep where black (its alpha, "
+                                       "if transparent).", exists=True, dir_okay=False, readable=True)
+    ] = None,
+    mask_blur: Annotated[int, typer.Option(help="Blur of the mask's edge, in pixels.")] = 4,
+    resize_mode: Annotated[
+        ResizeChoice, typer.Option(help="How the init image is fitted to --width x --height.")
+    ] = ResizeChoice.just,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for the PNGs (created when missing).", file_okay=False)
     ] = Path("."),
@@ -440,8 +464,10 @@ def generate(
     try:
         request = validated_as_sent(GenerationRequest(
             prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps, cfg_scale=cfg,
-            seed=seed, sampler=sampler, enable_hr=hires, denoising_strength=denoise, batch_size=batch_size,
-            batch_count=batch_count,
+            seed=seed, sampler=sampler, enable_hr=hires, batch_size=batch_size, batch_count=batch_count,
+            denoising_strength=denoise if denoise is not None else DEFAULT_IMG2IMG_STRENGTH if init_image else 0.0,
+            init_image=init_image.read_bytes() if init_image else b"", mask=mask.read_bytes() if mask else b"",
+            mask_blur=mask_blur, resize_mode=list(ResizeChoice).index(resize_mode),
         ))
     except InvalidRequest as exc:
         fail(option_error(exc), code=2)
