@@ -97,6 +97,7 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, transpose_b: bool = Fa
     n = out.shape[1]
     _gemm(bf16)(ROW_MAJOR, NO_TRANS, TRANS if transpose_b else NO_TRANS, m, n, k, alpha, a.ctypes.data,
                 _leading_dimension(a), b.ctypes.data, _leading_dimension(b), 0.0, out.ctypes.data, ldc)
+    kernels.check_gemms()
 
 
 def computes(weight: mx.array) -> bool:
@@ -154,6 +155,7 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None, add: mx.array |
     y, out = new_array((*lead, n))
     kernels.linear(as_fp32(x).reshape(-1, k), _weights(weight, True).reshape(n, k), _fp32_or_none(bias),
                        None if add is None else as_fp32(add).reshape(-1, n), gemm().bf16, out.reshape(-1, n))
+    kernels.check_gemms()
     return y
 
 
@@ -175,6 +177,7 @@ def feed_forward(x: mx.array, proj_weight: mx.array, proj_bias: mx.array | None,
                              _weights(out_weight, bf16), _fp32_or_none(out_bias),
                              None if add is None else as_fp32(add).reshape(-1, dim), FF_ROWS, _gemm(bf16),
                              out.reshape(-1, dim))
+    kernels.check_gemms()
     return y
 
 
@@ -192,8 +195,11 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int, a
         bias_rows = residual.reshape(batch, out_channels) + (0 if bias_rows is None else bias_rows)
         residual = None
     if image.size // image.shape[-1] <= IM2COL_ROWS:
-        return _conv_unfolded(image, w, bias_rows, residual, padding, bf16)
-    return _conv_shifted(image, w, bias_rows, residual, padding, bf16)
+        y = _conv_unfolded(image, w, bias_rows, residual, padding, bf16)
+    else:
+        y = _conv_shifted(image, w, bias_rows, residual, padding, bf16)
+    kernels.check_gemms()
+    return y
 
 
 def _conv_unfolded(image: np.ndarray, w: np.ndarray, bias: np.ndarray | None, residual: np.ndarray | None,

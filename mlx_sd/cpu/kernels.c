@@ -19,7 +19,7 @@
 /* The interface version: bump it with any change to an exported function's signature or
  * meaning, together with ABI_VERSION in kernels.py, so that a library left over from an
  * older install is refused instead of called with the wrong arguments. */
-int kernels_abi_version(void) { return 7; }
+int kernels_abi_version(void) { return 8; }
 
 #if X86_GCC
 /* The same rounding in one AVX512-BF16 instruction per 32 values: 4x cheaper than the integer form. */
