@@ -13,6 +13,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from mlx_sd.cpu import dispatch, runtime
 
 log = logging.getLogger(__name__)
@@ -86,32 +88,73 @@ def _omp_threads(onednn: ctypes.CDLL) -> tuple[ctypes._CFuncPtr, ctypes._CFuncPt
 
 
 @functools.cache
-def gemm() -> Gemm | None:
-    """The fast GEMMs, or None (reference BLAS, macOS)."""
+def _libraries() -> tuple[ctypes.CDLL, ctypes.CDLL | None] | None:
+    """The BLAS that `mlx_sd.cpu.runtime` loaded and oneDNN (None where not installed), or None
+    (reference BLAS, macOS)."""
     blas = runtime.configure()
     if blas.path is None:
         return None
     try:
         library = ctypes.CDLL(str(blas.path))
-        sgemm = _bind(library.cblas_sgemm)
+        _bind(library.cblas_sgemm)
     except (OSError, AttributeError):
         return None
-    mkl_bf16 = getattr(library, "cblas_gemm_bf16bf16f32", None)
-    onednn = _onednn()
-    installed = [g for g, present in ((dispatch.Bf16Gemm.MKL, mkl_bf16), (dispatch.Bf16Gemm.ONEDNN, onednn))
-                 if present is not None]
-    choice = dispatch.choose(runtime.cpu_flags(), installed, os.environ.get(dispatch.ENV_VAR, "auto").strip() or "auto")
-    log.info("%s", choice.describe())
-    local_threads = getattr(library, "MKL_Set_Num_Threads_Local", None)
+    return library, _onednn()
+
+
+def installed() -> list[dispatch.Bf16Gemm]:
+    """The bf16 GEMMs installed here, whether or not this processor runs them well."""
+    libraries = _libraries()
+    if libraries is None:
+        return []
+    blas, onednn = libraries
+    return [g for g, present in ((dispatch.Bf16Gemm.MKL, hasattr(blas, "cblas_gemm_bf16bf16f32")),
+                                 (dispatch.Bf16Gemm.ONEDNN, onednn is not None)) if present]
+
+
+@functools.cache
+def gemm() -> Gemm | None:
+    """The fast GEMMs, the bf16 one as `MLX_SD_BF16_GEMM` asks (by default, this processor's
+    class decides: mlx_sd.cpu.dispatch), or None (reference BLAS, macOS). Logs the choice."""
+    functions = bound(os.environ.get(dispatch.ENV_VAR, "auto").strip() or "auto")
+    if functions is not None:
+        log.info("%s", functions.choice.describe())
+    return functions
+
+
+def bound(setting: str) -> Gemm | None:
+    """The GEMMs under an `MLX_SD_BF16_GEMM` setting (see `gemm`)."""
+    libraries = _libraries()
+    if libraries is None:
+        return None
+    blas, onednn = libraries
+    from mlx_sd.cpu import kernels
+
+    flags = kernels.cpu_flags()
+    choice = dispatch.choose(runtime.cpu_flags() if flags is None else flags, installed(), setting)
+    sgemm = blas.cblas_sgemm
+    local_threads = getattr(blas, "MKL_Set_Num_Threads_Local", None)
     if local_threads is not None:
         local_threads.argtypes, local_threads.restype = [ctypes.c_int], ctypes.c_int
     if choice.bf16_gemm is dispatch.Bf16Gemm.MKL:
-        return Gemm(sgemm, _bind(mkl_bf16), choice, local_threads)
+        return Gemm(sgemm, _bind(blas.cblas_gemm_bf16bf16f32), choice, local_threads)
     if choice.bf16_gemm is dispatch.Bf16Gemm.ONEDNN:
-        from mlx_sd.cpu import kernels
-
         adapter = kernels.onednn_adapter(onednn.dnnl_gemm_bf16bf16f32)
-        if adapter is not None:
+        if adapter is None:
+            choice = choice.without("the CPU kernels, which adapt oneDNN's GEMM, are not built")
+        elif not _runs(_bind(adapter)):
+            choice = choice.without("oneDNN's bf16 GEMM does not run on this processor")
+        else:
             return Gemm(sgemm, _bind(adapter), choice, local_threads, *_omp_threads(onednn))
-        choice = dispatch.Choice(choice.cpu, None, "the CPU kernels, which adapt oneDNN's GEMM, are not built")
     return Gemm(sgemm, None, choice, local_threads)
+
+
+def _runs(bf16: ctypes._CFuncPtr) -> bool:
+    """Whether a bf16 GEMM computes a small product right here (oneDNN refuses to run its bf16
+    GEMM below AVX-512, and an emulator may report flags its CPU model lacks)."""
+    from mlx_sd.cpu import kernels
+
+    a = np.array([[1.5, -2.0], [0.25, 4.0]], np.float32)
+    bits, out = (a.view(np.uint32) >> 16).astype(np.uint16), np.zeros((2, 2), np.float32)
+    bf16(101, 111, 112, 2, 2, 2, 1.0, bits.ctypes.data, 2, bits.ctypes.data, 2, 0.0, out.ctypes.data, 2)
+    return kernels._library().gemm_failures() == 0 and np.array_equal(out, a @ a.T)

@@ -69,7 +69,12 @@ class Choice:
 
     @property
     def faster_dtype(self) -> str:
-        return "bfloat16" if self.bf16_gemm is not None else "float32"
+        """bfloat16 where this class's preferred bf16 GEMM computes the products, else float32."""
+        return "bfloat16" if self.bf16_gemm in PREFERENCE.get(self.cpu, ()) else "float32"
+
+    def without(self, reason: str) -> Choice:
+        """This choice where its bf16 GEMM cannot be used, for `reason`."""
+        return Choice(self.cpu, None, reason)
 
     def describe(self) -> str:
         gemm = f"bf16 products on {self.bf16_gemm.value}" if self.bf16_gemm else "bf16 weights computed in fp32"

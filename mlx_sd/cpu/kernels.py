@@ -48,6 +48,7 @@ _SIGNATURES = {  # name: (argument types, result type)
     "transpose_taps": ([_POINTER] + [_SIZE] * 4 + [_POINTER], None),
     "convert_values": ([_POINTER, _INT, _SIZE, _INT, _POINTER], _INT),
     "amx_available": ([], _INT),
+    "cpu_features": ([], _INT),
     "pool_start": ([_INT, _POINTER, _POINTER, _POINTER], _INT),
     "pool_threads": ([], _INT),
     "linear": ([_POINTER] * 4 + [_SIZE] * 3 + [_INT, _POINTER, _POINTER], _INT),
@@ -113,6 +114,21 @@ def onednn_adapter(function: ctypes._CFuncPtr) -> ctypes._CFuncPtr | None:
         return None
     address = library.onednn_adapter(_address(function))
     return ctypes.CFUNCTYPE(None)(address)
+
+
+# cpu_features()'s bits, as the /proc/cpuinfo flags mlx_sd.cpu.dispatch reads.
+_FEATURES = ({"avx2", "fma"}, {"avx512f"}, {"avx512_bf16"}, {"amx_bf16", "amx_tile"})
+
+
+def cpu_flags() -> set[str] | None:
+    """The instruction sets that matter to mlx_sd.cpu.dispatch, as CPUID reports them to the
+    kernels (an emulator's CPU model, say, where /proc/cpuinfo shows the host's), or None where
+    the kernels are not built."""
+    library = _library()
+    if library is None:
+        return None
+    bits = library.cpu_features()
+    return set().union(*(names for i, names in enumerate(_FEATURES) if bits >> i & 1))
 
 
 def check_gemms() -> None:
@@ -352,5 +368,7 @@ def amx_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, scale
         raise ValueError("the attention's output must be writable")
     status = kernels().amx_attention(_pointer(q), _pointer(k), _pointer(v), images, heads, queries, keys,
                                      width // heads, scale, int(causal), _pointer(out))
+    if status == -2:
+        raise RuntimeError("the AMX attention kernel was called on a processor without AMX")
     if status != 0:
         raise MemoryError(f"no memory for the attention kernel's scratch ({keys} keys of {width // heads})")

@@ -102,7 +102,7 @@ def bf16_rounded(x: np.ndarray) -> np.ndarray:
     return bits.view(np.float32).astype(np.float64)
 
 
-@pytest.mark.skipif(gemm() is None or gemm().bf16 is None, reason="no bf16 GEMM here")
+@pytest.mark.usefixtures("each_bf16_gemm")
 def test_bf16_value_product_rounds_weights_and_values_only(monkeypatch) -> None:
     """Exactly the rounding the bf16 path without AMX promises: the unnormalised softmax weights
     and v to bf16, products and sums in fp32, normalised by the sum of the unrounded weights.
