@@ -293,7 +293,8 @@ def main() -> None:
              f"median of {args.repeat} after a warm-up (end to end and loads: one run); time / peak RSS; "
              "ratio = ours / diffusers' faster dtype (lower is better). Our activations are fp32: "
              "`ours float16` stores the weights in fp16 and computes in fp32; `ours bfloat16` also runs the "
-             "matrix products and convolutions in bf16 with fp32 accumulation where MKL and bf16 units exist.", "",
+             "matrix products and convolutions in bf16 with fp32 accumulation where the processor's class has a "
+             "faster bf16 GEMM (docs/cpu-backend.md).", "",
              "| stage | " + " | ".join(f"ours {d}" for d in args.ours_dtypes.split(",")) + " | "
              + " | ".join(f"diffusers {d}" for d in args.ref_dtypes.split(",")) + " | ratio (time) | ratio (RSS) |",
              "|---" * (3 + len(args.ours_dtypes.split(",")) + len(args.ref_dtypes.split(","))) + "|"]
