@@ -13,13 +13,15 @@ Two gaps in MLX's CPU backend (measured with benchmarks/cpu_gemm.py on a 2-core 
   on all cores: MLX's pad, cast, slice and add each make a single-threaded pass, which had cost
   as much as the GEMMs at the VAE's 512² layers. Small images (the UNet's 8x8 and 16x16
   levels) instead unfold their input (im2col, also a kernel) into one larger GEMM.
-- MLX has no bf16 GEMM on the CPU: bf16 weights are widened to fp32 on every call. MKL's
-  `cblas_gemm_bf16bf16f32` takes bf16 inputs, accumulates in fp32 and runs on AMX or
-  AVX512-BF16 units: 860-1800 GFLOP/s for the convolutions and 730-1150 for the linear layers.
+- MLX has no bf16 GEMM on the CPU: bf16 weights are widened to fp32 on every call. A bf16 GEMM
+  (bf16 inputs, fp32 sums) is faster where the processor has bf16 units: MKL's on AMX
+  (860-1800 GFLOP/s for the convolutions and 730-1150 for the linear layers, 2 cores), oneDNN's
+  with AVX-512 BF16 (about 200 GFLOP/s per core on a Zen 4, 2-3x fp32); mlx_sd.cpu.dispatch
+  picks it per processor class, and none where bf16 would be slower.
 
 So on the CPU backend, convolutions go through `conv2d` here, and layers whose weights are
 stored in bf16 (`--dtype bfloat16`) compute their products in bf16 with fp32 accumulation, as
-torch does for bf16 models. Activations, normalisation and everything else stay fp32. These
+torch does for bf16 models, where the processor's class has a bf16 GEMM. Activations, normalisation and everything else stay fp32. These
 calls leave MLX's lazy graph (their inputs are evaluated), as the CPU attention already does.
 With no fast BLAS loaded, the layers (layers.py) keep MLX's ops.
 """
