@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd.engine import hires
+from mlx_sd.engine import hires, prompt_weights
 from mlx_sd.engine.errors import InvalidRequest
 from mlx_sd.engine.events import EventType, GeneratedImage, GenerationResult, ProgressEvent
 from mlx_sd.engine.images import Parameters
@@ -179,12 +179,11 @@ def _encode_prompts(model: LoadedModel, request: GenerationRequest) -> tuple[mx.
     layers = len(model.models.text_encoder.encoder.layers)
     if request.clip_skip > layers:
         raise InvalidRequest("clip_skip", f"must be at most {layers}, the text encoder's layers (got {request.clip_skip})")
-    ids = model.tokenizer.tokenize_windows([request.prompt, request.negative_prompt])
-    prompts, windows, length = ids.shape
-    hidden = model.models.text_encoder(mx.array(ids.reshape(prompts * windows, length)),
-                                       skip_last_layers=request.clip_skip - 1)
-    hidden = hidden.reshape(prompts, windows * length, hidden.shape[-1]).astype(mx.float32)
-    mx.eval(hidden)
+    # A1111's prompt syntax (emphasis, BREAK, LoRA tags, embeddings): see mlx_sd.engine.prompt_weights.
+    prompt = prompt_weights.extract_loras(request.prompt)[0]
+    negative = prompt_weights.extract_loras(request.negative_prompt)[0]
+    hidden = prompt_weights.encode(model.models.text_encoder, model.tokenizer, [prompt, negative],
+                                   request.clip_skip - 1, embeddings)
     return hidden[:1], hidden[1:]
 
 
