@@ -25,6 +25,7 @@ from convert.cache import cache_entry, lazy_network_weights
 from convert.loader import load_sd1, resolve_dtype
 from mlx_sd.engine.backends import Backend, choose, from_environment
 from mlx_sd.engine.errors import CheckpointError, InvalidRequest, ModelNotFound
+from mlx_sd.engine.lora import LoraMerger, unet_levels
 from mlx_sd.engine.model_hash import short_model_hash
 from mlx_sd.engine.model_names import name_problem, shown_name
 from mlx_sd.models.quantize import quantize
@@ -45,6 +46,7 @@ class LoadedModel:
     activation_dtype: mx.Dtype  # what the networks are fed and compute in (see Backend.activation_dtype)
     # Low-memory mode: frees the text encoder's weights, which are read again when next used.
     release_text_encoder: Callable[[], None] | None = None
+    loras: LoraMerger | None = None  # the LoRAs merged into its weights (mlx_sd.engine.lora)
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,8 @@ class ModelStore:
         log.info("loaded %s%s in %.1f s", source.path,
                  f" with VAE {layout.vae_override}" if layout.vae_override else "", time.monotonic() - started)
         dtype = self._backend.activation_dtype(models.unet.conv_in.weight.dtype)
-        return LoadedModel(models, tokenizer, name, model_hash, dtype, release)
+        loras = LoraMerger({"unet": models.unet, "text_encoder": models.text_encoder}, unet_levels(models.unet))
+        return LoadedModel(models, tokenizer, name, model_hash, dtype, release, loras)
 
     def _text_encoder_release(self, models: SD1Models, source: ModelSource) -> Callable[[], None] | None:
         """A function that swaps the text encoder's weights for unevaluated reads of the cache entry

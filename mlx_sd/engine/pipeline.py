@@ -19,6 +19,7 @@ import numpy as np
 
 from mlx_sd.engine import hires, prompt_weights
 from mlx_sd.engine.errors import InvalidRequest
+from mlx_sd.engine.extra_networks import ExtraNetworks, Prepared
 from mlx_sd.engine.events import EventType, GeneratedImage, GenerationResult, ProgressEvent
 from mlx_sd.engine.images import Parameters
 from mlx_sd.engine.memory_budget import VAE_LIVE_MAPS, VAE_LIVE_MAPS_CPU, MemoryBudget, ModelShape
@@ -53,6 +54,7 @@ class Pipeline:
         self._memory_budget = memory_budget
         self._restoration = Restoration(store.models_dir, backend=store.backend)
         self._train_sigmas = schedules.train_sigmas()
+        self._extra_networks = ExtraNetworks(store.models_dir)
 
     def __call__(self, request: GenerationRequest, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Event]:
         """Generate the images of a validated request."""
@@ -69,9 +71,12 @@ class Pipeline:
                                       ModelShape.of(unet.config, vae.config),
                                       VAE_LIVE_MAPS_CPU if on_cpu else VAE_LIVE_MAPS)
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
-        cond, uncond = _encode_prompts(model, request)
+        extras = self._extra_networks.prepare(model.loras, model.models.text_encoder.config.hidden_size,
+                                              request.prompt, request.negative_prompt, request.loras)
+        cond, uncond = _encode_prompts(model, request, extras)
         if model.release_text_encoder is not None:
             model.release_text_encoder()
+            model.loras.forget("text_encoder")
         yield ProgressEvent(EventType.TEXT_ENCODED, "text encoded")
 
         # The model's native side: 512 for SD 1.x, whose UNet was trained on 64x64 latents.
@@ -98,7 +103,7 @@ class Pipeline:
                     first_pass_size=first_pass, denoising_strength=strength if first_pass else None,
                     upscaler=self._restoration.upscaler_name() if first_pass else None,
                     face_restoration="GFPGAN" if restorer is not None else None, clip_skip=request.clip_skip,
-                    upscaled_by=upscale_by,
+                    upscaled_by=upscale_by, lora_hashes=extras.lora_hashes, lora_tags=extras.added_tags,
                 )
                 images.append(GeneratedImage(image, item_seed, parameters))
         yield GenerationResult(images)
@@ -173,17 +178,14 @@ def _first_pass(request: GenerationRequest, native: int) -> tuple[int, int] | No
     return hires.first_pass_size(request.width, request.height, native)
 
 
-def _encode_prompts(model: LoadedModel, request: GenerationRequest) -> tuple[mx.array, mx.array]:
+def _encode_prompts(model: LoadedModel, request: GenerationRequest, extras: Prepared) -> tuple[mx.array, mx.array]:
     """(1, W*77, C) embeddings of the prompt and the negative prompt; prompts longer than 75 tokens
-    are encoded in 75-token windows whose embeddings are concatenated (see `mlx_sd.engine.tokenizer`)."""
+    are encoded in 75-token windows whose embeddings are concatenated (see `mlx_sd.engine.prompt_weights`)."""
     layers = len(model.models.text_encoder.encoder.layers)
     if request.clip_skip > layers:
         raise InvalidRequest("clip_skip", f"must be at most {layers}, the text encoder's layers (got {request.clip_skip})")
-    # A1111's prompt syntax (emphasis, BREAK, LoRA tags, embeddings): see mlx_sd.engine.prompt_weights.
-    prompt = prompt_weights.extract_loras(request.prompt)[0]
-    negative = prompt_weights.extract_loras(request.negative_prompt)[0]
-    hidden = prompt_weights.encode(model.models.text_encoder, model.tokenizer, [prompt, negative],
-                                   request.clip_skip - 1, embeddings)
+    hidden = prompt_weights.encode(model.models.text_encoder, model.tokenizer,
+                                   [extras.prompt, extras.negative_prompt], request.clip_skip - 1, extras.embeddings)
     return hidden[:1], hidden[1:]
 
 

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 
 from mlx_sd.engine.errors import InvalidRequest
+from mlx_sd.engine.lora import LoraWeight
+from mlx_sd.engine.lora import validated as validated_loras
 from mlx_sd.engine.model_names import name_problem, shown_name
 from mlx_sd.engine.random import DEFAULT_SEED_MODE, SEED_MODES
 from mlx_sd.sampling.registry import (
@@ -69,6 +71,8 @@ class GenerationRequest:
     # Upscale the finished images with the installed upscaler, by `upscale_factor` (0: the network's own).
     upscale: bool = False
     upscale_factor: int = 0
+    # LoRAs merged for this request, besides those its prompt names with <lora:name:weight>
+    loras: tuple[LoraWeight, ...] = ()
 
     def validated(self) -> GenerationRequest:
         """This request with defaults filled in and the sampler name canonical.
@@ -109,8 +113,10 @@ class GenerationRequest:
             raise InvalidRequest("sampler", f"unknown sampler {self.sampler!r}; supported: {', '.join(SAMPLER_NAMES)}")
         if steps > MAX_STEPS_BY_SAMPLER.get(sampler, MAX_STEPS):
             raise InvalidRequest("steps", f"{sampler} takes at most {MAX_STEPS_BY_SAMPLER[sampler]} steps (got {steps})")
+        loras = validated_loras(self.loras)
         return dataclasses.replace(
             self,
+            loras=loras,
             width=width,
             height=height,
             steps=steps,
