@@ -2,7 +2,7 @@
 writes `name` (as A1111 matches them: by the name's tokens, case-insensitively).
 
 A1111's safetensors form holds `emb_params`, (vectors, width); SDXL's holds `clip_l` and `clip_g`,
-one per text encoder. A file with one tensor of another name is read as that tensor. Only the files
+one per text encoder. A file with one tensor of a name none of these is read as that tensor. Only the files
 whose name occurs in a prompt are read. Pickled embeddings (`.pt`, `.bin`) are never read.
 """
 
@@ -48,7 +48,8 @@ def referenced(models_dir: Path, prompts: list[str], width: int, encoder: str = 
 def _vectors(path: Path, width: int, encoder: str) -> np.ndarray:
     header = read_header(path)
     names = list(header.tensors)
-    key = next((k for k in KEYS[encoder] if k in names), names[0] if len(names) == 1 else None)
+    known = {k for keys in KEYS.values() for k in keys}
+    key = next((k for k in KEYS[encoder] if k in names), names[0] if len(names) == 1 and not known & {*names} else None)
     shown = f"{EMBEDDINGS_DIR}/{path.name}"
     if key is None:
         raise InvalidRequest("prompt", f"{shown}: none of {', '.join(KEYS[encoder])} among its tensors {names[:8]}")

@@ -3,8 +3,8 @@
 Emphasis (A1111's `parse_prompt_attention`): `(text)` multiplies the weight of its text by 1.1,
 `[text]` divides it by 1.1, `(text:1.3)` multiplies it by 1.3; they nest and multiply. `\\(`, `\\)`,
 `\\[`, `\\]` and `\\\\` are literal characters. A bracket left open applies to the end of the prompt;
-a closing one with nothing open, or a malformed weight, is kept as literal text: the syntax never
-fails. `BREAK` (a word of its own, in capitals) ends the current window.
+a closing one with nothing open is kept as literal text, and so is a weight that is no number
+(`(word:1.2.3)`, on which A1111's parser fails): the syntax never fails. `BREAK` (a word of its own, in capitals) ends the current window.
 
 Windows follow A1111's `tokenize_line`: 75 tokens each between BOS and EOS; a window that fills up
 within 20 tokens after a comma moves the words after the comma into the next window; a textual
@@ -31,7 +31,7 @@ COMMA_BACKTRACK = 20  # A1111's default "comma padding backtrack"
 BREAK = ("BREAK", -1.0)  # a parsed piece that ends a window, as A1111 marks it
 
 # One token of the emphasis syntax per match, in A1111's order of alternatives.
-_ATTENTION = re.compile(r"""\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:([+-]?[.\d]+)\)|\)|]|[^\\()\[\]:]+|:""")
+_ATTENTION = re.compile(r"""\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:""")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 # A1111's extra-network tags: <kind:arguments>; only `lora` is ours, others are removed too.
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
@@ -55,7 +55,7 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
             round_open.append(len(pieces))
         elif token == "[":
             square_open.append(len(pieces))
-        elif weight is not None and round_open:
+        elif weight is not None and round_open and _is_number(weight):
             multiply_from(round_open.pop(), float(weight))
         elif token == ")" and round_open:
             multiply_from(round_open.pop(), ROUND)
@@ -78,6 +78,15 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         else:
             merged.append(piece)
     return [(text, weight) for text, weight in merged]
+
+
+def _is_number(text: str) -> bool:
+    """Whether a weight parses; A1111 fails on `(word:1.2.3)`, which is literal text here."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def extract_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
