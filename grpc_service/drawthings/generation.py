@@ -25,10 +25,12 @@ from grpc_service.generated import drawthings_pb2 as pb
 from mlx_sd.engine import hires
 from mlx_sd.engine.errors import InvalidRequest, UnsupportedSetting
 from mlx_sd.engine.events import EventType, GeneratedImage, ProgressEvent
+from mlx_sd.engine.lora import LoraWeight
 from mlx_sd.engine.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
+LORA_REFINER_MODE = 2  # a LoRA's mode: 0 all models, 1 the base model, 2 the refiner
 SIDE_UNIT = 64  # start_width, start_height and the hires fix's sizes count 64-pixel units
 CHUNK_BYTES = 4 * 1024 * 1024  # with `chunked`, images over this are sent in pieces of this size
 PREVIEW_EVERY = 5  # sampling steps between latent previews
@@ -45,7 +47,7 @@ SEED_MODES = ("legacy", "torch_cpu", "scale_alike", "nvidia_gpu")
 MAPPED = (
     "start_width", "start_height", "seed", "steps", "guidance_scale", "model", "sampler", "batch_count", "batch_size",
     "hires_fix", "hires_fix_start_width", "hires_fix_start_height", "hires_fix_strength", "seed_mode", "clip_skip",
-    "face_restoration", "stochastic_sampling_gamma", "upscaler", "upscaler_scale_factor",
+    "face_restoration", "stochastic_sampling_gamma", "upscaler", "upscaler_scale_factor", "loras",
 )
 IGNORED_FOR_SPEED = (
     "tiled_decoding", "decoding_tile_width", "decoding_tile_height", "decoding_tile_overlap", "tiled_diffusion",
@@ -68,7 +70,6 @@ DEPENDENT = (
     "hires_fix_decode_with_attention",
 )
 REFUSED: Mapping[str, str] = {
-    "loras": "LoRAs are not supported yet",
     "controls": "control networks are not supported yet",
     "refiner_model": "a refiner model is not supported yet",
     "sharpness": "sharpness is not supported",
@@ -127,6 +128,8 @@ def generation_request(message: pb.ImageGenerationRequest) -> GenerationRequest:
         # Any upscaler named runs as the one installed in the model directory (upscaler/model.safetensors).
         upscale=bool(config["upscaler"]),
         upscale_factor=config["upscaler_scale_factor"],
+        # LoRAs, from the model directory's lora/ folder; those for a refiner alone have no model here.
+        loras=tuple(LoraWeight(file, weight) for file, weight, mode in config["loras"] if mode != LORA_REFINER_MODE),
     )
     return request.validated()
 
