@@ -386,6 +386,14 @@ def generate(
     denoise: Annotated[
         float, typer.Option(help="Denoising strength of the hires second pass (0-1; 0 means 0.7).")
     ] = 0.0,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option("--lora", help="A LoRA from the models' lora/ folder, as FILE or FILE:WEIGHT (-10 to 10, "
+                                    "default 1); repeat for more. The prompt may add <lora:name:weight>."),
+    ] = None,
+    clip_skip: Annotated[
+        int, typer.Option(help="Text-encoder layers to skip from the end, A1111's \"Clip skip\" (1: none).")
+    ] = 1,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for the PNGs (created when missing).", file_okay=False)
     ] = Path("."),
@@ -416,6 +424,7 @@ def generate(
         encoded,
         follow,
         local_engine,
+        lora_weights,
         option_error,
         validated_as_sent,
         write_images,
@@ -436,7 +445,7 @@ def generate(
         request = validated_as_sent(GenerationRequest(
             prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps, cfg_scale=cfg,
             seed=seed, sampler=sampler, enable_hr=hires, denoising_strength=denoise, batch_size=batch_size,
-            batch_count=batch_count,
+            batch_count=batch_count, loras=lora_weights(lora or []), clip_skip=clip_skip,
         ))
     except InvalidRequest as exc:
         fail(option_error(exc), code=2)

@@ -170,3 +170,28 @@ def test_request_limits_and_paths(tmp_path: Path) -> None:
         lora.lora_path(tmp_path, "link")
     with pytest.raises(ModelNotFound, match="lora/missing.safetensors"):
         lora.lora_path(tmp_path, "missing")
+
+
+def test_low_memory_mode_merges_again_after_the_text_encoder_is_read_back(tmp_path: Path) -> None:
+    from mlx_sd.engine.model_store import ModelStore
+    from mlx_sd.engine.pipeline import Pipeline
+    from mlx_sd.engine.request import GenerationRequest
+    from tests.engine.test_pipeline import tiny_models_dir
+
+    models = tiny_models_dir(tmp_path / "models")
+    (models / "lora").mkdir()
+    (models / "lora" / "style.safetensors").write_bytes((LORAS / "kohya.safetensors").read_bytes())
+
+    def image(pipeline: Pipeline, **fields) -> np.ndarray:
+        request = GenerationRequest(prompt="a cat", width=64, height=64, steps=2, seed=3, **fields).validated()
+        return list(pipeline(request))[-1].images[0].pixels
+
+    styled = [lora.LoraWeight("style", 0.8)]
+    low = Pipeline(ModelStore(models, cache_dir=tmp_path / "cache", low_memory=True))
+    plain = Pipeline(ModelStore(models, cache_dir=tmp_path / "cache"))
+    expected = image(plain, loras=styled)
+    assert not np.array_equal(expected, image(plain))
+    # the text encoder's weights are read back after each request: the LoRA is merged into them again
+    assert np.array_equal(image(low, loras=styled), expected)
+    assert np.array_equal(image(low, loras=styled), expected)
+    assert np.array_equal(image(low), image(plain))
