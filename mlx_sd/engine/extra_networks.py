@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_sd.engine import embeddings, lora, prompt_weights
-from mlx_sd.engine.lora import LoraMerger, LoraWeight
+from mlx_sd.engine import embeddings, lora, lora_merge, prompt_weights
+from mlx_sd.engine.lora import LoraWeight
+from mlx_sd.engine.lora_merge import LoraMerger
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class ExtraNetworks:
         prompt, tagged = prompt_weights.extract_loras(prompt)
         negative_prompt, _ = prompt_weights.extract_loras(negative_prompt)
         wanted = lora.validated([*loras, *(LoraWeight(name, weight) for name, weight in tagged)])
-        paths = [(lora.lora_path(self._models_dir, w.file), w.weight) for w in wanted]
+        paths = [(lora_merge.lora_path(self._models_dir, w.file), w.weight) for w in wanted]
         found = embeddings.referenced(self._models_dir, [prompt, negative_prompt], text_width)
         merger.apply(paths)
         hashes = tuple((Path(w.file).stem, self._hash(path)) for w, (path, _) in zip(wanted, paths))
@@ -53,5 +54,5 @@ class ExtraNetworks:
         if key not in self._hashes:
             if len(self._hashes) >= 1024:  # files replaced again and again: start over
                 self._hashes.clear()
-            self._hashes[key] = lora.short_hash(path)
+            self._hashes[key] = lora_merge.short_hash(path)
         return self._hashes[key]

@@ -25,7 +25,7 @@ from convert.cache import cache_entry, lazy_network_weights
 from convert.loader import load_sd1, resolve_dtype
 from mlx_sd.engine.backends import Backend, choose, from_environment
 from mlx_sd.engine.errors import CheckpointError, InvalidRequest, ModelNotFound
-from mlx_sd.engine.lora import LoraMerger, unet_levels
+from mlx_sd.engine.lora_merge import LoraMerger, unet_levels
 from mlx_sd.engine.model_hash import short_model_hash
 from mlx_sd.engine.model_names import name_problem, shown_name
 from mlx_sd.models.quantize import quantize

@@ -11,7 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from convert import load_sd1
-from mlx_sd.engine import lora
+from mlx_sd.engine import lora, lora_merge
 from mlx_sd.engine.backends import Backend
 from mlx_sd.engine.errors import CheckpointError, InvalidRequest, ModelNotFound
 from mlx_sd.models.quantize import quantize
@@ -39,8 +39,8 @@ def load(backend: Backend, bits: int | None = None):
     if bits is not None:
         quantize(models.unet, bits)
     models = backend.prepare_models(models)
-    merger = lora.LoraMerger({"unet": models.unet, "text_encoder": models.text_encoder},
-                             lora.unet_levels(models.unet))
+    merger = lora_merge.LoraMerger({"unet": models.unet, "text_encoder": models.text_encoder},
+                             lora_merge.unet_levels(models.unet))
     return models, merger
 
 
@@ -94,7 +94,7 @@ def test_restoring_is_bit_for_bit_and_the_same_set_costs_nothing(backend: Backen
 def test_a_failure_midway_restores_the_model(backend: Backend) -> None:
     models, merger = load(backend)
     before = weights(models)
-    real = lora.read_deltas
+    real = lora_merge.read_deltas
 
     def failing(path, weight, layers, table):
         deltas = real(path, weight, layers, table)
@@ -152,7 +152,7 @@ def test_pickles_are_refused_unread(tmp_path: Path) -> None:
     pickle.parent.mkdir()
     pickle.write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(CheckpointError, match="pickle"):
-        merger.apply([(lora.lora_path(tmp_path, "evil.ckpt"), 1.0)])
+        merger.apply([(lora_merge.lora_path(tmp_path, "evil.ckpt"), 1.0)])
 
 
 def test_request_limits_and_paths(tmp_path: Path) -> None:
@@ -167,9 +167,9 @@ def test_request_limits_and_paths(tmp_path: Path) -> None:
     (tmp_path / "outside.safetensors").write_bytes(b"")
     (tmp_path / "lora" / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
     with pytest.raises(InvalidRequest, match="outside the LoRA folder"):
-        lora.lora_path(tmp_path, "link")
+        lora_merge.lora_path(tmp_path, "link")
     with pytest.raises(ModelNotFound, match="lora/missing.safetensors"):
-        lora.lora_path(tmp_path, "missing")
+        lora_merge.lora_path(tmp_path, "missing")
 
 
 def test_low_memory_mode_merges_again_after_the_text_encoder_is_read_back(tmp_path: Path) -> None:
