@@ -5,9 +5,9 @@ layer of the UNet and every attention and MLP layer of the text encoder (the lay
 trainers target), written once, then applied to the same fp16 checkpoint (the diffusers folder
 that `build_sd15_checkpoint.py` writes, or any SD-1 diffusers folder given with `--model`). Each
 side runs in its own subprocess, the sides alternating, so that every peak RSS is its own. Reported:
-the time to apply, the memory the process holds afterwards beyond the loaded model (RSS; for ours
-also MLX's active memory), the peak RSS, and for ours the time to take the LoRA out again and to
-ask for the same set again. Writes `results/<date>-lora-apply.md`.
+the time to apply, the memory the process holds afterwards and at its peak while applying, beyond
+what it held with the model loaded (RSS; for ours also MLX's active memory), and for ours the time
+to take the LoRA out again and to ask for the same set again. Writes `results/<date>-lora-apply.md`.
 
     nice .venv/bin/python benchmarks/lora_apply.py --repeat 2
 """
@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,11 +36,18 @@ TE_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 def rss_gib() -> float:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def start_peak() -> float:
+    """Resets the process's peak RSS (Linux's VmHWM) to now; returns the RSS now."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return rss_gib()
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 2**20
 
 
 def write_lora(model: Path, path: Path) -> int:
@@ -68,6 +75,9 @@ def write_lora(model: Path, path: Path) -> int:
 
 
 def run_ours(model: Path, lora: Path) -> dict:
+    from mlx_sd.cpu.runtime import configure
+
+    configure()  # the BLAS, before mlx.core is imported, as `mlx-sd serve` does
     import mlx.core as mx
 
     from convert.loader import load_sd1
@@ -78,11 +88,11 @@ def run_ours(model: Path, lora: Path) -> dict:
     models = backend.prepare_models(load_sd1(model, dtype=mx.float16, reader=backend.reader))
     mx.eval(models.unet.parameters(), models.text_encoder.parameters())
     merger = LoraMerger({"unet": models.unet, "text_encoder": models.text_encoder}, unet_levels(models.unet))
-    rss, active = rss_gib(), mx.get_active_memory() / 2**30
+    rss, active = start_peak(), mx.get_active_memory() / 2**30
     start = time.perf_counter()
     merger.apply([(lora, WEIGHT)])
     apply = time.perf_counter() - start
-    held = rss_gib() - rss, mx.get_active_memory() / 2**30 - active
+    held, peak = (rss_gib() - rss, mx.get_active_memory() / 2**30 - active), peak_rss_gib() - rss
     start = time.perf_counter()
     merger.apply([(lora, WEIGHT)])
     again = time.perf_counter() - start
@@ -90,7 +100,7 @@ def run_ours(model: Path, lora: Path) -> dict:
     merger.apply([])
     restore = time.perf_counter() - start
     return {"apply_s": apply, "held_rss_gib": held[0], "held_mlx_gib": held[1], "same_set_s": again,
-            "restore_s": restore, "peak_rss_gib": peak_rss_gib(), "backend": backend.value}
+            "restore_s": restore, "peak_rss_gib": peak, "model_rss_gib": rss, "backend": backend.value}
 
 
 def run_reference(model: Path, lora: Path) -> dict:
@@ -104,12 +114,17 @@ def run_reference(model: Path, lora: Path) -> dict:
         text_encoder=CLIPTextModel.from_pretrained(model / "text_encoder", torch_dtype=torch.float16),
         tokenizer=None, unet=UNet2DConditionModel.from_pretrained(model / "unet", torch_dtype=torch.float16),
         scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    rss = rss_gib()
+    with torch.no_grad():  # fault in the memory-mapped weights, so RSS counts the model as ours does
+        for network in (pipe.unet, pipe.text_encoder):
+            for parameter in network.parameters():
+                parameter.float().sum()
+    rss = start_peak()
     start = time.perf_counter()
     pipe.load_lora_weights(str(lora))
     pipe.fuse_lora(lora_scale=WEIGHT)
     apply = time.perf_counter() - start
-    return {"apply_s": apply, "held_rss_gib": rss_gib() - rss, "peak_rss_gib": peak_rss_gib()}
+    return {"apply_s": apply, "held_rss_gib": rss_gib() - rss, "peak_rss_gib": peak_rss_gib() - rss,
+            "model_rss_gib": rss}
 
 
 def main() -> None:
@@ -146,14 +161,17 @@ def report(args: argparse.Namespace, layers: int, size_mib: float, samples: dict
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    rows = [("apply (s)", "apply_s"), ("held after applying (GiB RSS)", "held_rss_gib"), ("peak RSS (GiB)", "peak_rss_gib")]
+    rows = [("apply (s)", "apply_s"), ("RSS held after applying, beyond the model's (GiB)", "held_rss_gib"),
+            ("peak RSS while applying, beyond the model's (GiB)", "peak_rss_gib"),
+            ("RSS of the loaded model (GiB)", "model_rss_gib")]
     lines = [
         f"# LoRA apply, {dt.date.today()}", "",
         f"- machine: {cpu}, {platform.machine()}; ours on the {samples['ours'][0]['backend']} backend, "
         "diffusers (torch CPU, 2 threads)",
         f"- model: `{args.model}` in fp16 on both sides; LoRA: kohya, rank {RANK}, alpha {ALPHA:g}, "
         f"{layers} layers, {size_mib:.0f} MiB, weight {WEIGHT}",
-        f"- command: `benchmarks/lora_apply.py --repeat {args.repeat}`; best of {args.repeat} alternating runs", "",
+        f"- command: `{' '.join(['benchmarks/lora_apply.py', *sys.argv[1:]])}`; best of {args.repeat} alternating runs",
+        "",
         "| | ours | diffusers load_lora_weights + fuse_lora | ours / diffusers |", "| --- | --- | --- | --- |",
     ]
     for label, key in rows:

@@ -50,10 +50,13 @@ def split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _ldm_paths(paths: Iterable[str], levels: int, per_level: int) -> dict[str, str]:
-    """Our UNet module paths -> their LDM spellings, by inverting the checkpoint table."""
+def _ldm_paths(paths: Iterable[str], levels: int, per_level: int) -> dict[str, list[str]]:
+    """Our UNet module paths -> their LDM spellings, by inverting the checkpoint table (an
+    upsampler has two: slot 1 or 2 of its output block)."""
     table: KeyMap = unet_original(levels, per_level)
-    blocks = {ours: theirs for theirs, ours in table.blocks.items()}
+    blocks: dict[str, list[str]] = {}
+    for theirs, ours in table.blocks.items():
+        blocks.setdefault(ours, []).append(theirs)
     layers = {ours: theirs for theirs, ours in table.layers.items()}
     result = {}
     for path in paths:
@@ -62,10 +65,10 @@ def _ldm_paths(paths: Iterable[str], levels: int, per_level: int) -> dict[str, s
         if ours is None:
             continue
         rest = dotted[len(ours):]
-        layer = max((l for l in layers if rest.startswith(l)), key=len, default=None)
+        layer = max((name for name in layers if rest.startswith(name)), key=len, default=None)
         if layer is not None:
             rest = layers[layer] + rest[len(layer):]
-        result[path] = (blocks[ours] + rest)[:-1]
+        result[path] = [(theirs + rest)[:-1] for theirs in blocks[ours]]
     return result
 
 
@@ -81,7 +84,7 @@ def module_table(networks: dict[str, Iterable[str]], unet_levels: tuple[int, int
         spellings = {path: [inner + path] for path in paths}
         if network == "unet" and unet_levels is not None:
             for path, ldm in _ldm_paths(paths, *unet_levels).items():
-                spellings[path].append(ldm)
+                spellings[path] += ldm
         for path, names in spellings.items():
             target = Target(network, path)
             for name in names:

@@ -25,7 +25,7 @@ import mlx.nn as nn
 
 from convert.formats import PICKLE_SUFFIXES, read_header
 from convert.lora_keys import DOWN, UP, Target, module_table, split_key
-from mlx_sd.engine.errors import CheckpointError, InvalidRequest, ModelNotFound
+from mlx_sd.engine.errors import InvalidRequest, ModelNotFound, UnsupportedModelFormat
 
 LORA_DIR = "lora"
 SUFFIX = ".safetensors"
@@ -61,8 +61,8 @@ def read_deltas(path: Path, weight: float, layers: Mapping[Target, nn.Module],
                 table: Mapping[str, Target]) -> dict[Target, mx.array]:
     """weight * scale * up @ down of every module a LoRA file touches, in the layer's own layout.
 
-    Raises CheckpointError for a file that is not safetensors (pickles are refused unread) or that
-    uses LyCORIS' LoHa/LoKr, and InvalidRequest naming the file and the first key that matches none
+    Raises CheckpointError for a file that is not safetensors (pickles are refused unread),
+    UnsupportedModelFormat for LyCORIS' LoHa/LoKr, and InvalidRequest naming the file and the first key that matches none
     of the model's layers or does not fit its shape.
     """
     read_header(path)
@@ -73,8 +73,8 @@ def read_deltas(path: Path, weight: float, layers: Mapping[Target, nn.Module],
         if parts is None:
             raise InvalidRequest("loras", f"{path.name}: key {key!r} is not a LoRA factor this server reads")
         if parts[1].startswith(_LYCORIS):
-            raise CheckpointError(f"{path.name} is a LyCORIS LoHa/LoKr file ({key!r}); only LoRA and LoCon "
-                                  "(lora_down/lora_up, lora_A/lora_B) are supported")
+            raise UnsupportedModelFormat(f"{path.name} is a LyCORIS LoHa/LoKr file ({key!r}); only LoRA and "
+                                         "LoCon files (lora_down/lora_up, lora_A/lora_B) are read")
         modules.setdefault(parts[0], {})[parts[1]] = value
     deltas = {}
     for name, factors in modules.items():
@@ -134,11 +134,13 @@ class LoraMerger:
             for target, delta in read(path, weight, self._layers, self._table).items():
                 deltas[target] = deltas[target] + delta if target in deltas else delta
         try:
-            for target, delta in deltas.items():
-                self._merge(target, delta)
+            while deltas:  # one layer at a time, each update dropped once merged: one in memory at once
+                self._merge(*deltas.popitem())
         except BaseException:
             self.restore()
             raise
+        finally:
+            mx.clear_cache()  # the updates' buffers go back to the system, not to MLX's cache
         self._merged = key
 
     def restore(self) -> None:

@@ -4,11 +4,13 @@ Emphasis (A1111's `parse_prompt_attention`): `(text)` multiplies the weight of i
 `[text]` divides it by 1.1, `(text:1.3)` multiplies it by 1.3; they nest and multiply. `\\(`, `\\)`,
 `\\[`, `\\]` and `\\\\` are literal characters. A bracket left open applies to the end of the prompt;
 a closing one with nothing open is kept as literal text, and so is a weight that is no number
-(`(word:1.2.3)`, on which A1111's parser fails): the syntax never fails. `BREAK` (a word of its own, in capitals) ends the current window.
+(`(word:1.2.3)`, on which A1111's parser fails): the syntax never fails. `BREAK` (a word of its
+own, in capitals) ends the current window.
 
 Windows follow A1111's `tokenize_line`: 75 tokens each between BOS and EOS; a window that fills up
-within 20 tokens after a comma moves the words after the comma into the next window; a textual
-inversion embedding is never split across windows. After the text encoder, each token's output is
+within 20 tokens after a comma moves the words after the comma into the next window (with any
+embedding among them, which A1111 leaves behind); a textual inversion embedding is never split
+across windows. After the text encoder, each token's output is
 multiplied by its weight and the window's mean restored ("Original" emphasis).
 """
 
@@ -118,20 +120,22 @@ class Windows:
 
 
 @dataclass
-class _Window:
+class TokenWindow:
+    """One window as it is built: tokens, their weights, and (position, vectors) of embeddings."""
+
     tokens: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     fixes: list[tuple[int, np.ndarray]] = field(default_factory=list)
 
 
 def windows(tokenizer: CLIPTokenizer, prompt: str,
-            embeddings: Mapping[str, np.ndarray] | None = None) -> list[_Window]:
+            embeddings: Mapping[str, np.ndarray] | None = None) -> list[TokenWindow]:
     """A1111's `tokenize_line`: the prompt's 77-token windows, BOS and EOS included. `embeddings`
     maps an embedding's name (as written in prompts) to its (vectors, width) array."""
     comma = tokenizer.encode(",")[0]
     by_first = _embeddings_by_first_token(tokenizer, embeddings or {})
-    done: list[_Window] = []
-    current = _Window()
+    done: list[TokenWindow] = []
+    current = TokenWindow()
     last_comma = -1
 
     def close() -> None:
@@ -141,7 +145,7 @@ def windows(tokenizer: CLIPTokenizer, prompt: str,
         current.weights = [1.0, *current.weights, *[1.0] * max(padding, 0), 1.0]
         current.fixes = [(offset + 1, vectors) for offset, vectors in current.fixes]
         done.append(current)
-        current, last_comma = _Window(), -1
+        current, last_comma = TokenWindow(), -1
 
     for text, weight in parse_attention(prompt):
         if (text, weight) == BREAK:
@@ -155,10 +159,10 @@ def windows(tokenizer: CLIPTokenizer, prompt: str,
                 last_comma = len(current.tokens)
             elif len(current.tokens) == WINDOW and last_comma != -1 and WINDOW - last_comma <= COMMA_BACKTRACK:
                 cut = last_comma + 1
-                moved = _Window(current.tokens[cut:], current.weights[cut:],
-                                [(offset - cut, v) for offset, v in current.fixes if offset >= cut])
-                current = _Window(current.tokens[:cut], current.weights[:cut],
-                                  [(offset, v) for offset, v in current.fixes if offset < cut])
+                moved = TokenWindow(current.tokens[cut:], current.weights[cut:],
+                                    [(offset - cut, v) for offset, v in current.fixes if offset >= cut])
+                current = TokenWindow(current.tokens[:cut], current.weights[:cut],
+                                      [(offset, v) for offset, v in current.fixes if offset < cut])
                 close()
                 current = moved
             if len(current.tokens) == WINDOW:

@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from convert import load_sd1
 from mlx_sd.engine import lora, lora_merge
 from mlx_sd.engine.backends import Backend
-from mlx_sd.engine.errors import CheckpointError, InvalidRequest, ModelNotFound
+from mlx_sd.engine.errors import CheckpointError, InvalidRequest, ModelNotFound, UnsupportedModelFormat
 from mlx_sd.models.quantize import quantize
 from tests.conftest import backend_or_skip
 
@@ -142,7 +142,7 @@ def test_unmatched_and_misfitting_keys_are_named(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest, match=rf"wide.safetensors: '{key}' makes a \(320, 768\) update"):
         merger.apply([(wide, 1.0)])
     loha = write(tmp_path / "loha.safetensors", {f"{key}.hada_w1_a": mx.zeros((32, 4))})
-    with pytest.raises(CheckpointError, match="LoHa/LoKr"):
+    with pytest.raises(UnsupportedModelFormat, match="LoHa/LoKr"):
         merger.apply([(loha, 1.0)])
 
 

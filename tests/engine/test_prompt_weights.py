@@ -13,8 +13,10 @@ import pytest
 
 from convert import load_sd1
 from mlx_sd.engine import embeddings, prompt_weights
+from mlx_sd.engine.backends import Backend
 from mlx_sd.engine.errors import InvalidRequest
 from mlx_sd.engine.tokenizer import default_tokenizer
+from tests.conftest import backend_or_skip
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 CASES = json.loads((FIXTURES / "prompt_weights.json").read_text())
@@ -45,7 +47,7 @@ DOG = TOKENIZER.encode("dog")[0]
 COMMA = TOKENIZER.encode(",")[0]
 
 
-def rows(prompt: str, emb: dict | None = None) -> list[prompt_weights._Window]:
+def rows(prompt: str, emb: dict | None = None) -> list[prompt_weights.TokenWindow]:
     return prompt_weights.windows(TOKENIZER, prompt, emb)
 
 
@@ -94,9 +96,11 @@ def test_emphasis_scales_tokens_and_restores_each_windows_mean() -> None:
     assert np.array_equal(np.array(out[1]), np.array(hidden[1]))  # all weights 1: unchanged
 
 
-@pytest.fixture(scope="module")
-def text_encoder():
-    return load_sd1(FIXTURES / "sd1_tiny" / "diffusers", dtype=mx.float32).text_encoder
+@pytest.fixture(scope="module", params=[b.value for b in Backend])
+def text_encoder(request: pytest.FixtureRequest):
+    backend = backend_or_skip(request.param)
+    models = load_sd1(FIXTURES / "sd1_tiny" / "diffusers", dtype=mx.float32, reader=backend.reader)
+    return backend.prepare_models(models).text_encoder
 
 
 def test_an_embedding_stands_in_for_its_vectors(text_encoder, tmp_path: Path) -> None:
