@@ -44,9 +44,9 @@ class LoadedModel:
     name: str  # shown in each image's parameters
     hash: str  # A1111's short model hash: the first 10 hex digits of the checkpoint's SHA-256
     activation_dtype: mx.Dtype  # what the networks are fed and compute in (see Backend.activation_dtype)
+    loras: LoraMerger  # the LoRAs merged into its weights (mlx_sd.engine.lora_merge)
     # Low-memory mode: frees the text encoder's weights, which are read again when next used.
     release_text_encoder: Callable[[], None] | None = None
-    loras: LoraMerger | None = None  # the LoRAs merged into its weights (mlx_sd.engine.lora)
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ class ModelStore:
                  f" with VAE {layout.vae_override}" if layout.vae_override else "", time.monotonic() - started)
         dtype = self._backend.activation_dtype(models.unet.conv_in.weight.dtype)
         loras = LoraMerger({"unet": models.unet, "text_encoder": models.text_encoder}, unet_levels(models.unet))
-        return LoadedModel(models, tokenizer, name, model_hash, dtype, release, loras)
+        return LoadedModel(models, tokenizer, name, model_hash, dtype, loras, release)
 
     def _text_encoder_release(self, models: SD1Models, source: ModelSource) -> Callable[[], None] | None:
         """A function that swaps the text encoder's weights for unevaluated reads of the cache entry
