@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,7 +20,7 @@ from tests.conftest import backend_or_skip
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 LORAS = FIXTURES / "lora"
-WEIGHT = 0.8
+WEIGHT = json.loads((LORAS / "golden.json").read_text())["weight"]  # what the goldens were fused at
 # fp32 weights and activations; the merged weights differ from diffusers' by one rounding of W + dW.
 REL_TOL = 2e-5
 
