@@ -76,6 +76,39 @@ def test_outputs_match_diffusers_with_the_lora_fused(backend: Backend, golden: d
     assert relative_error(hidden, golden["none.text_encoder"]) > 100 * REL_TOL
 
 
+def test_kohya_ldm_layer_names_read_as_diffusers_names(golden: dict, tmp_path: Path) -> None:
+    # the kohya file's UNet modules renamed to LDM's numbering by the fixtures' own diffusers -> LDM
+    # key map (checked against diffusers' converters), as SDXL-era trainers name them
+    from tests.fixtures.sd1_keymap import unet_key
+
+    def ldm(key: str) -> str:
+        module, factor = key.split(".", 1)
+        if not module.startswith("lora_unet_"):
+            return key
+        target = merger._table[module]
+        renamed = unet_key(target.path + ".weight", 2, {1, 2, 3}).removesuffix(".weight")
+        return "lora_unet_" + renamed.replace(".", "_") + "." + factor
+
+    models, merger = load(Backend.MLX)
+    tensors = mx.load(str(LORAS / "kohya.safetensors"))
+    renamed = {ldm(k): v for k, v in tensors.items()}
+    assert any(k.startswith("lora_unet_input_blocks_") for k in renamed)
+    merger.apply([(write(tmp_path / "ldm.safetensors", renamed), WEIGHT)])
+    eps, _ = outputs(models, golden)
+    assert relative_error(eps, golden["kohya.unet"]) <= REL_TOL
+
+
+def test_diffusers_older_spelling_reads_as_peft(golden: dict, tmp_path: Path) -> None:
+    tensors = mx.load(str(LORAS / "peft.safetensors"))
+    older = {k.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight"): v
+             for k, v in tensors.items()}
+    models, merger = load(Backend.MLX)
+    merger.apply([(write(tmp_path / "older.safetensors", older), WEIGHT)])
+    eps, hidden = outputs(models, golden)
+    assert relative_error(eps, golden["peft.unet"]) <= REL_TOL
+    assert relative_error(hidden, golden["peft.text_encoder"]) <= REL_TOL
+
+
 def test_restoring_is_bit_for_bit_and_the_same_set_costs_nothing(backend: Backend) -> None:
     models, merger = load(backend)
     before = weights(models)
