@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -45,9 +45,14 @@ class LoadedModel:
     name: str  # shown in each image's parameters
     hash: str  # A1111's short model hash: the first 10 hex digits of the checkpoint's SHA-256
     activation_dtype: mx.Dtype  # what the networks are fed and compute in (see Backend.activation_dtype)
-    loras: LoraMerger  # the LoRAs merged into its weights (mlx_sd.engine.lora_merge)
     # Low-memory mode: frees the text encoder's weights, which are read again when next used.
     release_text_encoder: Callable[[], None] | None = None
+    # The LoRAs merged into its weights (mlx_sd.engine.lora_merge), made with it.
+    loras: LoraMerger = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        networks = {"unet": self.models.unet, "text_encoder": self.models.text_encoder}
+        object.__setattr__(self, "loras", LoraMerger(networks, unet_levels(self.models.unet)))
 
 
 @dataclass(frozen=True)
@@ -165,8 +170,7 @@ class ModelStore:
         log.info("loaded %s%s in %.1f s", source.path,
                  f" with VAE {layout.vae_override}" if layout.vae_override else "", time.monotonic() - started)
         dtype = self._backend.activation_dtype(models.unet.conv_in.weight.dtype)
-        loras = LoraMerger({"unet": models.unet, "text_encoder": models.text_encoder}, unet_levels(models.unet))
-        return LoadedModel(models, tokenizer, name, model_hash, dtype, loras, release)
+        return LoadedModel(models, tokenizer, name, model_hash, dtype, release)
 
     def _text_encoder_release(self, models: SD1Models, source: ModelSource) -> Callable[[], None] | None:
         """A function that swaps the text encoder's weights for unevaluated reads of the cache entry
