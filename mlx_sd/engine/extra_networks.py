@@ -8,7 +8,7 @@ LoRA with A1111's short hash.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from mlx_sd.engine.lora_merge import LoraMerger
 class Prepared:
     prompt: str  # the prompts without their LoRA tags
     negative_prompt: str
-    embeddings: dict[str, np.ndarray]
+    embeddings: dict[str, dict[str, np.ndarray]]  # text encoder -> embedding name -> its vectors
     lora_hashes: tuple[tuple[str, str], ...]  # (name, short hash) of each LoRA merged
     added_tags: str  # `<lora:name:weight>` of the LoRAs the prompt did not name, for the parameters
 
@@ -35,14 +35,16 @@ class ExtraNetworks:
         self._models_dir = Path(models_dir)
         self._hashes: dict[tuple, str] = {}
 
-    def prepare(self, merger: LoraMerger, text_width: int, prompt: str, negative_prompt: str,
+    def prepare(self, merger: LoraMerger, text_widths: Mapping[str, int], prompt: str, negative_prompt: str,
                 loras: Sequence[LoraWeight] = ()) -> Prepared:
-        """Merge the request's LoRAs into the model (`merger`'s) and read its embeddings."""
+        """Merge the request's LoRAs into the model (`merger`'s) and read its embeddings for each of
+        its text encoders (`text_widths`: an encoder's name -> its width)."""
         prompt, tagged = prompt_weights.extract_loras(prompt)
         negative_prompt, _ = prompt_weights.extract_loras(negative_prompt)
         wanted = lora.validated([*loras, *(LoraWeight(name, weight) for name, weight in tagged)])
         paths = [(lora_merge.lora_path(self._models_dir, w.file), w.weight) for w in wanted]
-        found = embeddings.referenced(self._models_dir, [prompt, negative_prompt], text_width)
+        found = {encoder: embeddings.referenced(self._models_dir, [prompt, negative_prompt], width, encoder)
+                 for encoder, width in text_widths.items()}
         merger.apply(paths)
         hashes = tuple((Path(w.file).stem, self._hash(path)) for w, (path, _) in zip(wanted, paths))
         added = " ".join(f"<lora:{Path(w.file).stem}:{w.weight:g}>" for w in loras)

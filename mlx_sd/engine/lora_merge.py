@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -150,10 +150,10 @@ class LoraMerger:
         self._originals.clear()
         self._merged = ()
 
-    def forget(self, network: str) -> None:
-        """`network`'s weights were replaced from elsewhere (the low-memory text encoder is read back
-        from disk after use): its originals are what it holds now, and the next `apply` merges again."""
-        self._originals = {t: o for t, o in self._originals.items() if t.network != network}
+    def forget(self, networks: Collection[str]) -> None:
+        """These networks' weights were replaced from elsewhere (the low-memory text encoders are read
+        back from disk after use): their originals are what they hold now, and the next `apply` merges again."""
+        self._originals = {t: o for t, o in self._originals.items() if t.network not in networks}
         self._merged = None
 
     def _merge(self, target: Target, delta: mx.array) -> None:

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_map
 
-from mlx_sd.engine import hires, img2img, prompt_weights
-from mlx_sd.engine.errors import InvalidRequest
-from mlx_sd.engine.extra_networks import ExtraNetworks, Prepared
+from mlx_sd.engine import conditioning, hires, img2img
+from mlx_sd.engine.conditioning import Conditioning
+from mlx_sd.engine.extra_networks import ExtraNetworks
 from mlx_sd.engine.events import EventType, GeneratedImage, GenerationResult, ProgressEvent
 from mlx_sd.engine.images import Parameters
 from mlx_sd.engine.memory_budget import VAE_LIVE_MAPS, VAE_LIVE_MAPS_CPU, MemoryBudget, ModelShape
@@ -29,7 +30,8 @@ from mlx_sd.engine.request import GenerationRequest
 from mlx_sd.engine.restoration import Restoration
 from mlx_sd.sampling import catalog, schedules
 from mlx_sd.sampling.catalog import SamplerSpec
-from mlx_sd.sampling.denoisers import Denoiser, EpsModel, eps_denoiser, guided
+from mlx_sd.engine.prediction import V
+from mlx_sd.sampling.denoisers import Denoiser, EpsModel, eps_denoiser, guided, v_denoiser
 from mlx_sd.sampling.samplers import Noise, noise_source
 
 Event = ProgressEvent | GenerationResult
@@ -63,6 +65,7 @@ class Pipeline:
         upscaler = self._restoration.required_upscaler() if request.upscale else None
         upscale_by = (request.upscale_factor or upscaler.scale) if upscaler is not None else None
         model = self._store.get(request.model)
+        request = request.with_native_size(model.native_size)
         if self._memory_budget is not None:  # before this request allocates anything
             unet, vae = model.models.unet, model.models.vae
             on_cpu = mx.default_device() == mx.cpu
@@ -71,17 +74,15 @@ class Pipeline:
                                       ModelShape.of(unet.config, vae.config),
                                       VAE_LIVE_MAPS_CPU if on_cpu else VAE_LIVE_MAPS)
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
-        extras = self._extra_networks.prepare(model.loras, model.models.text_encoder.config.hidden_size,
+        extras = self._extra_networks.prepare(model.loras, conditioning.text_widths(model.models),
                                               request.prompt, request.negative_prompt, request.loras)
-        cond, uncond = _encode_prompts(model, request, extras)
+        cond, uncond = conditioning.encode_prompts(model, request, extras)
         if model.release_text_encoder is not None:
             model.release_text_encoder()
-            model.loras.forget("text_encoder")
+            model.loras.forget(conditioning.TEXT_ENCODERS)
         yield ProgressEvent(EventType.TEXT_ENCODED, "text encoded")
 
-        # The model's native side: 512 for SD 1.x, whose UNet was trained on 64x64 latents.
-        native = model.models.unet.config.sample_size * LATENT_SCALE
-        first_pass = _first_pass(request, native)
+        first_pass = _first_pass(request, model.native_size)
         strength = request.denoising_strength or hires.DEFAULT_STRENGTH
         prepared = _prepared(request)  # image to image: its init image and mask at the sampling size
         if prepared is not None:
@@ -115,8 +116,8 @@ class Pipeline:
                 images.append(GeneratedImage(image, item_seed, parameters))
         yield GenerationResult(images)
 
-    def _batch(self, model: LoadedModel, request: GenerationRequest, seeds: list[int], cond: mx.array,
-               uncond: mx.array, first_pass: tuple[int, int] | None, strength: float,
+    def _batch(self, model: LoadedModel, request: GenerationRequest, seeds: list[int], cond: Conditioning,
+               uncond: Conditioning, first_pass: tuple[int, int] | None, strength: float,
                prepared: img2img.Prepared | None, is_cancelled: Callable[[], bool]) -> Iterator[Event]:
         """Sample and decode one batch; returns its (B, H, W, 3) uint8 pixels, or None if cancelled."""
         spec = catalog.sampler_spec(request.sampler, request.stochastic_sampling_gamma)
@@ -126,9 +127,10 @@ class Pipeline:
             mask, masked_image = img2img.inpainting_conditioning(prepared, width, height, LATENT_SCALE)
             masked_latents = _encode(model, masked_image)
             unet = img2img.conditioned(unet, _batched(mask, len(seeds)), _batched(masked_latents, len(seeds)))
+        prediction_denoiser = v_denoiser if model.prediction == V else eps_denoiser
         denoise = spec.denoiser(
-            eps_denoiser(guided(unet, _batched(cond, len(seeds)), _batched(uncond, len(seeds)),
-                                request.cfg_scale), self._train_sigmas),
+            prediction_denoiser(guided(unet, _batched(cond, len(seeds)), _batched(uncond, len(seeds)),
+                                       request.cfg_scale), self._train_sigmas),
             self._train_sigmas,
         )
         noise = noise_source(BatchGenerator(seeds, request.seed_mode))
@@ -205,19 +207,9 @@ def _first_pass(request: GenerationRequest, native: int) -> tuple[int, int] | No
     return hires.first_pass_size(request.width, request.height, native)
 
 
-def _encode_prompts(model: LoadedModel, request: GenerationRequest, extras: Prepared) -> tuple[mx.array, mx.array]:
-    """(1, W*77, C) embeddings of the prompt and the negative prompt; prompts longer than 75 tokens
-    are encoded in 75-token windows whose embeddings are concatenated (see `mlx_sd.engine.prompt_weights`)."""
-    layers = len(model.models.text_encoder.encoder.layers)
-    if request.clip_skip > layers:
-        raise InvalidRequest("clip_skip", f"must be at most {layers}, the text encoder's layers (got {request.clip_skip})")
-    hidden = prompt_weights.encode(model.models.text_encoder, model.tokenizer,
-                                   [extras.prompt, extras.negative_prompt], request.clip_skip - 1, extras.embeddings)
-    return hidden[:1], hidden[1:]
-
-
-def _batched(embedding: mx.array, size: int) -> mx.array:
-    return mx.repeat(embedding, size, axis=0)
+def _batched(value: Conditioning | mx.array, size: int) -> Conditioning | mx.array:
+    """Each array (of a conditioning's) repeated `size` times along the batch axis."""
+    return tree_map(lambda array: mx.repeat(array, size, axis=0), value)
 
 
 def _unet_in_its_dtype(model: LoadedModel) -> EpsModel:
@@ -225,7 +217,8 @@ def _unet_in_its_dtype(model: LoadedModel) -> EpsModel:
     samplers' dtype."""
     unet = model.models.unet
     dtype = model.activation_dtype
-    return lambda x, t, context: unet(x.astype(dtype), t, context.astype(dtype)).astype(mx.float32)
+    return lambda x, t, condition: unet(x.astype(dtype), t, **{name: value.astype(dtype) for name, value in
+                                                                condition.items()}).astype(mx.float32)
 
 
 def _decode(model: LoadedModel, latents: mx.array) -> np.ndarray:

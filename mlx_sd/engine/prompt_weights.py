@@ -185,12 +185,12 @@ def windows(tokenizer: CLIPTokenizer, prompt: str,
 
 
 def weighted_windows(tokenizer: CLIPTokenizer, prompts: list[str],
-                     embeddings: Mapping[str, np.ndarray] | None = None) -> list[Windows]:
-    """Each prompt's windows, all with the same count (the longest's; the others padded with empty
-    windows, as A1111 pads the shorter of a prompt and its negative). Padding after EOS is the
-    tokenizer's padding token."""
+                     embeddings: Mapping[str, np.ndarray] | None = None, min_windows: int = 1) -> list[Windows]:
+    """Each prompt's windows, all with the same count (the longest's, at least `min_windows`; the
+    others padded with empty windows, as A1111 pads the shorter of a prompt and its negative).
+    Padding after EOS is the tokenizer's padding token."""
     per_prompt = [windows(tokenizer, prompt, embeddings) for prompt in prompts]
-    count = max(len(w) for w in per_prompt)
+    count = max(min_windows, *(len(w) for w in per_prompt))
     empty = [tokenizer.bos_id] + [tokenizer.eos_id] * (MAX_LENGTH - 1)
     result = []
     for prompt_windows in per_prompt:
@@ -236,23 +236,35 @@ def _embedding_at(tokens: list[int], position: int, by_first: dict[int, list[tup
     return [], None
 
 
+def encoder_inputs(text_encoder: nn.Module, encoded: list[Windows]) -> tuple[mx.array, mx.array | None]:
+    """The text encoder's (P*W, 77) token ids for prompts' windows and, where embeddings stand for
+    tokens, its token embeddings with their vectors in place (None when no prompt uses one)."""
+    ids = np.concatenate([e.ids for e in encoded])
+    if not any(e.fixes for e in encoded):
+        return mx.array(ids), None
+    count = encoded[0].ids.shape[0]
+    token_embeddings = text_encoder.embeddings.token_embedding(mx.array(ids))
+    for p, e in enumerate(encoded):
+        for window, offset, vectors in e.fixes:
+            row = p * count + window
+            token_embeddings[row, offset : offset + len(vectors)] = mx.array(vectors).astype(token_embeddings.dtype)
+    return mx.array(ids), token_embeddings
+
+
+def weighted(hidden: mx.array, encoded: list[Windows]) -> mx.array:
+    """(P, W*77, C) fp32: the encoder's (P*W, 77, C) outputs with emphasis applied per window, each
+    prompt's windows concatenated along the sequence."""
+    hidden = emphasised(hidden.astype(mx.float32), np.concatenate([e.weights for e in encoded]))
+    return hidden.reshape(len(encoded), -1, hidden.shape[-1])
+
+
 def encode(text_encoder: nn.Module, tokenizer: CLIPTokenizer, prompts: list[str], skip_last_layers: int = 0,
            embeddings: Mapping[str, np.ndarray] | None = None) -> mx.array:
-    """(P, W*77, C) fp32 embeddings of prompts with A1111's syntax: every prompt's windows encoded
-    together, emphasis applied per window, the windows concatenated along the sequence."""
+    """(P, W*77, C) fp32 embeddings of prompts with A1111's syntax through one text encoder's
+    final-normed output (SD 1.x and SD 2.x): every prompt's windows encoded together."""
     encoded = weighted_windows(tokenizer, prompts, embeddings)
-    ids = np.concatenate([e.ids for e in encoded])
-    count = encoded[0].ids.shape[0]
-    token_embeddings = None
-    if any(e.fixes for e in encoded):
-        table = text_encoder.embeddings.token_embedding
-        token_embeddings = table(mx.array(ids))
-        for p, e in enumerate(encoded):
-            for window, offset, vectors in e.fixes:
-                row = p * count + window
-                token_embeddings[row, offset : offset + len(vectors)] = mx.array(vectors).astype(token_embeddings.dtype)
-    hidden = text_encoder(mx.array(ids), skip_last_layers=skip_last_layers, token_embeddings=token_embeddings)
-    hidden = emphasised(hidden.astype(mx.float32), np.concatenate([e.weights for e in encoded]))
-    hidden = hidden.reshape(len(prompts), count * MAX_LENGTH, hidden.shape[-1])
+    ids, token_embeddings = encoder_inputs(text_encoder, encoded)
+    hidden = weighted(text_encoder(ids, skip_last_layers=skip_last_layers, token_embeddings=token_embeddings),
+                      encoded)
     mx.eval(hidden)
     return hidden

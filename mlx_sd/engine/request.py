@@ -1,7 +1,9 @@
 """The domain form of an image-generation request, and its validation against documented limits.
 
 The API's fields are proto3 scalars, so "not set" arrives as 0: `validated()` replaces 0 by the
-documented default for width, height, steps, cfg_scale, batch_size and batch_count.
+documented default for steps, cfg_scale, batch_size and batch_count. A width or height of 0 is the
+model's native size (512, 768 or 1024 by family), filled in by `with_native_size` once the model is
+known, when the size checks run again.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ MAX_PROMPT_CHARS = 10_000
 MAX_CLIP_SKIP = 12  # CLIP ViT-L's layers
 MAX_UPSCALE_FACTOR = 4
 MAX_UPSCALED_BYTES = 2 * 1024**3  # bounds a request's upscaled pixels, all images together
+MICRO_CONDITIONING = ("original_width", "original_height", "crop_top", "crop_left", "target_width", "target_height",
+                      "negative_original_width", "negative_original_height")
+MAX_MICRO_CONDITIONING = 16384  # pixels; SDXL was trained on sizes up to ~4k
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
@@ -88,6 +93,24 @@ class GenerationRequest:
     source: Source | None = field(default=None, compare=False, repr=False)
     # LoRAs merged for this request, besides those its prompt names with <lora:name:weight>
     loras: tuple[LoraWeight, ...] = ()
+    # SDXL's size micro-conditioning, what the model is told of the image: its original size, the
+    # crop's top-left corner and the target size (0: the image's size; crop 0, 0). The negative
+    # prompt's original size may differ. Other families ignore them.
+    original_width: int = 0
+    original_height: int = 0
+    crop_top: int = 0
+    crop_left: int = 0
+    target_width: int = 0
+    target_height: int = 0
+    negative_original_width: int = 0
+    negative_original_height: int = 0
+
+    def with_native_size(self, native: int) -> GenerationRequest:
+        """A validated request whose width or height of 0 (the model's native size) is now `native`,
+        validated again with it."""
+        if self.width and self.height:
+            return self
+        return dataclasses.replace(self, width=self.width or native, height=self.height or native).validated()
 
     def validated(self) -> GenerationRequest:
         """This request with defaults filled in and the sampler name canonical.
@@ -109,7 +132,9 @@ class GenerationRequest:
             raise InvalidRequest("seed", f"must be at most {INT64_MAX - images + 1} for {images} images, so that "
                                          f"every image's seed (seed + its index) fits in int64 (got {seed})")
         clip_skip = _int_in_range("clip_skip", self.clip_skip or 1, 1, MAX_CLIP_SKIP)
-        first_width, first_height = self._hires_first_pass(width, height)
+        native = not (width and height)  # checked again once the model's size is known
+        first_width, first_height = (self.hires_first_width, self.hires_first_height) if native else \
+            self._hires_first_pass(width, height)
         preview_every = _int_in_range("preview_every", self.preview_every, 0, MAX_STEPS)
         upscale_factor = _int_in_range("upscale_factor", self.upscale_factor, 0, MAX_UPSCALE_FACTOR)
         source = self._source()
@@ -118,9 +143,11 @@ class GenerationRequest:
             out_width, out_height = width, height
             if source is not None and source.mask is not None and self.inpaint_full_res:  # the init image's size
                 out_height, out_width = source.mask.shape
-            if (size := images * out_width * out_height * factor**2 * 3) > MAX_UPSCALED_BYTES:
+            if not native and (size := images * out_width * out_height * factor**2 * 3) > MAX_UPSCALED_BYTES:
                 raise InvalidRequest("upscale_factor", f"{images} upscaled images would hold {size / 2**30:.1f} GiB of "
                                                        f"pixels, more than {MAX_UPSCALED_BYTES / 2**30:.0f} GiB")
+        for name in MICRO_CONDITIONING:
+            _int_in_range(name, getattr(self, name), 0, MAX_MICRO_CONDITIONING)
         if self.seed_mode not in SEED_MODES:
             supported = ", ".join(SEED_MODES)
             raise InvalidRequest("seed_mode", f"unknown seed mode {self.seed_mode!r}; supported: {supported}")
@@ -196,7 +223,9 @@ def _float_in_range(field: str, value: float, low: float, high: float) -> float:
 
 
 def _side(field: str, value: int) -> int:
-    value = value or DEFAULT_SIDE
+    """A valid side, or 0: the model's native size, which `with_native_size` fills in."""
+    if value == 0:
+        return 0
     if value % SIDE_MULTIPLE or not MIN_SIDE <= value <= MAX_SIDE:
         raise InvalidRequest(
             field, f"must be a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and {MAX_SIDE} (got {value})"
