@@ -68,7 +68,7 @@ def read_deltas(path: Path, weight: float, layers: Mapping[Target, nn.Module],
     read_header(path)
     tensors = mx.load(str(path))
     modules: dict[str, dict[str, mx.array]] = {}
-    for key, value in tensors.items():
+    for key, value in sorted(tensors.items()):  # the "first" key of an error: the same for every reader
         parts = split_key(key)
         if parts is None:
             raise InvalidRequest("loras", f"{path.name}: key {key!r} is not a LoRA factor this server reads")
