@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from mlx_sd.engine import hires
 from mlx_sd.app.cli import app
 from mlx_sd.engine.events import EventType, ProgressEvent
 from mlx_sd.engine.request import GenerationRequest
-from tests.conftest import fake_result
+from tests.conftest import FIXTURES, fake_result
 
 SMALL = ["--width", "64", "--height", "64", "--steps", "2"]
 
@@ -82,6 +83,8 @@ def test_hires_second_pass_steps_join_the_progress(tiny_models: Path, tmp_path: 
         (("--cfg", "31"), "--cfg (cfg_scale)"),
         (("--sampler", "Nope"), "--sampler (sampler)"),
         (("--denoise", "1.5"), "--denoise (denoising_strength)"),
+        (("--lora", "style:11"), "--lora (loras)"),
+        (("--clip-skip", "13"), "--clip-skip (clip_skip)"),
     ],
 )
 def test_an_invalid_value_names_its_option(tmp_path: Path, args: tuple[str, str], option: str) -> None:
@@ -209,3 +212,19 @@ def test_a_bad_init_image_names_its_option(tmp_path: Path) -> None:
     mask = picture_file(tmp_path / "m.png", (32, 32), "L", 255)
     result = run("a fox", "--init-image", picture_file(tmp_path / "a.png"), "--mask", mask, "--out", tmp_path)
     assert result.exit_code == 2 and "--mask (mask)" in result.stderr
+
+
+def test_loras_and_clip_skip_locally_and_remotely(server_factory, tiny_models: Path, tmp_path: Path) -> None:
+    (tiny_models / "lora").mkdir()
+    shutil.copy(FIXTURES / "lora" / "kohya.safetensors", tiny_models / "lora" / "style.safetensors")
+    request = ["a red fox", *SMALL, "--seed", 5, "--lora", "style:0.7", "--lora", "style.safetensors", "--clip-skip", 2]
+    (path,) = written(local(tiny_models, tmp_path / "local", *request))
+    with Image.open(path) as image:
+        parameters = image.info["parameters"]
+    assert parameters.startswith("a red fox <lora:style:0.7> <lora:style:1>\n")
+    assert "Clip skip: 2" in parameters and re.search(r'Lora hashes: "style: [0-9a-f]{12}, style: [0-9a-f]{12}"',
+                                                      parameters)
+    (plain,) = written(local(tiny_models, tmp_path / "plain", "a red fox", *SMALL, "--seed", 5, "--clip-skip", 2))
+    assert plain.read_bytes() != path.read_bytes()
+    (remote,) = written(run(*request, *trust(server_factory()), "--out", tmp_path / "remote"))
+    assert remote.read_bytes() == path.read_bytes()
