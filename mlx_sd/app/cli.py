@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
@@ -19,6 +20,14 @@ from grpc_service.defaults import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SERVER
 from mlx_sd import __version__
 from mlx_sd.app.config import CONFIG_FILE_META_KEY, SERVE_ARGS, ServeCommand, config_app
 from mlx_sd.app.discovery import advertise, discover_command
+from mlx_sd.app.distributed import (
+    DEFAULT_RANK_TIMEOUT_S,
+    exit_group_lost,
+    group_env,
+    launch_group,
+    rank_zero_engine,
+    run_follower,
+)
 from mlx_sd.app.doctor import doctor_command
 from mlx_sd.app.options import (
     DEFAULT_MAX_UPLOAD_SIZE,
@@ -171,6 +180,16 @@ def serve(
     log_level: Annotated[LogLevel, typer.Option(help="debug also logs prompts; info: one line per request.")] = (
         LogLevel.info
     ),
+    # Several machines as one server (docs/distributed.md).
+    hostfile: Annotated[
+        Path | None,
+        typer.Option(help="mlx.launch's JSON host file: serve with one process per host (docs/distributed.md).",
+                     dir_okay=False),
+    ] = None,
+    rank_timeout: Annotated[
+        float, typer.Option(help="With --hostfile: seconds rank 0 waits for the other ranks before restarting the group.",
+                            min=1)
+    ] = DEFAULT_RANK_TIMEOUT_S,
 ) -> None:
     """Run the gRPC server until SIGINT/SIGTERM (TLS on, with a generated certificate unless one is given).
 
@@ -178,6 +197,8 @@ def serve(
     """
     rotate_service_log()
     logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if hostfile is not None and not group_env():
+        raise typer.Exit(launch_group(hostfile, sys.argv))
     configure_blas()
     from grpc_service.server import (
         ServerSettings,
@@ -215,8 +236,14 @@ def serve(
     if problem := models_dir_access_problem(settings.models_dir):
         fail("; ".join(problem))
     raise_open_file_limit()
+    group_engine = None
+    if hostfile is not None:  # a rank of a group: rank 0 serves, the others follow
+        pipeline_options = dict(cache_dir=settings.cache_dir, dtype=dtype, quantize_bits=quantize,
+                                memory_budget=settings.memory_budget, low_memory=low_memory)
+        if (group_engine := rank_zero_engine(settings.models_dir, pipeline_options, rank_timeout, max_queue)) is None:
+            raise typer.Exit(run_follower(pipeline_options, settings.models_dir))
     try:
-        running = start_server(settings)
+        running = start_server(settings, group_engine)
     except ServerStartError as exc:
         fail(str(exc))
     typer.echo(f"serving models from {settings.models_dir}")
@@ -233,9 +260,11 @@ def serve(
     advertisement = (
         None if no_bonjour else advertise(host, running.port, tls_fingerprint=fingerprint, auth=auth, name=name)
     )
-    run_until_signalled(running)
+    run_until_signalled(running, group_engine.lost if group_engine else None)
     if advertisement is not None:
         advertisement.close()
+    if group_engine is not None and group_engine.lost.is_set():
+        exit_group_lost()
     typer.echo("stopped")
 
 

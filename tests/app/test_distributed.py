@@ -1,0 +1,186 @@
+"""Two ranks of `mlx-sd serve --hostfile` on loopback over MLX's ring backend, as `mlx.launch` starts
+them (MLX_RANK and MLX_HOSTFILE set), serving the tiny model; a client talks to rank 0 over gRPC.
+
+Every wait is on the ranks' output or exit, each bounded, so a broken group fails the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import mlx.core as mx
+import pytest
+
+from grpc_service.client import ClientSettings, ImageServiceClient
+from grpc_service.servicer import EncodedImages
+from grpc_service.status import status_for
+from mlx_sd.app.distributed import EXIT_GROUP_LOST, launch_command
+from mlx_sd.engine import create_engine
+from mlx_sd.engine.distributed import decode_request, encode_request
+from mlx_sd.engine.errors import RankLost
+from mlx_sd.engine.events import ProgressEvent
+from mlx_sd.engine.request import GenerationRequest
+
+pytestmark = pytest.mark.skipif(not mx.distributed.is_available(), reason="MLX has no distributed backend here")
+
+START_S = 120  # a rank's start (imports, the group's connections) on a busy two-core machine
+REQUEST_S = 120
+RANK_TIMEOUT_S = 10  # the ranks' --rank-timeout: how long rank 0 waits for a silent rank
+REQUEST = GenerationRequest(prompt="a lighthouse", negative_prompt="blurry", width=64, height=64, steps=3,
+                            seed=1234, sampler="Euler a", batch_size=4)
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@dataclass
+class Rank:
+    process: subprocess.Popen[str]
+    lines: queue.Queue[str | None]
+
+    def wait_for(self, text: str) -> str:
+        """The next line of this rank's output that holds `text`."""
+        while True:
+            line = self.lines.get(timeout=START_S)
+            if line is None:
+                raise AssertionError(f"the rank exited ({self.process.wait()}) before printing {text!r}")
+            if text in line:
+                return line
+
+
+def start_rank(rank: int, ring: Path, hostfile: Path, models: Path, tmp: Path) -> Rank:
+    env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(ring)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlx_sd.app.cli", "serve", str(models), "--no-tls", "--host", "127.0.0.1",
+         "--port", "0", "--no-bonjour", "--no-cache", "--config-dir", str(tmp / f"config{rank}"),
+         "--hostfile", str(hostfile), "--rank-timeout", str(RANK_TIMEOUT_S), "--shutdown-grace", "0"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return Rank(process, lines)
+
+
+@pytest.fixture
+def group(tiny_models: Path, tmp_path: Path) -> Iterator[tuple[Rank, Rank, ImageServiceClient]]:
+    """Rank 0 and rank 1, and a client of rank 0's server; both ranks are killed at teardown."""
+    ring = tmp_path / "ring.json"
+    ring.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(2)]))
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps({"hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2}))
+    ranks = [start_rank(rank, ring, hostfile, tiny_models, tmp_path) for rank in (0, 1)]
+    try:
+        address = ranks[0].wait_for("listening on ").split("listening on ")[1].split()[0]
+        with ImageServiceClient(ClientSettings(address, tls=False)) as client:
+            yield ranks[0], ranks[1], client
+    finally:
+        for rank in ranks:
+            if rank.process.poll() is None:
+                rank.process.kill()
+            rank.process.wait(timeout=START_S)
+
+
+def pngs(items: Iterator[ProgressEvent | EncodedImages]) -> list[bytes]:
+    *_, last = items
+    assert isinstance(last, EncodedImages)
+    return last.images
+
+
+def test_a_batch_of_4_gives_the_same_pngs_on_two_ranks_as_on_one(
+        group: tuple[Rank, Rank, ImageServiceClient], server_factory: Callable, connect: Callable,
+        tiny_models: Path) -> None:
+    _, _, client = group
+    spread = pngs(client.generate(REQUEST))
+    alone = server_factory(create_engine(tiny_models), tls=False)
+    with ImageServiceClient(ClientSettings(alone.address, tls=False)) as one:
+        reference = pngs(one.generate(REQUEST))
+    assert len(spread) == 4
+    assert spread == reference
+    assert len(set(spread)) == 4  # four seeds, four images: the order is checked, not one image four times
+
+
+def test_a_cancel_on_rank_0_stops_rank_1_within_a_step(group: tuple[Rank, Rank, ImageServiceClient]) -> None:
+    _, rank1, client = group
+    steps = 40
+    events = client.generate(GenerationRequest(**{**REQUEST.__dict__, "steps": steps, "batch_size": 2}))
+    for event in events:
+        if isinstance(event, ProgressEvent) and event.step == 2:
+            break
+    events.close()  # cancels the call
+    # Rank 1 logs the steps of each request it made; it took part in at most one more after the cancel.
+    done = int(rank1.wait_for("rank 1 made ").split("rank 1 made ")[1].split()[0])
+    assert 2 <= done <= 4, done
+    # The group still works after the cancel.
+    assert len(pngs(client.generate(GenerationRequest(**{**REQUEST.__dict__, "batch_size": 2})))) == 2
+
+
+def test_killing_rank_1_mid_request_gives_unavailable_and_rank_0_exits_for_a_restart(
+        group: tuple[Rank, Rank, ImageServiceClient]) -> None:
+    rank0, rank1, client = group
+    events = client.generate(GenerationRequest(**{**REQUEST.__dict__, "steps": 40}))
+    with pytest.raises(grpc.RpcError) as raised:
+        for event in events:
+            if isinstance(event, ProgressEvent) and event.step == 1:
+                rank1.process.send_signal(signal.SIGKILL)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "rank 1" in raised.value.details()
+    assert rank0.process.wait(timeout=REQUEST_S) == EXIT_GROUP_LOST
+
+
+def test_a_silent_rank_1_gives_unavailable_within_the_rank_timeout(
+        group: tuple[Rank, Rank, ImageServiceClient]) -> None:
+    rank0, rank1, client = group
+    events = client.generate(GenerationRequest(**{**REQUEST.__dict__, "steps": 40}))
+    with pytest.raises(grpc.RpcError) as raised:
+        for event in events:
+            if isinstance(event, ProgressEvent) and event.step == 1:
+                rank1.process.send_signal(signal.SIGSTOP)  # alive, its sockets open, never answering
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"rank 1 did not answer within {RANK_TIMEOUT_S} s" in raised.value.details()
+    assert rank0.process.wait(timeout=REQUEST_S) == EXIT_GROUP_LOST
+
+
+def test_the_request_travels_as_json_of_every_field() -> None:
+    request = GenerationRequest(prompt="ünïcode " * 1000, negative_prompt="x" * 10_000, width=128, height=192,
+                                steps=7, cfg_scale=3.5, seed=2**40, sampler="DDIM", restore_faces=True,
+                                enable_hr=True, denoising_strength=0.4, batch_size=3, batch_count=2, clip_skip=2,
+                                hires_first_width=64, hires_first_height=64, preview_every=2, seed_mode="cpu",
+                                stochastic_sampling_gamma=0.5, model="other/model.safetensors", upscale=True,
+                                upscale_factor=2)
+    assert all(getattr(request, f) != getattr(GenerationRequest(), f) for f in request.__dataclass_fields__)
+    assert decode_request(encode_request(request)) == request
+    assert decode_request(encode_request(None)) is None
+
+
+def test_a_lost_rank_is_unavailable() -> None:
+    assert status_for(RankLost("rank 1 was lost"))[0] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_launcher_runs_the_same_command_through_mlx_launch(tmp_path: Path) -> None:
+    command = launch_command(tmp_path / "hosts.json", ["mlx-sd", "serve", "--hostfile", "hosts.json"])
+    assert Path(command[0]).name == "mlx.launch"
+    assert command[1:] == ["--hostfile", str(tmp_path / "hosts.json"), "--backend", "ring", "--",
+                           "mlx-sd", "serve", "--hostfile", "hosts.json"]
