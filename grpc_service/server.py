@@ -210,15 +210,16 @@ def run_until_signalled(running: RunningServer, stop: threading.Event | None = N
     """Blocks until SIGINT or SIGTERM (or until `stop` is set), then stops the server gracefully;
     returns the signal (None when `stop` ended it)."""
     received: list[signal.Signals] = []
-    stop = stop or threading.Event()
+    signalled = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         received.append(signal.Signals(signum))
-        stop.set()
+        signalled.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not stop.wait(timeout=1.0):  # a timed wait keeps the main thread responsive to signals
+        # A timed wait keeps the main thread responsive to signals.
+        while not signalled.wait(timeout=1.0) and not (stop is not None and stop.is_set()):
             pass
     finally:
         for sig, handler in previous.items():

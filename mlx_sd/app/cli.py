@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from enum import StrEnum
@@ -198,7 +199,7 @@ def serve(
     rotate_service_log()
     logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if hostfile is not None and not group_env():
-        raise typer.Exit(launch_group(hostfile, sys.argv))
+        raise typer.Exit(launch_group(hostfile, [os.path.abspath(sys.argv[0]), *sys.argv[1:]]))
     configure_blas()
     from grpc_service.server import (
         ServerSettings,

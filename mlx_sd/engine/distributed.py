@@ -51,7 +51,11 @@ MESSAGE_BYTES = 1 << 17  # the request's JSON: two prompts of at most 10,000 cha
 _HEADER = struct.Struct("<I")
 # A rank's status: state, rank 0's cancel flag, failed, images made, their height and width.
 _RUNNING, _DONE = 0, 1
-_STATUS = 6
+_SIGNATURE = 8  # bytes after each rank's part of a collective: its rank + 1
+
+
+def _signature(rank: int) -> np.ndarray:
+    return np.frombuffer(struct.pack("<q", rank + 1), np.uint8)
 
 
 def encode_request(request: GenerationRequest | None) -> np.ndarray:
@@ -92,19 +96,29 @@ class Links:
         """Every rank's `buffer` (the same shape on all), stacked in rank order."""
         import mlx.core as mx
 
+        # Each rank signs its part: a ring that broke may complete a collective with parts unfilled.
+        part = np.concatenate([np.ascontiguousarray(buffer).reshape(-1).view(np.uint8), _signature(self.rank)])
         with self._watched(what):
             try:
-                gathered = mx.distributed.all_gather(mx.array(buffer), group=self.group, stream=mx.cpu)
-                out = np.array(gathered)
+                parts = np.array(mx.distributed.all_gather(mx.array(part), group=self.group, stream=mx.cpu))
             except RuntimeError as exc:  # the ring backend's "connection to a peer was lost"
-                error = self.lost(f"was lost while exchanging {what} ({exc})")
-                self._on_lost(error)
-                raise error from exc
-        return out.reshape(self.size, *buffer.shape)
+                raise self._lost(f"was lost while exchanging {what} ({exc})") from exc
+        parts = parts.reshape(self.size, part.size)
+        if unsigned := [rank for rank in range(self.size) if not (parts[rank, -_SIGNATURE:] == _signature(rank)).all()]:
+            raise self._lost(f"sent nothing while exchanging {what}", unsigned[0])
+        return parts[:, :-_SIGNATURE].copy().view(buffer.dtype).reshape(self.size, *buffer.shape)
 
-    def lost(self, how: str) -> RankLost:
-        # With two ranks the other one is known; in a larger ring the sockets do not say which one.
-        who = "rank 1" if self.size == 2 else f"one of ranks 1-{self.size - 1}" if self.rank == 0 else "rank 0 or a peer"
+    def _lost(self, how: str, rank: int | None = None) -> RankLost:
+        error = self.lost(how, rank)
+        self._on_lost(error)
+        return error
+
+    def lost(self, how: str, rank: int | None = None) -> RankLost:
+        """The error for a rank that failed `how`; which rank, when known (else: with two ranks, the
+        other one; in a larger ring the sockets do not say)."""
+        if rank is None and self.size == 2:
+            rank = 1 - self.rank
+        who = f"rank {rank}" if rank is not None else "one of the other ranks"
         return RankLost(f"{who} {how}; the group restarts, try again once it is back")
 
     @contextlib.contextmanager

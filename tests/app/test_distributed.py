@@ -163,6 +163,19 @@ def test_a_silent_rank_1_gives_unavailable_within_the_rank_timeout(
     assert rank0.process.wait(timeout=REQUEST_S) == EXIT_GROUP_LOST
 
 
+def test_when_rank_0_dies_rank_1_exits_for_a_restart(group: tuple[Rank, Rank, ImageServiceClient]) -> None:
+    rank0, rank1, _ = group
+    rank0.process.send_signal(signal.SIGKILL)
+    assert rank1.process.wait(timeout=REQUEST_S) == EXIT_GROUP_LOST
+
+
+def test_stopping_rank_0_stops_the_group(group: tuple[Rank, Rank, ImageServiceClient]) -> None:
+    rank0, rank1, _ = group
+    rank0.process.send_signal(signal.SIGTERM)
+    assert rank0.process.wait(timeout=REQUEST_S) == 0
+    assert rank1.process.wait(timeout=REQUEST_S) == 0  # told to stop, not cut off
+
+
 def test_the_request_travels_as_json_of_every_field() -> None:
     request = GenerationRequest(prompt="ünïcode " * 1000, negative_prompt="x" * 10_000, width=128, height=192,
                                 steps=7, cfg_scale=3.5, seed=2**40, sampler="DDIM", restore_faces=True,
