@@ -25,6 +25,7 @@ from mlx_sd.app.distributed import (
     DEFAULT_RANK_TIMEOUT_S,
     exit_group_lost,
     group_env,
+    join_group,
     launch_group,
     rank_zero_engine,
     run_follower,
@@ -239,10 +240,9 @@ def serve(
     raise_open_file_limit()
     group_engine = None
     if hostfile is not None:  # a rank of a group: rank 0 serves, the others follow
-        pipeline_options = dict(cache_dir=settings.cache_dir, dtype=dtype, quantize_bits=quantize,
-                                memory_budget=settings.memory_budget, low_memory=low_memory)
-        if (group_engine := rank_zero_engine(settings.models_dir, pipeline_options, rank_timeout, max_queue)) is None:
-            raise typer.Exit(run_follower(pipeline_options, settings.models_dir))
+        if (group := join_group()).rank() != 0:
+            raise typer.Exit(run_follower(group, settings))
+        group_engine = rank_zero_engine(group, settings, rank_timeout)
     try:
         running = start_server(settings, group_engine)
     except ServerStartError as exc:

@@ -14,11 +14,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
+    import mlx.core as mx
+
+    from grpc_service.server import ServerSettings
     from mlx_sd.engine.distributed import GroupEngine
+    from mlx_sd.engine.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +58,26 @@ def launch_group(hostfile: Path, argv: list[str]) -> int:
     return 0 if signalled else EXIT_GROUP_LOST
 
 
-def run_follower(pipeline_options: dict[str, object], models_dir: Path) -> int:
+def join_group() -> mx.distributed.Group:
+    """This process's group, over the ring backend (MLX_RANK and MLX_HOSTFILE say where it stands)."""
+    import mlx.core as mx
+
+    group = mx.distributed.init(strict=True, backend="ring")
+    log.info("rank %d of %d: %s", group.rank(), group.size(), "serving" if group.rank() == 0 else "following")
+    return group
+
+
+def run_follower(group: mx.distributed.Group, settings: ServerSettings) -> int:
     """A rank > 0: holds the model and makes its share of every request until rank 0 stops; returns the
     exit status (EXIT_GROUP_LOST when the group broke)."""
     import mlx.core as mx
 
     from mlx_sd.cpu.runtime import release_memory
-    from mlx_sd.engine import create_pipeline
     from mlx_sd.engine.distributed import Links, follow
     from mlx_sd.engine.errors import RankLost
 
-    links = Links(mx.distributed.init(strict=True, backend="ring"))
-    log.info("rank %d of %d: waiting for requests", links.rank, links.size)
     try:
-        follow(create_pipeline(models_dir, **pipeline_options), links, after_job=release_memory)  # type: ignore[arg-type]
+        follow(_pipeline(settings), Links(group), after_job=release_memory)
     except RankLost as exc:
         log.error("%s", exc)
         return EXIT_GROUP_LOST
@@ -77,21 +86,23 @@ def run_follower(pipeline_options: dict[str, object], models_dir: Path) -> int:
     return 0
 
 
-def rank_zero_engine(models_dir: Path, pipeline_options: dict[str, object], timeout: float,
-                     max_queued: int) -> GroupEngine | None:
-    """Joins the group: on rank 0 the engine that spreads requests over it, elsewhere None."""
+def rank_zero_engine(group: mx.distributed.Group, settings: ServerSettings, timeout: float) -> GroupEngine:
+    """Rank 0's engine, which spreads each request over the group."""
     import mlx.core as mx
 
     from mlx_sd.cpu.runtime import release_memory
-    from mlx_sd.engine import create_pipeline
     from mlx_sd.engine.distributed import GroupEngine
 
-    group = mx.distributed.init(strict=True, backend="ring")
-    if group.rank() != 0:
-        return None
-    log.info("rank 0 of %d: serving", group.size())
-    pipeline = create_pipeline(models_dir, **pipeline_options)  # type: ignore[arg-type]
-    return GroupEngine(pipeline, group, timeout, max_queued, after_job=release_memory, on_exit=mx.clear_streams)
+    return GroupEngine(_pipeline(settings), group, timeout, settings.max_queued, after_job=release_memory,
+                       on_exit=mx.clear_streams)
+
+
+def _pipeline(settings: ServerSettings) -> Pipeline:
+    from mlx_sd.engine import create_pipeline
+
+    return create_pipeline(settings.models_dir, cache_dir=settings.cache_dir, dtype=settings.dtype,
+                           quantize_bits=settings.quantize_bits, memory_budget=settings.memory_budget,
+                           low_memory=settings.low_memory)
 
 
 def exit_group_lost() -> NoReturn:

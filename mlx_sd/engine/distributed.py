@@ -15,9 +15,9 @@ and its cancel flag reaches the other ranks within that step.
 
 Faults: a collective that fails (a rank died: its socket closed) or that does not finish within
 `timeout` seconds (a rank stopped answering) ends the running request with RankLost (UNAVAILABLE) and
-calls `on_lost`: the server then exits with a failure status (mlx_sd.app.distributed) so that the service manager restarts the
-whole group. The ring backend's collectives cannot be interrupted or given a timeout, and the group
-cannot be formed again within a process, so going on alone on rank 0 is not possible.
+calls `on_lost`: the server then exits with a failure status (mlx_sd.app.distributed), for the
+service manager to restart the whole group. The ring backend's collectives cannot be interrupted or
+given a timeout, and a group cannot be formed again within a process, so rank 0 cannot go on alone.
 """
 
 from __future__ import annotations
@@ -164,9 +164,9 @@ class _Share:
     def run(self, is_cancelled: Callable[[], bool]) -> Iterator[ProgressEvent]:
         """The pipeline's events, each sampling step after every rank finished it. Errors are kept
         for `settle`, since the other ranks wait for this one."""
-        total = self.request.batch_size * self.request.batch_count
+        share = share_of(self.links.rank, self.links.size, self.request.batch_size * self.request.batch_count)
         try:
-            for event in self.pipeline(self.request, lambda: self.stop, images=share_of(self.links.rank, self.links.size, total)):
+            for event in self.pipeline(self.request, lambda: self.stop, images=share):
                 if isinstance(event, GenerationResult):
                     self.images = event.images
                     continue
@@ -196,7 +196,7 @@ class _Share:
         if failed := [rank for rank in range(self.links.size) if statuses[rank, 2]]:
             if self.error is not None:
                 raise self.error
-            raise RankLost(f"rank {failed[0]} could not make its images (its log says why)")
+            raise MlxSdError(f"rank {failed[0]} could not make its images (its log says why)")
         count, height, width = int(statuses[:, 3].max()), int(statuses[0, 4]), int(statuses[0, 5])
         pixels = np.zeros((count, height, width, 3), np.uint8)
         for i, image in enumerate(mine):

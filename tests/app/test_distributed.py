@@ -5,6 +5,7 @@ Every wait is on the ranks' output or exit, each bounded, so a broken group fail
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -57,8 +58,13 @@ class Rank:
 
     def wait_for(self, text: str) -> str:
         """The next line of this rank's output that holds `text`."""
+        seen = []
         while True:
-            line = self.lines.get(timeout=START_S)
+            try:
+                line = self.lines.get(timeout=START_S)
+            except queue.Empty:
+                raise AssertionError(f"never printed {text!r} but {seen}") from None
+            seen.append(line)
             if line is None:
                 raise AssertionError(f"the rank exited ({self.process.wait()}) before printing {text!r}")
             if text in line:
@@ -125,7 +131,7 @@ def test_a_batch_of_4_gives_the_same_pngs_on_two_ranks_as_on_one(
 def test_a_cancel_on_rank_0_stops_rank_1_within_a_step(group: tuple[Rank, Rank, ImageServiceClient]) -> None:
     _, rank1, client = group
     steps = 40
-    events = client.generate(GenerationRequest(**{**REQUEST.__dict__, "steps": steps, "batch_size": 2}))
+    events = client.generate(dataclasses.replace(REQUEST, steps=steps, batch_size=2))
     for event in events:
         if isinstance(event, ProgressEvent) and event.step == 2:
             break
@@ -134,13 +140,13 @@ def test_a_cancel_on_rank_0_stops_rank_1_within_a_step(group: tuple[Rank, Rank, 
     done = int(rank1.wait_for("rank 1 made ").split("rank 1 made ")[1].split()[0])
     assert 2 <= done <= 4, done
     # The group still works after the cancel.
-    assert len(pngs(client.generate(GenerationRequest(**{**REQUEST.__dict__, "batch_size": 2})))) == 2
+    assert len(pngs(client.generate(dataclasses.replace(REQUEST, batch_size=2)))) == 2
 
 
 def test_killing_rank_1_mid_request_gives_unavailable_and_rank_0_exits_for_a_restart(
         group: tuple[Rank, Rank, ImageServiceClient]) -> None:
     rank0, rank1, client = group
-    events = client.generate(GenerationRequest(**{**REQUEST.__dict__, "steps": 40}))
+    events = client.generate(dataclasses.replace(REQUEST, steps=40))
     with pytest.raises(grpc.RpcError) as raised:
         for event in events:
             if isinstance(event, ProgressEvent) and event.step == 1:
@@ -153,7 +159,7 @@ def test_killing_rank_1_mid_request_gives_unavailable_and_rank_0_exits_for_a_res
 def test_a_silent_rank_1_gives_unavailable_within_the_rank_timeout(
         group: tuple[Rank, Rank, ImageServiceClient]) -> None:
     rank0, rank1, client = group
-    events = client.generate(GenerationRequest(**{**REQUEST.__dict__, "steps": 40}))
+    events = client.generate(dataclasses.replace(REQUEST, steps=40))
     with pytest.raises(grpc.RpcError) as raised:
         for event in events:
             if isinstance(event, ProgressEvent) and event.step == 1:
