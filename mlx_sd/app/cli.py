@@ -197,7 +197,8 @@ def serve(
 
     gRPCServerCLI's command lines work too: its other options are ignored or refused (docs/drawthings.md).
     """
-    rotate_service_log()
+    if not group_env():  # a group's ranks write to their launcher's log
+        rotate_service_log()
     logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if hostfile is not None and not group_env():
         raise typer.Exit(launch_group(hostfile, [os.path.abspath(sys.argv[0]), *sys.argv[1:]]))
