@@ -52,9 +52,12 @@ def launch_group(hostfile: Path, argv: list[str]) -> int:
         signalled.append(signum)
         os.killpg(group.pid, signum)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, forward)
-    group.wait()
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        group.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0 if signalled else EXIT_GROUP_LOST
 
 

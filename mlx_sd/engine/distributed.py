@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MESSAGE_BYTES = 1 << 17  # the request's JSON: two prompts of at most 10,000 characters of UTF-8, and the rest
+# The request's JSON: two prompts of at most 10,000 characters, each at most 6 bytes (a \u escape), and the rest.
+MESSAGE_BYTES = 1 << 17
 _HEADER = struct.Struct("<I")
 # A rank's status: state, rank 0's cancel flag, failed, images made, their height and width.
 _RUNNING, _DONE = 0, 1

@@ -25,6 +25,7 @@ import pytest
 from grpc_service.client import ClientSettings, ImageServiceClient
 from grpc_service.servicer import EncodedImages
 from grpc_service.status import status_for
+from mlx_sd.app import distributed
 from mlx_sd.app.distributed import EXIT_GROUP_LOST, launch_command
 from mlx_sd.engine import create_engine
 from mlx_sd.engine.distributed import decode_request, encode_request
@@ -143,29 +144,20 @@ def test_a_cancel_on_rank_0_stops_rank_1_within_a_step(group: tuple[Rank, Rank, 
     assert len(pngs(client.generate(dataclasses.replace(REQUEST, batch_size=2)))) == 2
 
 
-def test_killing_rank_1_mid_request_gives_unavailable_and_rank_0_exits_for_a_restart(
-        group: tuple[Rank, Rank, ImageServiceClient]) -> None:
+@pytest.mark.parametrize(("fault", "message"), [
+    (signal.SIGKILL, "rank 1 was lost while exchanging the progress"),
+    (signal.SIGSTOP, f"rank 1 did not answer within {RANK_TIMEOUT_S} s"),  # alive, its sockets open, silent
+], ids=["killed", "silent"])
+def test_a_lost_rank_1_gives_unavailable_and_rank_0_exits_for_a_restart(
+        group: tuple[Rank, Rank, ImageServiceClient], fault: signal.Signals, message: str) -> None:
     rank0, rank1, client = group
     events = client.generate(dataclasses.replace(REQUEST, steps=40))
     with pytest.raises(grpc.RpcError) as raised:
         for event in events:
             if isinstance(event, ProgressEvent) and event.step == 1:
-                rank1.process.send_signal(signal.SIGKILL)
+                rank1.process.send_signal(fault)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "rank 1" in raised.value.details()
-    assert rank0.process.wait(timeout=REQUEST_S) == EXIT_GROUP_LOST
-
-
-def test_a_silent_rank_1_gives_unavailable_within_the_rank_timeout(
-        group: tuple[Rank, Rank, ImageServiceClient]) -> None:
-    rank0, rank1, client = group
-    events = client.generate(dataclasses.replace(REQUEST, steps=40))
-    with pytest.raises(grpc.RpcError) as raised:
-        for event in events:
-            if isinstance(event, ProgressEvent) and event.step == 1:
-                rank1.process.send_signal(signal.SIGSTOP)  # alive, its sockets open, never answering
-    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert f"rank 1 did not answer within {RANK_TIMEOUT_S} s" in raised.value.details()
+    assert message in raised.value.details()
     assert rank0.process.wait(timeout=REQUEST_S) == EXIT_GROUP_LOST
 
 
@@ -203,3 +195,9 @@ def test_the_launcher_runs_the_same_command_through_mlx_launch(tmp_path: Path) -
     assert Path(command[0]).name == "mlx.launch"
     assert command[1:] == ["--hostfile", str(tmp_path / "hosts.json"), "--backend", "ring", "--",
                            "mlx-sd", "serve", "--hostfile", "hosts.json"]
+
+
+def test_the_launcher_exits_for_a_restart_when_the_group_ends_on_its_own(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    monkeypatch.setattr(distributed, "launch_command", lambda hostfile, argv: [sys.executable, "-c", "exit(1)"])
+    assert distributed.launch_group(tmp_path / "hosts.json", ["mlx-sd", "serve"]) == EXIT_GROUP_LOST
