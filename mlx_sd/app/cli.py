@@ -40,6 +40,7 @@ from mlx_sd.app.options import (
     LowMemoryOption,
     NoCacheOption,
     NoTlsOption,
+    PadAttentionHeadsOption,
     QuantizeOption,
     SecretFileOption,
     SecretOption,
@@ -162,6 +163,7 @@ def serve(
     dtype: DtypeOption = None,
     quantize: QuantizeOption = None,
     low_memory: LowMemoryOption = False,
+    pad_attention_heads: PadAttentionHeadsOption = False,
     max_queue: Annotated[
         int, typer.Option(help="Generations that may wait behind the running one; more are refused.", min=1)
     ] = 8,
@@ -231,6 +233,7 @@ def serve(
         dtype=dtype,
         quantize_bits=quantize,
         low_memory=low_memory,
+        pad_attention_heads=pad_attention_heads,
         memory_budget=parse_size(memory_budget) if memory_budget else None,
         shutdown_grace=shutdown_grace,
     )
@@ -427,6 +430,7 @@ def generate(
     dtype: DtypeOption = None,
     quantize: QuantizeOption = None,
     low_memory: LowMemoryOption = False,
+    pad_attention_heads: PadAttentionHeadsOption = False,
     cache_dir: CacheDirOption = None,
     no_cache: NoCacheOption = False,
     server: Annotated[
@@ -458,7 +462,8 @@ def generate(
         misplaced, rule = {"--ca": ca, "--fingerprint": fingerprint, "--no-tls": no_tls}, "need --server"
     else:
         misplaced = {"--models-dir": models_dir, "--dtype": dtype, "--quantize": quantize, "--cache-dir": cache_dir,
-                     "--no-cache": no_cache, "--low-memory": low_memory}
+                     "--no-cache": no_cache, "--low-memory": low_memory,
+                     "--pad-attention-heads": pad_attention_heads}
         rule = "apply to local generation only"
     if given := [name for name, value in misplaced.items() if value]:
         raise typer.BadParameter(f"{', '.join(given)}: {rule}")
@@ -476,7 +481,8 @@ def generate(
     try:
         out.mkdir(parents=True, exist_ok=True)  # before generating, so a bad --out fails fast
         if server is None:
-            with local_engine(root, cache_folder(cache_dir, no_cache), dtype, quantize, low_memory) as engine:
+            with local_engine(root, cache_folder(cache_dir, no_cache), dtype, quantize, low_memory,
+                              pad_attention_heads) as engine:
                 result = follow(engine(request), request)
         else:
             with _connected(server, ca, fingerprint, no_tls, shared_secret, shared_secret_file) as client:
@@ -534,6 +540,49 @@ def convert_pth_command(
     except MlxSdError as exc:
         fail(str(exc))
     typer.echo(f"wrote {written}")
+
+
+def _sides(value: str | None) -> tuple[int, ...] | None:
+    try:
+        return None if value is None else tuple(int(side) for side in value.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected sides in pixels such as 512,1024, got {value!r}") from None
+
+
+@app.command("bench")
+def bench_command(
+    models_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder of the models; without a default model a random-weight SD 1.5 is measured.",
+                     show_default=models_dir_help(), file_okay=False),
+    ] = None,
+    sizes: Annotated[
+        str | None, typer.Option(help="Image sides to measure, comma-separated.", show_default="512,1024",
+                                 callback=_sides)
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps of the measured image.", min=1)] = 20,
+    dtype: DtypeOption = None,
+    quick: Annotated[bool, typer.Option("--quick", help="One timed call per measurement, and 512 only "
+                                                        "unless --sizes says otherwise.")] = False,
+) -> None:
+    """Measure this machine (UNet step, image, peak memory, fused attention, mx.compile) and print a
+    Markdown block to paste into an issue (see docs/operations.md)."""
+    configure_blas()
+    from mlx_sd.engine import bench
+    from mlx_sd.engine.backends import from_environment
+    from mlx_sd.engine.errors import InvalidRequest, MlxSdError
+
+    chosen = sizes or (bench.QUICK_SIZES if quick else bench.DEFAULT_SIZES)
+    repeats = 1 if quick else bench.DEFAULT_REPEATS
+    root = models_dir or default_models_dir()
+    try:
+        block = bench.bench(root, sizes=chosen, steps=steps, dtype=dtype, repeats=repeats, backend=from_environment(),
+                            cache_dir=cache_folder(None, False), log=lambda line: typer.echo(line, err=True))
+    except InvalidRequest as exc:
+        fail(str(exc), code=2)
+    except (MlxSdError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(block)
 
 
 app.add_typer(config_app, name="config")

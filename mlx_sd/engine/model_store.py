@@ -27,6 +27,7 @@ from mlx_sd.engine.backends import Backend, choose, from_environment
 from mlx_sd.engine.errors import CheckpointError, InvalidRequest, ModelNotFound
 from mlx_sd.engine.model_hash import short_model_hash
 from mlx_sd.engine.model_names import name_problem, shown_name
+from mlx_sd.models.layers import pad_attention_heads
 from mlx_sd.models.quantize import quantize
 from mlx_sd.engine.reloading import ReloadingValue
 from mlx_sd.engine.tokenizer import CLIPTokenizer, default_tokenizer
@@ -69,12 +70,15 @@ class ModelStore:
 
     `backend` runs the networks (mlx_sd.engine.backends): each is prepared for it once loaded and
     quantized. By default `MLX_SD_BACKEND` picks it, read once here.
+
+    `pad_attention_heads` zero-pads the networks' attention heads to a size MLX's fused Metal
+    kernel takes (mlx_sd.models.layers.attention; exact). The CPU backend's attention ignores it.
     """
 
     def __init__(self, models_dir: Path, *, dtype: mx.Dtype | str | None = None,
                  cache_dir: Path | None = None, configs: SD1Configs | None = None,
                  quantize_bits: int | None = None, low_memory: bool = False,
-                 backend: Backend | str | None = None) -> None:
+                 backend: Backend | str | None = None, pad_attention_heads: bool = False) -> None:
         if low_memory and cache_dir is None:
             raise ValueError("low-memory mode reads the text encoder back from the converted-weights cache; "
                              "it cannot be used without the cache")
@@ -88,6 +92,7 @@ class ModelStore:
         self._quantize_bits = quantize_bits
         self._cache_dir = cache_dir
         self._configs = configs
+        self._pad_attention_heads = pad_attention_heads
         self._current: tuple[ModelSource, ReloadingValue[LoadedModel]] | None = None
 
     @property
@@ -143,6 +148,8 @@ class ModelStore:
         if self._quantize_bits is not None:  # the VAE is all convolutions, which MLX cannot quantize
             for network in (models.unet, models.text_encoder):
                 quantize(network, self._quantize_bits)
+        for network in (models.text_encoder, models.unet, models.vae):
+            pad_attention_heads(network, self._pad_attention_heads)
         models = self._backend.prepare_models(models)
         release = self._text_encoder_release(models, source) if self._low_memory else None
         layout = source.layout()

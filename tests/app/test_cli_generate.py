@@ -108,6 +108,8 @@ def test_options_of_the_other_mode_are_refused(tmp_path: Path) -> None:
     assert "need --server" in run("a red fox", "--no-tls").stderr
     remote_with_local_options = run("a red fox", "--server", "localhost:1", "--models-dir", tmp_path)
     assert remote_with_local_options.exit_code == 2 and "local generation only" in remote_with_local_options.stderr
+    remote_padding = run("a red fox", "--server", "localhost:1", "--pad-attention-heads")
+    assert remote_padding.exit_code == 2 and "--pad-attention-heads: apply to local" in remote_padding.stderr
 
 
 def test_remote_generation_writes_the_same_images(server_factory, tiny_models: Path, tmp_path: Path) -> None:
@@ -163,5 +165,11 @@ def test_low_memory_needs_the_cache_and_no_quantization(tmp_path: Path, extra: l
 def test_low_memory_local_generation_writes_its_images(tiny_models: Path, tmp_path: Path) -> None:
     result = run("a red fox", *SMALL, "--low-memory", "--seed", "3", "--models-dir", tiny_models,
                  "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["3-0.png"]
+
+
+def test_padded_attention_heads_local_generation_writes_its_images(tiny_models: Path, tmp_path: Path) -> None:
+    result = local(tiny_models, tmp_path / "out", "a red fox", *SMALL, "--pad-attention-heads", "--seed", "3")
     assert result.exit_code == 0, result.stderr
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["3-0.png"]
