@@ -5,7 +5,8 @@ starts them), pinned to cores with sched_setaffinity (Linux): one rank on half t
 on half each, and, for reference, one rank on all of them. The configurations alternate, round by
 round; each round's first request (the model's load) is not timed. Two ranks' ideal is twice one
 rank's throughput on half the cores; the shortfall is the group's overhead (the collectives, the
-ranks waiting for each other at every step, and the request and pixels travelling).
+ranks waiting for each other at every step, and the request and pixels travelling). The collectives'
+own cost is measured apart: two ranks exchanging a step's status, a request and a request's pixels.
 
     nice .venv/bin/python benchmarks/distributed.py --size 256 --steps 10 --images 4 --rounds 3
 """
@@ -88,6 +89,48 @@ def _read(process: subprocess.Popen[str], lines: queue.Queue[str | None]) -> Non
     lines.put(None)
 
 
+def collectives_rank(size: int, images: int) -> None:
+    """As a rank of a group (MLX_RANK set): the median seconds of each exchange; rank 0 prints them."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_sd.engine.distributed import MESSAGE_BYTES, Links
+
+    links = Links(mx.distributed.init(strict=True, backend="ring"))
+
+    def median_s(buffer: np.ndarray, count: int) -> float:
+        for _ in range(3):
+            links.gather(buffer, "a warm-up")
+        times = []
+        for _ in range(count):
+            started = time.perf_counter()
+            links.gather(buffer, "a buffer")
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    share = -(-images // links.size)
+    result = {"status": median_s(np.zeros(6, np.int64), 200),
+              "request": median_s(np.zeros(MESSAGE_BYTES, np.uint8), 50),
+              "pixels": median_s(np.zeros((share, size, size, 3), np.uint8), 20)}
+    if links.rank == 0:
+        print(json.dumps(result))
+
+
+def measure_collectives(size: int, images: int, cores: list[set[int]], work: Path) -> dict[str, float]:
+    ring = work / "collectives.json"
+    ring.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in cores]))
+    processes = [
+        subprocess.Popen([sys.executable, __file__, "--size", str(size), "--images", str(images), "--collective-rank"],
+                         env={**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(ring)},
+                         stdout=subprocess.PIPE, text=True, preexec_fn=_pinned(mine))
+        for rank, mine in enumerate(cores)
+    ]
+    out, _ = processes[0].communicate(timeout=START_S)
+    for process in processes[1:]:
+        process.wait(timeout=START_S)
+    return json.loads(out)
+
+
 def timed_requests(address: str, request: GenerationRequest, repeat: int) -> list[float]:
     """Seconds per request, after one untimed request (the model's load)."""
     times = []
@@ -109,7 +152,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4, help="the request's batch_size")
     parser.add_argument("--repeat", type=int, default=2, help="timed requests per configuration and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--collective-rank", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.collective_rank:
+        collectives_rank(args.size, args.images)
+        return
 
     all_cores = sorted(os.sched_getaffinity(0))
     half = len(all_cores) // 2
@@ -136,9 +183,11 @@ def main() -> None:
                 finally:
                     group.close()
                 loads.append(os.getloadavg()[0])
+        exchanges = measure_collectives(args.size, args.images, configs["2 ranks, half the cores each"], Path(tmp))
 
     per_minute = {name: 60 * args.images / statistics.median(samples) for name, samples in times.items()}
     one, two = per_minute["1 rank, half the cores"], per_minute["2 ranks, half the cores each"]
+    per_request = args.steps * exchanges["status"] + exchanges["request"] + exchanges["pixels"]
     rows = "\n".join(f"| {name} | {per_minute[name]:.1f} | {statistics.median(times[name]):.2f} | "
                      f"{', '.join(f'{t:.2f}' for t in times[name])} |" for name in configs)
     body = f"""
@@ -153,6 +202,12 @@ Load average (1 min) at the start and after each configuration: {', '.join(f'{x:
 
 Two ranks against one on half the cores: **{two / one:.2f}x** (ideal 2.00x), so the group's
 overhead is **{(1 - two / (2 * one)) * 100:.0f}%** of ideal scaling.
+
+The collectives alone (two ranks on loopback, medians): a step's status {exchanges['status'] * 1e3:.2f} ms,
+the request {exchanges['request'] * 1e3:.2f} ms, a rank's {-(-args.images // 2)} images' pixels
+{exchanges['pixels'] * 1e3:.2f} ms: {per_request * 1e3:.1f} ms a request of {args.steps} steps, or
+{per_request / statistics.median(times["2 ranks, half the cores each"]) * 100:.2f}% of its median time on two ranks.
+The rest of the shortfall is the ranks waiting for each other at every step, on a shared CPU.
 """
     write_report(f"{time.strftime('%Y-%m-%d')}-distributed", "One rank against two on one machine", body)
 

@@ -248,7 +248,7 @@ def serve(
             raise typer.Exit(run_follower(group, settings))
         group_engine = rank_zero_engine(group, settings, rank_timeout)
     try:
-        running = start_server(settings, group_engine)
+        running = start_server(settings) if group_engine is None else start_server(settings, group_engine)
     except ServerStartError as exc:
         fail(str(exc))
     typer.echo(f"serving models from {settings.models_dir}")
@@ -265,7 +265,10 @@ def serve(
     advertisement = (
         None if no_bonjour else advertise(host, running.port, tls_fingerprint=fingerprint, auth=auth, name=name)
     )
-    run_until_signalled(running, group_engine.lost if group_engine else None)
+    if group_engine is None:
+        run_until_signalled(running)
+    else:  # until a signal, or until the group is lost
+        run_until_signalled(running, group_engine.lost)
     if advertisement is not None:
         advertisement.close()
     if group_engine is not None and group_engine.lost.is_set():

@@ -24,12 +24,9 @@ import pytest
 
 from grpc_service.client import ClientSettings, ImageServiceClient
 from grpc_service.servicer import EncodedImages
-from grpc_service.status import status_for
 from mlx_sd.app import distributed
 from mlx_sd.app.distributed import EXIT_GROUP_LOST, launch_command
 from mlx_sd.engine import create_engine
-from mlx_sd.engine.distributed import decode_request, encode_request
-from mlx_sd.engine.errors import RankLost
 from mlx_sd.engine.events import ProgressEvent
 from mlx_sd.engine.request import GenerationRequest
 
@@ -172,22 +169,6 @@ def test_stopping_rank_0_stops_the_group(group: tuple[Rank, Rank, ImageServiceCl
     rank0.process.send_signal(signal.SIGTERM)
     assert rank0.process.wait(timeout=REQUEST_S) == 0
     assert rank1.process.wait(timeout=REQUEST_S) == 0  # told to stop, not cut off
-
-
-def test_the_request_travels_as_json_of_every_field() -> None:
-    request = GenerationRequest(prompt="ünïcode " * 1000, negative_prompt="x" * 10_000, width=128, height=192,
-                                steps=7, cfg_scale=3.5, seed=2**40, sampler="DDIM", restore_faces=True,
-                                enable_hr=True, denoising_strength=0.4, batch_size=3, batch_count=2, clip_skip=2,
-                                hires_first_width=64, hires_first_height=64, preview_every=2, seed_mode="cpu",
-                                stochastic_sampling_gamma=0.5, model="other/model.safetensors", upscale=True,
-                                upscale_factor=2)
-    assert all(getattr(request, f) != getattr(GenerationRequest(), f) for f in request.__dataclass_fields__)
-    assert decode_request(encode_request(request)) == request
-    assert decode_request(encode_request(None)) is None
-
-
-def test_a_lost_rank_is_unavailable() -> None:
-    assert status_for(RankLost("rank 1 was lost"))[0] == grpc.StatusCode.UNAVAILABLE
 
 
 def test_the_launcher_runs_the_same_command_through_mlx_launch(tmp_path: Path) -> None:
