@@ -202,7 +202,9 @@ def serve(
     if not group_env():  # a group's ranks write to their launcher's log
         rotate_service_log()
     logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if hostfile is not None and not group_env():
+    if hostfile is not None and not group_env():  # the launcher; the ranks need no host file of their own
+        if not hostfile.is_file():
+            fail(f"--hostfile: no such file: {hostfile}")
         raise typer.Exit(launch_group(hostfile, [os.path.abspath(sys.argv[0]), *sys.argv[1:]]))
     configure_blas()
     from grpc_service.server import (

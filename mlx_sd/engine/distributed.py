@@ -192,6 +192,7 @@ class _Share:
             if (statuses[:, 0] == _DONE).all():
                 break
             self.stop = self.stop or bool(statuses[0, 1])
+        log.info("rank %d made %d sampling steps of a request", self.links.rank, self.steps)
         if statuses[0, 1]:
             return None
         if failed := [rank for rank in range(self.links.size) if statuses[rank, 2]]:
@@ -265,7 +266,6 @@ def follow(pipeline: Pipeline, links: Links, after_job: Callable[[], None] | Non
             raise
         except Exception:  # this rank's failure: rank 0 reports it; this rank takes the next request
             log.exception("rank %d could not make its share of a request", links.rank)
-        log.info("rank %d made %d sampling steps of a request", links.rank, share.steps)
         if after_job is not None:
             after_job()
 
