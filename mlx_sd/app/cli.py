@@ -41,6 +41,8 @@ from mlx_sd.app.options import (
     NoCacheOption,
     NoTlsOption,
     PadAttentionHeadsOption,
+    PredictionType,
+    PredictionTypeOption,
     QuantizeOption,
     SecretFileOption,
     SecretOption,
@@ -64,7 +66,6 @@ from mlx_sd.app.paths import (
 )
 from mlx_sd.engine.request import (
     DEFAULT_CFG_SCALE,
-    DEFAULT_SIDE,
     DEFAULT_STEPS,
     MAX_BATCH_COUNT,
     MAX_BATCH_SIZE,
@@ -113,6 +114,17 @@ class LogLevel(StrEnum):
     debug = "debug"  # also logs prompts
     info = "info"  # one line per request
     warning = "warning"
+
+
+class ResizeChoice(StrEnum):
+    """The API's ResizeMode, in its order (A1111's names: just resize, crop and resize, resize and fill)."""
+
+    just = "just"
+    crop = "crop"
+    fill = "fill"
+
+
+DEFAULT_IMG2IMG_STRENGTH = 0.75  # A1111's default denoising strength for image to image
 
 
 @app.command(cls=ServeCommand)
@@ -164,6 +176,7 @@ def serve(
     quantize: QuantizeOption = None,
     low_memory: LowMemoryOption = False,
     pad_attention_heads: PadAttentionHeadsOption = False,
+    prediction_type: PredictionTypeOption = PredictionType.auto,
     max_queue: Annotated[
         int, typer.Option(help="Generations that may wait behind the running one; more are refused.", min=1)
     ] = 8,
@@ -236,6 +249,7 @@ def serve(
         quantize_bits=quantize,
         low_memory=low_memory,
         pad_attention_heads=pad_attention_heads,
+        prediction_type=prediction_type.value,
         memory_budget=parse_size(memory_budget) if memory_budget else None,
         shutdown_grace=shutdown_grace,
     )
@@ -402,7 +416,8 @@ def convert_command(
     typer.echo(f"wrote {written}")
 
 
-_SIDE_HELP = f"{{}} in pixels, a multiple of {SIDE_MULTIPLE} ({MIN_SIDE}-{MAX_SIDE})."
+_SIDE_HELP = (f"{{}} in pixels, a multiple of {SIDE_MULTIPLE} ({MIN_SIDE}-{MAX_SIDE}); 0: the model's native size "
+              "(512 for SD 1.x and SD 2.x base, 768 for SD 2.x v, 1024 for SDXL).")
 
 
 @app.command()
@@ -412,19 +427,34 @@ def generate(
     steps: Annotated[int, typer.Option(help=f"Sampling steps (1-{MAX_STEPS}).")] = DEFAULT_STEPS,
     sampler: Annotated[str, typer.Option(help="Sampler, any case, e.g. 'Euler a' (see the README).")] = DEFAULT_SAMPLER,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed+i. Negative: random.")] = -1,
-    width: Annotated[int, typer.Option(help=_SIDE_HELP.format("Width"))] = DEFAULT_SIDE,
-    height: Annotated[int, typer.Option(help=_SIDE_HELP.format("Height"))] = DEFAULT_SIDE,
+    width: Annotated[int, typer.Option(help=_SIDE_HELP.format("Width"))] = 0,
+    height: Annotated[int, typer.Option(help=_SIDE_HELP.format("Height"))] = 0,
     cfg: Annotated[
         float, typer.Option(help=f"Classifier-free guidance scale (0-{MAX_CFG_SCALE:g}).")
     ] = DEFAULT_CFG_SCALE,
     batch_size: Annotated[int, typer.Option(help=f"Images sampled together (1-{MAX_BATCH_SIZE}).")] = 1,
     batch_count: Annotated[int, typer.Option(help=f"Batches run one after another (1-{MAX_BATCH_COUNT}).")] = 1,
+    model: Annotated[str, typer.Option(help="A checkpoint file or diffusers folder relative to the model directory "
+                                            "(SD 1.x, SD 2.x or SDXL); empty: stable-diffusion/.")] = "",
     hires: Annotated[
         bool, typer.Option("--hires", help="Hires fix: sample at the model's native size, upscale, then refine.")
     ] = False,
     denoise: Annotated[
-        float, typer.Option(help="Denoising strength of the hires second pass (0-1; 0 means 0.7).")
-    ] = 0.0,
+        float | None, typer.Option(help="Denoising strength (0-1): of the image to image (default 0.75), or of the "
+                                        "hires second pass (default, and 0: 0.7).")
+    ] = None,
+    init_image: Annotated[
+        Path | None, typer.Option(help="Start from this image (PNG, JPEG or WebP): image to image.", exists=True,
+                                  dir_okay=False, readable=True)
+    ] = None,
+    mask: Annotated[
+        Path | None, typer.Option(help="Inpaint: repaint where this image is white, keep where black (its alpha, "
+                                       "if transparent).", exists=True, dir_okay=False, readable=True)
+    ] = None,
+    mask_blur: Annotated[int, typer.Option(help="Blur of the mask's edge, in pixels.")] = 4,
+    resize_mode: Annotated[
+        ResizeChoice, typer.Option(help="How the init image is fitted to --width x --height.")
+    ] = ResizeChoice.just,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for the PNGs (created when missing).", file_okay=False)
     ] = Path("."),
@@ -436,6 +466,7 @@ def generate(
     quantize: QuantizeOption = None,
     low_memory: LowMemoryOption = False,
     pad_attention_heads: PadAttentionHeadsOption = False,
+    prediction_type: PredictionTypeOption = PredictionType.auto,
     cache_dir: CacheDirOption = None,
     no_cache: NoCacheOption = False,
     server: Annotated[
@@ -468,7 +499,8 @@ def generate(
     else:
         misplaced = {"--models-dir": models_dir, "--dtype": dtype, "--quantize": quantize, "--cache-dir": cache_dir,
                      "--no-cache": no_cache, "--low-memory": low_memory,
-                     "--pad-attention-heads": pad_attention_heads}
+                     "--pad-attention-heads": pad_attention_heads,
+                     "--prediction-type": prediction_type is not PredictionType.auto}
         rule = "apply to local generation only"
     if given := [name for name, value in misplaced.items() if value]:
         raise typer.BadParameter(f"{', '.join(given)}: {rule}")
@@ -476,8 +508,11 @@ def generate(
     try:
         request = validated_as_sent(GenerationRequest(
             prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps, cfg_scale=cfg,
-            seed=seed, sampler=sampler, enable_hr=hires, denoising_strength=denoise, batch_size=batch_size,
-            batch_count=batch_count,
+            seed=seed, sampler=sampler, enable_hr=hires, batch_size=batch_size, batch_count=batch_count,
+            denoising_strength=denoise if denoise is not None else DEFAULT_IMG2IMG_STRENGTH if init_image else 0.0,
+            init_image=init_image.read_bytes() if init_image else b"", mask=mask.read_bytes() if mask else b"",
+            mask_blur=mask_blur, resize_mode=list(ResizeChoice).index(resize_mode),
+            model=model,
         ))
     except InvalidRequest as exc:
         fail(option_error(exc), code=2)
@@ -487,7 +522,7 @@ def generate(
         out.mkdir(parents=True, exist_ok=True)  # before generating, so a bad --out fails fast
         if server is None:
             with local_engine(root, cache_folder(cache_dir, no_cache), dtype, quantize, low_memory,
-                              pad_attention_heads) as engine:
+                              pad_attention_heads, prediction_type.value) as engine:
                 result = follow(engine(request), request)
         else:
             with _connected(server, ca, fingerprint, no_tls, shared_secret, shared_secret_file) as client:

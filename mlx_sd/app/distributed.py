@@ -105,7 +105,8 @@ def _pipeline(settings: ServerSettings) -> Pipeline:
 
     return create_pipeline(settings.models_dir, cache_dir=settings.cache_dir, dtype=settings.dtype,
                            quantize_bits=settings.quantize_bits, memory_budget=settings.memory_budget,
-                           low_memory=settings.low_memory, pad_attention_heads=settings.pad_attention_heads)
+                           low_memory=settings.low_memory, pad_attention_heads=settings.pad_attention_heads,
+                           prediction_type=settings.prediction_type)
 
 
 def exit_group_lost() -> NoReturn:

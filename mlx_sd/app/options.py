@@ -93,6 +93,21 @@ LowMemoryOption = Annotated[
         "converted cache for the next request. Needs the cache; not with --quantize.",
     ),
 ]
+
+
+class PredictionType(StrEnum):
+    auto = "auto"
+    epsilon = "epsilon"
+    v = "v"
+
+
+PredictionTypeOption = Annotated[
+    PredictionType,
+    typer.Option(
+        help="What every model's UNet predicts: auto decides per model (a sidecar .yaml or scheduler config, "
+        "else A1111's test for SD 2.x, else epsilon); epsilon or v force it (docs/models.md).",
+    ),
+]
 PadAttentionHeadsOption = Annotated[
     bool,
     typer.Option(

@@ -42,7 +42,8 @@ class Engine(Protocol):
 def create_engine(models_dir: Path, *, cache_dir: Path | None = None, dtype: mx.Dtype | str | None = None,
                   quantize_bits: int | None = None, max_queued: int = DEFAULT_MAX_QUEUED,
                   memory_budget: int | None = None, low_memory: bool = False,
-                  backend: Backend | str | None = None, pad_attention_heads: bool = False) -> Engine:
+                  backend: Backend | str | None = None, pad_attention_heads: bool = False,
+                  prediction_type: str = "auto") -> Engine:
     """A worker running the pipeline over `models_dir` (see `create_pipeline` for the options).
 
     Memory MLX kept for reuse is handed back after every job, so an idle server holds only the
@@ -55,7 +56,7 @@ def create_engine(models_dir: Path, *, cache_dir: Path | None = None, dtype: mx.
 
     pipeline = create_pipeline(models_dir, cache_dir=cache_dir, dtype=dtype, quantize_bits=quantize_bits,
                                memory_budget=memory_budget, low_memory=low_memory, backend=backend,
-                               pad_attention_heads=pad_attention_heads)
+                               pad_attention_heads=pad_attention_heads, prediction_type=prediction_type)
     # MLX streams belong to the thread that made them; unless that thread destroys them as it ends
     # (after shutdown), the process aborts at exit with "terminate called without an active exception".
     return GenerationWorker(pipeline, max_queued=max_queued, after_job=release_memory, on_exit=mx.clear_streams)
@@ -63,7 +64,8 @@ def create_engine(models_dir: Path, *, cache_dir: Path | None = None, dtype: mx.
 
 def create_pipeline(models_dir: Path, *, cache_dir: Path | None = None, dtype: mx.Dtype | str | None = None,
                     quantize_bits: int | None = None, memory_budget: int | None = None, low_memory: bool = False,
-                    backend: Backend | str | None = None, pad_attention_heads: bool = False) -> Pipeline:
+                    backend: Backend | str | None = None, pad_attention_heads: bool = False,
+                    prediction_type: str = "auto") -> Pipeline:
     """The pipeline over `models_dir`.
 
     Converted weights are cached in `cache_dir` (none when None); `quantize_bits` (4 or 8) quantizes
@@ -71,12 +73,14 @@ def create_pipeline(models_dir: Path, *, cache_dir: Path | None = None, dtype: m
     `memory_budget` bytes (default: `default_budget()`) are refused before they start.
     `low_memory` frees the text encoder between prompt encodings (see `ModelStore`). `backend` runs
     the networks (mlx_sd.engine.backends; default: `MLX_SD_BACKEND`). `pad_attention_heads`: see `ModelStore`.
+    `prediction_type` is what the UNets predict ("auto": decided per model, mlx_sd.engine.prediction).
     """
     from mlx_sd.engine.memory_budget import MemoryBudget, default_budget
     from mlx_sd.engine.model_store import ModelStore
     from mlx_sd.engine.pipeline import Pipeline
 
     store = ModelStore(models_dir, dtype=dtype, cache_dir=cache_dir, quantize_bits=quantize_bits,
-                       low_memory=low_memory, backend=backend, pad_attention_heads=pad_attention_heads)
+                       low_memory=low_memory, backend=backend, pad_attention_heads=pad_attention_heads,
+                       prediction_type=prediction_type)
     budget = MemoryBudget(memory_budget) if memory_budget else default_budget()
     return Pipeline(store, budget)

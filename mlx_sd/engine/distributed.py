@@ -53,15 +53,27 @@ _HEADER = struct.Struct("<I")
 # A rank's status: state, rank 0's cancel flag, failed, images made, their height and width.
 _RUNNING, _DONE = 0, 1
 _SIGNATURE = 8  # bytes after each rank's part of a collective: its rank + 1
+_RANK_0_FIELDS = ("init_image", "mask", "source")  # image to image's, which only rank 0 holds
+_DEFAULT = GenerationRequest()
 
 
 def _signature(rank: int) -> np.ndarray:
     return np.frombuffer(struct.pack("<q", rank + 1), np.uint8)
 
 
+def spreads(request: GenerationRequest) -> bool:
+    """Whether the request's images are spread over the group: image to image runs on rank 0 alone,
+    since its init image and mask (megabytes) do not fit a fixed-size message."""
+    return all(getattr(request, name) == getattr(_DEFAULT, name) for name in _RANK_0_FIELDS)
+
+
 def encode_request(request: GenerationRequest | None) -> np.ndarray:
-    """The request as a fixed-size message; None asks the other ranks to stop."""
-    body = json.dumps(None if request is None else dataclasses.asdict(request), ensure_ascii=False).encode()
+    """The request (one that `spreads`) as a fixed-size message; None asks the other ranks to stop."""
+    fields = None if request is None else {
+        field.name: getattr(request, field.name) for field in dataclasses.fields(request)
+        if field.name not in _RANK_0_FIELDS
+    }
+    body = json.dumps(fields, ensure_ascii=False).encode()
     if len(body) > MESSAGE_BYTES - _HEADER.size:
         raise MlxSdError(f"the request takes {len(body)} bytes, more than the {MESSAGE_BYTES} a message holds")
     message = np.zeros(MESSAGE_BYTES, np.uint8)
@@ -234,6 +246,9 @@ class Leader:
 
     def __call__(self, request: GenerationRequest,
                  is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[ProgressEvent | GenerationResult]:
+        if not spreads(request):
+            yield from self._pipeline(request, is_cancelled)
+            return
         # Every rank makes its images from the same seeds, so the random one is drawn here.
         request = dataclasses.replace(request, seed=request.seed if request.seed >= 0 else secrets.randbelow(2**32))
         self._links.gather(encode_request(request), "the request")

@@ -30,6 +30,7 @@ class Parameters:
     face_restoration: str | None = None  # the restorer's name, when faces were restored
     clip_skip: int = 1
     upscaled_by: int | None = None  # the finished image's upscale factor (Real-ESRGAN), when it was upscaled
+    img2img: tuple[tuple[str, str], ...] = ()  # image to image's fields (mlx_sd.engine.img2img.parameters)
 
     def text(self) -> str:
         fields = [
@@ -53,6 +54,7 @@ class Parameters:
                 ("Hires resize", f"{self.width}x{self.height}"),
                 ("Hires upscaler", self.upscaler or "Lanczos"),
             ]
+        fields += self.img2img
         if self.upscaled_by is not None:  # A1111's names for its extras tab's upscaling
             fields += [("Postprocess upscale by", self.upscaled_by), ("Postprocess upscaler", "Real-ESRGAN")]
         lines = [self.prompt]

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_map
 
-from mlx_sd.engine import hires
-from mlx_sd.engine.errors import InvalidRequest
+from mlx_sd.engine import conditioning, hires, img2img
+from mlx_sd.engine.conditioning import Conditioning
 from mlx_sd.engine.events import EventType, GeneratedImage, GenerationResult, ProgressEvent
 from mlx_sd.engine.images import Parameters
 from mlx_sd.engine.memory_budget import VAE_LIVE_MAPS, VAE_LIVE_MAPS_CPU, MemoryBudget, ModelShape
@@ -28,7 +29,8 @@ from mlx_sd.engine.request import GenerationRequest
 from mlx_sd.engine.restoration import Restoration
 from mlx_sd.sampling import catalog, schedules
 from mlx_sd.sampling.catalog import SamplerSpec
-from mlx_sd.sampling.denoisers import Denoiser, EpsModel, eps_denoiser, guided
+from mlx_sd.engine.prediction import V
+from mlx_sd.sampling.denoisers import Denoiser, EpsModel, eps_denoiser, guided, v_denoiser
 from mlx_sd.sampling.samplers import Noise, noise_source
 
 Event = ProgressEvent | GenerationResult
@@ -63,6 +65,7 @@ class Pipeline:
         upscaler = self._restoration.required_upscaler() if request.upscale else None
         upscale_by = (request.upscale_factor or upscaler.scale) if upscaler is not None else None
         model = self._store.get(request.model)
+        request = request.with_native_size(model.native_size)
         if self._memory_budget is not None:  # before this request allocates anything
             unet, vae = model.models.unet, model.models.vae
             on_cpu = mx.default_device() == mx.cpu
@@ -71,25 +74,29 @@ class Pipeline:
                                       ModelShape.of(unet.config, vae.config),
                                       VAE_LIVE_MAPS_CPU if on_cpu else VAE_LIVE_MAPS)
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
-        cond, uncond = _encode_prompts(model, request)
+        cond, uncond = conditioning.encode_prompts(model, request)
         if model.release_text_encoder is not None:
             model.release_text_encoder()
         yield ProgressEvent(EventType.TEXT_ENCODED, "text encoded")
 
-        # The model's native side: 512 for SD 1.x, whose UNet was trained on 64x64 latents.
-        native = model.models.unet.config.sample_size * LATENT_SCALE
-        first_pass = _first_pass(request, native)
+        first_pass = _first_pass(request, model.native_size)
         strength = request.denoising_strength or hires.DEFAULT_STRENGTH
+        prepared = _prepared(request)  # image to image: its init image and mask at the sampling size
+        if prepared is not None:
+            strength = request.denoising_strength
         indices = range(request.batch_count * request.batch_size) if images is None else list(images)
         generated = []
         for start in range(0, len(indices), request.batch_size):
             seeds = [seed + i for i in indices[start:start + request.batch_size]]
-            pixels = yield from self._batch(model, request, seeds, cond, uncond, first_pass, strength, is_cancelled)
+            pixels = yield from self._batch(model, request, seeds, cond, uncond, first_pass, strength, prepared,
+                                            is_cancelled)
             if pixels is None:
                 return
             if restorer is not None:
                 pixels = np.stack([restorer(image) for image in pixels])
                 yield ProgressEvent(EventType.FACE_RESTORED, "faces restored")
+            if prepared is not None and prepared.overlay is not None:  # after face restoration, as A1111
+                pixels = np.stack([prepared.overlay.apply(image) for image in pixels])
             if upscaler is not None:
                 pixels = np.stack([upscaler.upscale(image, scale=upscale_by) for image in pixels])
                 yield ProgressEvent(EventType.IMAGE_UPSCALED, f"upscaled x{upscale_by}")
@@ -102,27 +109,49 @@ class Pipeline:
                     upscaler=self._restoration.upscaler_name() if first_pass else None,
                     face_restoration="GFPGAN" if restorer is not None else None, clip_skip=request.clip_skip,
                     upscaled_by=upscale_by,
+                    img2img=img2img.parameters(request) if prepared is not None else (),
                 )
                 generated.append(GeneratedImage(image, item_seed, parameters))
         yield GenerationResult(generated)
 
-    def _batch(self, model: LoadedModel, request: GenerationRequest, seeds: list[int], cond: mx.array,
-               uncond: mx.array, first_pass: tuple[int, int] | None, strength: float,
-               is_cancelled: Callable[[], bool]) -> Iterator[Event]:
+    def _batch(self, model: LoadedModel, request: GenerationRequest, seeds: list[int], cond: Conditioning,
+               uncond: Conditioning, first_pass: tuple[int, int] | None, strength: float,
+               prepared: img2img.Prepared | None, is_cancelled: Callable[[], bool]) -> Iterator[Event]:
         """Sample and decode one batch; returns its (B, H, W, 3) uint8 pixels, or None if cancelled."""
         spec = catalog.sampler_spec(request.sampler, request.stochastic_sampling_gamma)
         width, height = first_pass or (request.width, request.height)
+        unet = _unet_in_its_dtype(model)
+        if model.models.unet.config.in_channels == img2img.INPAINTING_CHANNELS:  # an inpainting checkpoint
+            mask, masked_image = img2img.inpainting_conditioning(prepared, width, height, LATENT_SCALE)
+            masked_latents = _encode(model, masked_image)
+            unet = img2img.conditioned(unet, _batched(mask, len(seeds)), _batched(masked_latents, len(seeds)))
+        prediction_denoiser = v_denoiser if model.prediction == V else eps_denoiser
         denoise = spec.denoiser(
-            eps_denoiser(guided(_unet_in_its_dtype(model), _batched(cond, len(seeds)), _batched(uncond, len(seeds)),
-                                request.cfg_scale), self._train_sigmas),
+            prediction_denoiser(guided(unet, _batched(cond, len(seeds)), _batched(uncond, len(seeds)),
+                                       request.cfg_scale), self._train_sigmas),
             self._train_sigmas,
         )
         noise = noise_source(BatchGenerator(seeds, request.seed_mode))
         sigmas = spec.sigmas(request.steps, self._train_sigmas)
-        x = spec.initial_latents(noise((len(seeds), height // LATENT_SCALE, width // LATENT_SCALE, 4)), sigmas)
-        latents = yield from _sample(spec, denoise, x, sigmas, noise, _FIRST, request.preview_every, is_cancelled)
+        first = noise((len(seeds), height // LATENT_SCALE, width // LATENT_SCALE, 4))
+        x = spec.initial_latents(first, sigmas)
+        known = None  # inpainting with a 4-channel UNet: the init latents and the latent mask
+        if prepared is not None:
+            encoded = _batched(_encode_image(model, prepared.pixels[None]), len(seeds))
+            yield ProgressEvent(EventType.IMAGE_ENCODED, "image encoded")
+            sigmas = sigmas[img2img.start_index(request.steps, strength):]
+            latent_mask = prepared.latent_mask(LATENT_SCALE)
+            if strength < 1.0:
+                x = img2img.start_latents(encoded, first, float(sigmas[0]), request.inpainting_fill, latent_mask)
+            if latent_mask is not None and model.models.unet.config.in_channels != img2img.INPAINTING_CHANNELS:
+                known = (encoded, latent_mask)
+                denoise = img2img.blended(denoise, encoded, first, latent_mask, float(sigmas[0]))
+        latents = encoded if len(sigmas) == 1 else (  # strength 0: the encoded image as it is
+            yield from _sample(spec, denoise, x, sigmas, noise, _FIRST, request.preview_every, is_cancelled))
         if latents is None:
             return None
+        if known is not None:
+            latents = img2img.with_known(latents, *known)
         pixels = _decode(model, latents)
         yield ProgressEvent(EventType.IMAGE_DECODED, "image decoded")
         if first_pass is None:
@@ -176,23 +205,9 @@ def _first_pass(request: GenerationRequest, native: int) -> tuple[int, int] | No
     return hires.first_pass_size(request.width, request.height, native)
 
 
-def _encode_prompts(model: LoadedModel, request: GenerationRequest) -> tuple[mx.array, mx.array]:
-    """(1, W*77, C) embeddings of the prompt and the negative prompt; prompts longer than 75 tokens
-    are encoded in 75-token windows whose embeddings are concatenated (see `mlx_sd.engine.tokenizer`)."""
-    layers = len(model.models.text_encoder.encoder.layers)
-    if request.clip_skip > layers:
-        raise InvalidRequest("clip_skip", f"must be at most {layers}, the text encoder's layers (got {request.clip_skip})")
-    ids = model.tokenizer.tokenize_windows([request.prompt, request.negative_prompt])
-    prompts, windows, length = ids.shape
-    hidden = model.models.text_encoder(mx.array(ids.reshape(prompts * windows, length)),
-                                       skip_last_layers=request.clip_skip - 1)
-    hidden = hidden.reshape(prompts, windows * length, hidden.shape[-1]).astype(mx.float32)
-    mx.eval(hidden)
-    return hidden[:1], hidden[1:]
-
-
-def _batched(embedding: mx.array, size: int) -> mx.array:
-    return mx.repeat(embedding, size, axis=0)
+def _batched(value: Conditioning | mx.array, size: int) -> Conditioning | mx.array:
+    """Each array (of a conditioning's) repeated `size` times along the batch axis."""
+    return tree_map(lambda array: mx.repeat(array, size, axis=0), value)
 
 
 def _unet_in_its_dtype(model: LoadedModel) -> EpsModel:
@@ -200,7 +215,8 @@ def _unet_in_its_dtype(model: LoadedModel) -> EpsModel:
     samplers' dtype."""
     unet = model.models.unet
     dtype = model.activation_dtype
-    return lambda x, t, context: unet(x.astype(dtype), t, context.astype(dtype)).astype(mx.float32)
+    return lambda x, t, condition: unet(x.astype(dtype), t, **{name: value.astype(dtype) for name, value in
+                                                                condition.items()}).astype(mx.float32)
 
 
 def _decode(model: LoadedModel, latents: mx.array) -> np.ndarray:
@@ -212,8 +228,20 @@ def _decode(model: LoadedModel, latents: mx.array) -> np.ndarray:
 
 
 def _encode_image(model: LoadedModel, pixels: np.ndarray) -> mx.array:
-    """Latents of (B, H, W, 3) uint8 images: the posterior mean, so the result is deterministic."""
+    """Latents of (B, H, W, 3) uint8 images."""
+    return _encode(model, mx.array(pixels).astype(mx.float32) / 127.5 - 1.0)
+
+
+def _encode(model: LoadedModel, images: mx.array) -> mx.array:
+    """Latents of (B, H, W, 3) images in [-1, 1]: the posterior mean, so the result is deterministic."""
     vae = model.models.vae
-    dtype = model.activation_dtype
-    mean, _ = vae.encode((mx.array(pixels).astype(mx.float32) / 127.5 - 1.0).astype(dtype))
+    mean, _ = vae.encode(images.astype(model.activation_dtype))
     return mean.astype(mx.float32) * vae.config.scaling_factor
+
+
+def _prepared(request: GenerationRequest) -> img2img.Prepared | None:
+    if request.source is None:
+        return None
+    return img2img.prepare(request.source, request.width, request.height, request.resize_mode, request.mask_blur,
+                           request.inpaint_full_res, request.inpaint_full_res_padding, request.inpainting_fill,
+                           overlay=not request.inpaint_no_overlay)

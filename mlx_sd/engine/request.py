@@ -1,16 +1,21 @@
 """The domain form of an image-generation request, and its validation against documented limits.
 
 The API's fields are proto3 scalars, so "not set" arrives as 0: `validated()` replaces 0 by the
-documented default for width, height, steps, cfg_scale, batch_size and batch_count.
+documented default for steps, cfg_scale, batch_size and batch_count. A width or height of 0 is the
+model's native size (512, 768 or 1024 by family), filled in by `with_native_size` once the model is
+known, when the size checks run again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from mlx_sd.engine import init_images
 from mlx_sd.engine.errors import InvalidRequest
+from mlx_sd.engine.img2img import MAX_MASK_BLUR, MAX_PADDING, InpaintingFill
+from mlx_sd.engine.init_images import ResizeMode, Source
 from mlx_sd.engine.model_names import name_problem, shown_name
 from mlx_sd.engine.random import DEFAULT_SEED_MODE, SEED_MODES
 from mlx_sd.sampling.registry import (
@@ -35,6 +40,9 @@ MAX_PROMPT_CHARS = 10_000
 MAX_CLIP_SKIP = 12  # CLIP ViT-L's layers
 MAX_UPSCALE_FACTOR = 4
 MAX_UPSCALED_BYTES = 2 * 1024**3  # bounds a request's upscaled pixels, all images together
+MICRO_CONDITIONING = ("original_width", "original_height", "crop_top", "crop_left", "target_width", "target_height",
+                      "negative_original_width", "negative_original_height")
+MAX_MICRO_CONDITIONING = 16384  # pixels; SDXL was trained on sizes up to ~4k
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
@@ -69,6 +77,36 @@ class GenerationRequest:
     # Upscale the finished images with the installed upscaler, by `upscale_factor` (0: the network's own).
     upscale: bool = False
     upscale_factor: int = 0
+    # Image to image and inpainting (mlx_sd/engine/img2img.py, docs/api.md): the init image and mask as
+    # encoded files, which `validated()` decodes into `source` (the Draw Things adapter sets `source`).
+    # `denoising_strength` is the strength.
+    init_image: bytes = field(default=b"", repr=False)
+    mask: bytes = field(default=b"", repr=False)
+    mask_blur: int = 0  # pixels
+    resize_mode: int = 0  # a ResizeMode
+    inpaint_full_res: bool = False  # "only masked": sample the mask's box at the full size
+    inpaint_full_res_padding: int = 0
+    inpainting_fill: int = 0  # an InpaintingFill
+    inpaint_no_overlay: bool = False  # keep the generated pixels outside the mask too
+    source: Source | None = field(default=None, compare=False, repr=False)
+    # SDXL's size micro-conditioning, what the model is told of the image: its original size, the
+    # crop's top-left corner and the target size (0: the image's size; crop 0, 0). The negative
+    # prompt's original size may differ. Other families ignore them.
+    original_width: int = 0
+    original_height: int = 0
+    crop_top: int = 0
+    crop_left: int = 0
+    target_width: int = 0
+    target_height: int = 0
+    negative_original_width: int = 0
+    negative_original_height: int = 0
+
+    def with_native_size(self, native: int) -> GenerationRequest:
+        """A validated request whose width or height of 0 (the model's native size) is now `native`,
+        validated again with it."""
+        if self.width and self.height:
+            return self
+        return dataclasses.replace(self, width=self.width or native, height=self.height or native).validated()
 
     def validated(self) -> GenerationRequest:
         """This request with defaults filled in and the sampler name canonical.
@@ -90,14 +128,22 @@ class GenerationRequest:
             raise InvalidRequest("seed", f"must be at most {INT64_MAX - images + 1} for {images} images, so that "
                                          f"every image's seed (seed + its index) fits in int64 (got {seed})")
         clip_skip = _int_in_range("clip_skip", self.clip_skip or 1, 1, MAX_CLIP_SKIP)
-        first_width, first_height = self._hires_first_pass(width, height)
+        native = not (width and height)  # checked again once the model's size is known
+        first_width, first_height = (self.hires_first_width, self.hires_first_height) if native else \
+            self._hires_first_pass(width, height)
         preview_every = _int_in_range("preview_every", self.preview_every, 0, MAX_STEPS)
         upscale_factor = _int_in_range("upscale_factor", self.upscale_factor, 0, MAX_UPSCALE_FACTOR)
+        source = self._source()
         if self.upscale:
             factor = upscale_factor or MAX_UPSCALE_FACTOR  # 0 (the network's own) may be up to 4
-            if (size := images * width * height * factor**2 * 3) > MAX_UPSCALED_BYTES:
+            out_width, out_height = width, height
+            if source is not None and source.mask is not None and self.inpaint_full_res:  # the init image's size
+                out_height, out_width = source.mask.shape
+            if not native and (size := images * out_width * out_height * factor**2 * 3) > MAX_UPSCALED_BYTES:
                 raise InvalidRequest("upscale_factor", f"{images} upscaled images would hold {size / 2**30:.1f} GiB of "
                                                        f"pixels, more than {MAX_UPSCALED_BYTES / 2**30:.0f} GiB")
+        for name in MICRO_CONDITIONING:
+            _int_in_range(name, getattr(self, name), 0, MAX_MICRO_CONDITIONING)
         if self.seed_mode not in SEED_MODES:
             supported = ", ".join(SEED_MODES)
             raise InvalidRequest("seed_mode", f"unknown seed mode {self.seed_mode!r}; supported: {supported}")
@@ -111,6 +157,7 @@ class GenerationRequest:
             raise InvalidRequest("steps", f"{sampler} takes at most {MAX_STEPS_BY_SAMPLER[sampler]} steps (got {steps})")
         return dataclasses.replace(
             self,
+            source=source,
             width=width,
             height=height,
             steps=steps,
@@ -127,6 +174,21 @@ class GenerationRequest:
             stochastic_sampling_gamma=gamma,
             upscale_factor=upscale_factor,
         )
+
+    def _source(self) -> Source | None:
+        """The decoded init image and mask, once the image settings are in range; None for text to image."""
+        source = self.source or init_images.decode_source(self.init_image, self.mask)
+        if source is None:
+            return None
+        source.checked()
+        if self.enable_hr:
+            raise InvalidRequest("enable_hr", "the hires fix is for text to image; image to image has none "
+                                              "(as in A1111)")
+        _int_in_range("mask_blur", self.mask_blur, 0, MAX_MASK_BLUR)
+        _int_in_range("inpaint_full_res_padding", self.inpaint_full_res_padding, 0, MAX_PADDING)
+        _int_in_range("resize_mode", self.resize_mode, 0, len(ResizeMode) - 1)
+        _int_in_range("inpainting_fill", self.inpainting_fill, 0, len(InpaintingFill) - 1)
+        return source
 
     def _hires_first_pass(self, width: int, height: int) -> tuple[int, int]:
         """The validated explicit first-pass size (both sides, each within the final size), or (0, 0)."""
@@ -155,7 +217,9 @@ def _float_in_range(field: str, value: float, low: float, high: float) -> float:
 
 
 def _side(field: str, value: int) -> int:
-    value = value or DEFAULT_SIDE
+    """A valid side, or 0: the model's native size, which `with_native_size` fills in."""
+    if value == 0:
+        return 0
     if value % SIDE_MULTIPLE or not MIN_SIDE <= value <= MAX_SIDE:
         raise InvalidRequest(
             field, f"must be a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and {MAX_SIDE} (got {value})"

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 
 from grpc_service.status import status_for
-from mlx_sd.engine.distributed import decode_request, encode_request, share_of
+from mlx_sd.engine.distributed import decode_request, encode_request, share_of, spreads
 from mlx_sd.engine.errors import RankLost
 from mlx_sd.engine.events import GenerationResult
 from mlx_sd.engine.model_store import ModelStore
@@ -45,8 +45,14 @@ def test_the_request_travels_as_json_of_every_field() -> None:
                                 enable_hr=True, denoising_strength=0.4, batch_size=3, batch_count=2, clip_skip=2,
                                 hires_first_width=64, hires_first_height=64, preview_every=2, seed_mode="cpu",
                                 stochastic_sampling_gamma=0.5, model="other/model.safetensors", upscale=True,
-                                upscale_factor=2)
-    assert all(getattr(request, f) != getattr(GenerationRequest(), f) for f in request.__dataclass_fields__)
+                                upscale_factor=2, mask_blur=4, resize_mode=1, inpaint_full_res=True,
+                                inpaint_full_res_padding=32, inpainting_fill=1, inpaint_no_overlay=True,
+                                original_width=1024, original_height=768, crop_top=8, crop_left=16,
+                                target_width=1024, target_height=960, negative_original_width=512,
+                                negative_original_height=640)
+    travelling = [f for f in request.__dataclass_fields__ if f not in ("init_image", "mask", "source")]
+    assert all(getattr(request, f) != getattr(GenerationRequest(), f) for f in travelling)
+    assert spreads(request)
     assert decode_request(encode_request(request)) == request
     assert decode_request(encode_request(None)) is None
     # The longest a valid request's JSON gets: both prompts at their limit, every character escaped.
@@ -56,3 +62,8 @@ def test_the_request_travels_as_json_of_every_field() -> None:
 
 def test_a_lost_rank_is_unavailable() -> None:
     assert status_for(RankLost("rank 1 was lost"))[0] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_image_to_image_stays_on_rank_0() -> None:
+    assert not spreads(GenerationRequest(init_image=b"an image"))
+    assert not spreads(GenerationRequest(mask=b"a mask"))

@@ -42,6 +42,15 @@ def test_the_shape_is_read_from_the_models_configs() -> None:
     assert ModelShape.of(UNetConfig(), VAEConfig()) == ModelShape()  # SD 1.x: 8 heads, 256 channels
     assert ModelShape.of(UNetConfig(attention_head_dim=(5, 10, 20, 20)), VAEConfig(block_out_channels=(32,))) == \
         ModelShape(attention_heads=5, vae_full_resolution_channels=32)
+    sdxl = UNetConfig(block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"))
+    assert ModelShape.of(sdxl, VAEConfig()) == ModelShape(attention_heads=10, attention_level=1)
+
+
+def test_sdxls_attention_is_counted_at_its_first_attention_level() -> None:
+    # at 1024x1024 SDXL's first attention has 64x64 tokens and 10 heads: that matrix, batch 1, CFG, fp16
+    estimate = estimate_request_bytes(1024, 1024, 1, 2, ModelShape(attention_heads=10, attention_level=1))
+    assert estimate.unet_attention == (64 * 64) ** 2 * 10 * 2 * 2
 
 
 def test_a_request_that_could_never_fit_is_an_invalid_argument_naming_the_limit() -> None:
