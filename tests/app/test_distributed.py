@@ -69,6 +69,15 @@ class Rank:
             if text in line:
                 return line
 
+    def exits_with(self, code: int) -> bool:
+        """Whether the rank exits with `code`; otherwise fails with what it printed."""
+        status = self.process.wait(timeout=REQUEST_S)
+        printed = []
+        while (line := self.lines.get(timeout=REQUEST_S)) is not None:
+            printed.append(line)
+        assert status == code, f"exited with {status}, printed {printed}"
+        return True
+
 
 def start_rank(rank: int | None, ring: Path, hostfile: Path, models: Path, tmp: Path) -> Rank:
     """Rank `rank` of the group, or (None) a server alone, started the same way."""
@@ -171,20 +180,20 @@ def test_a_lost_rank_1_gives_unavailable_and_rank_0_exits_for_a_restart(
                 rank1.process.send_signal(fault)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert message in raised.value.details()
-    assert rank0.process.wait(timeout=REQUEST_S) == EXIT_GROUP_LOST
+    assert rank0.exits_with(EXIT_GROUP_LOST)
 
 
 def test_when_rank_0_dies_rank_1_exits_for_a_restart(group: tuple[Rank, Rank, ImageServiceClient]) -> None:
     rank0, rank1, _ = group
     rank0.process.send_signal(signal.SIGKILL)
-    assert rank1.process.wait(timeout=REQUEST_S) == EXIT_GROUP_LOST
+    assert rank1.exits_with(EXIT_GROUP_LOST)
 
 
 def test_stopping_rank_0_stops_the_group(group: tuple[Rank, Rank, ImageServiceClient]) -> None:
     rank0, rank1, _ = group
     rank0.process.send_signal(signal.SIGTERM)
-    assert rank0.process.wait(timeout=REQUEST_S) == 0
-    assert rank1.process.wait(timeout=REQUEST_S) == 0  # told to stop, not cut off
+    assert rank0.exits_with(0)
+    assert rank1.exits_with(0)  # told to stop, not cut off
 
 
 def test_the_launcher_runs_the_same_command_through_mlx_launch(tmp_path: Path) -> None:
