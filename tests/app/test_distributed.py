@@ -190,7 +190,9 @@ def test_when_rank_0_dies_rank_1_exits_for_a_restart(group: tuple[Rank, Rank, Im
 
 
 def test_stopping_rank_0_stops_the_group(group: tuple[Rank, Rank, ImageServiceClient]) -> None:
-    rank0, rank1, _ = group
+    rank0, rank1, client = group
+    # After a request: serve takes over SIGTERM once it has printed where it listens, not before.
+    assert len(pngs(client.generate(dataclasses.replace(REQUEST, batch_size=2)))) == 2
     rank0.process.send_signal(signal.SIGTERM)
     assert rank0.exits_with(0)
     assert rank1.exits_with(0)  # told to stop, not cut off
