@@ -210,22 +210,25 @@ def start_server(settings: ServerSettings, engine: Engine | None = None) -> Runn
     return RunningServer(server, f"{host}:{port}", identity, models, engine, settings.shutdown_grace, streams)
 
 
-def run_until_signalled(running: RunningServer) -> signal.Signals:
-    """Blocks until SIGINT or SIGTERM, then stops the server gracefully; returns the signal."""
+def run_until_signalled(running: RunningServer, stop: threading.Event | None = None) -> signal.Signals | None:
+    """Blocks until SIGINT or SIGTERM (or until `stop` is set), then stops the server gracefully;
+    returns the signal (None when `stop` ended it)."""
     received: list[signal.Signals] = []
-    stop = threading.Event()
+    signalled = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         received.append(signal.Signals(signum))
-        stop.set()
+        signalled.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not stop.wait(timeout=1.0):  # a timed wait keeps the main thread responsive to signals
+        # A timed wait keeps the main thread responsive to signals.
+        while not signalled.wait(timeout=1.0) and not (stop is not None and stop.is_set()):
             pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    log.info("received %s; stopping (grace %.0f s)", received[0].name, running.shutdown_grace)
+    if received:
+        log.info("received %s; stopping (grace %.0f s)", received[0].name, running.shutdown_grace)
     running.stop(running.shutdown_grace)
-    return received[0]
+    return received[0] if received else None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
@@ -19,6 +21,15 @@ from grpc_service.defaults import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SERVER
 from mlx_sd import __version__
 from mlx_sd.app.config import CONFIG_FILE_META_KEY, SERVE_ARGS, ServeCommand, config_app
 from mlx_sd.app.discovery import advertise, discover_command
+from mlx_sd.app.distributed import (
+    DEFAULT_RANK_TIMEOUT_S,
+    exit_group_lost,
+    group_env,
+    join_group,
+    launch_group,
+    rank_zero_engine,
+    run_follower,
+)
 from mlx_sd.app.doctor import doctor_command
 from mlx_sd.app.options import (
     DEFAULT_MAX_UPLOAD_SIZE,
@@ -186,13 +197,28 @@ def serve(
     log_level: Annotated[LogLevel, typer.Option(help="debug also logs prompts; info: one line per request.")] = (
         LogLevel.info
     ),
+    # Several machines as one server (docs/distributed.md).
+    hostfile: Annotated[
+        Path | None,
+        typer.Option(help="mlx.launch's JSON host file: serve with one process per host (docs/distributed.md).",
+                     dir_okay=False),
+    ] = None,
+    rank_timeout: Annotated[
+        float, typer.Option(help="With --hostfile: seconds rank 0 waits for the other ranks before restarting the group.",
+                            min=1)
+    ] = DEFAULT_RANK_TIMEOUT_S,
 ) -> None:
     """Run the gRPC server until SIGINT/SIGTERM (TLS on, with a generated certificate unless one is given).
 
     gRPCServerCLI's command lines work too: its other options are ignored or refused (docs/drawthings.md).
     """
-    rotate_service_log()
+    if not group_env():  # a group's ranks write to their launcher's log
+        rotate_service_log()
     logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if hostfile is not None and not group_env():  # the launcher; the ranks need no host file of their own
+        if not hostfile.is_file():
+            fail(f"--hostfile: no such file: {hostfile}")
+        raise typer.Exit(launch_group(hostfile, [os.path.abspath(sys.argv[0]), *sys.argv[1:]]))
     configure_blas()
     from grpc_service.server import (
         ServerSettings,
@@ -232,8 +258,13 @@ def serve(
     if problem := models_dir_access_problem(settings.models_dir):
         fail("; ".join(problem))
     raise_open_file_limit()
+    group_engine = None
+    if hostfile is not None:  # a rank of a group: rank 0 serves, the others follow
+        if (group := join_group()).rank() != 0:
+            raise typer.Exit(run_follower(group, settings))
+        group_engine = rank_zero_engine(group, settings, rank_timeout)
     try:
-        running = start_server(settings)
+        running = start_server(settings) if group_engine is None else start_server(settings, group_engine)
     except ServerStartError as exc:
         fail(str(exc))
     typer.echo(f"serving models from {settings.models_dir}")
@@ -250,9 +281,14 @@ def serve(
     advertisement = (
         None if no_bonjour else advertise(host, running.port, tls_fingerprint=fingerprint, auth=auth, name=name)
     )
-    run_until_signalled(running)
+    if group_engine is None:
+        run_until_signalled(running)
+    else:  # until a signal, or until the group is lost
+        run_until_signalled(running, group_engine.lost)
     if advertisement is not None:
         advertisement.close()
+    if group_engine is not None and group_engine.lost.is_set():
+        exit_group_lost()
     typer.echo("stopped")
 
 

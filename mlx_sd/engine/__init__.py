@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import mlx.core as mx
 
     from mlx_sd.engine.backends import Backend
+    from mlx_sd.engine.pipeline import Pipeline
 
 DEFAULT_MAX_QUEUED = 8
 
@@ -43,29 +44,43 @@ def create_engine(models_dir: Path, *, cache_dir: Path | None = None, dtype: mx.
                   memory_budget: int | None = None, low_memory: bool = False,
                   backend: Backend | str | None = None, pad_attention_heads: bool = False,
                   prediction_type: str = "auto") -> Engine:
-    """A worker running the pipeline over `models_dir`.
+    """A worker running the pipeline over `models_dir` (see `create_pipeline` for the options).
 
-    Converted weights are cached in `cache_dir` (none when None); `quantize_bits` (4 or 8) quantizes
-    the UNet's and text encoder's linear layers after loading. Memory MLX kept for reuse is
-    handed back after every job, so an idle server holds only the loaded model. Requests that do not
-    fit in `memory_budget` bytes (default: `default_budget()`) are refused before they start.
-    `low_memory` frees the text encoder between prompt encodings (see `ModelStore`). `backend` runs
-    the networks (mlx_sd.engine.backends; default: `MLX_SD_BACKEND`). `pad_attention_heads`: see `ModelStore`.
-    `prediction_type` is what the UNets predict ("auto": decided per model, mlx_sd.engine.prediction).
+    Memory MLX kept for reuse is handed back after every job, so an idle server holds only the
+    loaded model.
     """
     import mlx.core as mx
 
     from mlx_sd.cpu.runtime import release_memory
+    from mlx_sd.engine.worker import GenerationWorker
+
+    pipeline = create_pipeline(models_dir, cache_dir=cache_dir, dtype=dtype, quantize_bits=quantize_bits,
+                               memory_budget=memory_budget, low_memory=low_memory, backend=backend,
+                               pad_attention_heads=pad_attention_heads, prediction_type=prediction_type)
+    # MLX streams belong to the thread that made them; unless that thread destroys them as it ends
+    # (after shutdown), the process aborts at exit with "terminate called without an active exception".
+    return GenerationWorker(pipeline, max_queued=max_queued, after_job=release_memory, on_exit=mx.clear_streams)
+
+
+def create_pipeline(models_dir: Path, *, cache_dir: Path | None = None, dtype: mx.Dtype | str | None = None,
+                    quantize_bits: int | None = None, memory_budget: int | None = None, low_memory: bool = False,
+                    backend: Backend | str | None = None, pad_attention_heads: bool = False,
+                    prediction_type: str = "auto") -> Pipeline:
+    """The pipeline over `models_dir`.
+
+    Converted weights are cached in `cache_dir` (none when None); `quantize_bits` (4 or 8) quantizes
+    the UNet's and text encoder's linear layers after loading. Requests that do not fit in
+    `memory_budget` bytes (default: `default_budget()`) are refused before they start.
+    `low_memory` frees the text encoder between prompt encodings (see `ModelStore`). `backend` runs
+    the networks (mlx_sd.engine.backends; default: `MLX_SD_BACKEND`). `pad_attention_heads`: see `ModelStore`.
+    `prediction_type` is what the UNets predict ("auto": decided per model, mlx_sd.engine.prediction).
+    """
     from mlx_sd.engine.memory_budget import MemoryBudget, default_budget
     from mlx_sd.engine.model_store import ModelStore
     from mlx_sd.engine.pipeline import Pipeline
-    from mlx_sd.engine.worker import GenerationWorker
 
     store = ModelStore(models_dir, dtype=dtype, cache_dir=cache_dir, quantize_bits=quantize_bits,
                        low_memory=low_memory, backend=backend, pad_attention_heads=pad_attention_heads,
                        prediction_type=prediction_type)
     budget = MemoryBudget(memory_budget) if memory_budget else default_budget()
-    # MLX streams belong to the thread that made them; unless that thread destroys them as it ends
-    # (after shutdown), the process aborts at exit with "terminate called without an active exception".
-    return GenerationWorker(Pipeline(store, budget), max_queued=max_queued, after_job=release_memory,
-                            on_exit=mx.clear_streams)
+    return Pipeline(store, budget)

@@ -75,3 +75,8 @@ class ChecksumMismatch(MlxSdError):
 
 class ShuttingDown(MlxSdError):
     """The server is stopping and takes no new work."""
+
+
+class RankLost(ShuttingDown):
+    """A rank of a group of machines died or stopped answering (mlx_sd.engine.distributed): the
+    request ends, and the server exits for its service manager to restart the group."""

@@ -11,7 +11,7 @@ torch-compatible CPU generator, so an image can be reproduced alone from the see
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -58,8 +58,10 @@ class Pipeline:
         self._train_sigmas = schedules.train_sigmas()
         self._extra_networks = ExtraNetworks(store.models_dir)
 
-    def __call__(self, request: GenerationRequest, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Event]:
-        """Generate the images of a validated request."""
+    def __call__(self, request: GenerationRequest, is_cancelled: Callable[[], bool] = lambda: False,
+                 images: Sequence[int] | None = None) -> Iterator[Event]:
+        """Generate the images of a validated request; `images` picks some of them by their index in the
+        request, in batches of up to `batch_size` (a rank's share under mlx_sd.engine.distributed)."""
         # Before any sampling: missing face-restoration or upscaler weights fail the request at once.
         restorer = self._restoration.face_restorer() if request.restore_faces else None
         upscaler = self._restoration.required_upscaler() if request.upscale else None
@@ -87,9 +89,10 @@ class Pipeline:
         prepared = _prepared(request)  # image to image: its init image and mask at the sampling size
         if prepared is not None:
             strength = request.denoising_strength
-        images = []
-        for batch in range(request.batch_count):
-            seeds = [seed + batch * request.batch_size + i for i in range(request.batch_size)]
+        indices = range(request.batch_count * request.batch_size) if images is None else list(images)
+        generated = []
+        for start in range(0, len(indices), request.batch_size):
+            seeds = [seed + i for i in indices[start:start + request.batch_size]]
             pixels = yield from self._batch(model, request, seeds, cond, uncond, first_pass, strength, prepared,
                                             is_cancelled)
             if pixels is None:
@@ -113,8 +116,8 @@ class Pipeline:
                     upscaled_by=upscale_by, lora_hashes=extras.lora_hashes, lora_tags=extras.added_tags,
                     img2img=img2img.parameters(request) if prepared is not None else (),
                 )
-                images.append(GeneratedImage(image, item_seed, parameters))
-        yield GenerationResult(images)
+                generated.append(GeneratedImage(image, item_seed, parameters))
+        yield GenerationResult(generated)
 
     def _batch(self, model: LoadedModel, request: GenerationRequest, seeds: list[int], cond: Conditioning,
                uncond: Conditioning, first_pass: tuple[int, int] | None, strength: float,

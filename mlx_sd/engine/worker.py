@@ -111,14 +111,22 @@ class GenerationWorker:
         if running is not None:
             running.cancel(ShuttingDown(_SHUTDOWN_MESSAGE))
 
-    def _abandon_waiting(self) -> None:
+    def abandon(self, reason: Exception) -> None:
+        """Stops taking work and ends every job with `reason` at once, the running one too, without
+        waiting for the thread, which may never come back (a collective a lost machine never joins)."""
+        self._stop_taking_work()
+        self._abandon_waiting(reason)
+        with self._lock:
+            running = self._running
+        if running is not None:
+            _end(running, reason)
+
+    def _abandon_waiting(self, reason: Exception | None = None) -> None:
         """Ends every job still queued: taken off the queue, its reader told at once."""
         with self._lock:
             jobs, self._waiting = list(self._waiting), deque()
         for job in jobs:
-            job.cancel(ShuttingDown(_SHUTDOWN_MESSAGE))
-            job.outbox.put(job.stop_reason)
-            job.outbox.put(_DONE)
+            _end(job, reason or ShuttingDown(_SHUTDOWN_MESSAGE))
 
     def _stop_taking_work(self) -> None:
         """Refuses new jobs from now on."""
@@ -178,3 +186,10 @@ class GenerationWorker:
             job.outbox.put(_DONE)
             if self._after_job is not None:
                 self._after_job()
+
+
+def _end(job: _Job, reason: Exception) -> None:
+    """Cancels `job` and tells its reader why, now."""
+    job.cancel(reason)
+    job.outbox.put(job.stop_reason)
+    job.outbox.put(_DONE)
