@@ -76,7 +76,7 @@ SPEC_RPCS = {  # name -> (client streaming, server streaming)
 }
 
 
-# Draw Things' protocol (docs: /work/shared/spec/drawthings-wire-facts.md): message -> field -> number.
+# Draw Things' protocol (docs/drawthings.md): message -> field -> number.
 DRAW_THINGS_MESSAGES = {
     "EchoRequest": {"name": 1, "sharedSecret": 2},
     "EchoReply": {"message": 1, "files": 2, "override": 3, "sharedSecretMissing": 4, "thresholds": 5,
