@@ -154,12 +154,18 @@ def mask_tensor(levels: np.ndarray) -> bytes:
     return HEADER.pack(RAW, 1, 1, U8, 0, *levels.shape, *[0] * 10) + levels.astype(np.uint8).tobytes()
 
 
+def box(top: int, bottom: int, left: int, right: int) -> np.ndarray:
+    """A 64x64 boolean mask, true in rows [top, bottom) and columns [left, right)."""
+    inside = np.zeros((64, 64), bool)
+    inside[top:bottom, left:right] = True
+    return inside
+
+
 def test_an_init_image_and_mask_inpaint_as_the_documented_api_does(server_factory, dt_connect, stub_for,
                                                                    tiny_models) -> None:
     server = server_factory()
     client = dt_connect(server)
-    repaint = np.zeros((64, 64), bool)
-    repaint[16:48, 8:40] = True
+    repaint = box(16, 48, 8, 40)
     levels = np.where(repaint, 1, 3) | 0x80  # regenerate / keep in the low bits; the high bits carry alpha
     png_mask = np.where(repaint, 255, 0).astype(np.uint8)
     raw = image_tensor(picture(), compress=True)
@@ -199,8 +205,7 @@ def test_the_mask_outset_grows_or_shrinks_the_mask_as_the_documented_api_does(se
                                                                               tiny_models) -> None:
     server = server_factory()
     client = dt_connect(server)
-    repaint = np.zeros((64, 64), bool)
-    repaint[16:48, 8:40] = True
+    repaint = box(16, 48, 8, 40)
     png_mask = np.where(repaint, 255, 0).astype(np.uint8)
     results = {}
     for outset in (6, -6, 0):
@@ -211,12 +216,10 @@ def test_the_mask_outset_grows_or_shrinks_the_mask_as_the_documented_api_does(se
         assert np.array_equal(results[outset], documented_pixels(
             stub_for, server, init_image=png(picture()), mask=png(png_mask), denoising_strength=0.5,
             mask_outset=outset)[0])
-    grown = np.zeros((64, 64), bool)
-    grown[10:54, 2:46] = True
+    grown = box(10, 54, 2, 46)
     assert np.array_equal(results[6][~grown], picture()[~grown])  # the original kept beyond the grown mask
     assert not np.array_equal(results[6][grown & ~repaint], picture()[grown & ~repaint])  # repainted around it
-    shrunk = np.zeros((64, 64), bool)
-    shrunk[22:42, 14:34] = True
+    shrunk = box(22, 42, 14, 34)
     assert np.array_equal(results[-6][~shrunk], picture()[~shrunk])  # the original kept outside the shrunk mask
     with pytest.raises(grpc.RpcError) as caught:
         request = dt_request(client, strength=0.5, mask_blur_outset=101)
