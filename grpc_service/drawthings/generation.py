@@ -49,7 +49,7 @@ MAPPED = (
     "start_width", "start_height", "seed", "steps", "guidance_scale", "model", "sampler", "batch_count", "batch_size",
     "hires_fix", "hires_fix_start_width", "hires_fix_start_height", "hires_fix_strength", "seed_mode", "clip_skip",
     "face_restoration", "stochastic_sampling_gamma", "upscaler", "upscaler_scale_factor", "strength", "mask_blur",
-    "preserve_original_after_inpaint", "loras",
+    "preserve_original_after_inpaint", "mask_blur_outset", "loras",
     *(SDXL_SIZES := {"original_image_width": "original_width", "original_image_height": "original_height",
                      "crop_top": "crop_top", "crop_left": "crop_left", "target_image_width": "target_width",
                      "target_image_height": "target_height", "negative_original_image_width": "negative_original_width",
@@ -82,7 +82,6 @@ REFUSED: Mapping[str, str] = {
     "compression_artifacts": "simulated compression artifacts are not supported",
     "color_calibration": "colour calibration is not supported",
     "expand_prompt_to_json": "prompt expansion is not supported",
-    "mask_blur_outset": "growing or shrinking the mask is not supported",
 }
 
 _SIGNPOSTS = {  # EventType -> the signpost oneof's field
@@ -140,6 +139,7 @@ def generation_request(message: pb.ImageGenerationRequest) -> GenerationRequest:
         source=source,
         mask_blur=round(config["mask_blur"]) if math.isfinite(config["mask_blur"]) else -1,
         inpaint_no_overlay=not config["preserve_original_after_inpaint"],
+        mask_outset=config["mask_blur_outset"],
         # LoRAs, from the model directory's lora/ folder; those for a refiner alone have no model here.
         loras=tuple(LoraWeight(file, weight) for file, weight, mode in config["loras"] if mode != LORA_REFINER_MODE),
         **{ours: config[theirs] for theirs, ours in SDXL_SIZES.items()},

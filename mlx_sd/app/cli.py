@@ -452,6 +452,9 @@ def generate(
                                        "if transparent).", exists=True, dir_okay=False, readable=True)
     ] = None,
     mask_blur: Annotated[int, typer.Option(help="Blur of the mask's edge, in pixels.")] = 4,
+    mask_outset: Annotated[
+        int, typer.Option(help="Grow the mask by this many pixels before the blur (negative: shrink it).")
+    ] = 0,
     resize_mode: Annotated[
         ResizeChoice, typer.Option(help="How the init image is fitted to --width x --height.")
     ] = ResizeChoice.just,
@@ -520,7 +523,7 @@ def generate(
             seed=seed, sampler=sampler, enable_hr=hires, batch_size=batch_size, batch_count=batch_count,
             denoising_strength=denoise if denoise is not None else DEFAULT_IMG2IMG_STRENGTH if init_image else 0.0,
             init_image=init_image.read_bytes() if init_image else b"", mask=mask.read_bytes() if mask else b"",
-            mask_blur=mask_blur, resize_mode=list(ResizeChoice).index(resize_mode),
+            mask_blur=mask_blur, mask_outset=mask_outset, resize_mode=list(ResizeChoice).index(resize_mode),
             loras=lora_weights(lora or []), clip_skip=clip_skip,
             model=model,
         ))

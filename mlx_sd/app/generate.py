@@ -47,6 +47,7 @@ OPTION_OF_FIELD = {
     "init_image": "--init-image",
     "mask": "--mask",
     "mask_blur": "--mask-blur",
+    "mask_outset": "--mask-outset",
     "enable_hr": "--hires",
     "loras": "--lora",
     "clip_skip": "--clip-skip",

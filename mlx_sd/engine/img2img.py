@@ -2,8 +2,8 @@
 
 The steps, in A1111's order (docs/api.md, "Image to image and inpainting"):
 1. `prepare`: the init image and mask fitted to the sampling size (resize mode; or, for "only masked",
-   the mask's bounding box plus padding, widened to the request's aspect ratio); the mask blurred; the
-   masked region pre-filled for `InpaintingFill.FILL`.
+   the mask's bounding box plus padding, widened to the request's aspect ratio); the mask grown or shrunk
+   by the outset, then blurred; the masked region pre-filled for `InpaintingFill.FILL`.
 2. The pipeline encodes the image (posterior mean) and `start_latents` noises it to the schedule point
    of the strength: the last int(strength x steps) steps run (`start_index`). Strength 1 starts from
    pure noise, exactly as text to image; strength 0 samples nothing.
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from mlx_sd.engine.request import GenerationRequest
 
 MAX_MASK_BLUR = 64  # pixels
+MAX_MASK_OUTSET = 100  # pixels either way, Draw Things' range
 MAX_PADDING = 256  # pixels around the mask for "only masked"
 INPAINTING_CHANNELS = 9  # latents, mask, masked image's latents
 _FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))  # A1111's (blur radius, repeats)
@@ -61,8 +62,10 @@ def parameters(request: GenerationRequest) -> tuple[tuple[str, str], ...]:
     fields = [("Denoising strength", f"{request.denoising_strength:g}"),
               ("Resize mode", _RESIZE_NAMES[ResizeMode(request.resize_mode)])]
     if request.source is not None and request.source.mask is not None:
-        fields += [("Mask blur", str(request.mask_blur)),
-                   ("Masked content", _FILL_NAMES[InpaintingFill(request.inpainting_fill)]),
+        fields += [("Mask blur", str(request.mask_blur))]
+        if request.mask_outset:
+            fields.append(("Mask outset", str(request.mask_outset)))
+        fields += [                   ("Masked content", _FILL_NAMES[InpaintingFill(request.inpainting_fill)]),
                    ("Inpaint area", "Only masked" if request.inpaint_full_res else "Whole picture")]
         if request.inpaint_full_res:
             fields.append(("Masked area padding", str(request.inpaint_full_res_padding)))
@@ -131,12 +134,12 @@ def inpainting_conditioning(prepared: Prepared | None, width: int, height: int,
 
 
 def prepare(source: Source, width: int, height: int, resize_mode: int, mask_blur: int, full_res: bool,
-            padding: int, fill: int, overlay: bool) -> Prepared:
+            padding: int, fill: int, overlay: bool, mask_outset: int) -> Prepared:
     """`source` fitted to `width`x`height` for sampling, as A1111's img2img prepares it."""
     mode = ResizeMode(resize_mode)
     if source.mask is None:
         return Prepared(resize(source.image, width, height, mode), None, None)
-    blurred = _blur(source.mask, mask_blur)
+    blurred = _blur(outset(source.mask, mask_outset), mask_blur)
     box = _crop_box(blurred, padding, width, height) if full_res else None
     if box is None:
         pixels = resize(source.image, width, height, mode)
@@ -153,6 +156,25 @@ def prepare(source: Source, width: int, height: int, resize_mode: int, mask_blur
     if InpaintingFill(fill) is InpaintingFill.FILL:
         pixels = _fill(pixels, mask)
     return Prepared(pixels, mask, pasted)
+
+
+def outset(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """`mask` grown by `pixels` (a grey-level dilation: each pixel the maximum of the (2n+1)x(2n+1)
+    square around it), or shrunk by -`pixels` (erosion: the minimum); outside the image does not count."""
+    if pixels == 0:
+        return mask
+    extreme, radius = (np.maximum if pixels > 0 else np.minimum), abs(pixels)
+    return _running_extreme(_running_extreme(mask, radius, extreme).T, radius, extreme).T
+
+
+def _running_extreme(values: np.ndarray, radius: int, extreme: np.ufunc) -> np.ndarray:
+    """The `extreme` of each 2*radius+1 rows around each row, the edge rows repeated (so they never win
+    over rows inside), in O(log radius) passes: windows of doubling length, then two overlapping."""
+    size, count = 2 * radius + 1, values.shape[0]
+    runs, length = np.pad(values, ((radius, radius), (0, 0)), mode="edge"), 1  # runs[i]: rows [i, i + length)
+    while 2 * length <= size:
+        runs, length = extreme(runs[:-length], runs[length:]), 2 * length
+    return extreme(runs[:count], runs[size - length:size - length + count])
 
 
 def _blur(mask: np.ndarray, radius: int) -> np.ndarray:

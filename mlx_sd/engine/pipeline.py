@@ -249,4 +249,4 @@ def _prepared(request: GenerationRequest) -> img2img.Prepared | None:
         return None
     return img2img.prepare(request.source, request.width, request.height, request.resize_mode, request.mask_blur,
                            request.inpaint_full_res, request.inpaint_full_res_padding, request.inpainting_fill,
-                           overlay=not request.inpaint_no_overlay)
+                           overlay=not request.inpaint_no_overlay, mask_outset=request.mask_outset)

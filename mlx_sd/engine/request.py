@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from mlx_sd.engine import init_images
 from mlx_sd.engine.errors import InvalidRequest
-from mlx_sd.engine.img2img import MAX_MASK_BLUR, MAX_PADDING, InpaintingFill
+from mlx_sd.engine.img2img import MAX_MASK_BLUR, MAX_MASK_OUTSET, MAX_PADDING, InpaintingFill
 from mlx_sd.engine.init_images import ResizeMode, Source
 from mlx_sd.engine.lora import LoraWeight
 from mlx_sd.engine.lora import validated as validated_loras
@@ -90,6 +90,7 @@ class GenerationRequest:
     inpaint_full_res_padding: int = 0
     inpainting_fill: int = 0  # an InpaintingFill
     inpaint_no_overlay: bool = False  # keep the generated pixels outside the mask too
+    mask_outset: int = 0  # pixels the mask grows (negative: shrinks) by, before the blur
     source: Source | None = field(default=None, compare=False, repr=False)
     # LoRAs merged for this request, besides those its prompt names with <lora:name:weight>
     loras: tuple[LoraWeight, ...] = ()
@@ -191,6 +192,7 @@ class GenerationRequest:
             raise InvalidRequest("enable_hr", "the hires fix is for text to image; image to image has none "
                                               "(as in A1111)")
         _int_in_range("mask_blur", self.mask_blur, 0, MAX_MASK_BLUR)
+        _int_in_range("mask_outset", self.mask_outset, -MAX_MASK_OUTSET, MAX_MASK_OUTSET)
         _int_in_range("inpaint_full_res_padding", self.inpaint_full_res_padding, 0, MAX_PADDING)
         _int_in_range("resize_mode", self.resize_mode, 0, len(ResizeMode) - 1)
         _int_in_range("inpainting_fill", self.inpainting_fill, 0, len(InpaintingFill) - 1)

@@ -190,14 +190,14 @@ def test_image_to_image_locally_and_remotely_writes_the_same_images(server_facto
     mask.paste(255, (16, 16, 48, 48))
     mask.save(tmp_path / "mask.png")
     request = ["a red fox", *SMALL, "--steps", 4, "--seed", 3, "--init-image", image, "--mask", tmp_path / "mask.png",
-               "--denoise", 0.5, "--mask-blur", 2, "--resize-mode", "crop"]
+               "--denoise", 0.5, "--mask-blur", 2, "--mask-outset", 3, "--resize-mode", "crop"]
     local_run = local(tiny_models, tmp_path / "local", *request)
     expected = written(local_run)
     assert re.search(r"\b2/2\b", local_run.stderr)  # int(0.5 * 4) steps
     remote = written(run(*request, *trust(server_factory()), "--out", tmp_path / "remote"))
     assert [p.read_bytes() for p in remote] == [p.read_bytes() for p in expected]
     text = Image.open(expected[0]).text["parameters"]
-    assert "Denoising strength: 0.5, Resize mode: Crop and resize, Mask blur: 2" in text
+    assert "Denoising strength: 0.5, Resize mode: Crop and resize, Mask blur: 2, Mask outset: 3" in text
 
 
 def test_image_to_image_defaults_to_a1111s_strength(tiny_models: Path, tmp_path: Path) -> None:
@@ -212,6 +212,8 @@ def test_a_bad_init_image_names_its_option(tmp_path: Path) -> None:
     mask = picture_file(tmp_path / "m.png", (32, 32), "L", 255)
     result = run("a fox", "--init-image", picture_file(tmp_path / "a.png"), "--mask", mask, "--out", tmp_path)
     assert result.exit_code == 2 and "--mask (mask)" in result.stderr
+    result = run("a fox", "--init-image", picture_file(tmp_path / "a.png"), "--mask-outset", -101, "--out", tmp_path)
+    assert result.exit_code == 2 and "--mask-outset (mask_outset)" in result.stderr
 
 
 def test_loras_and_clip_skip_locally_and_remotely(server_factory, tiny_models: Path, tmp_path: Path) -> None:

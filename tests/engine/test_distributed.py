@@ -46,7 +46,7 @@ def test_the_request_travels_as_json_of_every_field() -> None:
                                 hires_first_width=64, hires_first_height=64, preview_every=2, seed_mode="cpu",
                                 stochastic_sampling_gamma=0.5, model="other/model.safetensors", upscale=True,
                                 upscale_factor=2, mask_blur=4, resize_mode=1, inpaint_full_res=True,
-                                inpaint_full_res_padding=32, inpainting_fill=1, inpaint_no_overlay=True,
+                                inpaint_full_res_padding=32, inpainting_fill=1, inpaint_no_overlay=True, mask_outset=-7,
                                 original_width=1024, original_height=768, crop_top=8, crop_left=16,
                                 target_width=1024, target_height=960, negative_original_width=512,
                                 negative_original_height=640)

@@ -181,6 +181,7 @@ def test_the_resize_mode_fits_the_init_image_to_the_request(pipeline: Pipeline) 
 def test_image_settings_are_validated() -> None:
     image = png(picture())
     for field, value in (("mask_blur", -1), ("mask_blur", img2img.MAX_MASK_BLUR + 1), ("resize_mode", 3),
+                         ("mask_outset", img2img.MAX_MASK_OUTSET + 1), ("mask_outset", -img2img.MAX_MASK_OUTSET - 1),
                          ("inpainting_fill", 4), ("inpaint_full_res_padding", img2img.MAX_PADDING + 1)):
         with pytest.raises(InvalidRequest) as caught:
             request(init_image=image, **{field: value})
@@ -188,6 +189,32 @@ def test_image_settings_are_validated() -> None:
     with pytest.raises(InvalidRequest) as caught:
         request(init_image=image, enable_hr=True, width=256, height=256)
     assert caught.value.field == "enable_hr"
+
+
+def square_extreme(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """Dilation (pixels > 0) or erosion by a (2n+1)x(2n+1) square, pixel by pixel, clipped to the image."""
+    extreme, n = (np.max if pixels > 0 else np.min), abs(pixels)
+    height, width = mask.shape
+    return np.array([[extreme(mask[max(0, y - n):y + n + 1, max(0, x - n):x + n + 1]) for x in range(width)]
+                     for y in range(height)], mask.dtype)
+
+
+@pytest.mark.parametrize("pixels", [1, 2, 3, 5, 8, 13, 40, -1, -3, -6, -13, -40])
+def test_the_outset_grows_or_shrinks_the_mask_by_a_square(pixels: int) -> None:
+    grey = np.random.default_rng(pixels + 50).integers(0, 256, (23, 31), dtype=np.uint8)
+    sparse = np.where(np.random.default_rng(pixels + 150).random((29, 17)) < 0.97, 0, 255).astype(np.uint8)
+    for mask in (grey, sparse, 255 - sparse):
+        assert np.array_equal(img2img.outset(mask, pixels), square_extreme(mask, pixels))
+    assert np.array_equal(img2img.outset(grey, 0), grey)
+
+
+def test_the_outset_applies_before_the_blur() -> None:
+    mask = block_mask()
+    for pixels, blur in ((3, 0), (-5, 0), (4, 2)):
+        prepared = img2img.prepare(Source(picture(), mask), SIZE, SIZE, ResizeMode.JUST_RESIZE, blur, False, 0, 0,
+                                   overlay=True, mask_outset=pixels)
+        expected = Image.fromarray(square_extreme(mask, pixels)).filter(ImageFilter.GaussianBlur(blur))
+        assert np.array_equal(prepared.mask, np.asarray(expected, np.float32) / 255.0)
 
 
 def test_a_decoded_source_is_taken_as_it_is(pipeline: Pipeline) -> None:

@@ -154,12 +154,18 @@ def mask_tensor(levels: np.ndarray) -> bytes:
     return HEADER.pack(RAW, 1, 1, U8, 0, *levels.shape, *[0] * 10) + levels.astype(np.uint8).tobytes()
 
 
+def box(top: int, bottom: int, left: int, right: int) -> np.ndarray:
+    """A 64x64 boolean mask, true in rows [top, bottom) and columns [left, right)."""
+    inside = np.zeros((64, 64), bool)
+    inside[top:bottom, left:right] = True
+    return inside
+
+
 def test_an_init_image_and_mask_inpaint_as_the_documented_api_does(server_factory, dt_connect, stub_for,
                                                                    tiny_models) -> None:
     server = server_factory()
     client = dt_connect(server)
-    repaint = np.zeros((64, 64), bool)
-    repaint[16:48, 8:40] = True
+    repaint = box(16, 48, 8, 40)
     levels = np.where(repaint, 1, 3) | 0x80  # regenerate / keep in the low bits; the high bits carry alpha
     png_mask = np.where(repaint, 255, 0).astype(np.uint8)
     raw = image_tensor(picture(), compress=True)
@@ -186,16 +192,40 @@ def png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize(("config", "setting"), [({"hires_fix": True}, "hires_fix"),
-                                                  ({"mask_blur_outset": 4}, "mask_blur_outset")])
-def test_image_settings_we_cannot_honour_are_refused(server_factory, dt_connect, tiny_models, config: dict,
-                                                     setting: str) -> None:
+def test_the_hires_fix_with_an_image_is_refused(server_factory, dt_connect, tiny_models) -> None:
     client = dt_connect(server_factory())
-    request = dt_request(client, **config)
+    request = dt_request(client, hires_fix=True)
     request.image = image_tensor(picture())
     with pytest.raises(grpc.RpcError) as caught:
         list(client.generate(request))
-    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and caught.value.details().startswith(setting)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and caught.value.details().startswith("hires_fix")
+
+
+def test_the_mask_outset_grows_or_shrinks_the_mask_as_the_documented_api_does(server_factory, dt_connect, stub_for,
+                                                                              tiny_models) -> None:
+    server = server_factory()
+    client = dt_connect(server)
+    repaint = box(16, 48, 8, 40)
+    png_mask = np.where(repaint, 255, 0).astype(np.uint8)
+    results = {}
+    for outset in (6, -6, 0):
+        request = dt_request(client, strength=0.5, mask_blur_outset=outset)
+        request.image, request.mask = image_tensor(picture()), mask_tensor(np.where(repaint, 1, 3))
+        (data,), _ = collect_images(client.generate(request))
+        results[outset] = decode_image(data)
+        assert np.array_equal(results[outset], documented_pixels(
+            stub_for, server, init_image=png(picture()), mask=png(png_mask), denoising_strength=0.5,
+            mask_outset=outset)[0])
+    grown = box(10, 54, 2, 46)
+    assert np.array_equal(results[6][~grown], picture()[~grown])  # the original kept beyond the grown mask
+    assert not np.array_equal(results[6][grown & ~repaint], picture()[grown & ~repaint])  # repainted around it
+    shrunk = box(22, 42, 14, 34)
+    assert np.array_equal(results[-6][~shrunk], picture()[~shrunk])  # the original kept outside the shrunk mask
+    with pytest.raises(grpc.RpcError) as caught:
+        request = dt_request(client, strength=0.5, mask_blur_outset=101)
+        request.image, request.mask = image_tensor(picture()), mask_tensor(np.where(repaint, 1, 3))
+        list(client.generate(request))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mask_outset" in caught.value.details()
 
 
 def test_a_2048_square_image_tensor_fits_in_a_request(server_factory, dt_connect, tiny_models) -> None:

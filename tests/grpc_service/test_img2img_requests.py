@@ -67,7 +67,7 @@ INT32 = st.one_of(st.sampled_from([0, 1, -1, 64, 65, 256, 257, 2**31 - 1, -(2**3
 IMAGE_REQUESTS = st.builds(
     pb.ImageGenerationRequest, prompt=st.just("x"), width=st.just(64), height=st.just(64), init_image=IMAGE_BYTES,
     mask=IMAGE_BYTES, mask_blur=INT32, resize_mode=INT32, inpaint_full_res=st.booleans(),
-    inpaint_full_res_padding=INT32, inpainting_fill=INT32, inpaint_no_overlay=st.booleans(),
+    inpaint_full_res_padding=INT32, inpainting_fill=INT32, inpaint_no_overlay=st.booleans(), mask_outset=INT32,
     denoising_strength=st.floats(width=32), enable_hr=st.booleans(),
 )
 
