@@ -37,6 +37,7 @@ import numpy as np
 
 from mlx_sd.engine.errors import MlxSdError, RankLost
 from mlx_sd.engine.events import SAMPLING_STAGES, GeneratedImage, GenerationResult, ProgressEvent
+from mlx_sd.engine.lora import LoraWeight
 from mlx_sd.engine.request import GenerationRequest
 from mlx_sd.engine.worker import GenerationWorker
 
@@ -55,6 +56,8 @@ _RUNNING, _DONE = 0, 1
 _SIGNATURE = 8  # bytes after each rank's part of a collective: its rank + 1
 _RANK_0_FIELDS = ("init_image", "mask", "source")  # image to image's, which only rank 0 holds
 _DEFAULT = GenerationRequest()
+# Fields JSON carries as lists of objects, and how each is rebuilt (every other field is a scalar).
+_REBUILD = {"loras": lambda items: tuple(LoraWeight(**item) for item in items)}
 
 
 def _signature(rank: int) -> np.ndarray:
@@ -73,7 +76,7 @@ def encode_request(request: GenerationRequest | None) -> np.ndarray:
         field.name: getattr(request, field.name) for field in dataclasses.fields(request)
         if field.name not in _RANK_0_FIELDS
     }
-    body = json.dumps(fields, ensure_ascii=False).encode()
+    body = json.dumps(fields, ensure_ascii=False, default=dataclasses.asdict).encode()
     if len(body) > MESSAGE_BYTES - _HEADER.size:
         raise MlxSdError(f"the request takes {len(body)} bytes, more than the {MESSAGE_BYTES} a message holds")
     message = np.zeros(MESSAGE_BYTES, np.uint8)
@@ -84,7 +87,9 @@ def encode_request(request: GenerationRequest | None) -> np.ndarray:
 def decode_request(message: np.ndarray) -> GenerationRequest | None:
     (length,) = _HEADER.unpack(message[:_HEADER.size].tobytes())
     fields = json.loads(message[_HEADER.size:_HEADER.size + length].tobytes())
-    return None if fields is None else GenerationRequest(**fields)
+    if fields is None:
+        return None
+    return GenerationRequest(**{name: _REBUILD.get(name, lambda value: value)(value) for name, value in fields.items()})
 
 
 class Links:

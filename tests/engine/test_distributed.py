@@ -13,6 +13,7 @@ from grpc_service.status import status_for
 from mlx_sd.engine.distributed import decode_request, encode_request, share_of, spreads
 from mlx_sd.engine.errors import RankLost
 from mlx_sd.engine.events import GenerationResult
+from mlx_sd.engine.lora import LoraWeight
 from mlx_sd.engine.model_store import ModelStore
 from mlx_sd.engine.pipeline import Pipeline
 from mlx_sd.engine.request import MAX_PROMPT_CHARS, GenerationRequest
@@ -49,7 +50,8 @@ def test_the_request_travels_as_json_of_every_field() -> None:
                                 inpaint_full_res_padding=32, inpainting_fill=1, inpaint_no_overlay=True, mask_outset=-7,
                                 original_width=1024, original_height=768, crop_top=8, crop_left=16,
                                 target_width=1024, target_height=960, negative_original_width=512,
-                                negative_original_height=640)
+                                negative_original_height=640,
+                                loras=(LoraWeight("styles/ink", 0.7), LoraWeight("detail.safetensors", -1.5)))
     travelling = [f for f in request.__dataclass_fields__ if f not in ("init_image", "mask", "source")]
     assert all(getattr(request, f) != getattr(GenerationRequest(), f) for f in travelling)
     assert spreads(request)
