@@ -44,6 +44,18 @@ def test_the_shape_is_read_from_the_models_configs() -> None:
         ModelShape(attention_heads=5, vae_full_resolution_channels=32)
 
 
+def test_sdxl_attention_is_counted_at_its_first_attention_level_and_its_upcast_vae_in_fp32() -> None:
+    sdxl = UNetConfig(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                      block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20))
+    shape = ModelShape.of(sdxl, VAEConfig(), vae_itemsize=4)
+    assert shape == ModelShape(attention_heads=10, attention_level=1, vae_full_resolution_channels=256,
+                               vae_itemsize=4)
+    estimate = estimate_request_bytes(1024, 1024, 1, 2, shape)
+    assert estimate.unet_attention == 4096**2 * 10 * 1 * 2 * 2  # 64x64 tokens^2 x heads x batch x CFG x fp16
+    assert estimate.vae_decode == 4 * (1024 * 1024 * 256 * VAE_LIVE_MAPS + 16384**2)  # fp32
+
+
 def test_a_request_that_could_never_fit_is_an_invalid_argument_naming_the_limit() -> None:
     with pytest.raises(InvalidRequest, match=r"memory budget of 1\.00 GiB") as caught:
         MemoryBudget(1024**3).check(2048, 2048, 8, 2, in_use=0)
