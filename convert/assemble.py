@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from convert import keymaps
+from convert.families import SD1, Family, detect_diffusers, detect_single_file, single_file_sections
 from convert.formats import CheckpointLayout, SafetensorsHeader, TensorInfo, read_config, read_header
 from convert.infer_config import INFER
 from convert.reader import ReaderFactory, Request, TensorReader
@@ -27,27 +28,33 @@ from mlx_sd.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_sd.models.unet import UNet2DConditionModel, UNetConfig
 from mlx_sd.models.vae import AutoencoderKL, VAEConfig
 
-NETWORKS = ("text_encoder", "unet", "vae")
+NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae")  # a family has some of them (Family.networks)
 MODEL_TYPES: dict[str, type[nn.Module]] = {
     "text_encoder": CLIPTextModel,
+    "text_encoder_2": CLIPTextModel,
     "unet": UNet2DConditionModel,
     "vae": AutoencoderKL,
 }
-CONFIG_TYPES = {"text_encoder": CLIPTextConfig, "unet": UNetConfig, "vae": VAEConfig}
+CONFIG_TYPES = {"text_encoder": CLIPTextConfig, "text_encoder_2": CLIPTextConfig, "unet": UNetConfig,
+                "vae": VAEConfig}
 _SHOWN = 10  # names listed per category in an error; the rest are counted
 EVAL_GROUP_BYTES = 64 << 20  # converted tensors evaluated together (see assemble)
 
 
 @dataclass(frozen=True)
 class SD1Configs:
-    """Per-network configs; a None entry is read from the checkpoint (config.json or shapes)."""
+    """Per-network configs of a model of any family (the name is historical); a None entry is read
+    from the checkpoint (config.json or shapes)."""
 
     text_encoder: CLIPTextConfig | None = None
     unet: UNetConfig | None = None
     vae: VAEConfig | None = None
+    text_encoder_2: CLIPTextConfig | None = None  # SDXL's OpenCLIP bigG
 
     def to_dict(self) -> dict[str, dict[str, Any] | None]:
-        return {n: dataclasses.asdict(c) if (c := getattr(self, n)) else None for n in NETWORKS}
+        # An absent second text encoder is left out, so SD 1.x's cache names stay as they were.
+        return {n: dataclasses.asdict(c) if (c := getattr(self, n)) else None for n in NETWORKS
+                if n != "text_encoder_2" or c is not None}
 
     @classmethod
     def from_dict(cls, data: dict[str, dict[str, Any] | None]) -> SD1Configs:
@@ -56,13 +63,22 @@ class SD1Configs:
 
 @dataclass
 class SD1Models:
-    text_encoder: CLIPTextModel
+    """The networks of a model of any family (the name is historical): those its family lacks are
+    None (SDXL's refiner has no `text_encoder`; only SDXL has `text_encoder_2`)."""
+
+    text_encoder: CLIPTextModel | None
     unet: UNet2DConditionModel
     vae: AutoencoderKL
+    text_encoder_2: CLIPTextModel | None = None
+    family: Family = SD1
 
     @property
     def configs(self) -> SD1Configs:
-        return SD1Configs(self.text_encoder.config, self.unet.config, self.vae.config)
+        return SD1Configs(**{n: network.config for n in NETWORKS if (network := getattr(self, n)) is not None})
+
+    def networks(self) -> dict[str, nn.Module]:
+        """The family's networks by name."""
+        return {n: getattr(self, n) for n in self.family.networks}
 
 
 @dataclass
@@ -73,16 +89,26 @@ class NetworkSource:
     tensors: dict[str, TensorInfo] = field(default_factory=dict)  # our name -> its checkpoint tensor
     unexpected: list[str] = field(default_factory=list)
     config_json: dict[str, Any] | None = None
+    transposed: set[str] = field(default_factory=set)  # our names of tensors stored transposed
 
     def add_file(self, header: SafetensorsHeader, keys: dict[str, str], keymap: keymaps.KeyMap) -> None:
         """`keys` maps each key as the tables see it (section prefix removed) to its key in the file."""
         for key, file_key in keys.items():
             name = keymap.rename(key)
-            if name is None or name in self.keys:
+            parts = keymap.parts(name) if name is not None else []
+            if not parts or any(part in self.keys for part in parts):
                 self.unexpected.append(file_key)
-            else:
-                self.keys[name] = (header.path, file_key)
-                self.tensors[name] = header.tensors[file_key]
+                continue
+            info = header.tensors[file_key]
+            for index, part in enumerate(parts):
+                self.keys[part] = (header.path, file_key)
+                self.tensors[part] = info if len(parts) == 1 else info.rows(index, len(parts))
+            self.transposed |= keymap.transposed & set(parts)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's checkpoint shape the way round our network holds it."""
+        shape = self.tensors[name].shape
+        return shape[::-1] if name in self.transposed else shape
 
 
 def _weight_keys(header: SafetensorsHeader) -> list[str]:
@@ -93,49 +119,77 @@ def _vae_keymap(keys: list[str]) -> keymaps.KeyMap:
     return keymaps.vae_original_for(keys) if keymaps.is_original_vae(keys) else keymaps.VAE_DIFFUSERS
 
 
-def plan_sources(layout: CheckpointLayout) -> tuple[dict[str, NetworkSource], list[str]]:
-    """Rename every tensor of the layout's files; also returns keys that belong to no network."""
+def _text_encoder_keymap(kind: str, keys: list[str], family: Family) -> keymaps.KeyMap:
+    if kind == "clip":
+        return keymaps.CLIP
+    layers = keymaps.open_clip_layers(keys)
+    return keymaps.open_clip(layers - 1 if family.drops_last_text_layer else layers)
+
+
+def _dropped(key: str, keymap: keymaps.KeyMap, family: Family) -> bool:
+    """Whether `key` is of what SD 2.x's files carry of OpenCLIP but the model never runs: its last
+    layer and the projection of its pooled output (only SDXL reads a pooled output)."""
+    if not family.drops_last_text_layer:
+        return False
+    return key == "text_projection" or (key.startswith("transformer.resblocks.") and keymap.rename(key) is None)
+
+
+def plan_sources(layout: CheckpointLayout) -> tuple[dict[str, NetworkSource], list[str], Family]:
+    """Rename every tensor of the layout's files; also returns keys that belong to no network, and
+    the model's family."""
     sources = {n: NetworkSource() for n in NETWORKS}
     stray: list[str] = []
     if layout.single_file is not None:
         header = read_header(layout.single_file)
+        weight_keys = _weight_keys(header)
+        family = detect_single_file(weight_keys, layout.single_file)
+        prefixes = single_file_sections(family)
         sections: dict[str, dict[str, str]] = {n: {} for n in NETWORKS}
-        for key in _weight_keys(header):
-            prefix = next((p for p in keymaps.SINGLE_FILE_SECTIONS if key.startswith(p)), None)
+        for key in weight_keys:
+            prefix = next((p for p in prefixes if key.startswith(p)), None)
             if prefix is None:
                 stray.append(key)
             else:
-                sections[keymaps.SINGLE_FILE_SECTIONS[prefix]][key[len(prefix) :]] = key
+                sections[prefixes[prefix]][key[len(prefix) :]] = key
         section_maps = {
             "unet": keymaps.unet_original_for(sections["unet"]),
             "vae": keymaps.vae_original_for(sections["vae"]),
-            "text_encoder": keymaps.CLIP,
         }
-        for network in NETWORKS:
+        for prefix, (network, kind) in family.text_encoders.items():
+            keymap = section_maps[network] = _text_encoder_keymap(kind, list(sections[network]), family)
+            sections[network] = {k: v for k, v in sections[network].items() if not _dropped(k, keymap, family)}
+        for network in family.networks:
             if not (network == "vae" and layout.vae_override):  # an override replaces that section
                 sources[network].add_file(header, sections[network], section_maps[network])
+    else:
+        folder = layout.diffusers["unet"].parent.parent
+        text_encoders = {n: read_config(path) for n, path in layout.diffusers.items() if n.startswith("text_encoder")}
+        family = detect_diffusers(read_config(layout.diffusers["unet"]), text_encoders, folder)
     for network, path in (layout.diffusers or {}).items():
         header = read_header(path)
         keys = _weight_keys(header)
-        keymap = {"unet": keymaps.UNET_DIFFUSERS, "vae": _vae_keymap(keys), "text_encoder": keymaps.CLIP}[network]
+        keymap = {"unet": keymaps.UNET_DIFFUSERS, "vae": _vae_keymap(keys)}.get(network, keymaps.CLIP)
         sources[network].add_file(header, {k: k for k in keys}, keymap)
         sources[network].config_json = read_config(path)
     if layout.vae_override is not None:
         header = read_header(layout.vae_override)
         keys = _weight_keys(header)
         sources["vae"].add_file(header, {k: k for k in keys}, _vae_keymap(keys))
-    return sources, stray
+    return sources, stray, family
 
 
-def _resolve_config(network: str, source: NetworkSource, override: Any) -> Any:
+def _resolve_config(network: str, source: NetworkSource, override: Any, family: Family) -> Any:
     if override is not None:
         return override
     if source.config_json is not None:
         try:
-            return CONFIG_TYPES[network].from_dict(source.config_json)
+            config = CONFIG_TYPES[network].from_dict(source.config_json)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{network} config.json: {e}") from None
-    return INFER[network]({name: info.shape for name, info in source.tensors.items()})
+        # A standalone or older VAE config may not state it; the family decides.
+        return dataclasses.replace(config, scaling_factor=family.vae_scaling_factor) if (
+            network == "vae" and "scaling_factor" not in source.config_json) else config
+    return INFER[network]({name: source.shape(name) for name in source.tensors}, family)
 
 
 def _abridged(label: str, names: list[str]) -> str:
@@ -150,7 +204,7 @@ def _problems(source: NetworkSource, expected: dict[str, mx.array]) -> list[str]
     mis_shaped = [
         f"{source.keys[n][1]} {source.tensors[n].shape} (model wants {tuple(p.shape)} in MLX layout)"
         for n, p in expected.items()
-        if n in source.keys and mlx_shape(source.tensors[n].shape, p.ndim) != tuple(p.shape)
+        if n in source.keys and mlx_shape(source.shape(n), p.ndim) != tuple(p.shape)
     ]
     return [
         _abridged(label, names)
@@ -191,20 +245,21 @@ def assemble(layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | No
     """Build the three networks from a checkpoint layout, reading the tensors with a `reader()`;
     raises `CheckpointError` on any mismatch."""
     configs = configs or SD1Configs()
-    sources, stray = plan_sources(layout)
+    sources, stray, family = plan_sources(layout)
+    networks = family.networks
     # Parameters start as unevaluated random-init graphs, so building costs no memory until loaded.
-    models = {n: MODEL_TYPES[n](_resolve_config(n, sources[n], getattr(configs, n))) for n in NETWORKS}
-    expected = {n: dict(tree_flatten(models[n].parameters())) for n in NETWORKS}
+    models = {n: MODEL_TYPES[n](_resolve_config(n, sources[n], getattr(configs, n), family)) for n in networks}
+    expected = {n: dict(tree_flatten(models[n].parameters())) for n in networks}
 
-    report = [f"  {n}: {'; '.join(p)}" for n in NETWORKS if (p := _problems(sources[n], expected[n]))]
+    report = [f"  {n}: {'; '.join(p)}" for n in networks if (p := _problems(sources[n], expected[n]))]
     if stray:
         report.append(f"  (no network): {_abridged('unexpected', stray)}")
     if report:
         files = ", ".join(str(p) for p in layout.files)
-        raise CheckpointError(f"{files} does not match the SD-1 architecture:\n" + "\n".join(report))
+        raise CheckpointError(f"{files} does not match the {family.title} architecture:\n" + "\n".join(report))
 
     streams, tensor_reader = _conversion_streams(), reader()
-    for network in NETWORKS:
+    for network in networks:
         weights, previous = [], []
         for group in _groups(sources[network], expected[network]):
             # Each group is read in MLX's layout (the CPU backend's reader reads on every core
@@ -217,8 +272,10 @@ def assemble(layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | No
             tensors = tensor_reader.read([Request(*sources[network].keys[name], info, param.ndim, streams[lane], dtype)
                                    for (name, param), info, lane in zip(group, infos, lanes)])
             converted = []
-            for lane, tensor in zip(lanes, tensors):
+            for lane, tensor, (name, _) in zip(lanes, tensors, group):
                 with mx.stream(streams[lane]):
+                    if name in sources[network].transposed:
+                        tensor = tensor.T
                     converted.append(mx.contiguous(tensor.astype(dtype)))
             mx.async_eval(converted)
             mx.eval(previous)
@@ -226,4 +283,4 @@ def assemble(layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | No
             weights += [(name, tensor) for (name, _), tensor in zip(group, converted)]
         mx.eval(previous)
         models[network].load_weights(weights, strict=True)
-    return SD1Models(**models)
+    return SD1Models(models.get("text_encoder"), models["unet"], models["vae"], models.get("text_encoder_2"), family)

@@ -17,7 +17,8 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from convert.assemble import MODEL_TYPES, NETWORKS, SD1Configs, SD1Models
+from convert.assemble import MODEL_TYPES, SD1Configs, SD1Models
+from convert.families import FAMILIES, SD1
 from convert.formats import CheckpointLayout, read_header
 from convert.reader import ReaderFactory, Request, TensorReader
 from mlx_sd.engine.errors import CheckpointError
@@ -93,14 +94,15 @@ def is_fresh(entry: Path, sources: list[dict[str, Any]]) -> bool:
 
 
 def write_converted(models: SD1Models, path: Path, sources: list[dict[str, Any]]) -> None:
-    """Save all three networks atomically (temporary file, fsync, rename)."""
-    arrays = {f"{n}.{k}": v for n in NETWORKS for k, v in tree_flatten(getattr(models, n).parameters())}
+    """Save the model's networks atomically (temporary file, fsync, rename)."""
+    arrays = {f"{n}.{k}": v for n, network in models.networks().items() for k, v in tree_flatten(network.parameters())}
     dtypes = {v.dtype for v in arrays.values()}
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "dtype": dtype_name(dtypes.pop()) if len(dtypes) == 1 else "mixed",
         "configs": json.dumps(models.configs.to_dict()),
+        "family": models.family.name,
         "sources": json.dumps(sources),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,10 +127,13 @@ def read_converted(path: Path, dtype: mx.Dtype, reader: ReaderFactory = TensorRe
             f"{path} is not an mlx-sd converted file of format version {FORMAT_VERSION}; convert the source again"
         )
     configs = SD1Configs.from_dict(json.loads(metadata["configs"]))
+    family = FAMILIES.get(metadata.get("family", SD1.name))
+    if family is None:
+        raise CheckpointError(f"{path}: converted file of an unknown model family {metadata['family']!r}")
     tensors = dict(header.tensors)
     tensor_reader, stream = reader(), mx.default_stream(mx.cpu)  # as stored: nothing to re-lay out
     models = {}
-    for network in NETWORKS:
+    for network in family.networks:
         model = MODEL_TYPES[network](getattr(configs, network))
         keys = [k for k in tensors if k.startswith(f"{network}.")]
         requests = [Request(path, k, tensors.pop(k), None, stream) for k in keys]
@@ -142,7 +147,7 @@ def read_converted(path: Path, dtype: mx.Dtype, reader: ReaderFactory = TensorRe
         models[network] = model
     if tensors:
         raise CheckpointError(f"{path}: damaged converted file (unexpected keys: {sorted(tensors)[:10]})")
-    return SD1Models(**models)
+    return SD1Models(models.get("text_encoder"), models["unet"], models["vae"], models.get("text_encoder_2"), family)
 
 
 def _take_network(arrays: dict[str, mx.array], network: str, dtype: mx.Dtype) -> list[tuple[str, mx.array]]:

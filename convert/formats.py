@@ -32,7 +32,9 @@ DIFFUSERS_WEIGHT_NAMES = {
     "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"),
     "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"),
     "text_encoder": ("model.safetensors", "model.fp16.safetensors"),
+    "text_encoder_2": ("model.safetensors", "model.fp16.safetensors"),
 }
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,16 @@ class TensorInfo:
     # Where the tensor's bytes lie in the file, checked to be inside its data section.
     start: int
     stop: int
+    # For a part of a stored tensor (rows along its first axis): the first row's index there.
+    row_offset: int = 0
+
+    def rows(self, index: int, count: int) -> TensorInfo:
+        """Part `index` of `count` equal parts along the first axis (a fused tensor's pieces)."""
+        rows = self.shape[0] // count
+        row_bytes = (self.stop - self.start) // max(self.shape[0], 1)
+        start = self.start + index * rows * row_bytes
+        return TensorInfo(self.dtype, (rows, *self.shape[1:]), start, start + rows * row_bytes,
+                          self.row_offset + index * rows)
 
 
 @dataclass(frozen=True)
@@ -175,7 +187,7 @@ def _diffusers_weights(folder: Path, network: str) -> Path:
 
 
 def find_layout(source: Path, vae_path: Path | None = None) -> CheckpointLayout:
-    """Locate the weights of an SD-1 model given a file, a diffusers folder or a model directory.
+    """Locate the weights of a model given a file, a diffusers folder or a model directory.
 
     A model directory holds `stable-diffusion/` (a single file `model.safetensors` or a diffusers
     folder) and optionally `vae/model.safetensors`, which replaces the checkpoint's VAE.
@@ -188,8 +200,10 @@ def find_layout(source: Path, vae_path: Path | None = None) -> CheckpointLayout:
         refuse_pickle(source)
         return CheckpointLayout(single_file=source, vae_override=vae_path)
     if (source / "unet").is_dir():
-        # An overridden VAE need not be present in the folder.
-        networks = {n: _diffusers_weights(source, n) for n in DIFFUSERS_WEIGHT_NAMES if not (n == "vae" and vae_path)}
+        # An overridden VAE need not be present in the folder; the text encoders present depend on
+        # the family (convert.families.detect_diffusers checks them).
+        networks = {n: _diffusers_weights(source, n) for n in DIFFUSERS_WEIGHT_NAMES
+                    if not (n == "vae" and vae_path) and (n not in TEXT_ENCODERS or (source / n).is_dir())}
         return CheckpointLayout(diffusers=networks, vae_override=vae_path)
     inner = source / SINGLE_FILE_DIR
     if inner.is_dir():
@@ -203,8 +217,8 @@ def find_layout(source: Path, vae_path: Path | None = None) -> CheckpointLayout:
     if pickles:
         refuse_pickle(pickles[0])
     raise CheckpointError(
-        f"no SD-1 checkpoint in {source}: expected {SINGLE_FILE_DIR}/{MODEL_FILE} "
-        "or a diffusers folder with unet/, vae/ and text_encoder/"
+        f"no checkpoint in {source}: expected {SINGLE_FILE_DIR}/{MODEL_FILE} "
+        "or a diffusers folder with unet/, vae/ and text_encoder/ (and/or text_encoder_2/)"
     )
 
 

@@ -13,19 +13,18 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-# Sections of an original single-file checkpoint, by key prefix.
-SINGLE_FILE_SECTIONS = {
-    "model.diffusion_model.": "unet",
-    "first_stage_model.": "vae",
-    "cond_stage_model.transformer.": "text_encoder",
-}
+from convert.families import SD1, single_file_sections
+
+# Sections of an original SD 1.x single-file checkpoint, by key prefix (other families:
+# convert.families.single_file_sections).
+SINGLE_FILE_SECTIONS = single_file_sections(SD1)
 
 # Tensors real checkpoints carry that are not weights of our networks: the DDPM schedule buffers,
 # EMA bookkeeping and CLIP's position-id buffer. They are dropped on purpose, nothing else is.
 IGNORED_KEYS = re.compile(
     r"(betas|alphas_cumprod(_prev)?|sqrt_(one_minus_|recip_|recipm1_)?alphas_cumprod"
     r"|log_one_minus_alphas_cumprod|posterior_\w+|logvar|lvlb_weights"
-    r"|model_ema\..*|.*position_ids)"
+    r"|model_ema\..*|.*position_ids|.*logit_scale)"
 )
 
 
@@ -33,6 +32,18 @@ IGNORED_KEYS = re.compile(
 class KeyMap:
     blocks: dict[str, str]
     layers: dict[str, str] = field(default_factory=dict)
+    # A renamed key ending in one of these holds several of our tensors stacked along its first
+    # axis, in this order (OpenCLIP's fused attention projections).
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Our names of the tensors stored transposed (a matrix the model multiplies from the right).
+    transposed: frozenset[str] = frozenset()
+
+    def parts(self, name: str) -> list[str]:
+        """The names of our tensors in the renamed key `name`, in their stacking order."""
+        suffix = next((s for s in self.fused if name.endswith(s)), None)
+        if suffix is None:
+            return [name]
+        return [name[: -len(suffix)] + part for part in self.fused[suffix]]
 
     def rename(self, key: str) -> str | None:
         """Our name for `key`, or None when no block prefix claims it."""
@@ -79,6 +90,8 @@ def unet_original(levels: int, per_level: int) -> KeyMap:
         "input_blocks.0.0.": "conv_in.",
         "time_embed.0.": "time_embedding.linear_1.",
         "time_embed.2.": "time_embedding.linear_2.",
+        "label_emb.0.0.": "add_embedding.linear_1.",  # SDXL's added (text_time) embedding
+        "label_emb.0.2.": "add_embedding.linear_2.",
         "middle_block.0.": "mid_block.resnets.0.",
         "middle_block.1.": "mid_block.attentions.0.",
         "middle_block.2.": "mid_block.resnets.1.",
@@ -169,3 +182,31 @@ def vae_original_for(keys: Iterable[str]) -> KeyMap:
 
 # transformers nests the model under `text_model.`; old single files saved it without that level.
 CLIP = KeyMap({"": "", "text_model.": ""})
+
+_OPEN_CLIP_LAYERS = {
+    "ln_1.": "layer_norm1.",
+    "ln_2.": "layer_norm2.",
+    "attn.in_proj_": "self_attn.in_proj_",  # fused q, k, v: see `fused`
+    "attn.out_proj.": "self_attn.out_proj.",
+    "mlp.c_fc.": "mlp.fc1.",
+    "mlp.c_proj.": "mlp.fc2.",
+}
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def open_clip(layers: int) -> KeyMap:
+    """OpenCLIP's text tower (SD 2.x's ViT-H, SDXL's bigG) as transformers names it; only its
+    first `layers` resblocks are claimed."""
+    blocks = {
+        "token_embedding.": "embeddings.token_embedding.",
+        "positional_embedding": "embeddings.position_embedding.weight",
+        "ln_final.": "final_layer_norm.",
+        "text_projection": "text_projection.weight",
+    }
+    blocks |= {f"transformer.resblocks.{i}.": f"encoder.layers.{i}." for i in range(layers)}
+    fused = {f"self_attn.in_proj_{p}": tuple(f"self_attn.{q}.{p}" for q in _QKV) for p in ("weight", "bias")}
+    return KeyMap(blocks, _OPEN_CLIP_LAYERS, fused, frozenset({"text_projection.weight"}))
+
+
+def open_clip_layers(keys: Iterable[str]) -> int:
+    return len(distinct_indices(keys, r"transformer\.resblocks\.(\d+)\."))

@@ -59,8 +59,14 @@ class TensorReader:
         tag = (request.path, str(stream))
         if tag not in self._loaded:
             self._loaded[tag] = mx.load(str(request.path), stream=stream)
-        # Popping lets each source buffer go once the caller no longer needs it.
-        tensor = self._loaded[tag].pop(request.key)
+        tensor, info = self._loaded[tag][request.key], request.info
+        stored_rows = tensor.shape[0] if tensor.shape else 0
+        if info.shape[:1] != tensor.shape[:1]:  # one part of a fused tensor
+            tensor = tensor[info.row_offset: info.row_offset + info.shape[0]]
+        if info.row_offset + (info.shape[0] if info.shape else 0) >= stored_rows:
+            # Popping (after a fused tensor's last part) lets each source buffer go once the caller
+            # no longer needs it.
+            self._loaded[tag].pop(request.key)
         if request.target_ndim is None:
             return tensor
         with mx.stream(request.stream):

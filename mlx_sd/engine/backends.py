@@ -15,6 +15,7 @@ mlx_sd.cpu.runtime, apart from this, picks the BLAS that MLX's CPU ops call on e
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 from collections.abc import Mapping
@@ -43,8 +44,8 @@ class Backend(enum.Enum):
         return accelerate(model) if self is Backend.CPU else model
 
     def prepare_models(self, models: SD1Models) -> SD1Models:
-        """`prepare` for each network of an SD-1 model."""
-        return SD1Models(*(self.prepare(network) for network in (models.text_encoder, models.unet, models.vae)))
+        """`prepare` for each network of a model."""
+        return dataclasses.replace(models, **{n: self.prepare(network) for n, network in models.networks().items()})
 
     def activation_dtype(self, weights: mx.Dtype) -> mx.Dtype:
         """The dtype a network whose weights are `weights` is fed and computes in."""

@@ -1,6 +1,8 @@
-"""The CLIP text encoder (CLIPTextModel, ViT-L/14 for SD-1) in MLX.
+"""The CLIP text encoders in MLX: OpenAI's ViT-L/14 (SD-1, SDXL's first), OpenCLIP's ViT-H (SD-2) and
+ViT-bigG (SDXL's second, with the projection of its pooled output).
 
-Parameter names follow transformers' `text_model.*` with that prefix dropped.
+Parameter names follow transformers' `text_model.*` with that prefix dropped, and its
+`CLIPTextModelWithProjection`'s `text_projection`.
 """
 
 from __future__ import annotations
@@ -38,14 +40,21 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    # The width of `text_projection`, which only CLIPTextModelWithProjection has (SDXL's bigG).
+    text_projection_dim: int | None = None
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> CLIPTextConfig:
-        """Build from a transformers config dict; unknown keys are ignored."""
+        """Build from a transformers config dict (or our own); unknown keys are ignored. transformers
+        writes a `projection_dim` into every CLIP config; it counts only for the architecture with
+        the projection."""
         if config.get("hidden_act", "quick_gelu") not in _ACTIVATIONS:
             raise ValueError(f"unsupported CLIP config: hidden_act={config['hidden_act']!r}")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
+        values = {k: v for k, v in config.items() if k in names}
+        if "CLIPTextModelWithProjection" in config.get("architectures", ()):
+            values["text_projection_dim"] = config["projection_dim"]
+        return cls(**values)
 
 
 class CLIPAttention(nn.Module):
@@ -111,6 +120,8 @@ class CLIPTextModel(nn.Module):
         self.embeddings = CLIPEmbeddings(config)
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if config.text_projection_dim is not None:
+            self.text_projection = nn.Linear(config.hidden_size, config.text_projection_dim, bias=False)
 
     def __call__(self, input_ids: mx.array, skip_last_layers: int = 0) -> mx.array:
         """`skip_last_layers=1` is "CLIP skip 2": the penultimate layer's output, still final-normed."""
@@ -120,3 +131,25 @@ class CLIPTextModel(nn.Module):
         for layer in self.encoder.layers[: len(self.encoder.layers) - skip_last_layers]:
             x = layer(x)
         return self.final_layer_norm(x)
+
+    def hidden_and_pooled(self, input_ids: mx.array, skip_last_layers: int = 1,
+                          pooled: bool = True) -> tuple[mx.array, mx.array | None]:
+        """SDXL's reading: the hidden states `skip_last_layers` layers before the last, not
+        final-normed (transformers' `hidden_states[-1 - skip_last_layers]`), and, with `pooled`,
+        the final-normed state at each row's end-of-text token (the highest id, as transformers
+        finds it), projected where the model has `text_projection`."""
+        layers = self.encoder.layers
+        if not 0 <= skip_last_layers < len(layers):
+            raise ValueError(f"skip_last_layers must be in [0, {len(layers)}), got {skip_last_layers}")
+        keep = len(layers) - skip_last_layers
+        x = self.embeddings(input_ids)
+        hidden = x
+        for layer in layers[: len(layers) if pooled else keep]:
+            x = layer(x)
+            keep -= 1
+            if keep == 0:
+                hidden = x
+        if not pooled:
+            return hidden, None
+        ends = self.final_layer_norm(x)[mx.arange(x.shape[0]), mx.argmax(input_ids, axis=-1)]
+        return hidden, self.text_projection(ends) if "text_projection" in self else ends

@@ -1,4 +1,6 @@
-"""The SD-1 UNet (UNet2DConditionModel) in MLX, NHWC; parameter names follow diffusers."""
+"""The SD UNet (UNet2DConditionModel) of SD-1, SD-2 and SDXL in MLX, NHWC; parameter names follow
+diffusers. SDXL's differences are config values: per-level transformer depths and head counts, and
+the added `text_time` embedding of the pooled text embedding and the size micro-conditioning."""
 
 from __future__ import annotations
 
@@ -13,15 +15,15 @@ import mlx.nn as nn
 
 from mlx_sd.models.layers import Attention, ResnetBlock2D, upsample_nearest
 
-# Config values the SD-1 architecture has; anything else in a config.json is another model family.
-_SD1_ONLY = {
-    "class_embed_type": None,
-    "addition_embed_type": None,
-    "time_embedding_type": "positional",
-    "resnet_time_scale_shift": "default",
-    "only_cross_attention": False,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
+# Config values the supported architectures have; anything else in a config.json is another model.
+_SUPPORTED = {
+    "class_embed_type": (None,),
+    "addition_embed_type": (None, "text_time"),
+    "time_embedding_type": ("positional",),
+    "resnet_time_scale_shift": ("default",),
+    "only_cross_attention": (False,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
 }
 
 
@@ -56,13 +58,18 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     sample_size: int = 64
+    # SDXL: "text_time" adds an embedding of the pooled text embedding and the Fourier features
+    # (addition_time_embed_dim each) of the size and crop micro-conditioning to the time embedding.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> UNetConfig:
-        """Build from a diffusers config dict; unknown keys are ignored, non-SD-1 features refused."""
-        for key, supported in _SD1_ONLY.items():
-            if config.get(key, supported) != supported:
-                raise ValueError(f"unsupported UNet config: {key}={config[key]!r} (SD-1 has {supported!r})")
+        """Build from a diffusers config dict; unknown keys are ignored, unsupported features refused."""
+        for key, supported in _SUPPORTED.items():
+            if config.get(key, supported[0]) not in supported:
+                raise ValueError(f"unsupported UNet config: {key}={config[key]!r} (supported: {supported!r})")
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
         return cls(**values)
@@ -241,6 +248,8 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], 4 * channels[0])
+        if config.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, 4 * channels[0])
 
         self.down_blocks = []
         for i, out in enumerate(channels):
@@ -283,12 +292,22 @@ class UNet2DConditionModel(nn.Module):
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
 
-    def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array) -> mx.array:
-        """x: (B, H, W, C) latents; timesteps: (B,) or scalar; context: (B, tokens, cross_attention_dim)."""
+    def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array, text_embeds: mx.array | None = None,
+                 time_ids: mx.array | None = None) -> mx.array:
+        """x: (B, H, W, C) latents; timesteps: (B,) or scalar; context: (B, tokens, cross_attention_dim);
+        for a `text_time` UNet (SDXL) also text_embeds (B, pooled) and time_ids (B, n): original
+        size, crop top-left and target size (base), or the aesthetic score in place of the target (refiner)."""
         config = self.config
         timesteps = mx.broadcast_to(mx.array(timesteps), (x.shape[0],))
         t = timestep_embedding(timesteps, config.block_out_channels[0], config.flip_sin_to_cos, config.freq_shift)
         temb = self.time_embedding(t.astype(x.dtype))
+        if "add_embedding" in self:
+            if text_embeds is None or time_ids is None:
+                raise ValueError("this UNet is conditioned on text_embeds and time_ids as well")
+            times = timestep_embedding(time_ids.reshape(-1), config.addition_time_embed_dim, config.flip_sin_to_cos,
+                                       config.freq_shift).reshape(x.shape[0], -1)
+            temb = temb + self.add_embedding(mx.concatenate([text_embeds, times.astype(text_embeds.dtype)],
+                                                            axis=-1).astype(x.dtype))
 
         x = self.conv_in(x)
         skips = [x]
