@@ -16,7 +16,7 @@ Writes, under the git-ignored ``.cache/sdxl-random/``:
   loaders need offline.
 
 Fully materialised in fp32 the UNet alone is 10 GB, so nothing is: the networks are built on torch's
-meta device (names and shapes only), the diffusers->SGM mapping (``tests/fixtures/sgm_keymap.py``)
+meta device (names and shapes only), the diffusers->SGM mapping (``tests/fixtures/family_keymap.py``)
 is checked on those shapes against diffusers' own SGM->diffusers converters, and then each tensor
 is drawn (seeded by its name: the file is the same on every run) and streamed to disk alone.
 Weights are uniform in +-1/sqrt(fan_in) (torch's default scale), embeddings normal with std 0.02,
@@ -34,6 +34,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
@@ -46,10 +47,9 @@ from diffusers.loaders.single_file_utils import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "fixtures"))
-import make_sd1_fixtures as fixtures  # noqa: E402  (the SD-1 configs SDXL's widen)
-import sd1_keymap  # noqa: E402
-import sgm_keymap  # noqa: E402
+sys.path.insert(0, str(REPO))
+from tests.fixtures import family_keymap, sd1_keymap  # noqa: E402  (the diffusers -> SGM key mapping)
+from tests.fixtures import make_sd1_fixtures as fixtures  # noqa: E402  (the SD-1 configs SDXL's widen)
 
 SDXL_UNET = dict(
     fixtures.UNET_CONFIG,
@@ -77,10 +77,12 @@ CLIP_BIGG = dict(fixtures.CLIP_CONFIG, hidden_size=1280, intermediate_size=5120,
 EXPECTED_PARAMS = {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
                    "text_encoder_2": 694_659_840}
 EXPECTED_KEYS = 2515
+CLIP_L_PREFIX, _ = family_keymap.SECTIONS["sdxl"]["text_encoder"]
+OPEN_CLIP_PREFIX, _ = family_keymap.SECTIONS["sdxl"]["text_encoder_2"]
 # The non-weight tensors sd_xl_base_1.0.safetensors carries (loaders ignore them).
 EXTRAS = {
-    sgm_keymap.CLIP_L_PREFIX + "text_model.embeddings.position_ids": lambda: torch.arange(77).unsqueeze(0),
-    sgm_keymap.OPEN_CLIP_PREFIX + "logit_scale": lambda: torch.tensor(math.log(100.0), dtype=torch.float16),
+    CLIP_L_PREFIX + "text_model.embeddings.position_ids": lambda: torch.arange(77).unsqueeze(0),
+    OPEN_CLIP_PREFIX + "logit_scale": lambda: torch.tensor(math.log(100.0), dtype=torch.float16),
 }
 DTYPES = {torch.float16: "F16", torch.int64: "I64"}
 
@@ -103,18 +105,22 @@ def meta_models() -> dict[str, torch.nn.Module]:
 
 
 def layout(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """Every original key with a meta tensor of its shape and dtype."""
+    """Every original key with a meta tensor of its shape and dtype.
+
+    The key mapping works on numpy arrays: it gets zero-stride placeholders of the right shapes
+    (only the fused and transposed OpenCLIP tensors it builds take memory, ~0.3 GB)."""
+    def placeholders(name: str) -> dict[str, np.ndarray]:
+        return {k: np.broadcast_to(np.float16(0), tuple(v.shape)) for k, v in models[name].state_dict().items()}
+
     unet, vae = models["unet"], models["vae"]
-    state = sgm_keymap.unet_to_original(unet.state_dict(), unet.config)
-    state.update(sgm_keymap.clip_l_to_original(models["text_encoder"].state_dict()))
-    big = models["text_encoder_2"].state_dict()
-    for name, (parts, transposed) in sgm_keymap.open_clip_names(list(big)).items():
-        tensor = torch.cat([big[p] for p in parts]) if len(parts) > 1 else big[parts[0]]
-        state[name] = tensor.T if transposed else tensor
-    state.update(sd1_keymap.vae_to_original(vae.state_dict(), vae.config))
-    for name, make in EXTRAS.items():
-        state[name] = make().to("meta")
-    return {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}
+    state = sd1_keymap.unet_to_original(placeholders("unet"), unet.config)
+    state.update(sd1_keymap.vae_to_original(placeholders("vae"), vae.config))
+    for network, (prefix, kind) in family_keymap.SECTIONS["sdxl"].items():
+        weights = placeholders(network)
+        state.update(family_keymap.open_clip_to_original(weights, prefix) if kind == "open_clip"
+                     else {prefix + k: v for k, v in weights.items()})
+    state = {k: torch.empty(v.shape, dtype=torch.float16, device="meta") for k, v in state.items()}
+    return state | {name: make().to("meta") for name, make in EXTRAS.items()}
 
 
 def check_layout(state: dict[str, torch.Tensor], models: dict[str, torch.nn.Module]) -> None:
@@ -137,7 +143,7 @@ def check_layout(state: dict[str, torch.Tensor], models: dict[str, torch.nn.Modu
     clip.pop("text_model.embeddings.position_ids")  # a non-persistent buffer in transformers
     same(clip, models["text_encoder"].state_dict(), "text_encoder")
     big = models["text_encoder_2"]
-    same(convert_open_clip_checkpoint(big, state, prefix=sgm_keymap.OPEN_CLIP_PREFIX), big.state_dict(),
+    same(convert_open_clip_checkpoint(big, state, prefix=OPEN_CLIP_PREFIX), big.state_dict(),
          "text_encoder_2")
 
 
