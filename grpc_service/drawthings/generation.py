@@ -201,11 +201,11 @@ def progress_response(event: ProgressEvent, signposts: Sequence[pb.ImageGenerati
     return response
 
 
-def image_responses(images: Sequence[GeneratedImage], width: int, compress: bool, chunked: bool
+def image_responses(images: Sequence[GeneratedImage], compress: bool, chunked: bool
                     ) -> Iterator[pb.ImageGenerationResponse]:
     """The total size, then each image as a tensor (in 4 MiB pieces when the client takes chunks and
-    there is more than that in all), with its scale against the requested `width`; without images,
-    a single closing message."""
+    there is more than that in all), with its scale against the requested width (the model's native
+    one where the request left it to the model); without images, a single closing message."""
     encoded = [tensors.encode_image(image.pixels, compress) for image in images]
     total = sum(map(len, encoded))
     if not encoded:
@@ -218,5 +218,5 @@ def image_responses(images: Sequence[GeneratedImage], width: int, compress: bool
         for start in starts:
             end = start + piece if piece else len(data)
             yield pb.ImageGenerationResponse(
-                generatedImages=[data[start:end]], scaleFactor=image.pixels.shape[1] // width,
+                generatedImages=[data[start:end]], scaleFactor=image.pixels.shape[1] // image.parameters.width,
                 chunkState=pb.LAST_CHUNK if end >= len(data) else pb.MORE_CHUNKS)

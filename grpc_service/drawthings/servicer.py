@@ -140,7 +140,7 @@ class DrawThingsServicer(pb_grpc.ImageGenerationServiceServicer):
             if isinstance(item, ProgressEvent):
                 yield generation.progress_response(item, signposts, compress)
             elif isinstance(item, GenerationResult):
-                yield from generation.image_responses(item.images, validated.width, compress, request.chunked)
+                yield from generation.image_responses(item.images, compress, request.chunked)
 
     def Pubkey(self, request: pb.PubkeyRequest, context: grpc.ServicerContext) -> pb.PubkeyResponse:
         return pb.PubkeyResponse()

@@ -20,16 +20,18 @@ from pathlib import Path
 import mlx.core as mx
 
 from convert.assemble import SD1Configs, SD1Models
+from convert.families import SD2, SD2_V_NATIVE_SIZE
 from convert.formats import MODEL_FILE, SINGLE_FILE_DIR, VAE_DIR, CheckpointLayout, find_layout
 from convert.cache import cache_entry, lazy_network_weights
 from convert.loader import load_sd1, resolve_dtype
 from mlx_sd.engine.backends import Backend, choose, from_environment
+from mlx_sd.engine import prediction
 from mlx_sd.engine.errors import CheckpointError, InvalidRequest, ModelNotFound
 from mlx_sd.engine.model_hash import short_model_hash
 from mlx_sd.engine.model_names import name_problem, shown_name
 from mlx_sd.models.quantize import quantize
 from mlx_sd.engine.reloading import ReloadingValue
-from mlx_sd.engine.tokenizer import CLIPTokenizer, default_tokenizer
+from mlx_sd.engine.tokenizer import EOS_TOKEN, OPEN_CLIP_PAD_TOKEN, CLIPTokenizer, default_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ class LoadedModel:
     activation_dtype: mx.Dtype  # what the networks are fed and compute in (see Backend.activation_dtype)
     # Low-memory mode: frees the text encoder's weights, which are read again when next used.
     release_text_encoder: Callable[[], None] | None = None
+    tokenizer_2: CLIPTokenizer | None = None  # SDXL's second text encoder's (it pads with "!")
+    prediction: str = prediction.EPSILON  # what the UNet predicts (mlx_sd.engine.prediction)
+    native_size: int = 512  # the side of the images the model was trained on
 
 
 @dataclass(frozen=True)
@@ -69,12 +74,18 @@ class ModelStore:
 
     `backend` runs the networks (mlx_sd.engine.backends): each is prepared for it once loaded and
     quantized. By default `MLX_SD_BACKEND` picks it, read once here.
+
+    `prediction_type` ("auto", "epsilon" or "v") is what every model's UNet predicts; "auto"
+    decides per model (mlx_sd.engine.prediction).
     """
 
     def __init__(self, models_dir: Path, *, dtype: mx.Dtype | str | None = None,
                  cache_dir: Path | None = None, configs: SD1Configs | None = None,
                  quantize_bits: int | None = None, low_memory: bool = False,
-                 backend: Backend | str | None = None) -> None:
+                 backend: Backend | str | None = None, prediction_type: str = "auto") -> None:
+        if prediction_type not in prediction.SETTINGS:
+            raise ValueError(f"prediction type must be one of {', '.join(prediction.SETTINGS)}, got {prediction_type!r}")
+        self._prediction_type = prediction_type
         if low_memory and cache_dir is None:
             raise ValueError("low-memory mode reads the text encoder back from the converted-weights cache; "
                              "it cannot be used without the cache")
@@ -140,26 +151,32 @@ class ModelStore:
         started = time.monotonic()
         models = load_sd1(source.path, dtype=self._dtype, vae_path=source.vae, cache_dir=self._cache_dir,
                           configs=self._configs, reader=self._backend.reader)
+        layout = source.layout()
+        predicts = prediction.decide(self._prediction_type, layout, models.unet, models.family.name)
         if self._quantize_bits is not None:  # the VAE is all convolutions, which MLX cannot quantize
-            for network in (models.unet, models.text_encoder):
-                quantize(network, self._quantize_bits)
+            for name, network in models.networks().items():
+                if name != "vae":
+                    quantize(network, self._quantize_bits)
         models = self._backend.prepare_models(models)
         release = self._text_encoder_release(models, source) if self._low_memory else None
-        layout = source.layout()
         # A single file is named by its stem, as A1111 does; a diffusers folder by its folder's name.
         checkpoint = layout.single_file or layout.diffusers["unet"]
         folder = source.path.parent if layout.single_file else source.path
         name = checkpoint.stem if layout.single_file else folder.name
-        tokenizer_dir = folder / "tokenizer"
-        tokenizer = CLIPTokenizer.from_folder(tokenizer_dir) if tokenizer_dir.is_dir() else default_tokenizer()
+        tokenizers = {network: _tokenizer(folder / network.replace("text_encoder", "tokenizer"), kind)
+                      for network, kind in models.family.text_encoders.values()}
         model_hash = short_model_hash(checkpoint, self._cache_dir)
-        log.info("loaded %s%s in %.1f s", source.path,
+        log.info("loaded %s (%s)%s in %.1f s", source.path, models.family.title,
                  f" with VAE {layout.vae_override}" if layout.vae_override else "", time.monotonic() - started)
         dtype = self._backend.activation_dtype(models.unet.conv_in.weight.dtype)
-        return LoadedModel(models, tokenizer, name, model_hash, dtype, release)
+        # A single file does not say its training size; SD 2.x's v models are 768-v.
+        v_single_file = models.family is SD2 and predicts == prediction.V and layout.single_file is not None
+        native = SD2_V_NATIVE_SIZE if v_single_file else models.unet.config.sample_size * 8
+        return LoadedModel(models, tokenizers.get("text_encoder"), name, model_hash, dtype, release,
+                           tokenizers.get("text_encoder_2"), predicts, native)
 
     def _text_encoder_release(self, models: SD1Models, source: ModelSource) -> Callable[[], None] | None:
-        """A function that swaps the text encoder's weights for unevaluated reads of the cache entry
+        """A function that swaps the text encoders' weights for unevaluated reads of the cache entry
         `load_sd1` used, freeing their memory until they are next used; it is run once now."""
         dtype = resolve_dtype(self._dtype)
         entry = cache_entry(Path(self._cache_dir), source.layout(), dtype, self._configs)
@@ -168,7 +185,17 @@ class ModelStore:
             return None
 
         def release() -> None:
-            models.text_encoder.load_weights(lazy_network_weights(entry, "text_encoder", dtype), strict=True)
+            for name, network in models.networks().items():
+                if name.startswith("text_encoder"):
+                    network.load_weights(lazy_network_weights(entry, name, dtype), strict=True)
 
         release()
         return release
+
+
+def _tokenizer(folder: Path, kind: str) -> CLIPTokenizer:
+    """A diffusers folder's tokenizer, else the shipped vocabulary padded as the encoder's kind is
+    (OpenCLIP's tokenizers pad with "!", OpenAI CLIP's with end-of-text)."""
+    if folder.is_dir():
+        return CLIPTokenizer.from_folder(folder)
+    return default_tokenizer(OPEN_CLIP_PAD_TOKEN if kind == "open_clip" else EOS_TOKEN)

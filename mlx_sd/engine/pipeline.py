@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd.engine import hires
-from mlx_sd.engine.errors import InvalidRequest
+from mlx_sd.engine import conditioning, hires
+from mlx_sd.engine.conditioning import Conditioning
 from mlx_sd.engine.events import EventType, GeneratedImage, GenerationResult, ProgressEvent
 from mlx_sd.engine.images import Parameters
 from mlx_sd.engine.memory_budget import VAE_LIVE_MAPS, VAE_LIVE_MAPS_CPU, MemoryBudget, ModelShape
@@ -28,7 +28,8 @@ from mlx_sd.engine.request import GenerationRequest
 from mlx_sd.engine.restoration import Restoration
 from mlx_sd.sampling import catalog, schedules
 from mlx_sd.sampling.catalog import SamplerSpec
-from mlx_sd.sampling.denoisers import Denoiser, EpsModel, eps_denoiser, guided
+from mlx_sd.engine.prediction import V
+from mlx_sd.sampling.denoisers import Denoiser, EpsModel, eps_denoiser, guided, v_denoiser
 from mlx_sd.sampling.samplers import Noise, noise_source
 
 Event = ProgressEvent | GenerationResult
@@ -61,6 +62,7 @@ class Pipeline:
         upscaler = self._restoration.required_upscaler() if request.upscale else None
         upscale_by = (request.upscale_factor or upscaler.scale) if upscaler is not None else None
         model = self._store.get(request.model)
+        request = request.with_native_size(model.native_size)
         if self._memory_budget is not None:  # before this request allocates anything
             unet, vae = model.models.unet, model.models.vae
             on_cpu = mx.default_device() == mx.cpu
@@ -69,14 +71,12 @@ class Pipeline:
                                       ModelShape.of(unet.config, vae.config),
                                       VAE_LIVE_MAPS_CPU if on_cpu else VAE_LIVE_MAPS)
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
-        cond, uncond = _encode_prompts(model, request)
+        cond, uncond = conditioning.encode_prompts(model, request)
         if model.release_text_encoder is not None:
             model.release_text_encoder()
         yield ProgressEvent(EventType.TEXT_ENCODED, "text encoded")
 
-        # The model's native side: 512 for SD 1.x, whose UNet was trained on 64x64 latents.
-        native = model.models.unet.config.sample_size * LATENT_SCALE
-        first_pass = _first_pass(request, native)
+        first_pass = _first_pass(request, model.native_size)
         strength = request.denoising_strength or hires.DEFAULT_STRENGTH
         images = []
         for batch in range(request.batch_count):
@@ -103,15 +103,16 @@ class Pipeline:
                 images.append(GeneratedImage(image, item_seed, parameters))
         yield GenerationResult(images)
 
-    def _batch(self, model: LoadedModel, request: GenerationRequest, seeds: list[int], cond: mx.array,
-               uncond: mx.array, first_pass: tuple[int, int] | None, strength: float,
+    def _batch(self, model: LoadedModel, request: GenerationRequest, seeds: list[int], cond: Conditioning,
+               uncond: Conditioning, first_pass: tuple[int, int] | None, strength: float,
                is_cancelled: Callable[[], bool]) -> Iterator[Event]:
         """Sample and decode one batch; returns its (B, H, W, 3) uint8 pixels, or None if cancelled."""
         spec = catalog.sampler_spec(request.sampler, request.stochastic_sampling_gamma)
         width, height = first_pass or (request.width, request.height)
+        prediction_denoiser = v_denoiser if model.prediction == V else eps_denoiser
         denoise = spec.denoiser(
-            eps_denoiser(guided(_unet_in_its_dtype(model), _batched(cond, len(seeds)), _batched(uncond, len(seeds)),
-                                request.cfg_scale), self._train_sigmas),
+            prediction_denoiser(guided(_unet_in_its_dtype(model), _batched(cond, len(seeds)),
+                                       _batched(uncond, len(seeds)), request.cfg_scale), self._train_sigmas),
             self._train_sigmas,
         )
         noise = noise_source(BatchGenerator(seeds, request.seed_mode))
@@ -173,23 +174,8 @@ def _first_pass(request: GenerationRequest, native: int) -> tuple[int, int] | No
     return hires.first_pass_size(request.width, request.height, native)
 
 
-def _encode_prompts(model: LoadedModel, request: GenerationRequest) -> tuple[mx.array, mx.array]:
-    """(1, W*77, C) embeddings of the prompt and the negative prompt; prompts longer than 75 tokens
-    are encoded in 75-token windows whose embeddings are concatenated (see `mlx_sd.engine.tokenizer`)."""
-    layers = len(model.models.text_encoder.encoder.layers)
-    if request.clip_skip > layers:
-        raise InvalidRequest("clip_skip", f"must be at most {layers}, the text encoder's layers (got {request.clip_skip})")
-    ids = model.tokenizer.tokenize_windows([request.prompt, request.negative_prompt])
-    prompts, windows, length = ids.shape
-    hidden = model.models.text_encoder(mx.array(ids.reshape(prompts * windows, length)),
-                                       skip_last_layers=request.clip_skip - 1)
-    hidden = hidden.reshape(prompts, windows * length, hidden.shape[-1]).astype(mx.float32)
-    mx.eval(hidden)
-    return hidden[:1], hidden[1:]
-
-
-def _batched(embedding: mx.array, size: int) -> mx.array:
-    return mx.repeat(embedding, size, axis=0)
+def _batched(condition: Conditioning, size: int) -> Conditioning:
+    return {name: mx.repeat(value, size, axis=0) for name, value in condition.items()}
 
 
 def _unet_in_its_dtype(model: LoadedModel) -> EpsModel:
@@ -197,7 +183,8 @@ def _unet_in_its_dtype(model: LoadedModel) -> EpsModel:
     samplers' dtype."""
     unet = model.models.unet
     dtype = model.activation_dtype
-    return lambda x, t, context: unet(x.astype(dtype), t, context.astype(dtype)).astype(mx.float32)
+    return lambda x, t, condition: unet(x.astype(dtype), t, **{name: value.astype(dtype) for name, value in
+                                                                condition.items()}).astype(mx.float32)
 
 
 def _decode(model: LoadedModel, latents: mx.array) -> np.ndarray:

@@ -1,7 +1,9 @@
 """The domain form of an image-generation request, and its validation against documented limits.
 
 The API's fields are proto3 scalars, so "not set" arrives as 0: `validated()` replaces 0 by the
-documented default for width, height, steps, cfg_scale, batch_size and batch_count.
+documented default for steps, cfg_scale, batch_size and batch_count. A width or height of 0 is the
+model's native size (512, 768 or 1024 by family), filled in by `with_native_size` once the model is
+known, when the size checks run again.
 """
 
 from __future__ import annotations
@@ -70,6 +72,13 @@ class GenerationRequest:
     upscale: bool = False
     upscale_factor: int = 0
 
+    def with_native_size(self, native: int) -> GenerationRequest:
+        """A validated request whose width or height of 0 (the model's native size) is now `native`,
+        validated again with it."""
+        if self.width and self.height:
+            return self
+        return dataclasses.replace(self, width=self.width or native, height=self.height or native).validated()
+
     def validated(self) -> GenerationRequest:
         """This request with defaults filled in and the sampler name canonical.
 
@@ -90,12 +99,14 @@ class GenerationRequest:
             raise InvalidRequest("seed", f"must be at most {INT64_MAX - images + 1} for {images} images, so that "
                                          f"every image's seed (seed + its index) fits in int64 (got {seed})")
         clip_skip = _int_in_range("clip_skip", self.clip_skip or 1, 1, MAX_CLIP_SKIP)
-        first_width, first_height = self._hires_first_pass(width, height)
+        native = not (width and height)  # checked again once the model's size is known
+        first_width, first_height = (self.hires_first_width, self.hires_first_height) if native else \
+            self._hires_first_pass(width, height)
         preview_every = _int_in_range("preview_every", self.preview_every, 0, MAX_STEPS)
         upscale_factor = _int_in_range("upscale_factor", self.upscale_factor, 0, MAX_UPSCALE_FACTOR)
         if self.upscale:
             factor = upscale_factor or MAX_UPSCALE_FACTOR  # 0 (the network's own) may be up to 4
-            if (size := images * width * height * factor**2 * 3) > MAX_UPSCALED_BYTES:
+            if not native and (size := images * width * height * factor**2 * 3) > MAX_UPSCALED_BYTES:
                 raise InvalidRequest("upscale_factor", f"{images} upscaled images would hold {size / 2**30:.1f} GiB of "
                                                        f"pixels, more than {MAX_UPSCALED_BYTES / 2**30:.0f} GiB")
         if self.seed_mode not in SEED_MODES:
@@ -155,7 +166,9 @@ def _float_in_range(field: str, value: float, low: float, high: float) -> float:
 
 
 def _side(field: str, value: int) -> int:
-    value = value or DEFAULT_SIDE
+    """A valid side, or 0: the model's native size, which `with_native_size` fills in."""
+    if value == 0:
+        return 0
     if value % SIDE_MULTIPLE or not MIN_SIDE <= value <= MAX_SIDE:
         raise InvalidRequest(
             field, f"must be a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and {MAX_SIDE} (got {value})"

@@ -18,7 +18,8 @@ differently from transformers' slow ``CLIPTokenizer``.
 Two ways to turn prompts into the text encoder's 77-token input:
 
 * :meth:`CLIPTokenizer.tokenize` - ``[B, 77]``: BOS, at most 75 text tokens
-  (the rest is dropped), EOS, then padding (EOS for SD-1.x).
+  (the rest is dropped), EOS, then padding (EOS for OpenAI's CLIP of SD 1.x and SDXL, "!" for
+  OpenCLIP's of SD 2.x and SDXL).
 * :meth:`CLIPTokenizer.tokenize_windows` - ``[B, W, 77]`` for prompts longer than
   75 tokens (AUTOMATIC1111's behaviour): each prompt's tokens are cut into
   consecutive 75-token windows, each wrapped as BOS + tokens + EOS + padding. The
@@ -46,6 +47,7 @@ MAX_LENGTH = 77
 WINDOW = MAX_LENGTH - 2  # text tokens per window, between BOS and EOS
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
+OPEN_CLIP_PAD_TOKEN = "!"  # the padding of OpenCLIP's tokenizers (SD 2.x, SDXL's second encoder)
 
 _BPE_FILE = Path(__file__).parents[1] / "data" / "bpe_simple_vocab_16e6.txt.gz"
 _NUM_MERGES = 49152 - 256 - 2  # CLIP uses the first 48894 merges of the file
@@ -105,14 +107,14 @@ class CLIPTokenizer:
         self._tokenizer = tok
 
     @classmethod
-    def from_bpe_file(cls, path: str | Path = _BPE_FILE) -> CLIPTokenizer:
+    def from_bpe_file(cls, path: str | Path = _BPE_FILE, pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
         """Tokenizer from OpenAI's ``bpe_simple_vocab_16e6.txt.gz``."""
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
         base = list(_bytes_to_unicode().values())
         tokens = base + [c + "</w>" for c in base] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
-        return cls({t: i for i, t in enumerate(tokens)}, merges)
+        return cls({t: i for i, t in enumerate(tokens)}, merges, pad_token=pad_token)
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> CLIPTokenizer:
@@ -188,9 +190,10 @@ def _folder_pad_token(folder: Path) -> str:
 
 
 @functools.cache
-def default_tokenizer() -> CLIPTokenizer:
-    """The tokenizer of the shipped CLIP vocabulary, built once per process."""
-    return CLIPTokenizer.from_bpe_file()
+def default_tokenizer(pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
+    """The tokenizer of the shipped CLIP vocabulary padding with `pad_token`, built once per
+    process and padding token."""
+    return CLIPTokenizer.from_bpe_file(pad_token=pad_token)
 
 
 def tokenize(prompts: Sequence[str]) -> np.ndarray:

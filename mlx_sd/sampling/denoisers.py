@@ -14,6 +14,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_map
 
 from mlx_sd.sampling.schedules import sigma_to_t
 
@@ -25,7 +26,7 @@ Predictor = Callable[[mx.array, mx.array], mx.array]
 Denoiser = Callable[[mx.array, float], mx.array]
 
 
-def guided(model: EpsModel, cond: mx.array, uncond: mx.array | None, cfg_scale: float) -> Predictor:
+def guided(model: EpsModel, cond: Any, uncond: Any | None, cfg_scale: float) -> Predictor:
     """Classifier-free guidance: uncond + scale * (cond - uncond), both halves in one batched call.
 
     At cfg_scale <= 1 (or without an unconditional context) only the conditional pass runs: at
@@ -35,9 +36,8 @@ def guided(model: EpsModel, cond: mx.array, uncond: mx.array | None, cfg_scale: 
         return lambda x, t: model(x, t, cond)
 
     def predict(x: mx.array, t: mx.array) -> mx.array:
-        out_uncond, out_cond = mx.split(
-            model(mx.concatenate([x, x]), mx.concatenate([t, t]), mx.concatenate([uncond, cond])), 2
-        )
+        both = tree_map(lambda u, c: mx.concatenate([u, c]), uncond, cond)  # an array, or a dict of them
+        out_uncond, out_cond = mx.split(model(mx.concatenate([x, x]), mx.concatenate([t, t]), both), 2)
         return out_uncond + cfg_scale * (out_cond - out_uncond)
 
     return predict
