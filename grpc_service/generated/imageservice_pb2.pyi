@@ -34,7 +34,7 @@ class FilesExistResponse(_message.Message):
     def __init__(self, files: _Optional[_Iterable[str]] = ..., exists: _Optional[_Iterable[bool]] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ImageGenerationRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "sampler", "restore_faces", "enable_hr", "denoising_strength", "batch_size", "batch_count", "upscale", "upscale_factor")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "sampler", "restore_faces", "enable_hr", "denoising_strength", "batch_size", "batch_count", "upscale", "upscale_factor", "refiner_model", "refiner_start")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,8 @@ class ImageGenerationRequest(_message.Message):
     BATCH_COUNT_FIELD_NUMBER: _ClassVar[int]
     UPSCALE_FIELD_NUMBER: _ClassVar[int]
     UPSCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    REFINER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    REFINER_START_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     width: int
@@ -65,7 +67,9 @@ class ImageGenerationRequest(_message.Message):
     batch_count: int
     upscale: bool
     upscale_factor: int
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., restore_faces: _Optional[bool] = ..., enable_hr: _Optional[bool] = ..., denoising_strength: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_count: _Optional[int] = ..., upscale: _Optional[bool] = ..., upscale_factor: _Optional[int] = ...) -> None: ...
+    refiner_model: str
+    refiner_start: float
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., restore_faces: _Optional[bool] = ..., enable_hr: _Optional[bool] = ..., denoising_strength: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_count: _Optional[int] = ..., upscale: _Optional[bool] = ..., upscale_factor: _Optional[int] = ..., refiner_model: _Optional[str] = ..., refiner_start: _Optional[float] = ...) -> None: ...
 
 class ImageGenerationResponse(_message.Message):
     __slots__ = ("images", "info", "events")

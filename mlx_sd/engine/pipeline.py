@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd.engine import conditioning, hires
+from mlx_sd.engine import conditioning, hires, refiner
 from mlx_sd.engine.conditioning import Conditioning
 from mlx_sd.engine.events import EventType, GeneratedImage, GenerationResult, ProgressEvent
 from mlx_sd.engine.images import Parameters
@@ -26,6 +26,7 @@ from mlx_sd.engine.model_store import LoadedModel, ModelStore
 from mlx_sd.engine.random import BatchGenerator
 from mlx_sd.engine.request import GenerationRequest
 from mlx_sd.engine.restoration import Restoration
+from mlx_sd.engine.vae_precision import vae_dtype
 from mlx_sd.sampling import catalog, schedules
 from mlx_sd.sampling.catalog import SamplerSpec
 from mlx_sd.engine.prediction import V
@@ -51,6 +52,7 @@ _SECOND = _Pass(EventType.SECOND_PASS_SAMPLING, "hires sampling")
 class Pipeline:
     def __init__(self, store: ModelStore, memory_budget: MemoryBudget | None = None) -> None:
         self._store = store
+        self._refiners = store.sibling()  # SDXL's refiner is held beside its base model
         self._memory_budget = memory_budget
         self._restoration = Restoration(store.models_dir, backend=store.backend)
         self._train_sigmas = schedules.train_sigmas()
@@ -63,17 +65,23 @@ class Pipeline:
         upscale_by = (request.upscale_factor or upscaler.scale) if upscaler is not None else None
         model = self._store.get(request.model)
         request = request.with_native_size(model.native_size)
+        refining = self._refiners.get(request.refiner_model) if request.refiner_model else None
+        if refining is not None:
+            refiner.check_pair(model, refining, request)
         if self._memory_budget is not None:  # before this request allocates anything
             unet, vae = model.models.unet, model.models.vae
             on_cpu = mx.default_device() == mx.cpu
             self._memory_budget.check(request.width, request.height, request.batch_size,
                                       model.activation_dtype.size, mx.get_active_memory(),
-                                      ModelShape.of(unet.config, vae.config),
+                                      ModelShape.of(unet.config, vae.config, _vae_dtype(model).size),
                                       VAE_LIVE_MAPS_CPU if on_cpu else VAE_LIVE_MAPS)
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
         cond, uncond = conditioning.encode_prompts(model, request)
         if model.release_text_encoder is not None:
             model.release_text_encoder()
+        refined = refiner.encode_prompts(refining, request) if refining is not None else None
+        if refining is not None and refining.release_text_encoder is not None:
+            refining.release_text_encoder()
         yield ProgressEvent(EventType.TEXT_ENCODED, "text encoded")
 
         first_pass = _first_pass(request, model.native_size)
@@ -81,7 +89,11 @@ class Pipeline:
         images = []
         for batch in range(request.batch_count):
             seeds = [seed + batch * request.batch_size + i for i in range(request.batch_size)]
-            pixels = yield from self._batch(model, request, seeds, cond, uncond, first_pass, strength, is_cancelled)
+            denoise = self._denoiser(model, request, len(seeds), cond, uncond)
+            if refining is not None:
+                denoise = refiner.switched(denoise, self._denoiser(refining, request, len(seeds), *refined),
+                                           request.refiner_start, self._train_sigmas)
+            pixels = yield from self._batch(model, request, seeds, denoise, first_pass, strength, is_cancelled)
             if pixels is None:
                 return
             if restorer is not None:
@@ -99,22 +111,29 @@ class Pipeline:
                     upscaler=self._restoration.upscaler_name() if first_pass else None,
                     face_restoration="GFPGAN" if restorer is not None else None, clip_skip=request.clip_skip,
                     upscaled_by=upscale_by,
+                    refiner=f"{refining.name} [{refining.hash}]" if refining is not None else None,
+                    refiner_switch_at=request.refiner_start if refining is not None else None,
                 )
                 images.append(GeneratedImage(image, item_seed, parameters))
         yield GenerationResult(images)
 
-    def _batch(self, model: LoadedModel, request: GenerationRequest, seeds: list[int], cond: Conditioning,
-               uncond: Conditioning, first_pass: tuple[int, int] | None, strength: float,
+    def _denoiser(self, model: LoadedModel, request: GenerationRequest, batch: int, cond: Conditioning,
+                  uncond: Conditioning) -> Denoiser:
+        """The request's sampler's denoiser over `model`'s UNet, guided by the conditioning."""
+        spec = catalog.sampler_spec(request.sampler, request.stochastic_sampling_gamma)
+        prediction_denoiser = v_denoiser if model.prediction == V else eps_denoiser
+        return spec.denoiser(
+            prediction_denoiser(guided(_unet_in_its_dtype(model), _batched(cond, batch),
+                                       _batched(uncond, batch), request.cfg_scale), self._train_sigmas),
+            self._train_sigmas,
+        )
+
+    def _batch(self, model: LoadedModel, request: GenerationRequest, seeds: list[int], denoise: Denoiser,
+               first_pass: tuple[int, int] | None, strength: float,
                is_cancelled: Callable[[], bool]) -> Iterator[Event]:
         """Sample and decode one batch; returns its (B, H, W, 3) uint8 pixels, or None if cancelled."""
         spec = catalog.sampler_spec(request.sampler, request.stochastic_sampling_gamma)
         width, height = first_pass or (request.width, request.height)
-        prediction_denoiser = v_denoiser if model.prediction == V else eps_denoiser
-        denoise = spec.denoiser(
-            prediction_denoiser(guided(_unet_in_its_dtype(model), _batched(cond, len(seeds)),
-                                       _batched(uncond, len(seeds)), request.cfg_scale), self._train_sigmas),
-            self._train_sigmas,
-        )
         noise = noise_source(BatchGenerator(seeds, request.seed_mode))
         sigmas = spec.sigmas(request.steps, self._train_sigmas)
         x = spec.initial_latents(noise((len(seeds), height // LATENT_SCALE, width // LATENT_SCALE, 4)), sigmas)
@@ -187,9 +206,13 @@ def _unet_in_its_dtype(model: LoadedModel) -> EpsModel:
                                                                 condition.items()}).astype(mx.float32)
 
 
+def _vae_dtype(model: LoadedModel) -> mx.Dtype:
+    return vae_dtype(model.activation_dtype, model.models.family.name, model.models.vae.config)
+
+
 def _decode(model: LoadedModel, latents: mx.array) -> np.ndarray:
     vae = model.models.vae
-    dtype = model.activation_dtype
+    dtype = _vae_dtype(model)
     images = vae.decode((latents / vae.config.scaling_factor).astype(dtype)).astype(mx.float32)
     pixels = mx.round(mx.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(mx.uint8)
     return np.array(pixels)
@@ -198,6 +221,6 @@ def _decode(model: LoadedModel, latents: mx.array) -> np.ndarray:
 def _encode_image(model: LoadedModel, pixels: np.ndarray) -> mx.array:
     """Latents of (B, H, W, 3) uint8 images: the posterior mean, so the result is deterministic."""
     vae = model.models.vae
-    dtype = model.activation_dtype
+    dtype = _vae_dtype(model)
     mean, _ = vae.encode((mx.array(pixels).astype(mx.float32) / 127.5 - 1.0).astype(dtype))
     return mean.astype(mx.float32) * vae.config.scaling_factor

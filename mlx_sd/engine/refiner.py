@@ -1,0 +1,80 @@
+"""SDXL's refiner: a second model that takes the base model's latents over partway through sampling.
+
+A request names a refiner file (`refiner_model`, as `model` names the base) and `refiner_start`, the
+fraction of the denoising at which it takes over. The split is diffusers' (`denoising_end` on
+StableDiffusionXLPipeline, `denoising_start` on the refiner's img2img pipeline): the base model
+denoises while the timestep is at least round((1 - refiner_start) x 1000), the refiner below it.
+Here one sampler run spans both, its denoiser switching model at that timestep, so a sampler's
+history (DPM++ 2M's) runs on across the switch, as Draw Things and A1111 do it, and the latents never
+leave the sampler.
+
+The refiner's conditioning (diffusers' StableDiffusionXLImg2ImgPipeline with the refiner): OpenCLIP
+bigG's hidden states `clip_skip` layers before its last (the penultimate by default) and its pooled
+projection, and five `time_ids`: the original size (height, width), the crop's top-left (0, 0) and an
+aesthetic score, 6 for the prompt and 2.5 for the negative prompt.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+import numpy as np
+
+from convert.families import SDXL, SDXL_REFINER
+from mlx_sd.engine.conditioning import Conditioning
+from mlx_sd.engine.errors import InvalidRequest
+from mlx_sd.engine.request import GenerationRequest
+from mlx_sd.sampling.denoisers import Denoiser
+from mlx_sd.sampling.schedules import sigma_to_t
+
+if TYPE_CHECKING:
+    from mlx_sd.engine.model_store import LoadedModel
+
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
+TRAIN_TIMESTEPS = 1000
+
+
+def check_pair(base: LoadedModel, refiner: LoadedModel, request: GenerationRequest) -> None:
+    """InvalidRequest naming the refiner's file unless it is an SDXL refiner following an SDXL base."""
+    if refiner.models.family is not SDXL_REFINER:
+        raise InvalidRequest("refiner_model", f"{request.refiner_model} is an {refiner.models.family.title} model, "
+                                              f"not an {SDXL_REFINER.title}")
+    if base.models.family is not SDXL:
+        raise InvalidRequest("refiner_model", f"{request.refiner_model} refines {SDXL.title} models; "
+                                              f"{request.model or 'the default model'} is {base.models.family.title}")
+
+
+def encode_prompts(refiner: LoadedModel, request: GenerationRequest) -> tuple[Conditioning, Conditioning]:
+    """The refiner's conditioning of the prompt and of the negative prompt (batch 1 each)."""
+    encoder = refiner.models.text_encoder_2
+    layers = len(encoder.encoder.layers)
+    if request.clip_skip >= layers:
+        raise InvalidRequest("clip_skip", f"must be at most {layers - 1} for the refiner's text encoder of {layers} "
+                                          f"layers (got {request.clip_skip})")
+    ids = refiner.tokenizer_2.tokenize_windows([request.prompt, request.negative_prompt])
+    count, windows, length = ids.shape
+    hidden, pooled = encoder.hidden_and_pooled(mx.array(ids.reshape(-1, length)), request.clip_skip)
+    context = hidden.reshape(count, windows * length, -1).astype(mx.float32)
+    pooled = pooled.reshape(count, windows, -1)[:, 0].astype(mx.float32)  # the first window's, as for the base
+    size = [request.height, request.width, 0, 0]
+    time_ids = mx.array([size + [AESTHETIC_SCORE], size + [NEGATIVE_AESTHETIC_SCORE]], dtype=mx.float32)
+    mx.eval(context, pooled)
+    return ({"context": context[:1], "text_embeds": pooled[:1], "time_ids": time_ids[:1]},
+            {"context": context[1:], "text_embeds": pooled[1:], "time_ids": time_ids[1:]})
+
+
+def cutoff_timestep(refiner_start: float) -> int:
+    """The first timestep the refiner denoises is below this one (diffusers' discrete cutoff)."""
+    return round(TRAIN_TIMESTEPS * (1.0 - refiner_start))
+
+
+def switched(base: Denoiser, refiner: Denoiser, refiner_start: float, train_sigmas: np.ndarray) -> Denoiser:
+    """A denoiser that runs `base` at timesteps from the cutoff up and `refiner` below it."""
+    cutoff = cutoff_timestep(refiner_start)
+
+    def denoise(x: mx.array, sigma: float) -> mx.array:
+        return (base if sigma_to_t(sigma, train_sigmas) >= cutoff else refiner)(x, sigma)
+
+    return denoise

@@ -1,0 +1,96 @@
+"""SDXL's refiner as the second stage of the pipeline: images equal to diffusers' base pipeline with
+`denoising_end` followed by its refiner pipeline with `denoising_start`, on each backend; refiners
+that do not fit the base are refused naming the file.
+
+Goldens: tests/fixtures/sdxl_refiner_tiny/pipeline.npz (make_sdxl_refiner_fixtures.py); the tolerance
+is SD 1.x's (tests/engine/test_pipeline.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlx_sd.engine.backends import Backend
+from mlx_sd.engine.errors import InvalidRequest
+from mlx_sd.engine.model_store import ModelStore
+from mlx_sd.engine.pipeline import Pipeline
+from mlx_sd.engine.request import GenerationRequest
+from tests.engine.test_pipeline import IMAGE_ATOL, run
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+REFINER = FIXTURES / "sdxl_refiner_tiny"
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    shutil.copytree(FIXTURES / "sdxl_tiny" / "diffusers", root / "stable-diffusion")
+    shutil.copytree(REFINER / "diffusers", root / "refiner")
+    shutil.copytree(FIXTURES / "sd2_tiny" / "diffusers", root / "sd2")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipeline(models_dir: Path, backend: Backend) -> Pipeline:
+    return Pipeline(ModelStore(models_dir, backend=backend))
+
+
+def case_request(case: str, **fields: object) -> tuple[GenerationRequest, np.ndarray]:
+    spec = json.loads((REFINER / "golden.json").read_text())["pipeline"]["cases"][case]
+    values = dict(prompt=spec["prompt"], negative_prompt=spec["negative_prompt"], width=spec["width"],
+                  height=spec["height"], steps=spec["steps"], cfg_scale=spec["cfg"], seed=spec["seed"],
+                  sampler=spec["sampler"], refiner_model="refiner", refiner_start=spec["refiner_start"])
+    request = GenerationRequest(**(values | fields)).validated()
+    return request, np.load(REFINER / "pipeline.npz")[f"{case}/image"].astype(np.float64) * 255
+
+
+@pytest.mark.parametrize("case", ["euler", "euler_a"])
+def test_base_then_refiner_matches_diffusers(pipeline: Pipeline, case: str) -> None:
+    request, expected = case_request(case)
+    _, result = run(pipeline, request)
+    # PNG pixels are rounded to whole levels: 0.5 of rounding plus the float tolerance.
+    assert np.abs(result.images[0].pixels.astype(np.float64) - expected).max() <= 0.5 + IMAGE_ATOL * 255
+    text = result.images[0].parameters.text()
+    assert "Refiner: refiner [" in text and "Refiner switch at: 0.7" in text
+
+
+def test_without_the_refiner_the_image_is_the_base_models(pipeline: Pipeline) -> None:
+    request, _ = case_request("euler", refiner_model="")
+    _, result = run(pipeline, request)
+    base_only = np.load(REFINER / "pipeline.npz")["euler/base_only"].astype(np.float64) * 255
+    assert np.abs(result.images[0].pixels.astype(np.float64) - base_only).max() <= 0.5 + IMAGE_ATOL * 255
+    assert "Refiner" not in result.images[0].parameters.text()
+
+
+@pytest.mark.parametrize(("model", "refiner", "message"), [
+    ("", "sd2", "sd2 is an SD 2.x model, not an SDXL refiner"),
+    ("", "stable-diffusion", "stable-diffusion is an SDXL model, not an SDXL refiner"),
+    ("sd2", "refiner", "refiner refines SDXL models; sd2 is SD 2.x"),
+])
+def test_a_refiner_that_does_not_fit_the_base_is_refused_naming_it(pipeline: Pipeline, model: str, refiner: str,
+                                                                   message: str) -> None:
+    request = GenerationRequest(prompt="x", width=64, height=64, steps=1, model=model,
+                                refiner_model=refiner).validated()
+    with pytest.raises(InvalidRequest, match=message) as error:
+        list(pipeline(request))
+    assert error.value.field == "refiner_model"
+
+
+@pytest.mark.parametrize("start", [1.0, 1.5, -0.1, float("nan")])
+def test_refiner_start_must_be_a_fraction(start: float) -> None:
+    with pytest.raises(InvalidRequest) as error:
+        GenerationRequest(prompt="x", refiner_model="refiner", refiner_start=start).validated()
+    assert error.value.field == "refiner_start"
+
+
+def test_refiner_start_defaults_to_draw_things_and_needs_a_refiner() -> None:
+    assert GenerationRequest(prompt="x", refiner_model="r.safetensors").validated().refiner_start == 0.7
+    assert GenerationRequest(prompt="x", refiner_start=0.5).validated().refiner_start == 0.0
+    with pytest.raises(InvalidRequest) as error:
+        GenerationRequest(prompt="x", refiner_model="../outside.safetensors").validated()
+    assert error.value.field == "refiner_model"
