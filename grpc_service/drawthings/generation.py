@@ -5,7 +5,7 @@ Every setting of the configuration is in one group (a test checks that the group
 - IGNORED_FOR_SPEED: they only tune speed or memory; the image is the same without them (logged);
 - NOT_FOR_SD1: Draw Things itself ignores them for SD 1.x models, the only family served yet (logged);
 - DEPENDENT: they act only through another setting that is refused when present (an input image or
-  mask, the refiner, the upscaler, compression artifacts), or are the configuration's bookkeeping;
+  mask, the upscaler, compression artifacts), or are the configuration's bookkeeping;
 - REFUSED: they would change the image and we cannot honour them (FAILED_PRECONDITION naming them).
 
 Known difference: a guidance scale or step count of 0 takes our documented default (7, 20), as 0
@@ -46,6 +46,7 @@ MAPPED = (
     "start_width", "start_height", "seed", "steps", "guidance_scale", "model", "sampler", "batch_count", "batch_size",
     "hires_fix", "hires_fix_start_width", "hires_fix_start_height", "hires_fix_strength", "seed_mode", "clip_skip",
     "face_restoration", "stochastic_sampling_gamma", "upscaler", "upscaler_scale_factor",
+    "refiner_model", "refiner_start",
 )
 IGNORED_FOR_SPEED = (
     "tiled_decoding", "decoding_tile_width", "decoding_tile_height", "decoding_tile_overlap", "tiled_diffusion",
@@ -63,14 +64,13 @@ NOT_FOR_SD1 = (
     "causal_inference_pad", "cfg_zero_star", "cfg_zero_init_steps",
 )
 DEPENDENT = (
-    "strength", "mask_blur", "mask_blur_outset", "preserve_original_after_inpaint", "refiner_start",
+    "strength", "mask_blur", "mask_blur_outset", "preserve_original_after_inpaint",
     "compression_artifacts_quality", "id", "name", "decode_with_attention",
     "hires_fix_decode_with_attention",
 )
 REFUSED: Mapping[str, str] = {
     "loras": "LoRAs are not supported yet",
     "controls": "control networks are not supported yet",
-    "refiner_model": "a refiner model is not supported yet",
     "sharpness": "sharpness is not supported",
     "shift": "a shifted noise schedule is not supported",
     "zero_negative_prompt": "a zeroed negative prompt is not supported",
@@ -127,6 +127,8 @@ def generation_request(message: pb.ImageGenerationRequest) -> GenerationRequest:
         # Any upscaler named runs as the one installed in the model directory (upscaler/model.safetensors).
         upscale=bool(config["upscaler"]),
         upscale_factor=config["upscaler_scale_factor"],
+        refiner_model=config["refiner_model"],
+        refiner_start=config["refiner_start"],
     )
     return request.validated()
 

@@ -386,6 +386,13 @@ def generate(
     denoise: Annotated[
         float, typer.Option(help="Denoising strength of the hires second pass (0-1; 0 means 0.7).")
     ] = 0.0,
+    refiner: Annotated[
+        str, typer.Option("--refiner", help="SDXL refiner file (relative to the model directory) that finishes "
+                                            "the sampling.")
+    ] = "",
+    refiner_start: Annotated[
+        float, typer.Option(help="Fraction of the denoising after which the refiner takes over (0-1; 0 means 0.7).")
+    ] = 0.0,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for the PNGs (created when missing).", file_okay=False)
     ] = Path("."),
@@ -436,7 +443,7 @@ def generate(
         request = validated_as_sent(GenerationRequest(
             prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps, cfg_scale=cfg,
             seed=seed, sampler=sampler, enable_hr=hires, denoising_strength=denoise, batch_size=batch_size,
-            batch_count=batch_count,
+            batch_count=batch_count, refiner_model=refiner, refiner_start=refiner_start,
         ))
     except InvalidRequest as exc:
         fail(option_error(exc), code=2)

@@ -41,6 +41,8 @@ OPTION_OF_FIELD = {
     "denoising_strength": "--denoise",
     "batch_size": "--batch-size",
     "batch_count": "--batch-count",
+    "refiner_model": "--refiner",
+    "refiner_start": "--refiner-start",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from mlx_sd.engine import hires
 from mlx_sd.app.cli import app
 from mlx_sd.engine.events import EventType, ProgressEvent
 from mlx_sd.engine.request import GenerationRequest
-from tests.conftest import fake_result
+from tests.conftest import FIXTURES, fake_result
 
 SMALL = ["--width", "64", "--height", "64", "--steps", "2"]
 
@@ -82,6 +83,7 @@ def test_hires_second_pass_steps_join_the_progress(tiny_models: Path, tmp_path: 
         (("--cfg", "31"), "--cfg (cfg_scale)"),
         (("--sampler", "Nope"), "--sampler (sampler)"),
         (("--denoise", "1.5"), "--denoise (denoising_strength)"),
+        (("--refiner", "r.safetensors", "--refiner-start", "1.5"), "--refiner-start (refiner_start)"),
     ],
 )
 def test_an_invalid_value_names_its_option(tmp_path: Path, args: tuple[str, str], option: str) -> None:
@@ -165,3 +167,12 @@ def test_low_memory_local_generation_writes_its_images(tiny_models: Path, tmp_pa
                  "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.stderr
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["3-0.png"]
+
+
+def test_an_sdxl_refiner_finishes_the_image(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(FIXTURES / "sdxl_tiny" / "diffusers", models / "stable-diffusion")
+    shutil.copytree(FIXTURES / "sdxl_refiner_tiny" / "diffusers", models / "refiner")
+    (path,) = written(local(models, tmp_path, "a red fox", *SMALL, "--seed", 3, "--refiner", "refiner",
+                            "--refiner-start", 0.5))
+    assert re.search(r"Refiner: refiner \[\w+\], Refiner switch at: 0\.5", Image.open(path).text["parameters"])

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_map
 
+from convert import SD1Models
+from convert.families import SDXL, Family
+from mlx_sd.engine.model_store import LoadedModel, ModelStore
+from mlx_sd.engine.pipeline import _decode
 from mlx_sd.engine.vae_precision import vae_dtype
 from mlx_sd.models.vae import AutoencoderKL, VAEConfig
 
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 CONFIG = VAEConfig(block_out_channels=(32, 32), layers_per_block=1, scaling_factor=0.13025)
 
 
@@ -59,3 +68,30 @@ def test_the_fp16_fix_vae_and_other_families_keep_fp16() -> None:
 def test_force_upcast_is_read_from_config_json() -> None:
     assert VAEConfig.from_dict({"force_upcast": False}).force_upcast is False
     assert VAEConfig.from_dict({}).force_upcast is True  # diffusers' default where a config lacks it
+
+
+def loaded(vae: AutoencoderKL, family: Family) -> LoadedModel:
+    return LoadedModel(SD1Models(None, None, vae, family=family), None, "tiny", "0", mx.float16)
+
+
+def test_the_pipelines_decode_of_an_sdxl_model_in_fp16_is_finite_and_right(latents: mx.array) -> None:
+    vae = overflowing_vae()
+    pixels = _decode(loaded(vae, SDXL), latents * vae.config.scaling_factor)
+    reference = overflowing_vae()
+    reference.update(tree_map(lambda p: p.astype(mx.float32), reference.parameters()))
+    want = np.round(np.clip(np.array(reference.decode(latents)) / 2 + 0.5, 0, 1) * 255)
+    assert np.abs(pixels.astype(np.float64) - want).max() <= 1
+
+
+@pytest.mark.parametrize("force_upcast", [False, True])
+def test_a_standalone_vaes_config_json_is_read(tmp_path: Path, force_upcast: bool) -> None:
+    """The fp16-fix VAE is recognised by the config.json beside vae/model.safetensors."""
+    source = FIXTURES / "sdxl_tiny" / "diffusers"
+    models_dir = tmp_path / "models"
+    shutil.copytree(source, models_dir / "stable-diffusion")
+    (models_dir / "vae").mkdir()
+    shutil.copy(source / "vae" / "diffusion_pytorch_model.safetensors", models_dir / "vae" / "model.safetensors")
+    config = json.loads((source / "vae" / "config.json").read_text()) | {"force_upcast": force_upcast}
+    (models_dir / "vae" / "config.json").write_text(json.dumps(config))
+    vae = ModelStore(models_dir).get().models.vae
+    assert vae.config.force_upcast is force_upcast
