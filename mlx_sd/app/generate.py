@@ -53,6 +53,7 @@ def validated_as_sent(request: GenerationRequest) -> GenerationRequest:
     request = request.validated()
     return dataclasses.replace(
         request, cfg_scale=_float32(request.cfg_scale), denoising_strength=_float32(request.denoising_strength),
+        refiner_start=_float32(request.refiner_start),
         seed=request.seed if request.seed >= 0 else secrets.randbelow(2**32),
     )
 
