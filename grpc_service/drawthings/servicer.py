@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 
+from convert.families import SD1, SD2, SDXL
 from grpc_service.drawthings import generation
 from grpc_service.drawthings.identity import ServerIdentifier
 from grpc_service.files import MAX_NAMES_PER_CALL, ModelDirectory
@@ -31,8 +32,9 @@ log = logging.getLogger(__name__)
 
 SERVICE = "ImageGenerationService"  # no package: the paths are /ImageGenerationService/<Rpc>
 SHA256_BYTES = 32
-# SD 1.x's native side, 512 pixels, in Draw Things' 64-pixel units.
-DEFAULT_SCALES = {"v1": 8}
+# Each family's native side in Draw Things' 64-pixel units (SD 2.x: the 512 base's; a 768-v model's
+# size is known once it is loaded, and a request of size 0 gets it).
+DEFAULT_SCALES = {family.draw_things_version: family.native_size // generation.SIDE_UNIT for family in (SD1, SD2, SDXL)}
 
 
 def method(rpc: str) -> str:

@@ -27,6 +27,8 @@ from mlx_sd.app.options import (
     DtypeOption,
     FingerprintOption,
     LowMemoryOption,
+    PredictionType,
+    PredictionTypeOption,
     NoCacheOption,
     NoTlsOption,
     QuantizeOption,
@@ -52,7 +54,6 @@ from mlx_sd.app.paths import (
 )
 from mlx_sd.engine.request import (
     DEFAULT_CFG_SCALE,
-    DEFAULT_SIDE,
     DEFAULT_STEPS,
     MAX_BATCH_COUNT,
     MAX_BATCH_SIZE,
@@ -151,6 +152,7 @@ def serve(
     dtype: DtypeOption = None,
     quantize: QuantizeOption = None,
     low_memory: LowMemoryOption = False,
+    prediction_type: PredictionTypeOption = PredictionType.auto,
     max_queue: Annotated[
         int, typer.Option(help="Generations that may wait behind the running one; more are refused.", min=1)
     ] = 8,
@@ -207,6 +209,7 @@ def serve(
         dtype=dtype,
         quantize_bits=quantize,
         low_memory=low_memory,
+        prediction_type=prediction_type.value,
         memory_budget=parse_size(memory_budget) if memory_budget else None,
         shutdown_grace=shutdown_grace,
     )
@@ -363,7 +366,8 @@ def convert_command(
     typer.echo(f"wrote {written}")
 
 
-_SIDE_HELP = f"{{}} in pixels, a multiple of {SIDE_MULTIPLE} ({MIN_SIDE}-{MAX_SIDE})."
+_SIDE_HELP = (f"{{}} in pixels, a multiple of {SIDE_MULTIPLE} ({MIN_SIDE}-{MAX_SIDE}); 0: the model's native size "
+              "(512 for SD 1.x and SD 2.x base, 768 for SD 2.x v, 1024 for SDXL).")
 
 
 @app.command()
@@ -373,8 +377,8 @@ def generate(
     steps: Annotated[int, typer.Option(help=f"Sampling steps (1-{MAX_STEPS}).")] = DEFAULT_STEPS,
     sampler: Annotated[str, typer.Option(help="Sampler, any case, e.g. 'Euler a' (see the README).")] = DEFAULT_SAMPLER,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed+i. Negative: random.")] = -1,
-    width: Annotated[int, typer.Option(help=_SIDE_HELP.format("Width"))] = DEFAULT_SIDE,
-    height: Annotated[int, typer.Option(help=_SIDE_HELP.format("Height"))] = DEFAULT_SIDE,
+    width: Annotated[int, typer.Option(help=_SIDE_HELP.format("Width"))] = 0,
+    height: Annotated[int, typer.Option(help=_SIDE_HELP.format("Height"))] = 0,
     cfg: Annotated[
         float, typer.Option(help=f"Classifier-free guidance scale (0-{MAX_CFG_SCALE:g}).")
     ] = DEFAULT_CFG_SCALE,
@@ -403,6 +407,7 @@ def generate(
     dtype: DtypeOption = None,
     quantize: QuantizeOption = None,
     low_memory: LowMemoryOption = False,
+    prediction_type: PredictionTypeOption = PredictionType.auto,
     cache_dir: CacheDirOption = None,
     no_cache: NoCacheOption = False,
     server: Annotated[
@@ -434,7 +439,8 @@ def generate(
         misplaced, rule = {"--ca": ca, "--fingerprint": fingerprint, "--no-tls": no_tls}, "need --server"
     else:
         misplaced = {"--models-dir": models_dir, "--dtype": dtype, "--quantize": quantize, "--cache-dir": cache_dir,
-                     "--no-cache": no_cache, "--low-memory": low_memory}
+                     "--no-cache": no_cache, "--low-memory": low_memory,
+                     "--prediction-type": prediction_type is not PredictionType.auto}
         rule = "apply to local generation only"
     if given := [name for name, value in misplaced.items() if value]:
         raise typer.BadParameter(f"{', '.join(given)}: {rule}")
@@ -452,7 +458,8 @@ def generate(
     try:
         out.mkdir(parents=True, exist_ok=True)  # before generating, so a bad --out fails fast
         if server is None:
-            with local_engine(root, cache_folder(cache_dir, no_cache), dtype, quantize, low_memory) as engine:
+            with local_engine(root, cache_folder(cache_dir, no_cache), dtype, quantize, low_memory,
+                              prediction_type.value) as engine:
                 result = follow(engine(request), request)
         else:
             with _connected(server, ca, fingerprint, no_tls, shared_secret, shared_secret_file) as client:

@@ -70,13 +70,14 @@ def option_error(error: InvalidRequest) -> str:
 
 @contextlib.contextmanager
 def local_engine(models_dir: Path, cache_dir: Path | None, dtype: str | None,
-                 quantize_bits: int | None = None, low_memory: bool = False) -> Iterator[Engine]:
+                 quantize_bits: int | None = None, low_memory: bool = False,
+                 prediction_type: str = "auto") -> Iterator[Engine]:
     """The pipeline on its worker thread; on leaving, waits for the job in flight, which stops at the
     next sampling step once its reader has gone (say after Ctrl-C)."""
     from mlx_sd.engine import create_engine
 
     engine = create_engine(models_dir, cache_dir=cache_dir, dtype=dtype, quantize_bits=quantize_bits, max_queued=1,
-                           low_memory=low_memory)
+                           low_memory=low_memory, prediction_type=prediction_type)
     try:
         yield engine
     finally:

@@ -93,6 +93,19 @@ LowMemoryOption = Annotated[
         "converted cache for the next request. Needs the cache; not with --quantize.",
     ),
 ]
+class PredictionType(StrEnum):
+    auto = "auto"
+    epsilon = "epsilon"
+    v = "v"
+
+
+PredictionTypeOption = Annotated[
+    PredictionType,
+    typer.Option(
+        help="What every model's UNet predicts: auto decides per model (a sidecar .yaml or scheduler config, "
+        "else A1111's test for SD 2.x, else epsilon); epsilon or v force it (docs/models.md).",
+    ),
+]
 DtypeOption = Annotated[
     WeightsDtype | None,
     typer.Option(

@@ -6,8 +6,8 @@ of its keyword arguments (so that classifier-free guidance batches it entry by e
 - SDXL: `context`, both encoders' hidden states `clip_skip` layers before their last, not
   final-normed (clip skip 1: the penultimate layer, as SDXL was trained), side by side
   (768 + 1280 = 2048 wide); `text_embeds`, bigG's projected pooled output; `time_ids`, the size
-  micro-conditioning: original size, crop top-left (0, 0) and target size, each (height, width),
-  all the requested image's size, for the prompt and the negative prompt alike.
+  micro-conditioning: original size, crop top-left and target size, each (height, width); by
+  default the image's size and (0, 0), as diffusers' StableDiffusionXLPipeline has them.
 
 Prompts longer than 75 tokens are encoded in 75-token windows whose hidden states are concatenated
 (A1111's way, see mlx_sd.engine.tokenizer); SDXL's pooled output is the first window's.
@@ -72,8 +72,16 @@ def _sdxl(model: LoadedModel, request: GenerationRequest) -> tuple[Conditioning,
     hidden_2, pooled = encoders[1].hidden_and_pooled(mx.array(ids_2.reshape(-1, length)), request.clip_skip)
     context = mx.concatenate([hidden, hidden_2], axis=-1).reshape(count, windows * length, -1).astype(mx.float32)
     pooled = pooled.reshape(count, windows, -1)[:, 0].astype(mx.float32)
-    size = (request.height, request.width)
-    time_ids = mx.array([[*size, 0, 0, *size]], dtype=mx.float32)
     mx.eval(context, pooled)
-    return ({"context": context[:1], "text_embeds": pooled[:1], "time_ids": time_ids},
-            {"context": context[1:], "text_embeds": pooled[1:], "time_ids": time_ids})
+    return ({"context": context[:1], "text_embeds": pooled[:1], "time_ids": _time_ids(request, negative=False)},
+            {"context": context[1:], "text_embeds": pooled[1:], "time_ids": _time_ids(request, negative=True)})
+
+
+def _time_ids(request: GenerationRequest, negative: bool) -> mx.array:
+    """(1, 6): original (height, width), crop (top, left), target (height, width); a size of 0 is the
+    image's, and the negative prompt's original size falls back to the prompt's."""
+    original = (request.original_height or request.height, request.original_width or request.width)
+    if negative:
+        original = (request.negative_original_height or original[0], request.negative_original_width or original[1])
+    target = (request.target_height or request.height, request.target_width or request.width)
+    return mx.array([[*original, request.crop_top, request.crop_left, *target]], dtype=mx.float32)

@@ -6,9 +6,10 @@ b = the activations' bytes per value: 2 for fp16 on Metal, 4 for fp32 on the CPU
 
 - latents: batch x 4 channels x T x 4 bytes (fp32) x LATENT_COPIES (the sampler's current,
   denoised and history latents);
-- UNet attention: the score matrix of the largest self-attention, at the first level with attention
-  (full latent resolution for SD 1.x and 2.x; SDXL's first level has none, so T/4 tokens there):
-  T_a^2 x heads x batch x 2 (conditional and unconditional passes) x b. On Metal MLX's fused
+- UNet attention: the score matrix of the largest self-attention, at the first level that has
+  attention (full latent resolution for SD 1.x and 2.x; half for SDXL, T/4 tokens there):
+  T^2 x heads x batch x 2 (conditional and unconditional passes) x b. SD 2.x's and SDXL's heads are
+  64 wide, which the fused kernel takes, so on Metal this term overestimates theirs. On Metal MLX's fused
   attention kernel takes head widths 64, 80 and 128 only; SD 1.x's is 40, so MLX computes
   matmul-softmax-matmul and holds the whole matrix, counted once on the assumption that the
   softmax reuses the scores' buffer (MLX donates an input whose only reader is the op). The UNet's
@@ -60,19 +61,20 @@ class ModelShape:
     """What the estimate needs to know of the model; the defaults are SD 1.x's."""
 
     attention_heads: int = 8  # in the UNet's first level with attention
-    attention_level: int = 0  # that level's index: its side is the latents' / 2**level
     vae_full_resolution_channels: int = 256  # the widest feature map the VAE decoder holds at full size
+    attention_level: int = 0  # that level: its tokens are T / 4**level
     vae_itemsize: int | None = None  # bytes per VAE activation where not the other networks' (an upcast)
 
     @classmethod
     def of(cls, unet_config: Any, vae_config: Any, vae_itemsize: int | None = None) -> ModelShape:
         """The shape of a loaded model, from its UNet and VAE configs (diffusers' field names)."""
-        heads = unet_config.num_attention_heads or unet_config.attention_head_dim  # diffusers' SD-1 naming
+        heads = unet_config.num_attention_heads or unet_config.attention_head_dim  # diffusers' naming
+        levels = len(unet_config.block_out_channels)
+        heads = (heads,) * levels if isinstance(heads, int) else tuple(heads)
         level = next((i for i, kind in enumerate(unet_config.down_block_types) if kind.startswith("CrossAttn")), 0)
-        heads = heads[level] if isinstance(heads, (tuple, list)) else heads
         channels = vae_config.block_out_channels
-        return cls(attention_heads=int(heads), attention_level=level,
-                   vae_full_resolution_channels=int(channels[min(1, len(channels) - 1)]), vae_itemsize=vae_itemsize)
+        return cls(attention_heads=int(heads[level]), vae_full_resolution_channels=int(channels[min(1, len(channels) - 1)]),
+                   attention_level=level, vae_itemsize=vae_itemsize)
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,10 @@ def estimate_request_bytes(width: int, height: int, batch_size: int, itemsize: i
                            shape: ModelShape = ModelShape(), vae_live_maps: int = VAE_LIVE_MAPS) -> MemoryEstimate:
     """The working memory of generating `batch_size` images of `width` x `height` (see the module doc)."""
     tokens = (width // LATENT_SCALE) * (height // LATENT_SCALE)
-    attention_tokens = tokens // 4**shape.attention_level
     return MemoryEstimate(
         latents=batch_size * LATENT_CHANNELS * tokens * 4 * LATENT_COPIES,
-        unet_attention=attention_tokens**2 * shape.attention_heads * batch_size * GUIDANCE_PASSES * itemsize,
+        unet_attention=(tokens // 4**shape.attention_level)**2 * shape.attention_heads * batch_size * GUIDANCE_PASSES
+        * itemsize,
         vae_decode=batch_size * (shape.vae_itemsize or itemsize) * (
             width * height * shape.vae_full_resolution_channels * vae_live_maps + tokens**2),
     )

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from convert.formats import read_header
-from convert.keymaps import SINGLE_FILE_SECTIONS
+from convert.families import SDXL_REFINER, UNET_PREFIX, detect_diffusers, detect_single_file
+from convert.formats import TEXT_ENCODERS, read_header
 from mlx_sd.engine.errors import MlxSdError
 from mlx_sd.faces.restore import DETECTOR_FILE, RESTORER_FILE
 from mlx_sd.engine.upscale import UPSCALER_FILE
@@ -26,12 +26,8 @@ from mlx_sd.engine.upscale import UPSCALER_FILE
 MAX_ENTRIES = 4096  # folders and files looked at
 MAX_HEADERS = 256  # checkpoint headers (or diffusers configs) read
 MAX_DEPTH = 4  # folders below the model directory
-MAX_HEADER_BYTES = 16 * 1024**2  # real SD-1 headers are ~100 KB
+MAX_HEADER_BYTES = 16 * 1024**2  # real SD headers are ~100-200 KB
 MAX_CONFIG_BYTES = 64 * 1024
-SD1 = "v1"  # Draw Things' version string of SD 1.x models
-
-_PREFIX = {network: prefix for prefix, network in SINGLE_FILE_SECTIONS.items()}
-_UNET, _TEXT_ENCODER = _PREFIX["unet"], _PREFIX["text_encoder"]
 _DIFFUSERS_UNET_CONFIG = Path("unet") / "config.json"
 
 
@@ -40,11 +36,11 @@ class CatalogEntry:
     file: str  # relative to the model directory: what a client names in a request or FilesExist
     name: str  # a human name
     kind: str  # "model" | "upscaler" | "face_restorer"
-    version: str  # Draw Things' model version ("v1" for SD 1.x); "" where it does not apply
+    version: str  # Draw Things' model version ("v1", "v2", "sdxl_base_v0.9"); "" where it does not apply
 
 
 def catalog(models_dir: Path) -> list[CatalogEntry]:
-    """The SD-1 checkpoints of `models_dir` (sorted by file), then its upscaler and face restorer."""
+    """The checkpoints of `models_dir` (sorted by file), then its upscaler and face restorer."""
     root = Path(models_dir).resolve()
     models = []
     for relative, version in _checkpoints(root):
@@ -75,8 +71,8 @@ def _checkpoints(root: Path) -> Iterator[tuple[str, str]]:
             headers += 1
             if headers > MAX_HEADERS:
                 return
-            if _diffusers_version(Path(folder)):
-                yield relative_folder.as_posix(), SD1
+            if version := _diffusers_version(Path(folder)):
+                yield relative_folder.as_posix(), version
             continue
         dirs[:] = [d for d in sorted(dirs) if not d.startswith(".")] if depth < MAX_DEPTH else []
         for name in sorted(files):
@@ -92,8 +88,8 @@ def _checkpoints(root: Path) -> Iterator[tuple[str, str]]:
             headers += 1
             if headers > MAX_HEADERS:
                 return
-            if _single_file_version(path):
-                yield relative, SD1
+            if version := _single_file_version(path):
+                yield relative, version
 
 
 def _inside(root: Path, path: Path) -> bool:
@@ -102,32 +98,39 @@ def _inside(root: Path, path: Path) -> bool:
 
 
 def _single_file_version(path: Path) -> str:
-    """"v1" for an original-layout SD-1 checkpoint (CLIP text encoder, 4-channel UNet with
-    convolutional attention projections); "" for anything else, unreadable files included."""
+    """Draw Things' version of an original-layout checkpoint of a family served as a base model
+    (SD 1.x, SD 2.x, SDXL; a refiner runs only as a second stage) with a 4-channel UNet; "" for
+    anything else, unreadable files included."""
     try:
         header = read_header(path, max_header_bytes=MAX_HEADER_BYTES)
+        family = detect_single_file(header.tensors, path)
     except (MlxSdError, OSError):
         return ""
-    tensors = header.tensors
-    conv_in = tensors.get(f"{_UNET}input_blocks.0.0.weight")
-    proj_in = tensors.get(f"{_UNET}middle_block.1.proj_in.weight")
-    if conv_in is None or proj_in is None or not any(key.startswith(_TEXT_ENCODER) for key in tensors):
+    conv_in = header.tensors.get(f"{UNET_PREFIX}input_blocks.0.0.weight")
+    if family is SDXL_REFINER or conv_in is None or len(conv_in.shape) != 4 or conv_in.shape[1] != 4:
         return ""
-    return SD1 if len(conv_in.shape) == 4 and conv_in.shape[1] == 4 and len(proj_in.shape) == 4 else ""
+    return family.draw_things_version
 
 
 def _diffusers_version(folder: Path) -> str:
-    """"v1" for a diffusers folder whose UNet is SD-1's kind (4 input channels, convolutional
-    attention projections, no added embeddings as SDXL has)."""
-    path = folder / _DIFFUSERS_UNET_CONFIG
+    """Draw Things' version of a diffusers folder of a family served as a base model whose UNet takes
+    4 input channels; "" for anything else."""
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            return ""
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
+        unet = _small_json(folder / _DIFFUSERS_UNET_CONFIG)
+        text_encoders = {name: _small_json(folder / name / "config.json") for name in TEXT_ENCODERS
+                         if (folder / name).is_dir()}
+        family = detect_diffusers(unet, text_encoders, folder)
+    except (MlxSdError, OSError, ValueError):
         return ""
+    if family is SDXL_REFINER or unet.get("in_channels") != 4:
+        return ""
+    return family.draw_things_version
+
+
+def _small_json(path: Path) -> dict:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path} is larger than a config")
+    config = json.loads(path.read_text())
     if not isinstance(config, dict):
-        return ""
-    sd1 = (config.get("in_channels") == 4 and not config.get("use_linear_projection")
-           and config.get("addition_embed_type") is None)
-    return SD1 if sd1 and (folder / "text_encoder").is_dir() else ""
+        raise ValueError(f"{path} is not a JSON object")
+    return config

@@ -37,6 +37,9 @@ MAX_PROMPT_CHARS = 10_000
 MAX_CLIP_SKIP = 12  # CLIP ViT-L's layers
 MAX_UPSCALE_FACTOR = 4
 MAX_UPSCALED_BYTES = 2 * 1024**3  # bounds a request's upscaled pixels, all images together
+MICRO_CONDITIONING = ("original_width", "original_height", "crop_top", "crop_left", "target_width", "target_height",
+                      "negative_original_width", "negative_original_height")
+MAX_MICRO_CONDITIONING = 16384  # pixels; SDXL was trained on sizes up to ~4k
 DEFAULT_REFINER_START = 0.7  # Draw Things' default
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -72,6 +75,17 @@ class GenerationRequest:
     # Upscale the finished images with the installed upscaler, by `upscale_factor` (0: the network's own).
     upscale: bool = False
     upscale_factor: int = 0
+    # SDXL's size micro-conditioning, what the model is told of the image: its original size, the
+    # crop's top-left corner and the target size (0: the image's size; crop 0, 0). The negative
+    # prompt's original size may differ. Other families ignore them.
+    original_width: int = 0
+    original_height: int = 0
+    crop_top: int = 0
+    crop_left: int = 0
+    target_width: int = 0
+    target_height: int = 0
+    negative_original_width: int = 0
+    negative_original_height: int = 0
     # SDXL's refiner: a model file (as `model`) that takes over the sampling at `refiner_start`, a
     # fraction of the steps (0: DEFAULT_REFINER_START); "": none.
     refiner_model: str = ""
@@ -114,6 +128,8 @@ class GenerationRequest:
             if not native and (size := images * width * height * factor**2 * 3) > MAX_UPSCALED_BYTES:
                 raise InvalidRequest("upscale_factor", f"{images} upscaled images would hold {size / 2**30:.1f} GiB of "
                                                        f"pixels, more than {MAX_UPSCALED_BYTES / 2**30:.0f} GiB")
+        for name in MICRO_CONDITIONING:
+            _int_in_range(name, getattr(self, name), 0, MAX_MICRO_CONDITIONING)
         if self.seed_mode not in SEED_MODES:
             supported = ", ".join(SEED_MODES)
             raise InvalidRequest("seed_mode", f"unknown seed mode {self.seed_mode!r}; supported: {supported}")

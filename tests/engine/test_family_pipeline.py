@@ -96,3 +96,14 @@ def test_clip_skip_past_the_encoders_is_refused(family: str, pipeline: Pipeline)
     with pytest.raises(InvalidRequest) as error:
         list(pipeline(GenerationRequest(prompt="x", width=64, height=64, steps=1, clip_skip=limit + 1).validated()))
     assert error.value.field == "clip_skip"
+
+
+def test_size_conditioning_moves_sdxl_and_no_other_family(family: str, pipeline: Pipeline) -> None:
+    base = dict(prompt="x", width=64, height=64, steps=2, seed=3)
+    plain = run(pipeline, GenerationRequest(**base).validated())[1].images[0].pixels.astype(int)
+    # the defaults spelled out: the image's size as original and target, crop (0, 0)
+    spelled = GenerationRequest(**base, original_width=64, original_height=64, target_width=64, target_height=64)
+    assert np.array_equal(run(pipeline, spelled.validated())[1].images[0].pixels, plain)
+    cropped = GenerationRequest(**base, original_width=256, original_height=192, crop_top=32, crop_left=16)
+    moved = np.abs(run(pipeline, cropped.validated())[1].images[0].pixels.astype(int) - plain).max()
+    assert (moved > 0) == (family == "sdxl")

@@ -1,4 +1,5 @@
-"""The catalog of a model directory: which files are SD-1 checkpoints, the restoration weights, and its bounds."""
+"""The catalog of a model directory: which files are checkpoints of the families served, the restoration
+weights, and its bounds."""
 
 from __future__ import annotations
 
@@ -17,16 +18,20 @@ UNET = "model.diffusion_model."
 
 
 def fake_checkpoint(path: Path, *, in_channels: int = 4, linear_proj_in: bool = False,
-                    text_encoder: str = "cond_stage_model.transformer.") -> Path:
+                    text_encoders: tuple[str, ...] = ("cond_stage_model.transformer.",),
+                    added_embedding: bool = False) -> Path:
     """A header with the keys and shapes the catalog reads (the tensors are tiny)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     proj_in = (8, 8) if linear_proj_in else (8, 8, 1, 1)
-    save_file({
+    tensors = {
         f"{UNET}input_blocks.0.0.weight": np.zeros((8, in_channels, 3, 3), np.float16),
         f"{UNET}middle_block.1.proj_in.weight": np.zeros(proj_in, np.float16),
-        f"{text_encoder}text_model.embeddings.token_embedding.weight": np.zeros((4, 8), np.float16),
         "first_stage_model.decoder.conv_out.weight": np.zeros((3, 8, 3, 3), np.float16),
-    }, str(path))
+    }
+    tensors |= {f"{prefix}token_embedding.weight": np.zeros((4, 8), np.float16) for prefix in text_encoders}
+    if added_embedding:
+        tensors[f"{UNET}label_emb.0.0.weight"] = np.zeros((8, 8), np.float16)
+    save_file(tensors, str(path))
     return path
 
 
@@ -45,13 +50,28 @@ def test_sd1_checkpoints_single_files_and_diffusers_folders(tmp_path: Path, sd1_
     ]
 
 
-@pytest.mark.parametrize("kind", ["SD 2 (OpenCLIP)", "SDXL", "inpainting", "linear projections"])
-def test_checkpoints_of_other_families_are_left_out(tmp_path: Path, kind: str) -> None:
+SDXL_ENCODERS = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+
+
+@pytest.mark.parametrize(("kind", "version"), [
+    ("SD 2", "v2"), ("SDXL", "sdxl_base_v0.9"), ("SD 1 with linear projections", "v1"),
+])
+def test_checkpoints_of_each_family_carry_its_draw_things_version(tmp_path: Path, kind: str, version: str) -> None:
     options = {
-        "SD 2 (OpenCLIP)": {"text_encoder": "cond_stage_model.model."},
-        "SDXL": {"text_encoder": "conditioner.embedders.0.transformer."},
+        "SD 2": {"text_encoders": ("cond_stage_model.model.",), "linear_proj_in": True},
+        "SDXL": {"text_encoders": SDXL_ENCODERS, "linear_proj_in": True, "added_embedding": True},
+        "SD 1 with linear projections": {"linear_proj_in": True},
+    }[kind]
+    fake_checkpoint(tmp_path / "model.safetensors", **options)
+    assert catalog(tmp_path) == [CatalogEntry("model.safetensors", "model", "model", version)]
+
+
+@pytest.mark.parametrize("kind", ["SDXL refiner", "mixed families", "inpainting"])
+def test_checkpoints_not_served_as_a_base_model_are_left_out(tmp_path: Path, kind: str) -> None:
+    options = {
+        "SDXL refiner": {"text_encoders": ("conditioner.embedders.0.model.",), "added_embedding": True},
+        "mixed families": {"text_encoders": SDXL_ENCODERS},  # SDXL's encoders, no added embedding
         "inpainting": {"in_channels": 9},
-        "linear projections": {"linear_proj_in": True},
     }[kind]
     fake_checkpoint(tmp_path / "other.safetensors", **options)
     assert catalog(tmp_path) == []

@@ -42,18 +42,24 @@ def test_the_shape_is_read_from_the_models_configs() -> None:
     assert ModelShape.of(UNetConfig(), VAEConfig()) == ModelShape()  # SD 1.x: 8 heads, 256 channels
     assert ModelShape.of(UNetConfig(attention_head_dim=(5, 10, 20, 20)), VAEConfig(block_out_channels=(32,))) == \
         ModelShape(attention_heads=5, vae_full_resolution_channels=32)
+    sdxl = UNetConfig(block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"))
+    assert ModelShape.of(sdxl, VAEConfig()) == ModelShape(attention_heads=10, attention_level=1)
 
 
-def test_sdxl_attention_is_counted_at_its_first_attention_level_and_its_upcast_vae_in_fp32() -> None:
-    sdxl = UNetConfig(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                      block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20))
-    shape = ModelShape.of(sdxl, VAEConfig(), vae_itemsize=4)
-    assert shape == ModelShape(attention_heads=10, attention_level=1, vae_full_resolution_channels=256,
-                               vae_itemsize=4)
-    estimate = estimate_request_bytes(1024, 1024, 1, 2, shape)
-    assert estimate.unet_attention == 4096**2 * 10 * 1 * 2 * 2  # 64x64 tokens^2 x heads x batch x CFG x fp16
-    assert estimate.vae_decode == 4 * (1024 * 1024 * 256 * VAE_LIVE_MAPS + 16384**2)  # fp32
+def test_sdxls_attention_is_counted_at_its_first_attention_level() -> None:
+    # at 1024x1024 SDXL's first attention has 64x64 tokens and 10 heads: that matrix, batch 1, CFG, fp16
+    estimate = estimate_request_bytes(1024, 1024, 1, 2, ModelShape(attention_heads=10, attention_level=1))
+    assert estimate.unet_attention == (64 * 64) ** 2 * 10 * 2 * 2
+
+
+def test_an_upcast_vae_is_counted_in_fp32() -> None:
+    shape = ModelShape.of(UNetConfig(), VAEConfig(), vae_itemsize=4)
+    assert shape == ModelShape(vae_itemsize=4)
+    fp16 = estimate_request_bytes(1024, 1024, 1, 2, ModelShape())
+    upcast = estimate_request_bytes(1024, 1024, 1, 2, shape)
+    assert upcast.vae_decode == 4 * (1024 * 1024 * 256 * VAE_LIVE_MAPS + 16384**2) == 2 * fp16.vae_decode
+    assert upcast.unet_attention == fp16.unet_attention
 
 
 def test_a_request_that_could_never_fit_is_an_invalid_argument_naming_the_limit() -> None:

@@ -130,3 +130,17 @@ def test_every_setting_is_mapped_ignored_or_refused_exactly_once() -> None:
 
     groups = [*g.MAPPED, *g.IGNORED_FOR_SPEED, *g.NOT_FOR_SD1, *g.DEPENDENT, *g.REFUSED]
     assert sorted(groups) == sorted(f.name for f in FIELDS)
+
+
+def test_sdxls_size_conditioning_is_mapped_onto_the_request() -> None:
+    from grpc_service.drawthings.generation import generation_request
+    from grpc_service.generated import drawthings_pb2 as pb
+
+    config = build_configuration(start_width=16, start_height=16, original_image_width=2048,
+                                 original_image_height=1536, crop_top=64, crop_left=32, target_image_width=1024,
+                                 target_image_height=1024, negative_original_image_width=512,
+                                 negative_original_image_height=512)
+    request = generation_request(pb.ImageGenerationRequest(prompt="x", configuration=config))
+    assert (request.original_width, request.original_height, request.crop_top, request.crop_left) == (2048, 1536, 64, 32)
+    assert (request.target_width, request.target_height) == (1024, 1024)
+    assert (request.negative_original_width, request.negative_original_height) == (512, 512)

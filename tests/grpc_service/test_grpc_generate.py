@@ -18,7 +18,6 @@ from mlx_sd.engine.errors import CheckpointError, InvalidRequest, MissingWeights
 from mlx_sd.engine.events import EventType, GenerationResult, ProgressEvent
 from mlx_sd.engine.request import (
     DEFAULT_CFG_SCALE,
-    DEFAULT_SIDE,
     DEFAULT_STEPS,
     MAX_BATCH_COUNT,
     MAX_BATCH_SIZE,
@@ -82,7 +81,8 @@ def test_zero_fields_get_the_documented_defaults(server_factory, stub_for) -> No
     engine = RecordingEngine()
     generate(stub_for(server_factory(engine)))
     (request,) = engine.requests
-    assert (request.width, request.height, request.steps) == (DEFAULT_SIDE, DEFAULT_SIDE, DEFAULT_STEPS)
+    # a size of 0 is the model's native size, which the pipeline fills in once the model is loaded
+    assert (request.width, request.height, request.steps) == (0, 0, DEFAULT_STEPS)
     assert (request.cfg_scale, request.sampler) == (DEFAULT_CFG_SCALE, DEFAULT_SAMPLER)
     assert (request.batch_size, request.batch_count) == (1, 1)
 
