@@ -10,8 +10,9 @@ leave the sampler.
 
 The refiner's conditioning (diffusers' StableDiffusionXLImg2ImgPipeline with the refiner): OpenCLIP
 bigG's hidden states `clip_skip` layers before its last (the penultimate by default) and its pooled
-projection, and five `time_ids`: the original size (height, width), the crop's top-left (0, 0) and an
-aesthetic score, 6 for the prompt and 2.5 for the negative prompt.
+projection, and five `time_ids`: the original size (height, width) and the crop's top-left, as the
+base model is given them (the request's micro-conditioning), and an aesthetic score, 6 for the
+prompt and 2.5 for the negative prompt.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 from convert.families import SDXL, SDXL_REFINER
 from mlx_sd.engine.conditioning import Conditioning
+from mlx_sd.engine.conditioning import _time_ids as size_time_ids
 from mlx_sd.engine.errors import InvalidRequest
 from mlx_sd.engine.request import GenerationRequest
 from mlx_sd.sampling.denoisers import Denoiser
@@ -58,11 +60,15 @@ def encode_prompts(refiner: LoadedModel, request: GenerationRequest) -> tuple[Co
     hidden, pooled = encoder.hidden_and_pooled(mx.array(ids.reshape(-1, length)), request.clip_skip)
     context = hidden.reshape(count, windows * length, -1).astype(mx.float32)
     pooled = pooled.reshape(count, windows, -1)[:, 0].astype(mx.float32)  # the first window's, as for the base
-    size = [request.height, request.width, 0, 0]
-    time_ids = mx.array([size + [AESTHETIC_SCORE], size + [NEGATIVE_AESTHETIC_SCORE]], dtype=mx.float32)
     mx.eval(context, pooled)
-    return ({"context": context[:1], "text_embeds": pooled[:1], "time_ids": time_ids[:1]},
-            {"context": context[1:], "text_embeds": pooled[1:], "time_ids": time_ids[1:]})
+    return ({"context": context[:1], "text_embeds": pooled[:1], "time_ids": _time_ids(request, False)},
+            {"context": context[1:], "text_embeds": pooled[1:], "time_ids": _time_ids(request, True)})
+
+
+def _time_ids(request: GenerationRequest, negative: bool) -> mx.array:
+    """(1, 5): the base's original size and crop (the request's micro-conditioning), then the score."""
+    score = NEGATIVE_AESTHETIC_SCORE if negative else AESTHETIC_SCORE
+    return mx.concatenate([size_time_ids(request, negative)[:, :4], mx.array([[score]])], axis=1)
 
 
 def cutoff_timestep(refiner_start: float) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mlx_sd.engine import refiner
 from mlx_sd.engine.backends import Backend
 from mlx_sd.engine.errors import InvalidRequest
 from mlx_sd.engine.model_store import ModelStore
@@ -94,3 +95,13 @@ def test_refiner_start_defaults_to_draw_things_and_needs_a_refiner() -> None:
     with pytest.raises(InvalidRequest) as error:
         GenerationRequest(prompt="x", refiner_model="../outside.safetensors").validated()
     assert error.value.field == "refiner_model"
+
+
+def test_the_refiner_is_given_the_bases_size_conditioning_and_the_aesthetic_scores(models_dir: Path) -> None:
+    loaded = ModelStore(models_dir).get("refiner")
+    request = GenerationRequest(prompt="x", width=128, height=64, original_width=512, crop_top=16,
+                                negative_original_height=32, refiner_model="refiner").validated()
+    cond, uncond = refiner.encode_prompts(loaded, request)
+    assert cond["time_ids"].tolist() == [[64, 512, 16, 0, 6.0]]
+    assert uncond["time_ids"].tolist() == [[32, 512, 16, 0, 2.5]]
+    assert cond["context"].shape == (1, 77, 32) and cond["text_embeds"].shape == (1, 24)  # bigG alone
