@@ -65,9 +65,7 @@ class Pipeline:
         upscale_by = (request.upscale_factor or upscaler.scale) if upscaler is not None else None
         model = self._store.get(request.model)
         request = request.with_native_size(model.native_size)
-        refining = self._refiners.get(request.refiner_model) if request.refiner_model else None
-        if refining is not None:
-            refiner.check_pair(model, refining, request)
+        refining = refiner.load(self._refiners, model, request)
         if self._memory_budget is not None:  # before this request allocates anything
             unet, vae = model.models.unet, model.models.vae
             on_cpu = mx.default_device() == mx.cpu

@@ -31,21 +31,27 @@ from mlx_sd.sampling.denoisers import Denoiser
 from mlx_sd.sampling.schedules import sigma_to_t
 
 if TYPE_CHECKING:
-    from mlx_sd.engine.model_store import LoadedModel
+    from mlx_sd.engine.model_store import LoadedModel, ModelStore
 
 AESTHETIC_SCORE = 6.0
 NEGATIVE_AESTHETIC_SCORE = 2.5
 TRAIN_TIMESTEPS = 1000
 
 
-def check_pair(base: LoadedModel, refiner: LoadedModel, request: GenerationRequest) -> None:
-    """InvalidRequest naming the refiner's file unless it is an SDXL refiner following an SDXL base."""
-    if refiner.models.family is not SDXL_REFINER:
-        raise InvalidRequest("refiner_model", f"{request.refiner_model} is an {refiner.models.family.title} model, "
-                                              f"not an {SDXL_REFINER.title}")
+def load(refiners: ModelStore, base: LoadedModel, request: GenerationRequest) -> LoadedModel | None:
+    """The request's refiner, loaded from `refiners` (a store of its own, so that it is held beside the
+    base model), or None when it names none. InvalidRequest naming the refiner's file unless it is an
+    SDXL refiner following an SDXL base (the base is checked before the refiner is read)."""
+    if not request.refiner_model:
+        return None
     if base.models.family is not SDXL:
         raise InvalidRequest("refiner_model", f"{request.refiner_model} refines {SDXL.title} models; "
                                               f"{request.model or 'the default model'} is {base.models.family.title}")
+    refiner = refiners.get(request.refiner_model)
+    if refiner.models.family is not SDXL_REFINER:
+        raise InvalidRequest("refiner_model", f"{request.refiner_model} is an {refiner.models.family.title} model, "
+                                              f"not an {SDXL_REFINER.title}")
+    return refiner
 
 
 def encode_prompts(refiner: LoadedModel, request: GenerationRequest) -> tuple[Conditioning, Conditioning]:
