@@ -86,8 +86,8 @@ class GenerationRequest:
     target_height: int = 0
     negative_original_width: int = 0
     negative_original_height: int = 0
-    # SDXL's refiner: a model file (as `model`) that takes over the sampling at `refiner_start`, a
-    # fraction of the steps (0: DEFAULT_REFINER_START); "": none.
+    # SDXL's refiner: a model file (as `model`) that takes over the sampling after `refiner_start`, a
+    # fraction of the denoising schedule (0: DEFAULT_REFINER_START); "": none.
     refiner_model: str = ""
     refiner_start: float = 0.0
 
