@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv-ref
 pip=.venv-ref/bin/pip
 $pip install -q torch==2.13.0 "transformers<5" diffusers==0.39.0 accelerate safetensors "numpy<2" \
-    clip-anytorch k-diffusion scipy torchsde "mlx[cpu]"
+    clip-anytorch k-diffusion scipy torchsde peft "mlx[cpu]"
 # PyPI's torchvision does not import beside this torch build and breaks transformers' imports; the
 # fixture scripts load the few torchvision-free files they need from these packages by path.
 $pip uninstall -q -y torchvision

@@ -76,6 +76,7 @@ class ServerSettings:
     dtype: str | None = None  # how weights are held: float32/float16/bfloat16; None: float16 on Metal, float32 on CPU
     quantize_bits: int | None = None  # 4 or 8: quantize the UNet's and text encoder's linear layers
     low_memory: bool = False  # free the text encoder between prompt encodings (needs cache_dir)
+    pad_attention_heads: bool = False  # pad attention heads to a size MLX's fused Metal kernel takes
     prediction_type: str = "auto"  # what the UNets predict: auto (per model), epsilon or v
     memory_budget: int | None = None  # bytes for weights plus a request's work; None: mlx_sd.engine.memory_budget's default
     shutdown_grace: float = SHUTDOWN_GRACE_SECONDS  # running calls may finish this long after SIGTERM
@@ -186,6 +187,7 @@ def start_server(settings: ServerSettings, engine: Engine | None = None) -> Runn
         engine = create_engine(models.root, cache_dir=settings.cache_dir, dtype=settings.dtype,
                                quantize_bits=settings.quantize_bits, max_queued=settings.max_queued,
                                memory_budget=settings.memory_budget, low_memory=settings.low_memory,
+                               pad_attention_heads=settings.pad_attention_heads,
                                prediction_type=settings.prediction_type)
     pb_grpc.add_ImageGenerationServiceServicer_to_server(ImageGenerationServicer(models, engine), server)
     wire = drawthings.WireSettings(ServerIdentifier(settings.config_dir), settings.model_browser,

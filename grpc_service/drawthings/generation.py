@@ -6,8 +6,8 @@ Every setting of the configuration is in one group (a test checks that the group
 - NOT_FOR_SD1: Draw Things itself ignores them for SD 1.x models, and they concern none of the
   families served (SD 1.x, SD 2.x, SDXL) but SDXL's refiner, whose aesthetic scores stay at their
   defaults, 6 and 2.5 (logged); SDXL's size micro-conditioning is MAPPED (SD 1.x and SD 2.x ignore it);
-- DEPENDENT: they act only through another setting that is refused when present (an input image or
-  mask, the upscaler, compression artifacts), or are the configuration's bookkeeping;
+- DEPENDENT: they act only through another setting that is refused when present (compression
+  artifacts), or are the configuration's bookkeeping;
 - REFUSED: they would change the image and we cannot honour them (FAILED_PRECONDITION naming them).
 
 Known difference: a guidance scale or step count of 0 takes our documented default (7, 20), as 0
@@ -16,15 +16,15 @@ does in the documented API.
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from grpc_service.drawthings import tensors
+from grpc_service.drawthings import inputs, tensors
 from grpc_service.drawthings.config import SLOTS, read_configuration
 from grpc_service.generated import drawthings_pb2 as pb
-from mlx_sd.engine import hires
+from mlx_sd.engine import hires, img2img
 from mlx_sd.engine.errors import InvalidRequest, UnsupportedSetting
 from mlx_sd.engine.events import EventType, GeneratedImage, ProgressEvent
 from mlx_sd.engine.request import GenerationRequest
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 SIDE_UNIT = 64  # start_width, start_height and the hires fix's sizes count 64-pixel units
 CHUNK_BYTES = 4 * 1024 * 1024  # with `chunked`, images over this are sent in pieces of this size
 PREVIEW_EVERY = 5  # sampling steps between latent previews
-SHA256_KEY_BYTES = 32
 
 # SamplerType and SeedMode values, by position.
 SAMPLERS = (
@@ -47,7 +46,8 @@ SEED_MODES = ("legacy", "torch_cpu", "scale_alike", "nvidia_gpu")
 MAPPED = (
     "start_width", "start_height", "seed", "steps", "guidance_scale", "model", "sampler", "batch_count", "batch_size",
     "hires_fix", "hires_fix_start_width", "hires_fix_start_height", "hires_fix_strength", "seed_mode", "clip_skip",
-    "face_restoration", "stochastic_sampling_gamma", "upscaler", "upscaler_scale_factor",
+    "face_restoration", "stochastic_sampling_gamma", "upscaler", "upscaler_scale_factor", "strength", "mask_blur",
+    "preserve_original_after_inpaint",
     "refiner_model", "refiner_start",
     *(SDXL_SIZES := {"original_image_width": "original_width", "original_image_height": "original_height",
                      "crop_top": "crop_top", "crop_left": "crop_left", "target_image_width": "target_width",
@@ -68,7 +68,6 @@ NOT_FOR_SD1 = (
     "causal_inference_pad", "cfg_zero_star", "cfg_zero_init_steps",
 )
 DEPENDENT = (
-    "strength", "mask_blur", "mask_blur_outset", "preserve_original_after_inpaint",
     "compression_artifacts_quality", "id", "name", "decode_with_attention",
     "hires_fix_decode_with_attention",
 )
@@ -81,6 +80,7 @@ REFUSED: Mapping[str, str] = {
     "compression_artifacts": "simulated compression artifacts are not supported",
     "color_calibration": "colour calibration is not supported",
     "expand_prompt_to_json": "prompt expansion is not supported",
+    "mask_blur_outset": "growing or shrinking the mask is not supported",
 }
 
 _SIGNPOSTS = {  # EventType -> the signpost oneof's field
@@ -104,9 +104,12 @@ def generation_request(message: pb.ImageGenerationRequest) -> GenerationRequest:
     well-formed setting we cannot honour.
     """
     config = read_configuration(message.configuration)
-    _check_inputs(message)
+    source = inputs.source(message)
     _check_settings(config)
     hires_fix = config["hires_fix"]
+    if source is not None and hires_fix:
+        raise UnsupportedSetting("hires_fix", "the hires fix is for text to image; with an input image it is not "
+                                              "supported")
     request = GenerationRequest(
         prompt=message.prompt,
         negative_prompt=message.negativePrompt,
@@ -122,7 +125,7 @@ def generation_request(message: pb.ImageGenerationRequest) -> GenerationRequest:
         enable_hr=hires_fix,
         hires_first_width=config["hires_fix_start_width"] * SIDE_UNIT if hires_fix else 0,
         hires_first_height=config["hires_fix_start_height"] * SIDE_UNIT if hires_fix else 0,
-        denoising_strength=config["hires_fix_strength"] if hires_fix else 0.0,
+        denoising_strength=config["hires_fix_strength"] if hires_fix else config["strength"] if source else 0.0,
         batch_size=config["batch_size"],
         batch_count=config["batch_count"],
         clip_skip=config["clip_skip"],
@@ -133,6 +136,10 @@ def generation_request(message: pb.ImageGenerationRequest) -> GenerationRequest:
         upscale_factor=config["upscaler_scale_factor"],
         refiner_model=config["refiner_model"],
         refiner_start=config["refiner_start"],
+        # Image to image and inpainting (grpc_service/drawthings/inputs.py)
+        source=source,
+        mask_blur=round(config["mask_blur"]) if math.isfinite(config["mask_blur"]) else -1,
+        inpaint_no_overlay=not config["preserve_original_after_inpaint"],
         **{ours: config[theirs] for theirs, ours in SDXL_SIZES.items()},
     )
     return request.validated()
@@ -153,31 +160,14 @@ def _check_settings(config: Mapping[str, Any]) -> None:
             raise UnsupportedSetting(name, why)
 
 
-def _check_inputs(message: pb.ImageGenerationRequest) -> None:
-    """Image, mask and hints must be well-formed tensors (or keys of `contents`); then, since
-    image-to-image, inpainting and controls come with their own issues, present ones are refused."""
-    contents = {hashlib.sha256(blob).digest(): blob for blob in message.contents}
-    inputs = []
-    if message.HasField("image"):
-        inputs.append(("image", message.image))
-    if message.HasField("mask"):
-        inputs.append(("mask", message.mask))
-    for i, hint in enumerate(message.hints):
-        inputs.extend((f"hints[{i}].tensors[{j}]", t.tensor) for j, t in enumerate(hint.tensors))
-    present = []
-    for field, data in inputs:
-        data = contents.get(data, b"") if len(data) == SHA256_KEY_BYTES else data
-        if data:  # a key that resolves to nothing means the input is absent
-            tensors.inspect(data, field)
-            present.append(field.split("[")[0])
-    if present:
-        raise UnsupportedSetting(present[0], "image-to-image, inpainting and control hints are not supported yet")
-
-
 def expected_signposts(request: GenerationRequest) -> list[pb.ImageGenerationSignpostProto]:
     """The signposts a run of `request` passes, each sampling pass marked by its last step."""
-    expected = [_signpost(EventType.TEXT_ENCODED), _signpost(EventType.SAMPLING, request.steps),
-                _signpost(EventType.IMAGE_DECODED)]
+    expected = [_signpost(EventType.TEXT_ENCODED)]
+    steps = request.steps
+    if request.source is not None:  # image to image runs the last steps of the schedule
+        expected.append(_signpost(EventType.IMAGE_ENCODED))
+        steps -= img2img.start_index(request.steps, request.denoising_strength)
+    expected += [_signpost(EventType.SAMPLING, steps), _signpost(EventType.IMAGE_DECODED)]
     if request.enable_hr:
         second_pass = request.steps - hires.img2img_start(request.steps, request.denoising_strength)
         expected += [_signpost(EventType.IMAGE_UPSCALED), _signpost(EventType.SECOND_PASS_IMAGE_ENCODED),

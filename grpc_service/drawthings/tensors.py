@@ -1,4 +1,5 @@
-"""Draw Things' tensor format: a 68-byte little-endian header, then the payload.
+"""Draw Things' tensor format: a 68-byte little-endian header, then the payload. `encode` writes our
+results; `inspect` and `decode` read a client's (image, mask, hints) with every size checked first.
 
 Header: uint32 codec, memory type, format, datatype, reserved; then 12 int32 dimensions (unused
 ones 0). The payload is raw, fpzip-compressed (floats) or raw-DEFLATE-compressed. Images are NHWC
@@ -8,6 +9,8 @@ ones 0). The payload is raw, fpzip-compressed (floats) or raw-DEFLATE-compressed
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -92,6 +95,38 @@ def inspect(data: bytes, what: str) -> TensorInfo:
     if codec == FPZIP:
         _check_fpzip(payload, datatype, elements, what)
     return TensorInfo(codec, layout, datatype, shape)
+
+
+# fpzip's decoder trusts its stream: a truncated or corrupt body can crash the process (measured with
+# the `fpzip` package). A client's stream is therefore decoded in a child process, bounded in time.
+_FPZIP_CHILD = ("import sys, fpzip; sys.stdout.buffer.write("
+                "fpzip.decompress(sys.stdin.buffer.read(), order='C').astype('<f4').tobytes())")
+FPZIP_TIMEOUT_S = 60
+_DTYPES = {U8: np.uint8, F32: np.float32, F64: np.float64, F16: np.float16}
+
+
+def decode(data: bytes, what: str) -> tuple[TensorInfo, np.ndarray]:
+    """A client's tensor, checked by `inspect`, and its values in the declared shape and datatype (an
+    fpzip stream's as fp32)."""
+    info = inspect(data, what)
+    payload = bytes(memoryview(data)[HEADER_BYTES:])
+    if info.codec == FPZIP:
+        return info, _fpzip_values(payload, info.shape, what)
+    if info.codec == ZIP:
+        payload = zlib.decompress(payload, -zlib.MAX_WBITS)  # its inflated size was checked
+    return info, np.frombuffer(payload, dtype=np.dtype(_DTYPES[info.datatype]).newbyteorder("<")).reshape(info.shape)
+
+
+def _fpzip_values(payload: bytes, shape: tuple[int, ...], what: str) -> np.ndarray:
+    try:
+        child = subprocess.run([sys.executable, "-c", _FPZIP_CHILD], input=payload, capture_output=True,
+                               timeout=FPZIP_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise InvalidRequest(what, "is an fpzip stream that could not be decoded in time") from exc
+    expected = int(np.prod(shape, dtype=np.int64)) * 4
+    if child.returncode != 0 or len(child.stdout) != expected:
+        raise InvalidRequest(what, "is not a valid fpzip stream")
+    return np.frombuffer(child.stdout, dtype="<f4").reshape(shape)
 
 
 def _check_deflate(payload: memoryview, expected: int, what: str) -> None:

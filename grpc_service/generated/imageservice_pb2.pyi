@@ -34,7 +34,25 @@ class FilesExistResponse(_message.Message):
     def __init__(self, files: _Optional[_Iterable[str]] = ..., exists: _Optional[_Iterable[bool]] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ImageGenerationRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "sampler", "restore_faces", "enable_hr", "denoising_strength", "batch_size", "batch_count", "upscale", "upscale_factor", "refiner_model", "refiner_start")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "sampler", "restore_faces", "enable_hr", "denoising_strength", "batch_size", "batch_count", "upscale", "upscale_factor", "refiner_model", "refiner_start", "model", "init_image", "mask", "mask_blur", "resize_mode", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_fill", "inpaint_no_overlay")
+    class ResizeMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        JUST_RESIZE: _ClassVar[ImageGenerationRequest.ResizeMode]
+        CROP_AND_RESIZE: _ClassVar[ImageGenerationRequest.ResizeMode]
+        RESIZE_AND_FILL: _ClassVar[ImageGenerationRequest.ResizeMode]
+    JUST_RESIZE: ImageGenerationRequest.ResizeMode
+    CROP_AND_RESIZE: ImageGenerationRequest.ResizeMode
+    RESIZE_AND_FILL: ImageGenerationRequest.ResizeMode
+    class InpaintingFill(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ORIGINAL: _ClassVar[ImageGenerationRequest.InpaintingFill]
+        FILL: _ClassVar[ImageGenerationRequest.InpaintingFill]
+        LATENT_NOISE: _ClassVar[ImageGenerationRequest.InpaintingFill]
+        LATENT_NOTHING: _ClassVar[ImageGenerationRequest.InpaintingFill]
+    ORIGINAL: ImageGenerationRequest.InpaintingFill
+    FILL: ImageGenerationRequest.InpaintingFill
+    LATENT_NOISE: ImageGenerationRequest.InpaintingFill
+    LATENT_NOTHING: ImageGenerationRequest.InpaintingFill
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +70,15 @@ class ImageGenerationRequest(_message.Message):
     UPSCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
     REFINER_MODEL_FIELD_NUMBER: _ClassVar[int]
     REFINER_START_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INIT_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    MASK_BLUR_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_MODE_FIELD_NUMBER: _ClassVar[int]
+    INPAINT_FULL_RES_FIELD_NUMBER: _ClassVar[int]
+    INPAINT_FULL_RES_PADDING_FIELD_NUMBER: _ClassVar[int]
+    INPAINTING_FILL_FIELD_NUMBER: _ClassVar[int]
+    INPAINT_NO_OVERLAY_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     width: int
@@ -69,7 +96,16 @@ class ImageGenerationRequest(_message.Message):
     upscale_factor: int
     refiner_model: str
     refiner_start: float
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., restore_faces: _Optional[bool] = ..., enable_hr: _Optional[bool] = ..., denoising_strength: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_count: _Optional[int] = ..., upscale: _Optional[bool] = ..., upscale_factor: _Optional[int] = ..., refiner_model: _Optional[str] = ..., refiner_start: _Optional[float] = ...) -> None: ...
+    model: str
+    init_image: bytes
+    mask: bytes
+    mask_blur: int
+    resize_mode: ImageGenerationRequest.ResizeMode
+    inpaint_full_res: bool
+    inpaint_full_res_padding: int
+    inpainting_fill: ImageGenerationRequest.InpaintingFill
+    inpaint_no_overlay: bool
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., restore_faces: _Optional[bool] = ..., enable_hr: _Optional[bool] = ..., denoising_strength: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_count: _Optional[int] = ..., upscale: _Optional[bool] = ..., upscale_factor: _Optional[int] = ..., refiner_model: _Optional[str] = ..., refiner_start: _Optional[float] = ..., model: _Optional[str] = ..., init_image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., mask_blur: _Optional[int] = ..., resize_mode: _Optional[_Union[ImageGenerationRequest.ResizeMode, str]] = ..., inpaint_full_res: _Optional[bool] = ..., inpaint_full_res_padding: _Optional[int] = ..., inpainting_fill: _Optional[_Union[ImageGenerationRequest.InpaintingFill, str]] = ..., inpaint_no_overlay: _Optional[bool] = ...) -> None: ...
 
 class ImageGenerationResponse(_message.Message):
     __slots__ = ("images", "info", "events")

@@ -27,10 +27,11 @@ from mlx_sd.app.options import (
     DtypeOption,
     FingerprintOption,
     LowMemoryOption,
-    PredictionType,
-    PredictionTypeOption,
     NoCacheOption,
     NoTlsOption,
+    PadAttentionHeadsOption,
+    PredictionType,
+    PredictionTypeOption,
     QuantizeOption,
     SecretFileOption,
     SecretOption,
@@ -104,6 +105,17 @@ class LogLevel(StrEnum):
     warning = "warning"
 
 
+class ResizeChoice(StrEnum):
+    """The API's ResizeMode, in its order (A1111's names: just resize, crop and resize, resize and fill)."""
+
+    just = "just"
+    crop = "crop"
+    fill = "fill"
+
+
+DEFAULT_IMG2IMG_STRENGTH = 0.75  # A1111's default denoising strength for image to image
+
+
 @app.command(cls=ServeCommand)
 def serve(
     models_dir: Annotated[
@@ -152,6 +164,7 @@ def serve(
     dtype: DtypeOption = None,
     quantize: QuantizeOption = None,
     low_memory: LowMemoryOption = False,
+    pad_attention_heads: PadAttentionHeadsOption = False,
     prediction_type: PredictionTypeOption = PredictionType.auto,
     max_queue: Annotated[
         int, typer.Option(help="Generations that may wait behind the running one; more are refused.", min=1)
@@ -209,6 +222,7 @@ def serve(
         dtype=dtype,
         quantize_bits=quantize,
         low_memory=low_memory,
+        pad_attention_heads=pad_attention_heads,
         prediction_type=prediction_type.value,
         memory_budget=parse_size(memory_budget) if memory_budget else None,
         shutdown_grace=shutdown_grace,
@@ -384,12 +398,27 @@ def generate(
     ] = DEFAULT_CFG_SCALE,
     batch_size: Annotated[int, typer.Option(help=f"Images sampled together (1-{MAX_BATCH_SIZE}).")] = 1,
     batch_count: Annotated[int, typer.Option(help=f"Batches run one after another (1-{MAX_BATCH_COUNT}).")] = 1,
+    model: Annotated[str, typer.Option(help="A checkpoint file or diffusers folder relative to the model directory "
+                                            "(SD 1.x, SD 2.x or SDXL); empty: stable-diffusion/.")] = "",
     hires: Annotated[
         bool, typer.Option("--hires", help="Hires fix: sample at the model's native size, upscale, then refine.")
     ] = False,
     denoise: Annotated[
-        float, typer.Option(help="Denoising strength of the hires second pass (0-1; 0 means 0.7).")
-    ] = 0.0,
+        float | None, typer.Option(help="Denoising strength (0-1): of the image to image (default 0.75), or of the "
+                                        "hires second pass (default, and 0: 0.7).")
+    ] = None,
+    init_image: Annotated[
+        Path | None, typer.Option(help="Start from this image (PNG, JPEG or WebP): image to image.", exists=True,
+                                  dir_okay=False, readable=True)
+    ] = None,
+    mask: Annotated[
+        Path | None, typer.Option(help="Inpaint: repaint where this image is white, keep where black (its alpha, "
+                                       "if transparent).", exists=True, dir_okay=False, readable=True)
+    ] = None,
+    mask_blur: Annotated[int, typer.Option(help="Blur of the mask's edge, in pixels.")] = 4,
+    resize_mode: Annotated[
+        ResizeChoice, typer.Option(help="How the init image is fitted to --width x --height.")
+    ] = ResizeChoice.just,
     refiner: Annotated[
         str, typer.Option("--refiner", help="SDXL refiner file (relative to the model directory) that finishes "
                                             "the sampling.")
@@ -407,6 +436,7 @@ def generate(
     dtype: DtypeOption = None,
     quantize: QuantizeOption = None,
     low_memory: LowMemoryOption = False,
+    pad_attention_heads: PadAttentionHeadsOption = False,
     prediction_type: PredictionTypeOption = PredictionType.auto,
     cache_dir: CacheDirOption = None,
     no_cache: NoCacheOption = False,
@@ -440,6 +470,7 @@ def generate(
     else:
         misplaced = {"--models-dir": models_dir, "--dtype": dtype, "--quantize": quantize, "--cache-dir": cache_dir,
                      "--no-cache": no_cache, "--low-memory": low_memory,
+                     "--pad-attention-heads": pad_attention_heads,
                      "--prediction-type": prediction_type is not PredictionType.auto}
         rule = "apply to local generation only"
     if given := [name for name, value in misplaced.items() if value]:
@@ -448,8 +479,12 @@ def generate(
     try:
         request = validated_as_sent(GenerationRequest(
             prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps, cfg_scale=cfg,
-            seed=seed, sampler=sampler, enable_hr=hires, denoising_strength=denoise, batch_size=batch_size,
-            batch_count=batch_count, refiner_model=refiner, refiner_start=refiner_start,
+            seed=seed, sampler=sampler, enable_hr=hires, batch_size=batch_size, batch_count=batch_count,
+            denoising_strength=denoise if denoise is not None else DEFAULT_IMG2IMG_STRENGTH if init_image else 0.0,
+            init_image=init_image.read_bytes() if init_image else b"", mask=mask.read_bytes() if mask else b"",
+            mask_blur=mask_blur, resize_mode=list(ResizeChoice).index(resize_mode),
+            model=model,
+            refiner_model=refiner, refiner_start=refiner_start,
         ))
     except InvalidRequest as exc:
         fail(option_error(exc), code=2)
@@ -459,7 +494,7 @@ def generate(
         out.mkdir(parents=True, exist_ok=True)  # before generating, so a bad --out fails fast
         if server is None:
             with local_engine(root, cache_folder(cache_dir, no_cache), dtype, quantize, low_memory,
-                              prediction_type.value) as engine:
+                              pad_attention_heads, prediction_type.value) as engine:
                 result = follow(engine(request), request)
         else:
             with _connected(server, ca, fingerprint, no_tls, shared_secret, shared_secret_file) as client:
@@ -517,6 +552,49 @@ def convert_pth_command(
     except MlxSdError as exc:
         fail(str(exc))
     typer.echo(f"wrote {written}")
+
+
+def _sides(value: str | None) -> tuple[int, ...] | None:
+    try:
+        return None if value is None else tuple(int(side) for side in value.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected sides in pixels such as 512,1024, got {value!r}") from None
+
+
+@app.command("bench")
+def bench_command(
+    models_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder of the models; without a default model a random-weight SD 1.5 is measured.",
+                     show_default=models_dir_help(), file_okay=False),
+    ] = None,
+    sizes: Annotated[
+        str | None, typer.Option(help="Image sides to measure, comma-separated.", show_default="512,1024",
+                                 callback=_sides)
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps of the measured image.", min=1)] = 20,
+    dtype: DtypeOption = None,
+    quick: Annotated[bool, typer.Option("--quick", help="One timed call per measurement, and 512 only "
+                                                        "unless --sizes says otherwise.")] = False,
+) -> None:
+    """Measure this machine (UNet step, image, peak memory, fused attention, mx.compile) and print a
+    Markdown block to paste into an issue (see docs/operations.md)."""
+    configure_blas()
+    from mlx_sd.engine import bench
+    from mlx_sd.engine.backends import from_environment
+    from mlx_sd.engine.errors import InvalidRequest, MlxSdError
+
+    chosen = sizes or (bench.QUICK_SIZES if quick else bench.DEFAULT_SIZES)
+    repeats = 1 if quick else bench.DEFAULT_REPEATS
+    root = models_dir or default_models_dir()
+    try:
+        block = bench.bench(root, sizes=chosen, steps=steps, dtype=dtype, repeats=repeats, backend=from_environment(),
+                            cache_dir=cache_folder(None, False), log=lambda line: typer.echo(line, err=True))
+    except InvalidRequest as exc:
+        fail(str(exc), code=2)
+    except (MlxSdError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(block)
 
 
 app.add_typer(config_app, name="config")

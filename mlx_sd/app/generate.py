@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mlx_sd.engine import img2img
 from mlx_sd.engine.errors import InvalidRequest, MlxSdError
 from mlx_sd.engine.events import SAMPLING_STAGES, EventType, GenerationResult, ProgressEvent
 from mlx_sd.engine.images import encode_png
@@ -38,9 +39,14 @@ OPTION_OF_FIELD = {
     "cfg_scale": "--cfg",
     "seed": "--seed",
     "sampler": "--sampler",
+    "model": "--model",
     "denoising_strength": "--denoise",
     "batch_size": "--batch-size",
     "batch_count": "--batch-count",
+    "init_image": "--init-image",
+    "mask": "--mask",
+    "mask_blur": "--mask-blur",
+    "enable_hr": "--hires",
     "refiner_model": "--refiner",
     "refiner_start": "--refiner-start",
 }
@@ -71,13 +77,14 @@ def option_error(error: InvalidRequest) -> str:
 @contextlib.contextmanager
 def local_engine(models_dir: Path, cache_dir: Path | None, dtype: str | None,
                  quantize_bits: int | None = None, low_memory: bool = False,
-                 prediction_type: str = "auto") -> Iterator[Engine]:
+                 pad_attention_heads: bool = False, prediction_type: str = "auto") -> Iterator[Engine]:
     """The pipeline on its worker thread; on leaving, waits for the job in flight, which stops at the
     next sampling step once its reader has gone (say after Ctrl-C)."""
     from mlx_sd.engine import create_engine
 
     engine = create_engine(models_dir, cache_dir=cache_dir, dtype=dtype, quantize_bits=quantize_bits, max_queued=1,
-                           low_memory=low_memory, prediction_type=prediction_type)
+                           low_memory=low_memory, pad_attention_heads=pad_attention_heads,
+                           prediction_type=prediction_type)
     try:
         yield engine
     finally:
@@ -91,7 +98,10 @@ def follow(items: Iterable[ProgressEvent | GenerationResult | EncodedImages],
     result = None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True)) as progress:
-        task = progress.add_task("starting", total=request.steps * request.batch_count)
+        steps = request.steps  # image to image runs the last steps of the schedule
+        if request.source is not None:
+            steps -= img2img.start_index(request.steps, request.denoising_strength)
+        task = progress.add_task("starting", total=steps * request.batch_count)
         second_pass_seen = False
         for item in items:  # read to the end, so that a remote stream's final status is checked
             if not isinstance(item, ProgressEvent):
@@ -100,7 +110,7 @@ def follow(items: Iterable[ProgressEvent | GenerationResult | EncodedImages],
             if item.type is EventType.SECOND_PASS_SAMPLING and not second_pass_seen and item.total:
                 # Whether a hires second pass runs, and its length, arrive with its first step.
                 second_pass_seen = True
-                progress.update(task, total=request.steps * request.batch_count + item.total * request.batch_count)
+                progress.update(task, total=steps * request.batch_count + item.total * request.batch_count)
             progress.update(task, description=item.name)
             if item.type in SAMPLING_STAGES:
                 progress.advance(task)

@@ -41,7 +41,8 @@ class Engine(Protocol):
 def create_engine(models_dir: Path, *, cache_dir: Path | None = None, dtype: mx.Dtype | str | None = None,
                   quantize_bits: int | None = None, max_queued: int = DEFAULT_MAX_QUEUED,
                   memory_budget: int | None = None, low_memory: bool = False,
-                  backend: Backend | str | None = None, prediction_type: str = "auto") -> Engine:
+                  backend: Backend | str | None = None, pad_attention_heads: bool = False,
+                  prediction_type: str = "auto") -> Engine:
     """A worker running the pipeline over `models_dir`.
 
     Converted weights are cached in `cache_dir` (none when None); `quantize_bits` (4 or 8) quantizes
@@ -49,8 +50,8 @@ def create_engine(models_dir: Path, *, cache_dir: Path | None = None, dtype: mx.
     handed back after every job, so an idle server holds only the loaded model. Requests that do not
     fit in `memory_budget` bytes (default: `default_budget()`) are refused before they start.
     `low_memory` frees the text encoder between prompt encodings (see `ModelStore`). `backend` runs
-    the networks (mlx_sd.engine.backends; default: `MLX_SD_BACKEND`). `prediction_type` is what the
-    UNets predict ("auto": decided per model, mlx_sd.engine.prediction).
+    the networks (mlx_sd.engine.backends; default: `MLX_SD_BACKEND`). `pad_attention_heads`: see `ModelStore`.
+    `prediction_type` is what the UNets predict ("auto": decided per model, mlx_sd.engine.prediction).
     """
     import mlx.core as mx
 
@@ -61,7 +62,8 @@ def create_engine(models_dir: Path, *, cache_dir: Path | None = None, dtype: mx.
     from mlx_sd.engine.worker import GenerationWorker
 
     store = ModelStore(models_dir, dtype=dtype, cache_dir=cache_dir, quantize_bits=quantize_bits,
-                       low_memory=low_memory, backend=backend, prediction_type=prediction_type)
+                       low_memory=low_memory, backend=backend, pad_attention_heads=pad_attention_heads,
+                       prediction_type=prediction_type)
     budget = MemoryBudget(memory_budget) if memory_budget else default_budget()
     # MLX streams belong to the thread that made them; unless that thread destroys them as it ends
     # (after shutdown), the process aborts at exit with "terminate called without an active exception".

@@ -7,6 +7,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from mlx_sd.engine import img2img
+
 DEFAULT_STRENGTH = 0.7  # A1111's default hires denoising strength, used when the request sends 0
 _MULTIPLE = 64
 
@@ -27,7 +29,7 @@ def first_pass_size(width: int, height: int, native: int) -> tuple[int, int] | N
 def img2img_start(steps: int, strength: float) -> int:
     """Index into a `steps`-step schedule at which img2img starts: A1111 runs the last
     int(strength * steps) steps (at least one) of the full schedule."""
-    return steps - max(1, min(steps, int(strength * steps)))
+    return min(steps - 1, img2img.start_index(steps, strength))
 
 
 def resize_lanczos(pixels: np.ndarray, width: int, height: int) -> np.ndarray:

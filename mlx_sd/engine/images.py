@@ -32,6 +32,7 @@ class Parameters:
     upscaled_by: int | None = None  # the finished image's upscale factor (Real-ESRGAN), when it was upscaled
     refiner: str | None = None  # SDXL's refiner, "name [hash]" as A1111 writes it, and where it took over
     refiner_switch_at: float | None = None
+    img2img: tuple[tuple[str, str], ...] = ()  # image to image's fields (mlx_sd.engine.img2img.parameters)
 
     def text(self) -> str:
         fields = [
@@ -57,6 +58,7 @@ class Parameters:
             ]
         if self.refiner is not None:
             fields += [("Refiner", self.refiner), ("Refiner switch at", _number(self.refiner_switch_at or 0.0))]
+        fields += self.img2img
         if self.upscaled_by is not None:  # A1111's names for its extras tab's upscaling
             fields += [("Postprocess upscale by", self.upscaled_by), ("Postprocess upscaler", "Real-ESRGAN")]
         lines = [self.prompt]

@@ -30,6 +30,7 @@ from mlx_sd.engine import prediction
 from mlx_sd.engine.errors import CheckpointError, InvalidRequest, ModelNotFound
 from mlx_sd.engine.model_hash import short_model_hash
 from mlx_sd.engine.model_names import name_problem, shown_name
+from mlx_sd.models.layers import pad_attention_heads
 from mlx_sd.models.quantize import quantize
 from mlx_sd.engine.reloading import ReloadingValue
 from mlx_sd.engine.tokenizer import EOS_TOKEN, OPEN_CLIP_PAD_TOKEN, CLIPTokenizer, default_tokenizer
@@ -78,12 +79,15 @@ class ModelStore:
 
     `prediction_type` ("auto", "epsilon" or "v") is what every model's UNet predicts; "auto"
     decides per model (mlx_sd.engine.prediction).
+    `pad_attention_heads` zero-pads the networks' attention heads to a size MLX's fused Metal
+    kernel takes (mlx_sd.models.layers.attention; exact). The CPU backend's attention ignores it.
     """
 
     def __init__(self, models_dir: Path, *, dtype: mx.Dtype | str | None = None,
                  cache_dir: Path | None = None, configs: SD1Configs | None = None,
                  quantize_bits: int | None = None, low_memory: bool = False,
-                 backend: Backend | str | None = None, prediction_type: str = "auto") -> None:
+                 backend: Backend | str | None = None, pad_attention_heads: bool = False,
+                 prediction_type: str = "auto") -> None:
         if prediction_type not in prediction.SETTINGS:
             raise ValueError(f"prediction type must be one of {', '.join(prediction.SETTINGS)}, got {prediction_type!r}")
         self._prediction_type = prediction_type
@@ -100,6 +104,7 @@ class ModelStore:
         self._quantize_bits = quantize_bits
         self._cache_dir = cache_dir
         self._configs = configs
+        self._pad_attention_heads = pad_attention_heads
         self._current: tuple[ModelSource, ReloadingValue[LoadedModel]] | None = None
 
     @property
@@ -164,6 +169,8 @@ class ModelStore:
             for name, network in models.networks().items():
                 if name != "vae":
                     quantize(network, self._quantize_bits)
+        for network in models.networks().values():
+            pad_attention_heads(network, self._pad_attention_heads)
         models = self._backend.prepare_models(models)
         release = self._text_encoder_release(models, source) if self._low_memory else None
         # A single file is named by its stem, as A1111 does; a diffusers folder by its folder's name.

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_map
 
-from mlx_sd.engine import conditioning, hires, refiner
+from mlx_sd.engine import conditioning, hires, img2img, refiner
 from mlx_sd.engine.conditioning import Conditioning
 from mlx_sd.engine.events import EventType, GeneratedImage, GenerationResult, ProgressEvent
 from mlx_sd.engine.images import Parameters
@@ -84,19 +85,23 @@ class Pipeline:
 
         first_pass = _first_pass(request, model.native_size)
         strength = request.denoising_strength or hires.DEFAULT_STRENGTH
+        prepared = _prepared(request)  # image to image: its init image and mask at the sampling size
+        if prepared is not None:
+            strength = request.denoising_strength
         images = []
         for batch in range(request.batch_count):
             seeds = [seed + batch * request.batch_size + i for i in range(request.batch_size)]
-            denoise = self._denoiser(model, request, len(seeds), cond, uncond)
-            if refining is not None:
-                denoise = refiner.switched(denoise, self._denoiser(refining, request, len(seeds), *refined),
-                                           request.refiner_start, self._train_sigmas)
-            pixels = yield from self._batch(model, request, seeds, denoise, first_pass, strength, is_cancelled)
+            # SDXL's refiner: the denoiser that takes over below its cutoff
+            finish = self._denoiser(refining, request, len(seeds), *refined) if refining is not None else None
+            pixels = yield from self._batch(model, request, seeds, cond, uncond, first_pass, strength, prepared,
+                                            finish, is_cancelled)
             if pixels is None:
                 return
             if restorer is not None:
                 pixels = np.stack([restorer(image) for image in pixels])
                 yield ProgressEvent(EventType.FACE_RESTORED, "faces restored")
+            if prepared is not None and prepared.overlay is not None:  # after face restoration, as A1111
+                pixels = np.stack([prepared.overlay.apply(image) for image in pixels])
             if upscaler is not None:
                 pixels = np.stack([upscaler.upscale(image, scale=upscale_by) for image in pixels])
                 yield ProgressEvent(EventType.IMAGE_UPSCALED, f"upscaled x{upscale_by}")
@@ -109,6 +114,7 @@ class Pipeline:
                     upscaler=self._restoration.upscaler_name() if first_pass else None,
                     face_restoration="GFPGAN" if restorer is not None else None, clip_skip=request.clip_skip,
                     upscaled_by=upscale_by,
+                    img2img=img2img.parameters(request) if prepared is not None else (),
                     refiner=f"{refining.name} [{refining.hash}]" if refining is not None else None,
                     refiner_switch_at=request.refiner_start if refining is not None else None,
                 )
@@ -116,28 +122,54 @@ class Pipeline:
         yield GenerationResult(images)
 
     def _denoiser(self, model: LoadedModel, request: GenerationRequest, batch: int, cond: Conditioning,
-                  uncond: Conditioning) -> Denoiser:
-        """The request's sampler's denoiser over `model`'s UNet, guided by the conditioning."""
+                  uncond: Conditioning, unet: EpsModel | None = None) -> Denoiser:
+        """The request's sampler's denoiser over `model`'s UNet (or `unet`, which wraps it), guided by the
+        conditioning."""
         spec = catalog.sampler_spec(request.sampler, request.stochastic_sampling_gamma)
         prediction_denoiser = v_denoiser if model.prediction == V else eps_denoiser
         return spec.denoiser(
-            prediction_denoiser(guided(_unet_in_its_dtype(model), _batched(cond, batch),
+            prediction_denoiser(guided(unet or _unet_in_its_dtype(model), _batched(cond, batch),
                                        _batched(uncond, batch), request.cfg_scale), self._train_sigmas),
             self._train_sigmas,
         )
 
-    def _batch(self, model: LoadedModel, request: GenerationRequest, seeds: list[int], denoise: Denoiser,
-               first_pass: tuple[int, int] | None, strength: float,
+    def _batch(self, model: LoadedModel, request: GenerationRequest, seeds: list[int], cond: Conditioning,
+               uncond: Conditioning, first_pass: tuple[int, int] | None, strength: float,
+               prepared: img2img.Prepared | None, finish: Denoiser | None,
                is_cancelled: Callable[[], bool]) -> Iterator[Event]:
-        """Sample and decode one batch; returns its (B, H, W, 3) uint8 pixels, or None if cancelled."""
+        """Sample and decode one batch; returns its (B, H, W, 3) uint8 pixels, or None if cancelled.
+        `finish`: the refiner's denoiser, which takes over below its cutoff."""
         spec = catalog.sampler_spec(request.sampler, request.stochastic_sampling_gamma)
         width, height = first_pass or (request.width, request.height)
+        unet = _unet_in_its_dtype(model)
+        if model.models.unet.config.in_channels == img2img.INPAINTING_CHANNELS:  # an inpainting checkpoint
+            mask, masked_image = img2img.inpainting_conditioning(prepared, width, height, LATENT_SCALE)
+            masked_latents = _encode(model, masked_image)
+            unet = img2img.conditioned(unet, _batched(mask, len(seeds)), _batched(masked_latents, len(seeds)))
+        denoise = self._denoiser(model, request, len(seeds), cond, uncond, unet)
+        if finish is not None:
+            denoise = refiner.switched(denoise, finish, request.refiner_start, self._train_sigmas)
         noise = noise_source(BatchGenerator(seeds, request.seed_mode))
         sigmas = spec.sigmas(request.steps, self._train_sigmas)
-        x = spec.initial_latents(noise((len(seeds), height // LATENT_SCALE, width // LATENT_SCALE, 4)), sigmas)
-        latents = yield from _sample(spec, denoise, x, sigmas, noise, _FIRST, request.preview_every, is_cancelled)
+        first = noise((len(seeds), height // LATENT_SCALE, width // LATENT_SCALE, 4))
+        x = spec.initial_latents(first, sigmas)
+        known = None  # inpainting with a 4-channel UNet: the init latents and the latent mask
+        if prepared is not None:
+            encoded = _batched(_encode_image(model, prepared.pixels[None]), len(seeds))
+            yield ProgressEvent(EventType.IMAGE_ENCODED, "image encoded")
+            sigmas = sigmas[img2img.start_index(request.steps, strength):]
+            latent_mask = prepared.latent_mask(LATENT_SCALE)
+            if strength < 1.0:
+                x = img2img.start_latents(encoded, first, float(sigmas[0]), request.inpainting_fill, latent_mask)
+            if latent_mask is not None and model.models.unet.config.in_channels != img2img.INPAINTING_CHANNELS:
+                known = (encoded, latent_mask)
+                denoise = img2img.blended(denoise, encoded, first, latent_mask, float(sigmas[0]))
+        latents = encoded if len(sigmas) == 1 else (  # strength 0: the encoded image as it is
+            yield from _sample(spec, denoise, x, sigmas, noise, _FIRST, request.preview_every, is_cancelled))
         if latents is None:
             return None
+        if known is not None:
+            latents = img2img.with_known(latents, *known)
         pixels = _decode(model, latents)
         yield ProgressEvent(EventType.IMAGE_DECODED, "image decoded")
         if first_pass is None:
@@ -191,8 +223,9 @@ def _first_pass(request: GenerationRequest, native: int) -> tuple[int, int] | No
     return hires.first_pass_size(request.width, request.height, native)
 
 
-def _batched(condition: Conditioning, size: int) -> Conditioning:
-    return {name: mx.repeat(value, size, axis=0) for name, value in condition.items()}
+def _batched(value: Conditioning | mx.array, size: int) -> Conditioning | mx.array:
+    """Each array (of a conditioning's) repeated `size` times along the batch axis."""
+    return tree_map(lambda array: mx.repeat(array, size, axis=0), value)
 
 
 def _unet_in_its_dtype(model: LoadedModel) -> EpsModel:
@@ -217,8 +250,20 @@ def _decode(model: LoadedModel, latents: mx.array) -> np.ndarray:
 
 
 def _encode_image(model: LoadedModel, pixels: np.ndarray) -> mx.array:
-    """Latents of (B, H, W, 3) uint8 images: the posterior mean, so the result is deterministic."""
+    """Latents of (B, H, W, 3) uint8 images."""
+    return _encode(model, mx.array(pixels).astype(mx.float32) / 127.5 - 1.0)
+
+
+def _encode(model: LoadedModel, images: mx.array) -> mx.array:
+    """Latents of (B, H, W, 3) images in [-1, 1]: the posterior mean, so the result is deterministic."""
     vae = model.models.vae
-    dtype = _vae_dtype(model)
-    mean, _ = vae.encode((mx.array(pixels).astype(mx.float32) / 127.5 - 1.0).astype(dtype))
+    mean, _ = vae.encode(images.astype(_vae_dtype(model)))
     return mean.astype(mx.float32) * vae.config.scaling_factor
+
+
+def _prepared(request: GenerationRequest) -> img2img.Prepared | None:
+    if request.source is None:
+        return None
+    return img2img.prepare(request.source, request.width, request.height, request.resize_mode, request.mask_blur,
+                           request.inpaint_full_res, request.inpaint_full_res_padding, request.inpainting_fill,
+                           overlay=not request.inpaint_no_overlay)

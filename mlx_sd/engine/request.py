@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from mlx_sd.engine import init_images
 from mlx_sd.engine.errors import InvalidRequest
+from mlx_sd.engine.img2img import MAX_MASK_BLUR, MAX_PADDING, InpaintingFill
+from mlx_sd.engine.init_images import ResizeMode, Source
 from mlx_sd.engine.model_names import name_problem, shown_name
 from mlx_sd.engine.random import DEFAULT_SEED_MODE, SEED_MODES
 from mlx_sd.sampling.registry import (
@@ -75,6 +78,18 @@ class GenerationRequest:
     # Upscale the finished images with the installed upscaler, by `upscale_factor` (0: the network's own).
     upscale: bool = False
     upscale_factor: int = 0
+    # Image to image and inpainting (mlx_sd/engine/img2img.py, docs/api.md): the init image and mask as
+    # encoded files, which `validated()` decodes into `source` (the Draw Things adapter sets `source`).
+    # `denoising_strength` is the strength.
+    init_image: bytes = field(default=b"", repr=False)
+    mask: bytes = field(default=b"", repr=False)
+    mask_blur: int = 0  # pixels
+    resize_mode: int = 0  # a ResizeMode
+    inpaint_full_res: bool = False  # "only masked": sample the mask's box at the full size
+    inpaint_full_res_padding: int = 0
+    inpainting_fill: int = 0  # an InpaintingFill
+    inpaint_no_overlay: bool = False  # keep the generated pixels outside the mask too
+    source: Source | None = field(default=None, compare=False, repr=False)
     # SDXL's size micro-conditioning, what the model is told of the image: its original size, the
     # crop's top-left corner and the target size (0: the image's size; crop 0, 0). The negative
     # prompt's original size may differ. Other families ignore them.
@@ -123,9 +138,13 @@ class GenerationRequest:
             self._hires_first_pass(width, height)
         preview_every = _int_in_range("preview_every", self.preview_every, 0, MAX_STEPS)
         upscale_factor = _int_in_range("upscale_factor", self.upscale_factor, 0, MAX_UPSCALE_FACTOR)
+        source = self._source()
         if self.upscale:
             factor = upscale_factor or MAX_UPSCALE_FACTOR  # 0 (the network's own) may be up to 4
-            if not native and (size := images * width * height * factor**2 * 3) > MAX_UPSCALED_BYTES:
+            out_width, out_height = width, height
+            if source is not None and source.mask is not None and self.inpaint_full_res:  # the init image's size
+                out_height, out_width = source.mask.shape
+            if not native and (size := images * out_width * out_height * factor**2 * 3) > MAX_UPSCALED_BYTES:
                 raise InvalidRequest("upscale_factor", f"{images} upscaled images would hold {size / 2**30:.1f} GiB of "
                                                        f"pixels, more than {MAX_UPSCALED_BYTES / 2**30:.0f} GiB")
         for name in MICRO_CONDITIONING:
@@ -144,6 +163,7 @@ class GenerationRequest:
             raise InvalidRequest("steps", f"{sampler} takes at most {MAX_STEPS_BY_SAMPLER[sampler]} steps (got {steps})")
         return dataclasses.replace(
             self,
+            source=source,
             width=width,
             height=height,
             steps=steps,
@@ -172,6 +192,21 @@ class GenerationRequest:
         if not (math.isfinite(start) and 0.0 < start < 1.0):
             raise InvalidRequest("refiner_start", f"must be a fraction of the steps between 0 and 1 (got {start})")
         return float(start)
+
+    def _source(self) -> Source | None:
+        """The decoded init image and mask, once the image settings are in range; None for text to image."""
+        source = self.source or init_images.decode_source(self.init_image, self.mask)
+        if source is None:
+            return None
+        source.checked()
+        if self.enable_hr:
+            raise InvalidRequest("enable_hr", "the hires fix is for text to image; image to image has none "
+                                              "(as in A1111)")
+        _int_in_range("mask_blur", self.mask_blur, 0, MAX_MASK_BLUR)
+        _int_in_range("inpaint_full_res_padding", self.inpaint_full_res_padding, 0, MAX_PADDING)
+        _int_in_range("resize_mode", self.resize_mode, 0, len(ResizeMode) - 1)
+        _int_in_range("inpainting_fill", self.inpainting_fill, 0, len(InpaintingFill) - 1)
+        return source
 
     def _hires_first_pass(self, width: int, height: int) -> tuple[int, int]:
         """The validated explicit first-pass size (both sides, each within the final size), or (0, 0)."""

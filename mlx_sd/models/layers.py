@@ -5,18 +5,41 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_sd.models.fused_attention import AttentionCall, padded_head_dim, record
 
-def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool = False) -> mx.array:
+
+def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool = False,
+              pad_heads: bool = False) -> mx.array:
     """Multi-head softmax(q kᵀ / √head_dim) v for token-major projections (batch, tokens, heads *
-    head_dim), returned in the same layout; `causal` lets query i see keys 0..i only."""
+    head_dim), returned in the same layout; `causal` lets query i see keys 0..i only.
+
+    `pad_heads` zero-pads each head of q, k and v to the next size with which MLX's fused Metal
+    kernel runs the call (fused_attention.py), e.g. 40 -> 64: the zeros add nothing to q·k, the
+    extra output columns (zero) are dropped, and the scale stays that of the real size, so the
+    result is unchanged."""
     batch, n, width = q.shape
+    head_dim = width // heads
+    call = AttentionCall(batch, heads, n, k.shape[1], head_dim, causal)
+    record(call)
+    padded = padded_head_dim(call) if pad_heads else head_dim
 
     def split(t: mx.array) -> mx.array:
-        return t.reshape(batch, t.shape[1], heads, width // heads).transpose(0, 2, 1, 3)
+        t = t.reshape(batch, t.shape[1], heads, head_dim).transpose(0, 2, 1, 3)
+        return mx.pad(t, [(0, 0), (0, 0), (0, 0), (0, padded - head_dim)]) if padded > head_dim else t
 
-    out = mx.fast.scaled_dot_product_attention(split(q), split(k), split(v), scale=(width // heads) ** -0.5,
+    out = mx.fast.scaled_dot_product_attention(split(q), split(k), split(v), scale=head_dim**-0.5,
                                                mask="causal" if causal else None)
+    if padded > head_dim:
+        out = out[..., :head_dim]
     return out.transpose(0, 2, 1, 3).reshape(batch, n, width)
+
+
+def pad_attention_heads(model: nn.Module, enabled: bool) -> None:
+    """Turns head padding (see `attention`) on or off for each of `model`'s attention modules: those
+    with a `pad_heads` switch (`Attention` and CLIP's)."""
+    for module in model.modules():
+        if isinstance(getattr(module, "pad_heads", None), bool):
+            module.pad_heads = enabled
 
 
 def upsample_nearest(x: mx.array, size: tuple[int, int]) -> mx.array:
@@ -76,6 +99,7 @@ class Attention(nn.Module):
         super().__init__()
         context_dim = context_dim or query_dim
         self.heads = heads
+        self.pad_heads = False  # see `attention`
         self.to_q = nn.Linear(query_dim, query_dim, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim, query_dim, bias=qkv_bias)
         self.to_v = nn.Linear(context_dim, query_dim, bias=qkv_bias)
@@ -83,5 +107,5 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, pad_heads=self.pad_heads)
         return self.to_out[0](out)

@@ -168,3 +168,19 @@ def test_serve_runs_until_sigterm(tmp_path: Path) -> None:
         process.kill()
     assert process.returncode == 0, err
     assert out.strip() == "stopped" and "SIGTERM" in err
+
+
+@pytest.mark.parametrize(("flag", "padded"), [([], False), (["--pad-attention-heads"], True)])
+def test_serve_passes_head_padding_to_the_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 flag: list[str], padded: bool) -> None:
+    import grpc_service.server
+
+    seen = []
+
+    def start(settings: grpc_service.server.ServerSettings) -> None:
+        seen.append(settings.pad_attention_heads)
+        raise grpc_service.server.ServerStartError("not started")
+
+    monkeypatch.setattr(grpc_service.server, "start_server", start)
+    result = run("serve", tmp_path / "models", "--port", "0", "--no-bonjour", *flag)
+    assert result.exit_code == 1 and "not started" in result.stderr and seen == [padded]

@@ -110,6 +110,8 @@ def test_options_of_the_other_mode_are_refused(tmp_path: Path) -> None:
     assert "need --server" in run("a red fox", "--no-tls").stderr
     remote_with_local_options = run("a red fox", "--server", "localhost:1", "--models-dir", tmp_path)
     assert remote_with_local_options.exit_code == 2 and "local generation only" in remote_with_local_options.stderr
+    remote_padding = run("a red fox", "--server", "localhost:1", "--pad-attention-heads")
+    assert remote_padding.exit_code == 2 and "--pad-attention-heads: apply to local" in remote_padding.stderr
 
 
 def test_remote_generation_writes_the_same_images(server_factory, tiny_models: Path, tmp_path: Path) -> None:
@@ -167,6 +169,48 @@ def test_low_memory_local_generation_writes_its_images(tiny_models: Path, tmp_pa
                  "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.stderr
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["3-0.png"]
+
+
+def test_padded_attention_heads_local_generation_writes_its_images(tiny_models: Path, tmp_path: Path) -> None:
+    result = local(tiny_models, tmp_path / "out", "a red fox", *SMALL, "--pad-attention-heads", "--seed", "3")
+    assert result.exit_code == 0, result.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["3-0.png"]
+
+
+def picture_file(path: Path, size: tuple[int, int] = (64, 64), mode: str = "RGB", colour: object = (30, 140, 220)) -> Path:
+    Image.new(mode, size, colour).save(path)
+    return path
+
+
+def test_image_to_image_locally_and_remotely_writes_the_same_images(server_factory, tiny_models: Path,
+                                                                    tmp_path: Path) -> None:
+    image = picture_file(tmp_path / "in.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(tmp_path / "mask.png")
+    request = ["a red fox", *SMALL, "--steps", 4, "--seed", 3, "--init-image", image, "--mask", tmp_path / "mask.png",
+               "--denoise", 0.5, "--mask-blur", 2, "--resize-mode", "crop"]
+    local_run = local(tiny_models, tmp_path / "local", *request)
+    expected = written(local_run)
+    assert re.search(r"\b2/2\b", local_run.stderr)  # int(0.5 * 4) steps
+    remote = written(run(*request, *trust(server_factory()), "--out", tmp_path / "remote"))
+    assert [p.read_bytes() for p in remote] == [p.read_bytes() for p in expected]
+    text = Image.open(expected[0]).text["parameters"]
+    assert "Denoising strength: 0.5, Resize mode: Crop and resize, Mask blur: 2" in text
+
+
+def test_image_to_image_defaults_to_a1111s_strength(tiny_models: Path, tmp_path: Path) -> None:
+    result = local(tiny_models, tmp_path, "a fox", *SMALL, "--steps", 4, "--init-image", picture_file(tmp_path / "a.png"))
+    assert "Denoising strength: 0.75" in Image.open(written(result)[0]).text["parameters"]
+
+
+def test_a_bad_init_image_names_its_option(tmp_path: Path) -> None:
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    result = run("a fox", "--init-image", tmp_path / "bad.png", "--out", tmp_path)
+    assert result.exit_code == 2 and "--init-image (init_image)" in result.stderr
+    mask = picture_file(tmp_path / "m.png", (32, 32), "L", 255)
+    result = run("a fox", "--init-image", picture_file(tmp_path / "a.png"), "--mask", mask, "--out", tmp_path)
+    assert result.exit_code == 2 and "--mask (mask)" in result.stderr
 
 
 def test_an_sdxl_refiner_finishes_the_image(tmp_path: Path) -> None:

@@ -145,3 +145,8 @@ def test_serve_runs_with_the_file_settings(tmp_path: Path) -> None:
         process.kill()
     assert process.returncode == 0, err
     assert "advertised" not in err  # no-bonjour = true came from the file too
+
+
+def test_head_padding_is_a_setting(tmp_path: Path) -> None:
+    config = write(tmp_path / "config.toml", "[serve]\npad-attention-heads = true\n")
+    assert show(config)["pad-attention-heads"] == ("true", "config file")

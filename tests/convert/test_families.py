@@ -184,3 +184,37 @@ def test_a1111s_probe_decides_for_sd2_without_a_sidecar(bias: float, expected: s
 def test_sdxl_without_a_sidecar_is_epsilon(sdxl_file: Path) -> None:
     models = load_sd1(sdxl_file, dtype=mx.float32, configs=tiny_configs("sdxl"))
     assert prediction.decide("auto", find_layout(sdxl_file), models.unet, "sdxl") == "epsilon"
+
+
+# --- full-size architectures, from shapes -------------------------------------------------------
+
+FULL_SIZE = json.loads((Path(__file__).parents[1] / "fixtures" / "family_shapes.json").read_text())
+
+
+@pytest.mark.parametrize(("family", "network"), [
+    ("sd2", "unet"), ("sd2", "vae"), ("sd2", "text_encoder"),
+    ("sdxl", "unet"), ("sdxl", "vae"), ("sdxl", "text_encoder"), ("sdxl", "text_encoder_2"),
+])
+def test_full_size_architectures_are_read_off_their_shapes(family: str, network: str) -> None:
+    """diffusers' and transformers' full-size networks (tests/fixtures/make_family_shapes.py): the
+    config read off their shapes builds an MLX network with exactly their parameters."""
+    from convert.assemble import MODEL_TYPES
+    from convert.infer_config import INFER
+    from convert.transforms import mlx_shape
+
+    # our names: transformers' without its `text_model.` level
+    reference = {name.removeprefix("text_model."): tuple(shape) for name, shape in FULL_SIZE[family][network].items()}
+    config = INFER[network](reference, {"sd2": SD2, "sdxl": SDXL}[family])
+    ours = dict(tree_flatten(MODEL_TYPES[network](config).parameters()))  # unevaluated: no memory
+    assert set(ours) == set(reference)
+    for name, shape in reference.items():
+        assert mlx_shape(shape, ours[name].ndim) == tuple(ours[name].shape), name
+    expected = FULL_SIZE["configs"][family].get(network, {})
+    if network == "unet":
+        assert config.heads == tuple(expected["attention_head_dim"])
+        assert config.transformer_depths == config.per_block(expected.get("transformer_layers_per_block", 1))
+        # a single file does not say SD 2.x's size: 512 until the prediction type says 768-v
+        assert config.sample_size * 8 == {"sd2": 512, "sdxl": 1024}[family]
+        assert config.addition_time_embed_dim == expected.get("addition_time_embed_dim")
+    elif network.startswith("text_encoder"):
+        assert (config.num_attention_heads, config.hidden_act) == (expected["num_attention_heads"], expected["hidden_act"])

@@ -32,7 +32,7 @@ CONFIG_SLOTS: dict[str, tuple[int, str, Any]] = {
     "hires_fix_start_height": (13, "Uint16", 0), "hires_fix_strength": (14, "Float32", 0.7),
     "upscaler": (15, "string", None), "image_guidance_scale": (16, "Float32", 1.5), "seed_mode": (17, "Int8", 0),
     "clip_skip": (18, "Uint32", 1), "controls": (19, "files", None), "loras": (20, "files", None),
-    "mask_blur": (21, "Float32", 0.0), "face_restoration": (22, "string", None), "refiner_model": (28, "string", None),
+    "mask_blur": (21, "Float32", 0.0), "mask_blur_outset": (47, "Int32", 0), "face_restoration": (22, "string", None), "refiner_model": (28, "string", None),
     "original_image_height": (29, "Uint32", 0), "original_image_width": (30, "Uint32", 0), "crop_top": (31, "Int32", 0),
     "crop_left": (32, "Int32", 0), "target_image_height": (33, "Uint32", 0), "target_image_width": (34, "Uint32", 0),
     "negative_original_image_height": (39, "Uint32", 0), "negative_original_image_width": (40, "Uint32", 0),

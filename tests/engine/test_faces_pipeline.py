@@ -86,3 +86,22 @@ def test_finished_images_are_upscaled_after_their_faces_are_restored(models_dir:
         assert f"Postprocess upscale by: {side // 64}, Postprocess upscaler: Real-ESRGAN" in image.parameters.text()
     expected = load_upscaler(models_dir / UPSCALER_FILE).upscale(plain.pixels)
     assert np.array_equal(list(pipeline(_request(width=64, height=64, upscale=True)))[-1].images[0].pixels, expected)
+
+
+def test_inpainting_pastes_the_original_after_face_restoration_and_before_upscaling(models_dir: Path) -> None:
+    from tests.engine.test_img2img import block_mask, picture, png
+
+    _install_faces(models_dir)
+    pipeline = Pipeline(ModelStore(models_dir))
+    fields = dict(init_image=png(picture()), mask=png(block_mask()), denoising_strength=0.5, restore_faces=True)
+    restored = list(pipeline(_request(**fields)))[-1].images[0].pixels
+    kept = block_mask() == 0
+    assert np.array_equal(restored[kept], picture()[kept])  # the overlay comes after face restoration
+    (models_dir / "upscaler").mkdir()
+    shutil.copy(RESTORATION / "esrgan_rrdb_x2.safetensors", models_dir / UPSCALER_FILE)
+    items = list(pipeline(_request(**fields, upscale=True)))
+    events = [i.type for i in items if isinstance(i, ProgressEvent)]
+    assert events[:2] == [EventType.TEXT_ENCODED, EventType.IMAGE_ENCODED]
+    assert events[-3:] == [EventType.IMAGE_DECODED, EventType.FACE_RESTORED, EventType.IMAGE_UPSCALED]
+    expected = load_upscaler(models_dir / UPSCALER_FILE).upscale(restored)
+    assert np.array_equal(items[-1].images[0].pixels, expected)

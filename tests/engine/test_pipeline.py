@@ -24,6 +24,9 @@ from mlx_sd.engine.images import encode_png
 from mlx_sd.engine.model_store import ModelStore
 from mlx_sd.engine.pipeline import Pipeline
 from mlx_sd.engine.request import GenerationRequest
+from mlx_sd.models.fused_attention import recording
+from mlx_sd.models.clip import CLIPAttention
+from mlx_sd.models.layers import Attention
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 GOLDEN = np.load(FIXTURES / "pipeline" / "golden.npz")
@@ -261,3 +264,17 @@ def test_tcd_uses_the_requests_gamma(pipeline: Pipeline) -> None:
     low, high = (run(pipeline, request(sampler="TCD", stochastic_sampling_gamma=g))[1].images[0] for g in (0.0, 0.9))
     assert np.abs(pixels(low).astype(int) - pixels(high)).max() > 10
     assert low.parameters.sampler == "TCD"
+
+
+def test_padded_attention_heads_give_the_same_image(pipeline: Pipeline, backend: Backend, tmp_path: Path) -> None:
+    store = ModelStore(tiny_models_dir(tmp_path / "models"), backend=backend, pad_attention_heads=True)
+    models = store.get().models
+    assert all(m.pad_heads for network in (models.text_encoder, models.unet, models.vae) for m in network.modules()
+               if isinstance(m, (Attention, CLIPAttention)))
+    with recording() as calls:
+        padded = run(Pipeline(store), request())[1]
+    plain = run(pipeline, request())[1]
+    if backend is Backend.CPU:  # its own attention runs: the padding is not applied
+        assert calls == [] and pngs(padded) == pngs(plain)
+    else:
+        assert calls and np.abs(pixels(padded.images[0]).astype(int) - pixels(plain.images[0])).max() <= 1

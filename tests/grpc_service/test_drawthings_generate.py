@@ -17,7 +17,7 @@ from PIL import Image
 from grpc_service.generated import imageservice_pb2 as api
 from mlx_sd.engine.upscale import UPSCALER_FILE, load_upscaler
 from tests.conftest import FIXTURES
-from tests.dt_client import FPZIP, RAW, build_configuration, codec_of, collect_images, decode_image, decode_tensor, image_tensor
+from tests.dt_client import FPZIP, HEADER, RAW, U8, build_configuration, codec_of, collect_images, decode_image, decode_tensor, image_tensor
 
 RESTORATION = FIXTURES / "restoration"
 PROMPT, NEGATIVE = "a lighthouse", "fog"
@@ -31,8 +31,9 @@ def dt_request(client, chunked: bool = False, prompt: str = PROMPT, **config):
 
 
 def documented_pixels(stub_for, server, **fields) -> list[np.ndarray]:
-    request = api.ImageGenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, steps=2,
-                                         cfg_scale=5, seed=9, sampler="DPM++ 2M Karras", **fields)
+    base = dict(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, steps=2, cfg_scale=5, seed=9,
+                sampler="DPM++ 2M Karras")
+    request = api.ImageGenerationRequest(**{**base, **fields})
     last = list(stub_for(server).GenerateImage(request))[-1]
     return [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in last.images]
 
@@ -166,28 +167,67 @@ def test_speed_settings_are_ignored(server_factory, dt_connect, tiny_models) -> 
     assert np.array_equal(decode_image(plain), decode_image(tuned))
 
 
-def test_an_init_image_is_refused_and_a_hash_without_contents_is_absent(server_factory, dt_connect,
-                                                                        tiny_models) -> None:
-    client = dt_connect(server_factory())
-    raw = image_tensor(np.zeros((64, 64, 3), np.uint8))
+def picture() -> np.ndarray:
+    y, x = np.mgrid[0:64, 0:64]
+    return np.stack([x * 4, y * 4, (x * y) % 256], -1).astype(np.uint8)
+
+
+def mask_tensor(levels: np.ndarray) -> bytes:
+    """A uint8 [H, W] mask tensor (NCHW, raw), as the app sends masks."""
+    return HEADER.pack(RAW, 1, 1, U8, 0, *levels.shape, *[0] * 10) + levels.astype(np.uint8).tobytes()
+
+
+def test_an_init_image_and_mask_inpaint_as_the_documented_api_does(server_factory, dt_connect, stub_for,
+                                                                   tiny_models) -> None:
+    server = server_factory()
+    client = dt_connect(server)
+    repaint = np.zeros((64, 64), bool)
+    repaint[16:48, 8:40] = True
+    levels = np.where(repaint, 1, 3) | 0x80  # regenerate / keep in the low bits; the high bits carry alpha
+    png_mask = np.where(repaint, 255, 0).astype(np.uint8)
+    raw = image_tensor(picture(), compress=True)
     for image, contents in ((raw, []), (hashlib.sha256(raw).digest(), [raw])):
-        request = dt_request(client)
-        request.image, request.contents[:] = image, contents
-        with pytest.raises(grpc.RpcError) as caught:
-            list(client.generate(request))
-        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and caught.value.details().startswith("image")
+        request = dt_request(client, strength=0.5, mask_blur=2.0, steps=4)
+        request.image, request.mask, request.contents[:] = image, mask_tensor(levels), contents
+        (data,), progress = collect_images(client.generate(request))
+        expected = documented_pixels(stub_for, server, steps=4, init_image=png(picture()), mask=png(png_mask),
+                                     mask_blur=2, denoising_strength=0.5)[0]
+        assert np.array_equal(decode_image(data), expected)
+        cases = [p.currentSignpost.WhichOneof("signpost") for p in progress]
+        assert cases[:2] == ["textEncoded", "imageEncoded"] and cases.count("sampling") == 2
+        beyond_blur = np.ones((64, 64), bool)
+        beyond_blur[10:54, 2:46] = False
+        assert np.array_equal(decode_image(data)[beyond_blur], picture()[beyond_blur])  # the original preserved
     request = dt_request(client)
     request.image = hashlib.sha256(raw).digest()  # the app empties contents for text-to-image
     assert len(collect_images(client.generate(request))[0]) == 1
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("config", "setting"), [({"hires_fix": True}, "hires_fix"),
+                                                  ({"mask_blur_outset": 4}, "mask_blur_outset")])
+def test_image_settings_we_cannot_honour_are_refused(server_factory, dt_connect, tiny_models, config: dict,
+                                                     setting: str) -> None:
+    client = dt_connect(server_factory())
+    request = dt_request(client, **config)
+    request.image = image_tensor(picture())
+    with pytest.raises(grpc.RpcError) as caught:
+        list(client.generate(request))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and caught.value.details().startswith(setting)
 
 
 def test_a_2048_square_image_tensor_fits_in_a_request(server_factory, dt_connect, tiny_models) -> None:
     client = dt_connect(server_factory(tls=False))
     request = dt_request(client)
     request.image = image_tensor(np.zeros((2048, 2048, 3), np.uint8))  # 24 MiB of fp16
-    with pytest.raises(grpc.RpcError) as caught:
-        list(client.generate(request))
-    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # read, checked, then refused
+    request.configuration = build_configuration(**{**BASE, "strength": 0.0})  # the image as it is, resized
+    (data,), _ = collect_images(client.generate(request))
+    assert decode_image(data).shape == (64, 64, 3)
 
 
 def test_a_missing_model_is_not_found_and_a_draw_things_ckpt_is_refused(server_factory, dt_connect, tiny_models) -> None:

@@ -87,6 +87,12 @@ def test_zero_fields_get_the_documented_defaults(server_factory, stub_for) -> No
     assert (request.batch_size, request.batch_count) == (1, 1)
 
 
+def test_the_model_field_names_the_model(server_factory, stub_for) -> None:
+    engine = RecordingEngine()
+    generate(stub_for(server_factory(engine)), model="sdxl/base.safetensors")
+    assert [request.model for request in engine.requests] == ["sdxl/base.safetensors"]
+
+
 def test_progress_arrives_while_the_engine_is_still_working(server_factory, stub_for) -> None:
     first_seen = threading.Event()
 

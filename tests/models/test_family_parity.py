@@ -16,7 +16,7 @@ import pytest
 from convert import SD1Configs, SD1Models, load_sd1
 from convert.families import SD2, SDXL
 from mlx_sd.engine.backends import Backend
-from tests.models.test_models_parity import TOLERANCES, nchw, nhwc, relative_error
+from tests.models.test_models_parity import TOLERANCES, dtype, form, nchw, nhwc, relative_error  # noqa: F401 (fixtures)
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 FAMILIES = {"sd2": SD2, "sdxl": SDXL}
@@ -50,16 +50,6 @@ def family(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.fixture(scope="module", params=["single_file", "diffusers"])
-def form(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module", params=[mx.float32, mx.float16, mx.bfloat16], ids=["fp32", "fp16", "bf16"])
-def dtype(request: pytest.FixtureRequest) -> mx.Dtype:
-    return request.param
-
-
 @pytest.fixture(scope="module")
 def golden(family: str) -> dict[str, mx.array]:
     return mx.load(str(fixture_dir(family) / "golden.safetensors"))
@@ -79,6 +69,7 @@ def models(family: str, form: str, dtype: mx.Dtype, backend: Backend,
 
 @pytest.fixture(scope="module")
 def activations(dtype: mx.Dtype, backend: Backend) -> mx.Dtype:
+    """What the networks are fed, as the pipeline feeds them."""
     return backend.activation_dtype(dtype)
 
 
