@@ -10,6 +10,7 @@ torch-compatible CPU generator, so an image can be reproduced alone from the see
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -53,7 +54,6 @@ _SECOND = _Pass(EventType.SECOND_PASS_SAMPLING, "hires sampling")
 class Pipeline:
     def __init__(self, store: ModelStore, memory_budget: MemoryBudget | None = None) -> None:
         self._store = store
-        self._refiners = store.sibling()  # SDXL's refiner is held beside its base model
         self._memory_budget = memory_budget
         self._restoration = Restoration(store.models_dir, backend=store.backend)
         self._train_sigmas = schedules.train_sigmas()
@@ -66,7 +66,7 @@ class Pipeline:
         upscale_by = (request.upscale_factor or upscaler.scale) if upscaler is not None else None
         model = self._store.get(request.model)
         request = request.with_native_size(model.native_size)
-        refining = refiner.load(self._refiners, model, request)
+        refining = refiner.load(self._refiners, model, request) if request.refiner_model else None
         if self._memory_budget is not None:  # before this request allocates anything
             unet, vae = model.models.unet, model.models.vae
             on_cpu = mx.default_device() == mx.cpu
@@ -120,6 +120,11 @@ class Pipeline:
                 )
                 images.append(GeneratedImage(image, item_seed, parameters))
         yield GenerationResult(images)
+
+    @functools.cached_property
+    def _refiners(self) -> ModelStore:
+        """SDXL's refiners: a store of their own, so that a refiner is held beside its base model."""
+        return self._store.sibling()
 
     def _denoiser(self, model: LoadedModel, request: GenerationRequest, batch: int, cond: Conditioning,
                   uncond: Conditioning, unet: EpsModel | None = None) -> Denoiser:

@@ -38,12 +38,10 @@ NEGATIVE_AESTHETIC_SCORE = 2.5
 TRAIN_TIMESTEPS = 1000
 
 
-def load(refiners: ModelStore, base: LoadedModel, request: GenerationRequest) -> LoadedModel | None:
+def load(refiners: ModelStore, base: LoadedModel, request: GenerationRequest) -> LoadedModel:
     """The request's refiner, loaded from `refiners` (a store of its own, so that it is held beside the
-    base model), or None when it names none. InvalidRequest naming the refiner's file unless it is an
-    SDXL refiner following an SDXL base (the base is checked before the refiner is read)."""
-    if not request.refiner_model:
-        return None
+    base model). InvalidRequest naming the refiner's file unless it is an SDXL refiner following an
+    SDXL base (the base is checked before the refiner is read)."""
     if base.models.family is not SDXL:
         raise InvalidRequest("refiner_model", f"{request.refiner_model} refines {SDXL.title} models; "
                                               f"{request.model or 'the default model'} is {base.models.family.title}")
