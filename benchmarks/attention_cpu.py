@@ -73,7 +73,7 @@ def ours(bf16_products: bool, amx: bool = False) -> Fn:
 
 VARIANTS["blocks of query rows, fused softmax (ours)"] = ours(False)
 if gemm() is not None and gemm().bf16 is not None:
-    VARIANTS["the same, bf16 value product (bf16 models)"] = ours(True)
+    VARIANTS["the same, bf16 products (bf16 models)"] = ours(True)
 if cpu_kernels.amx_ready():
     VARIANTS["fused AMX kernel, bf16 products (bf16 models)"] = ours(True, amx=True)
 

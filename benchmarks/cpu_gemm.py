@@ -4,7 +4,8 @@
 
 Shapes are SD-1.5's at 512²: the VAE decoder's 3x3 convolutions (batch 1) and the UNet's 3x3
 convolutions, linear layers and feed-forward blocks (CFG batch 2). Reports GFLOP/s, peak MLX memory and the time
-ratio new / MLX (lower is better). The bf16 rows need MKL and a CPU with AMX or AVX512-BF16.
+ratio new / MLX (lower is better). The bf16 rows need a bf16 GEMM for this processor's class
+(MKL's on AMX, oneDNN's with AVX-512 BF16: mlx_sd/cpu/dispatch.py).
 """
 
 from __future__ import annotations

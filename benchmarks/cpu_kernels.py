@@ -114,8 +114,8 @@ def main() -> None:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     if cpu_kernels.kernels() is None:
         raise SystemExit("the CPU kernels are not built here")
-    if gemm() is not None and gemm().set_local_threads is not None:
-        gemm().set_local_threads(1)  # one thread, as each pool thread runs them
+    if gemm() is not None:
+        gemm().one_thread()  # one thread, as each pool thread runs them
     print(f"{'kernel (baseline)':<50} {'baseline':>10} {'kernel':>10} {'speed-up':>9}  max|diff|")
     for name, (baseline, fused) in cases().items():
         times: dict[str, list[float]] = {"baseline": [], "kernel": []}

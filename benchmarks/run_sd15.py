@@ -27,6 +27,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,10 +49,24 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+# With --interleave each child waits for the parent's word before every run (warm-up included),
+# so that the two sides' runs alternate instead of meeting different loads on a shared machine.
+PACED = os.environ.get("RUN_SD15_PACED") == "1"
+
+
+def _turn() -> None:
+    """In a paced child: says it is ready, and waits until the parent says go."""
+    if PACED:
+        print("ready", flush=True)
+        sys.stdin.readline()
+
+
 def timed(fn: Callable[[], object], repeat: int) -> list[float]:
+    _turn()
     fn()
     times = []
     for _ in range(repeat):
+        _turn()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -121,6 +136,7 @@ def run_ours(stage: str, repeat: int, cache_dir: Path, dtype: str) -> dict:
 
 
 def _once(fn: Callable[[], None]) -> float:
+    _turn()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -194,6 +210,45 @@ def child(python: Path, script: str, args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def interleaved(script: str, runs: list[tuple[Path, list[str]]], rounds: int) -> list[dict]:
+    """Children of `script` started together (each loads meanwhile) and then timed in turns: each
+    run of each child waits until the previous child's run has finished, `rounds` rounds (the
+    warm-up included)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), RUN_SD15_PACED="1")
+    children = [subprocess.Popen([str(python), script, "--child", *args], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                for python, args in runs]
+    last: list[str] = [""] * len(children)
+
+    def next_line(i: int) -> str:
+        """Child i's next line: "ready", or its final JSON (or "" when it has exited)."""
+        line = children[i].stdout.readline()
+        while line and line.strip() != "ready" and not line.startswith("{"):
+            line = children[i].stdout.readline()
+        last[i] = line.strip()
+        return last[i]
+
+    for i in range(len(children)):
+        next_line(i)
+    for _ in range(rounds):
+        for i, child in enumerate(children):
+            if last[i] == "ready":
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                next_line(i)
+    results = []
+    for i, child in enumerate(children):
+        while last[i] == "ready":  # more runs than rounds (should not happen): let it finish
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            next_line(i)
+        error = child.stderr.read()
+        child.wait()
+        results.append(json.loads(last[i]) if last[i].startswith("{")
+                       else {"error": error.strip().splitlines()[-1] if error.strip() else f"rc {child.returncode}"})
+    return results
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -207,7 +262,9 @@ def fmt(result: dict) -> str:
         return "—"
     if "error" in result:
         return f"error: {result['error'][:60]}"
-    return f"{statistics.median(result['times']):.2f} s / {result['peak_rss_gib']:.1f} GiB"
+    times = result["times"]
+    low = f" (min {min(times):.2f})" if len(times) > 1 else ""
+    return f"{statistics.median(times):.2f} s{low} / {result['peak_rss_gib']:.1f} GiB"
 
 
 @dataclass(frozen=True)
@@ -234,6 +291,8 @@ def main(bench: Benchmark | None = None) -> None:
     parser.add_argument("--ours-dtypes", default="float32")
     parser.add_argument("--ref-dtypes", default=bench.ref_dtypes)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / f"{date.today()}-{bench.results}.md")
+    parser.add_argument("--interleave", action="store_true",
+                        help="run ours and diffusers (one dtype each) in turns, one run at a time")
     parser.add_argument("--child", nargs=5, metavar=("SIDE", "STAGE", "DTYPE", "REPEAT", "ARG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -251,7 +310,8 @@ def main(bench: Benchmark | None = None) -> None:
              f"median of {args.repeat} after a warm-up (end to end and loads: one run); time / peak RSS; "
              "ratio = ours / diffusers' faster dtype (lower is better). Our activations are fp32: "
              "`ours float16` stores the weights in fp16 and computes in fp32; `ours bfloat16` also runs the "
-             "matrix products and convolutions in bf16 with fp32 accumulation where MKL and bf16 units exist.", "",
+             "matrix products and convolutions in bf16 with fp32 accumulation where the processor's class has a "
+             "faster bf16 GEMM (docs/cpu-backend.md).", "",
              "| stage | " + " | ".join(f"ours {d}" for d in args.ours_dtypes.split(",")) + " | "
              + " | ".join(f"diffusers {d}" for d in args.ref_dtypes.split(",")) + " | ratio (time) | ratio (RSS) |",
              "|---" * (3 + len(args.ours_dtypes.split(",")) + len(args.ref_dtypes.split(","))) + "|"]
@@ -260,11 +320,20 @@ def main(bench: Benchmark | None = None) -> None:
             for dtype in args.ours_dtypes.split(","):
                 child(OURS_PY, bench.script, ["ours", "load_cached", dtype, "1", cache_dir])
         for stage in stages:
-            ours = {d: child(OURS_PY, bench.script, ["ours", stage, d, str(args.repeat), cache_dir])
-                    for d in args.ours_dtypes.split(",")}
-            ref = {d: {} if stage in bench.ours_only
-                   else child(REF_PY, bench.script, ["diffusers", stage, d, str(args.repeat), str(args.threads)])
-                   for d in args.ref_dtypes.split(",")}
+            if args.interleave and stage not in bench.ours_only:
+                (ours_dtype,), (ref_dtype,) = args.ours_dtypes.split(","), args.ref_dtypes.split(",")
+                rounds = 1 if stage.startswith("e2e") else args.repeat + 1
+                mine, theirs = interleaved(bench.script,
+                                           [(OURS_PY, ["ours", stage, ours_dtype, str(args.repeat), cache_dir]),
+                                            (REF_PY, ["diffusers", stage, ref_dtype, str(args.repeat),
+                                                      str(args.threads)])], rounds)
+                ours, ref = {ours_dtype: mine}, {ref_dtype: theirs}
+            else:
+                ours = {d: child(OURS_PY, bench.script, ["ours", stage, d, str(args.repeat), cache_dir])
+                        for d in args.ours_dtypes.split(",")}
+                ref = {d: {} if stage in bench.ours_only
+                       else child(REF_PY, bench.script, ["diffusers", stage, d, str(args.repeat), str(args.threads)])
+                       for d in args.ref_dtypes.split(",")}
             ok_ours = [r for r in ours.values() if "times" in r]
             ok_ref = [r for r in ref.values() if "times" in r]
             ratio_t = ratio_m = "n/a"

@@ -1,6 +1,6 @@
 """Ours (MLX) against diffusers (torch) on the full-size random SDXL base checkpoint, in one run.
 
-    nice .venv/bin/python benchmarks/run_sdxl.py [--stages ...] [--repeat 3] [--out FILE]
+    nice .venv/bin/python benchmarks/run_sdxl.py [--stages ...] [--repeat 3] [--interleave] [--out FILE]
 
 Needs `.cache/sdxl-random/` (`.venv-ref/bin/python benchmarks/build_sdxl_checkpoint.py`) and the
 reference environment `.venv-ref`. The same harness as `run_sd15.py` (each (side, stage) in its own

@@ -18,6 +18,7 @@ from mlx_sd.engine import Engine
 from mlx_sd.engine.errors import InvalidRequest
 from mlx_sd.engine.events import EventType, GenerationResult, ProgressEvent
 from mlx_sd.engine.images import encode_png
+from mlx_sd.engine.lora import LoraWeight
 from mlx_sd.engine.request import GenerationRequest
 
 ECHO_MESSAGE = "HELLO"
@@ -28,12 +29,16 @@ _PROTO_FIELDS = frozenset(pb.ImageGenerationRequest.DESCRIPTOR.fields_by_name)
 
 
 def request_from_proto(message: pb.ImageGenerationRequest) -> GenerationRequest:
-    return GenerationRequest(**{name: getattr(message, name) for name in _PROTO_FIELDS})
+    fields = {name: getattr(message, name) for name in _PROTO_FIELDS}
+    fields["loras"] = tuple(LoraWeight(lora.file, lora.weight) for lora in message.loras)
+    return GenerationRequest(**fields)
 
 
 def request_to_proto(request: GenerationRequest) -> pb.ImageGenerationRequest:
     """The request's fields that the API carries; the others keep their defaults on the server."""
-    return pb.ImageGenerationRequest(**{k: v for k, v in dataclasses.asdict(request).items() if k in _PROTO_FIELDS})
+    fields = {k: v for k, v in dataclasses.asdict(request).items() if k in _PROTO_FIELDS}
+    fields["loras"] = [pb.LoraWeight(file=lora.file, weight=lora.weight) for lora in request.loras]
+    return pb.ImageGenerationRequest(**fields)
 
 
 def response_from_item(item: ProgressEvent | GenerationResult) -> pb.ImageGenerationResponse:

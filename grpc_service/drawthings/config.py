@@ -37,7 +37,8 @@ class Kind(enum.Enum):
     LONG = N.Int64Flags
     FLOAT = N.Float32Flags
     STRING = "string"
-    FILES = "files"  # a vector of tables whose slot 0 is a file name (LoRA, Control)
+    FILES = "files"  # a vector of tables whose slot 0 is a file name (Control)
+    LORAS = "loras"  # a vector of LoRA tables: (file, weight, mode) each
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ FIELDS: tuple[Field, ...] = _fields(
     ("sampler", K.BYTE), ("batch_count", K.UINT, 1), ("batch_size", K.UINT, 1), ("hires_fix", K.BOOL, False),
     ("hires_fix_start_width", K.USHORT), ("hires_fix_start_height", K.USHORT), ("hires_fix_strength", K.FLOAT, 0.7),
     ("upscaler", K.STRING, ""), ("image_guidance_scale", K.FLOAT, 1.5), ("seed_mode", K.BYTE), ("clip_skip", K.UINT, 1),
-    ("controls", K.FILES, ()), ("loras", K.FILES, ()), ("mask_blur", K.FLOAT), ("face_restoration", K.STRING, ""),
+    ("controls", K.FILES, ()), ("loras", K.LORAS, ()), ("mask_blur", K.FLOAT), ("face_restoration", K.STRING, ""),
     ("decode_with_attention", K.BOOL, True), ("hires_fix_decode_with_attention", K.BOOL, True),  # deprecated
     ("clip_weight", K.FLOAT, 1.0), ("negative_prompt_for_image_prior", K.BOOL, True), ("image_prior_steps", K.UINT, 5),
     ("refiner_model", K.STRING, ""), ("original_image_height", K.UINT), ("original_image_width", K.UINT),
@@ -86,6 +87,9 @@ FIELDS: tuple[Field, ...] = _fields(
     ("compression_artifacts_quality", K.FLOAT, 43.1), ("color_calibration", K.BYTE), ("expand_prompt_to_json", K.BOOL, False),
 )
 SLOTS: Mapping[str, Field] = {field.name: field for field in FIELDS}
+_FILE = (Field("file", 0, K.STRING, ""),)
+# The LoRA table; mode: 0 all models, 1 the base model, 2 the refiner.
+LORA_FIELDS = (*_FILE, Field("weight", 1, K.FLOAT, 0.6), Field("mode", 2, K.BYTE))
 
 
 def read_configuration(data: bytes) -> dict[str, Any]:
@@ -143,7 +147,9 @@ class _Reader:
         if kind is Kind.STRING:
             return self.string(self.offset_at(position, field.name), field.name)
         if kind is Kind.FILES:
-            return self.files(self.offset_at(position, field.name), field.name)
+            return tuple(file for file, in self.entries(self.offset_at(position, field.name), field.name, _FILE))
+        if kind is Kind.LORAS:
+            return self.entries(self.offset_at(position, field.name), field.name, LORA_FIELDS)
         self._need(position, kind.value.bytewidth, field.name)
         return table.Get(kind.value, position)
 
@@ -163,14 +169,14 @@ class _Reader:
         self._need(position + _UOFFSET, length * item_size, what)
         return length
 
-    def files(self, position: int, what: str) -> tuple[str, ...]:
-        """The file names (slot 0) of a vector of tables."""
+    def entries(self, position: int, what: str, fields: tuple[Field, ...]) -> tuple[tuple[Any, ...], ...]:
+        """The `fields` of each table of a vector of tables."""
         count = self.vector_length(position, _UOFFSET, what)
         if count > MAX_LIST_ITEMS:
             raise _malformed(f"lists {count} {what}; at most {MAX_LIST_ITEMS} are read")
-        names = []
+        entries = []
         for i in range(count):
             item = f"{what}[{i}]"
             entry = self.table(self.offset_at(position + _UOFFSET * (1 + i), item), item)
-            names.append(self.field(entry, Field("file", 0, Kind.STRING, "")))
-        return tuple(names)
+            entries.append(tuple(self.field(entry, field) for field in fields))
+        return tuple(entries)

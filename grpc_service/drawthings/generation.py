@@ -27,10 +27,12 @@ from grpc_service.generated import drawthings_pb2 as pb
 from mlx_sd.engine import hires, img2img
 from mlx_sd.engine.errors import InvalidRequest, UnsupportedSetting
 from mlx_sd.engine.events import EventType, GeneratedImage, ProgressEvent
+from mlx_sd.engine.lora import LoraWeight
 from mlx_sd.engine.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
+LORA_REFINER_MODE = 2  # a LoRA's mode: 0 all models, 1 the base model, 2 the refiner
 SIDE_UNIT = 64  # start_width, start_height and the hires fix's sizes count 64-pixel units
 CHUNK_BYTES = 4 * 1024 * 1024  # with `chunked`, images over this are sent in pieces of this size
 PREVIEW_EVERY = 5  # sampling steps between latent previews
@@ -47,7 +49,7 @@ MAPPED = (
     "start_width", "start_height", "seed", "steps", "guidance_scale", "model", "sampler", "batch_count", "batch_size",
     "hires_fix", "hires_fix_start_width", "hires_fix_start_height", "hires_fix_strength", "seed_mode", "clip_skip",
     "face_restoration", "stochastic_sampling_gamma", "upscaler", "upscaler_scale_factor", "strength", "mask_blur",
-    "preserve_original_after_inpaint",
+    "preserve_original_after_inpaint", "loras",
     "refiner_model", "refiner_start",
     *(SDXL_SIZES := {"original_image_width": "original_width", "original_image_height": "original_height",
                      "crop_top": "crop_top", "crop_left": "crop_left", "target_image_width": "target_width",
@@ -72,7 +74,6 @@ DEPENDENT = (
     "hires_fix_decode_with_attention",
 )
 REFUSED: Mapping[str, str] = {
-    "loras": "LoRAs are not supported yet",
     "controls": "control networks are not supported yet",
     "sharpness": "sharpness is not supported",
     "shift": "a shifted noise schedule is not supported",
@@ -140,6 +141,8 @@ def generation_request(message: pb.ImageGenerationRequest) -> GenerationRequest:
         source=source,
         mask_blur=round(config["mask_blur"]) if math.isfinite(config["mask_blur"]) else -1,
         inpaint_no_overlay=not config["preserve_original_after_inpaint"],
+        # LoRAs, from the model directory's lora/ folder; those for a refiner alone have no model here.
+        loras=tuple(LoraWeight(file, weight) for file, weight, mode in config["loras"] if mode != LORA_REFINER_MODE),
         **{ours: config[theirs] for theirs, ours in SDXL_SIZES.items()},
     )
     return request.validated()

@@ -426,6 +426,14 @@ def generate(
     refiner_start: Annotated[
         float, typer.Option(help="Fraction of the denoising after which the refiner takes over (0-1; 0 means 0.7).")
     ] = 0.0,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option("--lora", help="A LoRA from the models' lora/ folder, as FILE or FILE:WEIGHT (-10 to 10, "
+                                    "default 1); repeat for more. The prompt may add <lora:name:weight>."),
+    ] = None,
+    clip_skip: Annotated[
+        int, typer.Option(help="Text-encoder layers to skip from the end, A1111's \"Clip skip\" (1: none).")
+    ] = 1,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for the PNGs (created when missing).", file_okay=False)
     ] = Path("."),
@@ -458,6 +466,7 @@ def generate(
         encoded,
         follow,
         local_engine,
+        lora_weights,
         option_error,
         validated_as_sent,
         write_images,
@@ -483,6 +492,7 @@ def generate(
             denoising_strength=denoise if denoise is not None else DEFAULT_IMG2IMG_STRENGTH if init_image else 0.0,
             init_image=init_image.read_bytes() if init_image else b"", mask=mask.read_bytes() if mask else b"",
             mask_blur=mask_blur, resize_mode=list(ResizeChoice).index(resize_mode),
+            loras=lora_weights(lora or []), clip_skip=clip_skip,
             model=model,
             refiner_model=refiner, refiner_start=refiner_start,
         ))

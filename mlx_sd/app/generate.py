@@ -23,6 +23,7 @@ from mlx_sd.engine import img2img
 from mlx_sd.engine.errors import InvalidRequest, MlxSdError
 from mlx_sd.engine.events import SAMPLING_STAGES, EventType, GenerationResult, ProgressEvent
 from mlx_sd.engine.images import encode_png
+from mlx_sd.engine.lora import LoraWeight
 from mlx_sd.engine.request import GenerationRequest
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ OPTION_OF_FIELD = {
     "enable_hr": "--hires",
     "refiner_model": "--refiner",
     "refiner_start": "--refiner-start",
+    "loras": "--lora",
+    "clip_skip": "--clip-skip",
 }
 
 
@@ -61,7 +64,20 @@ def validated_as_sent(request: GenerationRequest) -> GenerationRequest:
         request, cfg_scale=_float32(request.cfg_scale), denoising_strength=_float32(request.denoising_strength),
         refiner_start=_float32(request.refiner_start),
         seed=request.seed if request.seed >= 0 else secrets.randbelow(2**32),
+        loras=tuple(dataclasses.replace(lora, weight=_float32(lora.weight)) for lora in request.loras),
     )
+
+
+def lora_weights(values: list[str]) -> tuple[LoraWeight, ...]:
+    """`--lora` values, FILE or FILE:WEIGHT, as the request's LoRAs (a FILE may hold colons)."""
+    loras = []
+    for value in values:
+        file, _, weight = value.rpartition(":")
+        try:
+            loras.append(LoraWeight(file, float(weight)) if file else LoraWeight(value))
+        except ValueError:
+            loras.append(LoraWeight(value))
+    return tuple(loras)
 
 
 def _float32(value: float) -> float:

@@ -284,9 +284,12 @@ static void heads_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
  * dim), k and v (images x keys x heads * dim), fp32 and contiguous; each head of each image is
  * one job for the pool, split into runs of query rows where there are fewer heads than pool
  * threads (the VAE's single head). `causal` masks later keys (query i sees keys 0..i). Returns
- * 0, or -1 when a head's scratch cannot be allocated. */
+ * 0, -1 when a head's scratch cannot be allocated, or -2 without AMX (nothing is computed: the
+ * tile instructions would fault). */
 int amx_attention(const float *q, const float *k, const float *v, ptrdiff_t images, ptrdiff_t heads,
                   ptrdiff_t queries, ptrdiff_t keys, ptrdiff_t dim, float scale, int causal, float *out) {
+    if (!amx_available())
+        return -2;
     ptrdiff_t runs = (pool_threads() + images * heads - 1) / (images * heads);
     struct heads_job job = {q, k, v, out, heads, queries, keys, dim, runs, (queries + runs - 1) / runs, scale,
                             causal, 0};
@@ -296,9 +299,10 @@ int amx_attention(const float *q, const float *k, const float *v, ptrdiff_t imag
 #else
 int amx_available(void) { return 0; }
 
-/* Never called where amx_available() is 0; here so that every build exports the same names. */
+/* Built without AMX: refused, as where the processor lacks it; here so that every build exports
+ * the same names. */
 int amx_attention(const float *q, const float *k, const float *v, ptrdiff_t images, ptrdiff_t heads,
                   ptrdiff_t queries, ptrdiff_t keys, ptrdiff_t dim, float scale, int causal, float *out) {
-    return -1;
+    return -2;
 }
 #endif

@@ -10,11 +10,16 @@ becomes one GroupNorm that applies the SiLU in the same pass, the SiLU module an
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import TypeVar
 
+import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from mlx_sd.cpu import kernels, layers as cpu
+from mlx_sd.cpu.blas import gemm
 from mlx_sd.cpu.norms import GroupNorm, GroupNormSiLU, LayerNorm
 from mlx_sd.models import clip, layers, unet, vae
 
@@ -50,7 +55,19 @@ def accelerate(model: M) -> M:
     """`model` with its layers and blocks replaced in place by their CPU-kernel forms; returns it
     (or its replacement, where the model's own type has one). For MLX's CPU device: the forms
     evaluate their inputs and call the kernels, so they cannot run on the GPU or be traced."""
+    if any(p.dtype == mx.bfloat16 for _, p in tree_flatten(model.parameters())):
+        _bf16_note()
     return _converted(model)
+
+
+@functools.cache
+def _bf16_note() -> None:
+    """Says once, at the first bf16 model, where bf16 is the slower dtype on this processor."""
+    functions = gemm()
+    if functions is not None and functions.choice.faster_dtype != "bfloat16":
+        logging.getLogger(__name__).warning(
+            "bfloat16 is slower than float32 on this processor (%s): --dtype float32 is faster here",
+            functions.choice.describe())
 
 
 def _adopt(cls: type[M], module: nn.Module) -> M:

@@ -15,7 +15,8 @@ bf16 models on processors with AMX (Intel Sapphire Rapids and later) take a fuse
 (amx_attention.c): each head's 32-row blocks of scores, weights and values stay in the L2 cache,
 both products run on the AMX tiles in bf16 with fp32 sums, as torch's bf16 attention computes
 them. 2x8x4096x40 (benchmarks/attention_cpu.py): 0.08-0.09 s against 0.18-0.20 s for the BLAS
-form with a bf16 value product, and 0.087 s for torch's bf16 flash attention on the same two cores.
+form with a bf16 value product (scores then fp32), and 0.087 s for torch's bf16 flash attention on the
+same two cores.
 
 The CPU form leaves MLX's lazy graph (it evaluates q, k and v), so it cannot be traced by
 `mx.compile` or differentiated.
@@ -49,8 +50,8 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, scores: n
             bf16_scores: np.ndarray | None, values: np.ndarray, out: np.ndarray,
             first_query: int | None) -> None:
     """out = softmax(q kᵀ scale) v for one block of query rows, using `scores` and `values`
-    (rows, head_dim) as scratch; with `bf16_scores` (scratch of uint16 bits), the value product is
-    bf16 and v holds bf16 bits. With `first_query`, the block's row r is query first_query + r and
+    (rows, head_dim) as scratch; with `bf16_scores` (scratch of uint16 bits), both products are
+    bf16 and q, k and v hold bf16 bits. With `first_query`, the block's row r is query first_query + r and
     sees only the keys up to that one (a causal mask). q, k and v are contiguous: the BLAS reads
     strided heads about 30% slower, more than the copies cost."""
     gemm.matmul(q, k, scores, transpose_b=True, alpha=scale)
@@ -69,11 +70,11 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float, r
     q's layout, the one the output projection reads (no head transposes: each block copies its
     head's columns to and from small scratch arrays), in blocks of `rows` query rows (query rows are
     independent; by default about BLOCK_SCORES scores), spread over the cores. fp32
-    throughout, except that with `bf16_products` (which needs MKL's bf16 GEMM) the softmax
-    weights and v are rounded to bf16 for the value product, as torch's bf16 attention does:
-    3x faster on AMX (the scores product, with only head_dim terms, gains nothing and stays fp32);
-    where AMX is, `bf16_products` instead selects the fused AMX kernel, whose products are both
-    bf16. `causal` lets query i see keys 0..i only (CLIP's text encoder)."""
+    throughout, except that with `bf16_products` (which needs a bf16 GEMM: `gemm().bf16`) both
+    products are bf16 with fp32 sums, as in torch's bf16 attention and the AMX kernel: q and k are
+    rounded to bf16 for the scores, the softmax weights and v for the value product (sums and
+    the normalisation stay fp32). Where AMX is, `bf16_products` instead selects the fused AMX
+    kernel, with the same roundings. `causal` lets query i see keys 0..i only (CLIP's text encoder)."""
     batch, n, width = q.shape
     d = width // heads
     qs, ks, vs = (as_fp32(t) for t in (q, k, v))
@@ -81,7 +82,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float, r
         result = _amx_attention(qs, ks, vs, heads, scale, causal)
         return result if q.dtype == mx.float32 else result.astype(q.dtype)
     if bf16_products:
-        vs = gemm.bf16_bits(vs)
+        # oneDNN's bf16 GEMM takes the scores (512x4096x40) in 0.41x the time of MKL's fp32.
+        qs, ks, vs = (gemm.bf16_bits(t) for t in (qs, ks, vs))
     keys = ks.shape[1]
     rows = rows or max(MIN_ROWS, BLOCK_SCORES // keys)
     result, out = new_array(qs.shape)
@@ -91,7 +93,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float, r
         scores = np.empty((rows, keys), np.float32)
         bf16_scores = np.empty((rows, keys), np.uint16) if bf16_products else None
         values = np.empty((rows, d), np.float32)
-        head_keys, head_values, current = np.empty((keys, d), np.float32), np.empty((keys, d), vs.dtype), None
+        head_keys, head_values, current = np.empty((keys, d), ks.dtype), np.empty((keys, d), vs.dtype), None
         for i, head, start in blocks[first:last]:
             count, columns = min(start + rows, n) - start, slice(head * d, (head + 1) * d)
             if current != (i, head):

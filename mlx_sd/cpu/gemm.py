@@ -13,13 +13,15 @@ Two gaps in MLX's CPU backend (measured with benchmarks/cpu_gemm.py on a 2-core 
   on all cores: MLX's pad, cast, slice and add each make a single-threaded pass, which had cost
   as much as the GEMMs at the VAE's 512² layers. Small images (the UNet's 8x8 and 16x16
   levels) instead unfold their input (im2col, also a kernel) into one larger GEMM.
-- MLX has no bf16 GEMM on the CPU: bf16 weights are widened to fp32 on every call. MKL's
-  `cblas_gemm_bf16bf16f32` takes bf16 inputs, accumulates in fp32 and runs on AMX or
-  AVX512-BF16 units: 860-1800 GFLOP/s for the convolutions and 730-1150 for the linear layers.
+- MLX has no bf16 GEMM on the CPU: bf16 weights are widened to fp32 on every call. A bf16 GEMM
+  (bf16 inputs, fp32 sums) is faster where the processor has bf16 units: MKL's on AMX
+  (860-1800 GFLOP/s for the convolutions and 730-1150 for the linear layers, 2 cores), oneDNN's
+  with AVX-512 BF16 (about 200 GFLOP/s per core on a Zen 4, 2-3x fp32); mlx_sd.cpu.dispatch
+  picks it per processor class, and none where bf16 would be slower.
 
 So on the CPU backend, convolutions go through `conv2d` here, and layers whose weights are
 stored in bf16 (`--dtype bfloat16`) compute their products in bf16 with fp32 accumulation, as
-torch does for bf16 models. Activations, normalisation and everything else stay fp32. These
+torch does for bf16 models, where the processor's class has a bf16 GEMM. Activations, normalisation and everything else stay fp32. These
 calls leave MLX's lazy graph (their inputs are evaluated), as the CPU attention already does.
 With no fast BLAS loaded, the layers (layers.py) keep MLX's ops.
 """
@@ -97,6 +99,7 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, transpose_b: bool = Fa
     n = out.shape[1]
     _gemm(bf16)(ROW_MAJOR, NO_TRANS, TRANS if transpose_b else NO_TRANS, m, n, k, alpha, a.ctypes.data,
                 _leading_dimension(a), b.ctypes.data, _leading_dimension(b), 0.0, out.ctypes.data, ldc)
+    kernels.check_gemms()
 
 
 def computes(weight: mx.array) -> bool:
@@ -154,6 +157,7 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None, add: mx.array |
     y, out = new_array((*lead, n))
     kernels.linear(as_fp32(x).reshape(-1, k), _weights(weight, True).reshape(n, k), _fp32_or_none(bias),
                        None if add is None else as_fp32(add).reshape(-1, n), gemm().bf16, out.reshape(-1, n))
+    kernels.check_gemms()
     return y
 
 
@@ -175,6 +179,7 @@ def feed_forward(x: mx.array, proj_weight: mx.array, proj_bias: mx.array | None,
                              _weights(out_weight, bf16), _fp32_or_none(out_bias),
                              None if add is None else as_fp32(add).reshape(-1, dim), FF_ROWS, _gemm(bf16),
                              out.reshape(-1, dim))
+    kernels.check_gemms()
     return y
 
 
@@ -192,8 +197,11 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int, a
         bias_rows = residual.reshape(batch, out_channels) + (0 if bias_rows is None else bias_rows)
         residual = None
     if image.size // image.shape[-1] <= IM2COL_ROWS:
-        return _conv_unfolded(image, w, bias_rows, residual, padding, bf16)
-    return _conv_shifted(image, w, bias_rows, residual, padding, bf16)
+        y = _conv_unfolded(image, w, bias_rows, residual, padding, bf16)
+    else:
+        y = _conv_shifted(image, w, bias_rows, residual, padding, bf16)
+    kernels.check_gemms()
+    return y
 
 
 def _conv_unfolded(image: np.ndarray, w: np.ndarray, bias: np.ndarray | None, residual: np.ndarray | None,

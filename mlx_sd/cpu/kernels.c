@@ -11,6 +11,9 @@
 
 #include <stdatomic.h>
 #include <stdlib.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
 
 #include "kernels.h"
 #include "vector_math.h"
@@ -19,7 +22,21 @@
 /* The interface version: bump it with any change to an exported function's signature or
  * meaning, together with ABI_VERSION in kernels.py, so that a library left over from an
  * older install is refused instead of called with the wrong arguments. */
-int kernels_abi_version(void) { return 7; }
+int kernels_abi_version(void) { return 8; }
+
+/* The instruction sets this processor (or emulator) reports and the system enables, as CPUID
+ * shows them to this code: bits 0 AVX2 with FMA, 1 AVX-512 F, 2 AVX-512 BF16, 3 AMX-BF16 and its
+ * tiles (mlx_sd/cpu/dispatch.py; amx_attention.c also asks Linux for the tiles). */
+int cpu_features(void) {
+#if X86_GCC
+    unsigned a, b, c, d;
+    int amx = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1);
+    return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) | !!__builtin_cpu_supports("avx512f") << 1 |
+           !!__builtin_cpu_supports("avx512bf16") << 2 | amx << 3;
+#else
+    return 0;
+#endif
+}
 
 #if X86_GCC
 /* The same rounding in one AVX512-BF16 instruction per 32 values: 4x cheaper than the integer form. */

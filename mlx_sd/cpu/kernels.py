@@ -48,22 +48,26 @@ _SIGNATURES = {  # name: (argument types, result type)
     "transpose_taps": ([_POINTER] + [_SIZE] * 4 + [_POINTER], None),
     "convert_values": ([_POINTER, _INT, _SIZE, _INT, _POINTER], _INT),
     "amx_available": ([], _INT),
-    "pool_start": ([_INT, _POINTER], _INT),
+    "cpu_features": ([], _INT),
+    "pool_start": ([_INT, _POINTER, _POINTER, _POINTER], _INT),
     "pool_threads": ([], _INT),
     "linear": ([_POINTER] * 4 + [_SIZE] * 3 + [_INT, _POINTER, _POINTER], _INT),
     "feed_forward": ([_POINTER] * 6 + [_SIZE] * 5 + [_INT, _POINTER, _POINTER], _INT),
     "amx_attention": ([_POINTER] * 3 + [_SIZE] * 5 + [_FLOAT, _INT, _POINTER], _INT),
+    "onednn_adapter": ([_POINTER], _POINTER),
+    "gemm_failures": ([], _INT),
 }
 
 
 # kernels.c's kernels_abi_version(): the two change together.
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 
 @functools.cache
-def kernels() -> ctypes.CDLL | None:
-    """The compiled library, or None: not built (no C compiler when mlx-sd was installed), or
-    built from another version of kernels.c (a checkout updated without reinstalling)."""
+def _library() -> ctypes.CDLL | None:
+    """The compiled library with its signatures bound, or None: not built (no C compiler when
+    mlx-sd was installed), or built from another version of kernels.c (a checkout updated
+    without reinstalling)."""
     spec = importlib.util.find_spec("mlx_sd.cpu._kernels")
     if spec is None or spec.origin is None:
         _log.warning("CPU kernels not built (no C compiler at install?): using MLX's slower CPU ops")
@@ -77,17 +81,60 @@ def kernels() -> ctypes.CDLL | None:
     for name, (argtypes, restype) in _SIGNATURES.items():
         function = getattr(library, name)
         function.argtypes, function.restype = argtypes, restype
-    _start_pool(library)
+    return library
+
+
+@functools.cache
+def kernels() -> ctypes.CDLL | None:
+    """The compiled library (see `_library`), its thread pool started."""
+    library = _library()
+    if library is not None:
+        _start_pool(library)
     return library
 
 
 def _start_pool(library: ctypes.CDLL) -> None:
-    """Starts the kernels' pool (pool.c): a thread per core, each of whose BLAS calls runs on
-    one thread (MKL's per-thread setting). Without that setting (no MKL), the kernels' GEMMs
-    would each start the BLAS's own threads on every core, so there is no pool: one thread."""
+    """Starts the kernels' pool (pool.c): a thread per core, each of whose GEMMs runs on one
+    thread (MKL's per-thread setting, and OpenMP's for oneDNN's GEMMs). Without MKL's setting
+    (no MKL), the kernels' fp32 GEMMs would each start the BLAS's own threads on every core, so
+    there is no pool: one thread."""
     functions = gemm()
-    local = None if functions is None else functions.set_local_threads
-    library.pool_start(cores() if local is not None else 1, None if local is None else _address(local))
+    if functions is None or not functions.per_thread:
+        library.pool_start(1, None, None, None)
+        return
+    omp = [None if f is None else _address(f) for f in (functions.set_omp_threads, functions.get_omp_threads)]
+    library.pool_start(cores(), _address(functions.set_local_threads), *omp)
+
+
+def onednn_adapter(function: ctypes._CFuncPtr) -> ctypes._CFuncPtr | None:
+    """A function with cblas_gemm_bf16bf16f32's arguments that calls oneDNN's
+    dnnl_gemm_bf16bf16f32 `function` (layers.c), or None where the kernels are not built."""
+    library = _library()
+    if library is None:
+        return None
+    address = library.onednn_adapter(_address(function))
+    return ctypes.CFUNCTYPE(None)(address)
+
+
+# cpu_features()'s bits, as the /proc/cpuinfo flags mlx_sd.cpu.dispatch reads.
+_FEATURES = ({"avx2", "fma"}, {"avx512f"}, {"avx512_bf16"}, {"amx_bf16", "amx_tile"})
+
+
+def cpu_flags() -> set[str] | None:
+    """The instruction sets that matter to mlx_sd.cpu.dispatch, as CPUID reports them to the
+    kernels (an emulator's CPU model, say, where /proc/cpuinfo shows the host's), or None where
+    the kernels are not built."""
+    library = _library()
+    if library is None:
+        return None
+    bits = library.cpu_features()
+    return set().union(*(names for i, names in enumerate(_FEATURES) if bits >> i & 1))
+
+
+def check_gemms() -> None:
+    """Raises if an adapted GEMM failed since the last check (oneDNN's status: out of memory)."""
+    if _library().gemm_failures():
+        raise MemoryError("oneDNN's bf16 GEMM failed (out of memory?)")
 
 
 def _pointer(array: np.ndarray, dtype: type = np.float32) -> int:
@@ -321,5 +368,7 @@ def amx_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, scale
         raise ValueError("the attention's output must be writable")
     status = kernels().amx_attention(_pointer(q), _pointer(k), _pointer(v), images, heads, queries, keys,
                                      width // heads, scale, int(causal), _pointer(out))
+    if status == -2:
+        raise RuntimeError("the AMX attention kernel was called on a processor without AMX")
     if status != 0:
         raise MemoryError(f"no memory for the attention kernel's scratch ({keys} keys of {width // heads})")

@@ -1,11 +1,13 @@
 /* Whole linear and feed-forward layers on the CPU: the input rounded to bf16, the bias and a
  * residual, and the BLAS's GEMMs, in one call spread over the pool (pool.c), so that a
  * layer costs one ctypes call and no Python between its passes (mlx_sd/cpu/gemm.py
- * describes the math). The GEMM is passed in: MKL's cblas_gemm_bf16bf16f32 for bf16 operands
- * (as uint16 bits), or any BLAS's cblas_sgemm for fp32; both take the same arguments.
+ * describes the math). The GEMM is passed in: for bf16 operands (as uint16 bits) MKL's
+ * cblas_gemm_bf16bf16f32 or oneDNN's through onednn_gemm_bf16 below, for fp32 any BLAS's
+ * cblas_sgemm; all take the same arguments.
  */
 
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 #include "kernels.h"
@@ -19,6 +21,32 @@ enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 
 typedef void (*gemm_fn)(int, int, int, int, int, int, float, const void *, int, const void *, int, float, void *,
                         int);
+
+/* oneDNN's bf16 GEMM (dnnl_gemm_bf16bf16f32: row-major, 'N'/'T', 64-bit sizes, a status) behind
+ * cblas_gemm_bf16bf16f32's arguments, so that the layers and gemm.py call either the same way.
+ * Its callers pass valid shapes; a failing status (no memory for its packed copies) is counted
+ * for gemm_failures(). */
+typedef int (*dnnl_gemm_fn)(char, char, int64_t, int64_t, int64_t, float, const void *, int64_t, const void *,
+                            int64_t, float, float *, int64_t);
+static dnnl_gemm_fn onednn_bf16;
+static atomic_int failures;
+
+static void onednn_gemm_bf16(int layout, int transa, int transb, int m, int n, int k, float alpha, const void *a,
+                             int lda, const void *b, int ldb, float beta, void *c, int ldc) {
+    (void)layout; /* always row-major here */
+    if (onednn_bf16(transa == TRANS ? 'T' : 'N', transb == TRANS ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta,
+                    c, ldc) != 0)
+        atomic_fetch_add(&failures, 1);
+}
+
+/* Takes oneDNN's dnnl_gemm_bf16bf16f32 and returns the adapter that calls it. */
+void *onednn_adapter(void *gemm) {
+    onednn_bf16 = (dnnl_gemm_fn)gemm;
+    return (void *)onednn_gemm_bf16;
+}
+
+/* How many adapted GEMMs failed since the last call. */
+int gemm_failures(void) { return atomic_exchange(&failures, 0); }
 
 /* The GEMM's input for `rows` rows of x (width k): x itself in fp32, or rounded to bf16 into
  * `scratch`. */

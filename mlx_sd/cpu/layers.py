@@ -112,8 +112,8 @@ class CLIPEmbeddings(clip.CLIPEmbeddings):
     """The text encoder's activations in fp32 whatever its weights' dtype: MLX's fp16 and bf16
     elementwise ops and products are slow on the CPU (bf16 layers still take bf16 products)."""
 
-    def __call__(self, input_ids: mx.array) -> mx.array:
-        return super().__call__(input_ids).astype(mx.float32)
+    def __call__(self, input_ids: mx.array, token_embeddings: mx.array | None = None) -> mx.array:
+        return super().__call__(input_ids, token_embeddings).astype(mx.float32)
 
 
 class GEGLU(unet.GEGLU):

@@ -39,9 +39,38 @@
 #define MAX_THREADS 256
 
 typedef int (*set_threads_fn)(int);
+typedef void (*set_omp_fn)(int);
+typedef int (*get_omp_fn)(void);
 
 static int threads = 1;
+/* The calling thread's own GEMM thread counts: MKL's, and that of the OpenMP runtime oneDNN's
+ * GEMMs run on (where oneDNN computes the bf16 products); each may be NULL. */
 static set_threads_fn set_blas_threads;
+static set_omp_fn set_omp_threads;
+static get_omp_fn get_omp_threads;
+
+struct gemm_threads {
+    int blas, omp;
+};
+
+/* Limits this thread's GEMMs to one thread; returns what restore_gemm_threads takes back. */
+static struct gemm_threads one_gemm_thread(void) {
+    struct gemm_threads previous = {0, 0};
+    if (set_blas_threads != NULL)
+        previous.blas = set_blas_threads(1);
+    if (set_omp_threads != NULL) {
+        previous.omp = get_omp_threads();
+        set_omp_threads(1);
+    }
+    return previous;
+}
+
+static void restore_gemm_threads(struct gemm_threads previous) {
+    if (set_blas_threads != NULL)
+        set_blas_threads(previous.blas);
+    if (set_omp_threads != NULL)
+        set_omp_threads(previous.omp);
+}
 static _Atomic unsigned generation;  /* bumped for each job */
 static _Atomic int pending;          /* pool threads yet to finish the current job */
 static _Atomic int sleepers;         /* pool threads asleep on `wake` */
@@ -83,8 +112,7 @@ static void run_chunk(int i) {
 
 static void *pool_thread(void *arg) {
     int i = (int)(intptr_t)arg;
-    if (set_blas_threads != NULL)
-        set_blas_threads(1);
+    one_gemm_thread();
     unsigned seen = 0;
     for (;;) {
         if (!spin_until(job_posted, seen)) {
@@ -110,13 +138,18 @@ static void *pool_thread(void *arg) {
 static void forked_child(void) { threads = 1; }
 
 /* Starts count - 1 pool threads (once; later calls change nothing) and returns the pool's size.
- * `set_local_threads` is MKL's MKL_Set_Num_Threads_Local, or NULL. */
-int pool_start(int count, void *set_local_threads) {
+ * `set_local_threads` is MKL's MKL_Set_Num_Threads_Local, `set_omp` and `get_omp` OpenMP's
+ * omp_set_num_threads and omp_get_max_threads; each may be NULL. */
+int pool_start(int count, void *set_local_threads, void *set_omp, void *get_omp) {
     static int started;
     pthread_mutex_lock(&lock); /* two first callers at once start one pool */
     if (!started) {
         started = 1;
         set_blas_threads = (set_threads_fn)set_local_threads;
+        set_omp_threads = (set_omp_fn)set_omp;
+        get_omp_threads = set_omp != NULL ? (get_omp_fn)get_omp : NULL;
+        if (get_omp_threads == NULL)
+            set_omp_threads = NULL;
         pthread_atfork(NULL, NULL, forked_child);
         count = count > MAX_THREADS ? MAX_THREADS : count;
         int made = 1;
@@ -151,10 +184,9 @@ void pool_run(pool_task task, void *context, ptrdiff_t total, ptrdiff_t values) 
         pthread_cond_broadcast(&wake);
         pthread_mutex_unlock(&lock);
     }
-    int previous = set_blas_threads != NULL ? set_blas_threads(1) : 0;
+    struct gemm_threads previous = one_gemm_thread();
     run_chunk(0);
-    if (set_blas_threads != NULL)
-        set_blas_threads(previous);
+    restore_gemm_threads(previous);
     if (!spin_until(job_done, 0)) {
         pthread_mutex_lock(&lock);
         while (!job_done(0))

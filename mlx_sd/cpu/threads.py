@@ -3,9 +3,9 @@
 numpy's passes and BLAS calls run on one thread but release the GIL, so blocks of such work
 can run on a small pool of threads, one per core: the checkpoint reader's reads, the BLAS form
 of the attention. (The C kernels spread their own work over a pool in C, pool.c, which
-hands work over without waking threads.) Each pool thread limits its own BLAS calls to one
-thread (MKL's per-thread setting), so GEMMs made inside the blocks do not oversubscribe the
-cores. Without that setting (no MKL), work stays on the calling thread, as it would be with a
+hands work over without waking threads.) Each pool thread limits its own GEMMs to one
+thread (MKL's per-thread setting, and OpenMP's where oneDNN computes the bf16 products), so
+GEMMs made inside the blocks do not oversubscribe the cores. Without that setting (no MKL), work stays on the calling thread, as it would be with a
 1-core machine.
 """
 
@@ -29,13 +29,13 @@ def cores() -> int:
 
 
 def _one_blas_thread() -> None:
-    gemm().set_local_threads(1)
+    gemm().one_thread()
 
 
 @functools.cache
 def _pool() -> tuple[ThreadPoolExecutor, int] | None:
     count, functions = cores(), gemm()
-    if count < 2 or functions is None or functions.set_local_threads is None:
+    if count < 2 or functions is None or not functions.per_thread:
         return None
     pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="mlx-sd-cpu", initializer=_one_blas_thread)
     return pool, count
@@ -58,11 +58,11 @@ def for_each_chunk(fn: Callable[[int, int], None], total: int, values: int | Non
     chunks = min(count, total)
     bounds = [total * i // chunks for i in range(chunks + 1)]
     futures = [pool.submit(fn, start, stop) for start, stop in zip(bounds[1:], bounds[2:])]
-    previous = gemm().set_local_threads(1)
+    previous = gemm().one_thread()
     try:
         fn(bounds[0], bounds[1])
     finally:
-        gemm().set_local_threads(previous)
+        gemm().restore(previous)
         wait(futures)  # all done before returning or raising: they write the caller's buffers
     for future in futures:
         future.result()

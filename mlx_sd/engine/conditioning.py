@@ -9,8 +9,11 @@ of its keyword arguments (so that classifier-free guidance batches it entry by e
   micro-conditioning: original size, crop top-left and target size, each (height, width); by
   default the image's size and (0, 0), as diffusers' StableDiffusionXLPipeline has them.
 
-Prompts longer than 75 tokens are encoded in 75-token windows whose hidden states are concatenated
-(A1111's way, see mlx_sd.engine.tokenizer); SDXL's pooled output is the first window's.
+Prompts are read with A1111's syntax (mlx_sd.engine.prompt_weights): emphasis weights each
+encoder's hidden states, textual inversion embeddings stand for their names' tokens (SDXL: `clip_l`
+for the first encoder, `clip_g` for the second). Prompts longer than 75 tokens are encoded in
+75-token windows whose hidden states are concatenated; SDXL's pooled output is the first window's,
+unweighted, as A1111 has it.
 """
 
 from __future__ import annotations
@@ -19,25 +22,37 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
+from mlx_sd.engine import prompt_weights
 from mlx_sd.engine.errors import InvalidRequest
 from mlx_sd.engine.request import GenerationRequest
 
 if TYPE_CHECKING:
+    from convert.assemble import SD1Models
+    from mlx_sd.engine.extra_networks import Prepared
     from mlx_sd.engine.model_store import LoadedModel
 
 Conditioning = dict[str, mx.array]
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # the networks that encode prompts, in a family's order
 
 
-def encode_prompts(model: LoadedModel, request: GenerationRequest) -> tuple[Conditioning, Conditioning]:
+def text_widths(models: SD1Models) -> dict[str, int]:
+    """Each text encoder's name -> its width (what a textual inversion embedding for it must have)."""
+    encoders = {name: getattr(models, name) for name in TEXT_ENCODERS}
+    return {name: encoder.config.hidden_size for name, encoder in encoders.items() if encoder is not None}
+
+
+def encode_prompts(model: LoadedModel, request: GenerationRequest, extras: Prepared,
+                   ) -> tuple[Conditioning, Conditioning]:
     """The conditioning of the prompt and of the negative prompt (batch 1 each) for a validated
-    request of resolved size."""
+    request of resolved size, its prompts as `extras` has them (LoRA tags taken out, with the
+    embeddings they use)."""
     models = model.models
     if models.text_encoder is None:
         raise InvalidRequest("model", f"{request.model or 'the default model'} is an {models.family.title} model, "
                                       "which runs only as the second stage of a base model")
     if models.text_encoder_2 is None:
-        return _single_encoder(model, request)
-    return _sdxl(model, request)
+        return _single_encoder(model, request, extras)
+    return sdxl(model, request, extras)
 
 
 def _check_clip_skip(request: GenerationRequest, layers: int, limit: int) -> None:
@@ -46,32 +61,39 @@ def _check_clip_skip(request: GenerationRequest, layers: int, limit: int) -> Non
                                           f"layers (got {request.clip_skip})")
 
 
-def _single_encoder(model: LoadedModel, request: GenerationRequest) -> tuple[Conditioning, Conditioning]:
-    layers = len(model.models.text_encoder.encoder.layers)
+def _single_encoder(model: LoadedModel, request: GenerationRequest, extras: Prepared,
+                    ) -> tuple[Conditioning, Conditioning]:
+    encoder = model.models.text_encoder
+    layers = len(encoder.encoder.layers)
     _check_clip_skip(request, layers, layers)
-    ids = model.tokenizer.tokenize_windows([request.prompt, request.negative_prompt])
-    prompts, windows, length = ids.shape
-    hidden = model.models.text_encoder(mx.array(ids.reshape(prompts * windows, length)),
-                                       skip_last_layers=request.clip_skip - 1)
-    hidden = hidden.reshape(prompts, windows * length, hidden.shape[-1]).astype(mx.float32)
-    mx.eval(hidden)
+    hidden = prompt_weights.encode(encoder, model.tokenizer, [extras.prompt, extras.negative_prompt],
+                                   request.clip_skip - 1, extras.embeddings.get("text_encoder"))
     return {"context": hidden[:1]}, {"context": hidden[1:]}
 
 
-def _sdxl(model: LoadedModel, request: GenerationRequest) -> tuple[Conditioning, Conditioning]:
-    encoders = (model.models.text_encoder, model.models.text_encoder_2)
+def sdxl(model: LoadedModel, request: GenerationRequest, extras: Prepared) -> tuple[Conditioning, Conditioning]:
+    """SDXL's conditioning from the text encoders `model` has: both for a base model, OpenCLIP bigG
+    alone for the refiner (whose `time_ids` mlx_sd.engine.refiner replaces)."""
+    names = [name for name in TEXT_ENCODERS if getattr(model.models, name) is not None]
+    encoders = [getattr(model.models, name) for name in names]
     layers = min(len(encoder.encoder.layers) for encoder in encoders)
     _check_clip_skip(request, layers, layers - 1)
-    prompts = [request.prompt, request.negative_prompt]
-    ids = model.tokenizer.tokenize_windows(prompts)
-    ids_2 = model.tokenizer_2.tokenize_windows(prompts, min_windows=ids.shape[1])
-    if ids_2.shape[1] > ids.shape[1]:  # the vocabularies split a prompt differently
-        ids = model.tokenizer.tokenize_windows(prompts, min_windows=ids_2.shape[1])
-    count, windows, length = ids.shape
-    hidden, _ = encoders[0].hidden_and_pooled(mx.array(ids.reshape(-1, length)), request.clip_skip, pooled=False)
-    hidden_2, pooled = encoders[1].hidden_and_pooled(mx.array(ids_2.reshape(-1, length)), request.clip_skip)
-    context = mx.concatenate([hidden, hidden_2], axis=-1).reshape(count, windows * length, -1).astype(mx.float32)
-    pooled = pooled.reshape(count, windows, -1)[:, 0].astype(mx.float32)
+    prompts = [extras.prompt, extras.negative_prompt]
+    tokenizers = [model.tokenizer if name == TEXT_ENCODERS[0] else model.tokenizer_2 for name in names]
+    found = [extras.embeddings.get(name) for name in names]
+    encoded = [prompt_weights.weighted_windows(t, prompts, e) for t, e in zip(tokenizers, found)]
+    windows = max(e[0].ids.shape[0] for e in encoded)  # the vocabularies may split a prompt differently
+    encoded = [e if e[0].ids.shape[0] == windows else prompt_weights.weighted_windows(t, prompts, f, windows)
+               for e, t, f in zip(encoded, tokenizers, found)]
+    contexts, pooled = [], None
+    for encoder, windowed in zip(encoders, encoded):
+        ids, token_embeddings = prompt_weights.encoder_inputs(encoder, windowed)
+        last = encoder is encoders[-1]  # bigG's pooled output
+        hidden, pool = encoder.hidden_and_pooled(ids, request.clip_skip, pooled=last, token_embeddings=token_embeddings)
+        contexts.append(prompt_weights.weighted(hidden, windowed))
+        pooled = pool if last else pooled
+    context = mx.concatenate(contexts, axis=-1)
+    pooled = pooled.reshape(len(prompts), windows, -1)[:, 0].astype(mx.float32)
     mx.eval(context, pooled)
     return ({"context": context[:1], "text_embeds": pooled[:1], "time_ids": _time_ids(request, negative=False)},
             {"context": context[1:], "text_embeds": pooled[1:], "time_ids": _time_ids(request, negative=True)})

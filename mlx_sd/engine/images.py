@@ -33,6 +33,9 @@ class Parameters:
     refiner: str | None = None  # SDXL's refiner, "name [hash]" as A1111 writes it, and where it took over
     refiner_switch_at: float | None = None
     img2img: tuple[tuple[str, str], ...] = ()  # image to image's fields (mlx_sd.engine.img2img.parameters)
+    # LoRAs: (name, A1111's short hash) of each, and the tags of those the prompt did not name
+    lora_hashes: tuple[tuple[str, str], ...] = ()
+    lora_tags: str = ""
 
     def text(self) -> str:
         fields = [
@@ -61,7 +64,9 @@ class Parameters:
         fields += self.img2img
         if self.upscaled_by is not None:  # A1111's names for its extras tab's upscaling
             fields += [("Postprocess upscale by", self.upscaled_by), ("Postprocess upscaler", "Real-ESRGAN")]
-        lines = [self.prompt]
+        if self.lora_hashes:
+            fields.append(("Lora hashes", '"' + ", ".join(f"{n}: {h}" for n, h in self.lora_hashes) + '"'))
+        lines = [" ".join(filter(None, (self.prompt, self.lora_tags)))]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         lines.append(", ".join(f"{k}: {v}" for k, v in fields))

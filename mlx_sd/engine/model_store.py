@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -28,6 +28,7 @@ from convert.loader import load_sd1, resolve_dtype
 from mlx_sd.engine.backends import Backend, choose, from_environment
 from mlx_sd.engine import prediction
 from mlx_sd.engine.errors import CheckpointError, InvalidRequest, ModelNotFound
+from mlx_sd.engine.lora_merge import LoraMerger, unet_levels
 from mlx_sd.engine.model_hash import short_model_hash
 from mlx_sd.engine.model_names import name_problem, shown_name
 from mlx_sd.models.layers import pad_attention_heads
@@ -52,6 +53,13 @@ class LoadedModel:
     tokenizer_2: CLIPTokenizer | None = None  # SDXL's second text encoder's (it pads with "!")
     prediction: str = prediction.EPSILON  # what the UNet predicts (mlx_sd.engine.prediction)
     native_size: int = 512  # the side of the images the model was trained on
+    # The LoRAs merged into its weights (mlx_sd.engine.lora_merge), made with it.
+    loras: LoraMerger = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        networks = {name: getattr(self.models, name) for name in ("unet", "text_encoder", "text_encoder_2")}
+        networks = {name: network for name, network in networks.items() if network is not None}
+        object.__setattr__(self, "loras", LoraMerger(networks, unet_levels(self.models.unet)))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from mlx.utils import tree_map
 
 from mlx_sd.engine import conditioning, hires, img2img, refiner
 from mlx_sd.engine.conditioning import Conditioning
+from mlx_sd.engine.extra_networks import ExtraNetworks
 from mlx_sd.engine.events import EventType, GeneratedImage, GenerationResult, ProgressEvent
 from mlx_sd.engine.images import Parameters
 from mlx_sd.engine.memory_budget import VAE_LIVE_MAPS, VAE_LIVE_MAPS_CPU, MemoryBudget, ModelShape
@@ -57,6 +58,7 @@ class Pipeline:
         self._memory_budget = memory_budget
         self._restoration = Restoration(store.models_dir, backend=store.backend)
         self._train_sigmas = schedules.train_sigmas()
+        self._extra_networks = ExtraNetworks(store.models_dir)
 
     def __call__(self, request: GenerationRequest, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Event]:
         """Generate the images of a validated request."""
@@ -75,10 +77,14 @@ class Pipeline:
                                       ModelShape.of(unet.config, vae.config, _vae_dtype(model).size),
                                       VAE_LIVE_MAPS_CPU if on_cpu else VAE_LIVE_MAPS)
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
-        cond, uncond = conditioning.encode_prompts(model, request)
+        extras = self._extra_networks.prepare(model.loras, conditioning.text_widths(model.models),
+                                              request.prompt, request.negative_prompt, request.loras)
+        cond, uncond = conditioning.encode_prompts(model, request, extras)
         if model.release_text_encoder is not None:
             model.release_text_encoder()
-        refined = refiner.encode_prompts(refining, request) if refining is not None else None
+            model.loras.forget(conditioning.TEXT_ENCODERS)
+        # the refiner's own encoder, given the base's prompts as read (embeddings; its LoRAs are the base's only)
+        refined = refiner.encode_prompts(refining, request, extras) if refining is not None else None
         if refining is not None and refining.release_text_encoder is not None:
             refining.release_text_encoder()
         yield ProgressEvent(EventType.TEXT_ENCODED, "text encoded")
@@ -113,7 +119,7 @@ class Pipeline:
                     first_pass_size=first_pass, denoising_strength=strength if first_pass else None,
                     upscaler=self._restoration.upscaler_name() if first_pass else None,
                     face_restoration="GFPGAN" if restorer is not None else None, clip_skip=request.clip_skip,
-                    upscaled_by=upscale_by,
+                    upscaled_by=upscale_by, lora_hashes=extras.lora_hashes, lora_tags=extras.added_tags,
                     img2img=img2img.parameters(request) if prepared is not None else (),
                     refiner=f"{refining.name} [{refining.hash}]" if refining is not None else None,
                     refiner_switch_at=request.refiner_start if refining is not None else None,

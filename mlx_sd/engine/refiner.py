@@ -10,9 +10,11 @@ leave the sampler.
 
 The refiner's conditioning (diffusers' StableDiffusionXLImg2ImgPipeline with the refiner): OpenCLIP
 bigG's hidden states `clip_skip` layers before its last (the penultimate by default) and its pooled
-projection, and five `time_ids`: the original size (height, width) and the crop's top-left, as the
-base model is given them (the request's micro-conditioning), and an aesthetic score, 6 for the
-prompt and 2.5 for the negative prompt.
+projection, the prompts read as for the base model (mlx_sd.engine.conditioning: A1111's emphasis and
+embeddings; a request's LoRAs are merged into the base model only), and five `time_ids`: the
+original size (height, width) and the crop's top-left, as the base model is given them (the
+request's micro-conditioning), and an aesthetic score, 6 for the prompt and 2.5 for the negative
+prompt.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from convert.families import SDXL, SDXL_REFINER
+from mlx_sd.engine import conditioning
 from mlx_sd.engine.conditioning import Conditioning
 from mlx_sd.engine.conditioning import _time_ids as size_time_ids
 from mlx_sd.engine.errors import InvalidRequest
@@ -31,6 +34,7 @@ from mlx_sd.sampling.denoisers import Denoiser
 from mlx_sd.sampling.schedules import sigma_to_t
 
 if TYPE_CHECKING:
+    from mlx_sd.engine.extra_networks import Prepared
     from mlx_sd.engine.model_store import LoadedModel, ModelStore
 
 AESTHETIC_SCORE = 6.0
@@ -52,21 +56,12 @@ def load(refiners: ModelStore, base: LoadedModel, request: GenerationRequest) ->
     return refiner
 
 
-def encode_prompts(refiner: LoadedModel, request: GenerationRequest) -> tuple[Conditioning, Conditioning]:
-    """The refiner's conditioning of the prompt and of the negative prompt (batch 1 each)."""
-    encoder = refiner.models.text_encoder_2
-    layers = len(encoder.encoder.layers)
-    if request.clip_skip >= layers:
-        raise InvalidRequest("clip_skip", f"must be at most {layers - 1} for the refiner's text encoder of {layers} "
-                                          f"layers (got {request.clip_skip})")
-    ids = refiner.tokenizer_2.tokenize_windows([request.prompt, request.negative_prompt])
-    count, windows, length = ids.shape
-    hidden, pooled = encoder.hidden_and_pooled(mx.array(ids.reshape(-1, length)), request.clip_skip)
-    context = hidden.reshape(count, windows * length, -1).astype(mx.float32)
-    pooled = pooled.reshape(count, windows, -1)[:, 0].astype(mx.float32)  # the first window's, as for the base
-    mx.eval(context, pooled)
-    return ({"context": context[:1], "text_embeds": pooled[:1], "time_ids": _time_ids(request, False)},
-            {"context": context[1:], "text_embeds": pooled[1:], "time_ids": _time_ids(request, True)})
+def encode_prompts(refiner: LoadedModel, request: GenerationRequest, extras: Prepared,
+                   ) -> tuple[Conditioning, Conditioning]:
+    """The refiner's conditioning of the prompt and of the negative prompt (batch 1 each), the
+    prompts as `extras` read them for the base model (emphasis, embeddings; LoRA tags taken out)."""
+    cond, uncond = conditioning.sdxl(refiner, request, extras)
+    return {**cond, "time_ids": _time_ids(request, False)}, {**uncond, "time_ids": _time_ids(request, True)}
 
 
 def _time_ids(request: GenerationRequest, negative: bool) -> mx.array:

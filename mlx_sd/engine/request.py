@@ -16,6 +16,8 @@ from mlx_sd.engine import init_images
 from mlx_sd.engine.errors import InvalidRequest
 from mlx_sd.engine.img2img import MAX_MASK_BLUR, MAX_PADDING, InpaintingFill
 from mlx_sd.engine.init_images import ResizeMode, Source
+from mlx_sd.engine.lora import LoraWeight
+from mlx_sd.engine.lora import validated as validated_loras
 from mlx_sd.engine.model_names import name_problem, shown_name
 from mlx_sd.engine.random import DEFAULT_SEED_MODE, SEED_MODES
 from mlx_sd.sampling.registry import (
@@ -90,6 +92,8 @@ class GenerationRequest:
     inpainting_fill: int = 0  # an InpaintingFill
     inpaint_no_overlay: bool = False  # keep the generated pixels outside the mask too
     source: Source | None = field(default=None, compare=False, repr=False)
+    # LoRAs merged for this request, besides those its prompt names with <lora:name:weight>
+    loras: tuple[LoraWeight, ...] = ()
     # SDXL's size micro-conditioning, what the model is told of the image: its original size, the
     # crop's top-left corner and the target size (0: the image's size; crop 0, 0). The negative
     # prompt's original size may differ. Other families ignore them.
@@ -161,9 +165,11 @@ class GenerationRequest:
             raise InvalidRequest("sampler", f"unknown sampler {self.sampler!r}; supported: {', '.join(SAMPLER_NAMES)}")
         if steps > MAX_STEPS_BY_SAMPLER.get(sampler, MAX_STEPS):
             raise InvalidRequest("steps", f"{sampler} takes at most {MAX_STEPS_BY_SAMPLER[sampler]} steps (got {steps})")
+        loras = validated_loras(self.loras)
         return dataclasses.replace(
             self,
             source=source,
+            loras=loras,
             width=width,
             height=height,
             steps=steps,

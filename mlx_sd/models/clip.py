@@ -102,9 +102,11 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
-    def __call__(self, input_ids: mx.array) -> mx.array:
+    def __call__(self, input_ids: mx.array, token_embeddings: mx.array | None = None) -> mx.array:
+        """`token_embeddings` (B, tokens, C), when given, stand for the ids' own (textual inversion)."""
         positions = mx.arange(input_ids.shape[1])
-        return self.token_embedding(input_ids) + self.position_embedding(positions)[None]
+        tokens = self.token_embedding(input_ids) if token_embeddings is None else token_embeddings
+        return tokens + self.position_embedding(positions)[None]
 
 
 class CLIPEncoder(nn.Module):
@@ -125,26 +127,28 @@ class CLIPTextModel(nn.Module):
         if config.text_projection_dim is not None:
             self.text_projection = nn.Linear(config.hidden_size, config.text_projection_dim, bias=False)
 
-    def __call__(self, input_ids: mx.array, skip_last_layers: int = 0) -> mx.array:
-        """`skip_last_layers=1` is "CLIP skip 2": the penultimate layer's output, still final-normed."""
+    def __call__(self, input_ids: mx.array, skip_last_layers: int = 0,
+                 token_embeddings: mx.array | None = None) -> mx.array:
+        """`skip_last_layers=1` is "CLIP skip 2": the penultimate layer's output, still final-normed.
+        `token_embeddings` replace the ids' embeddings (see CLIPEmbeddings)."""
         if not 0 <= skip_last_layers < len(self.encoder.layers):
             raise ValueError(f"skip_last_layers must be in [0, {len(self.encoder.layers)}), got {skip_last_layers}")
-        x = self.embeddings(input_ids)
+        x = self.embeddings(input_ids, token_embeddings)
         for layer in self.encoder.layers[: len(self.encoder.layers) - skip_last_layers]:
             x = layer(x)
         return self.final_layer_norm(x)
 
-    def hidden_and_pooled(self, input_ids: mx.array, skip_last_layers: int = 1,
-                          pooled: bool = True) -> tuple[mx.array, mx.array | None]:
+    def hidden_and_pooled(self, input_ids: mx.array, skip_last_layers: int = 1, pooled: bool = True,
+                          token_embeddings: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
         """SDXL's reading: the hidden states `skip_last_layers` layers before the last, not
         final-normed (transformers' `hidden_states[-1 - skip_last_layers]`), and, with `pooled`,
         the final-normed state at each row's end-of-text token (the highest id, as transformers
-        finds it), projected where the model has `text_projection`."""
+        finds it), projected where the model has `text_projection`. `token_embeddings` as in `__call__`."""
         layers = self.encoder.layers
         if not 0 <= skip_last_layers < len(layers):
             raise ValueError(f"skip_last_layers must be in [0, {len(layers)}), got {skip_last_layers}")
         keep = len(layers) - skip_last_layers
-        x = self.embeddings(input_ids)
+        x = self.embeddings(input_ids, token_embeddings)
         hidden = x
         for layer in layers[: len(layers) if pooled else keep]:
             x = layer(x)

@@ -84,6 +84,8 @@ def test_hires_second_pass_steps_join_the_progress(tiny_models: Path, tmp_path: 
         (("--sampler", "Nope"), "--sampler (sampler)"),
         (("--denoise", "1.5"), "--denoise (denoising_strength)"),
         (("--refiner", "r.safetensors", "--refiner-start", "1.5"), "--refiner-start (refiner_start)"),
+        (("--lora", "style:11"), "--lora (loras)"),
+        (("--clip-skip", "13"), "--clip-skip (clip_skip)"),
     ],
 )
 def test_an_invalid_value_names_its_option(tmp_path: Path, args: tuple[str, str], option: str) -> None:
@@ -220,3 +222,19 @@ def test_an_sdxl_refiner_finishes_the_image(tmp_path: Path) -> None:
     (path,) = written(local(models, tmp_path, "a red fox", *SMALL, "--seed", 3, "--refiner", "refiner",
                             "--refiner-start", 0.5))
     assert re.search(r"Refiner: refiner \[\w+\], Refiner switch at: 0\.5", Image.open(path).text["parameters"])
+
+
+def test_loras_and_clip_skip_locally_and_remotely(server_factory, tiny_models: Path, tmp_path: Path) -> None:
+    (tiny_models / "lora").mkdir()
+    shutil.copy(FIXTURES / "lora" / "kohya.safetensors", tiny_models / "lora" / "style.safetensors")
+    request = ["a red fox", *SMALL, "--seed", 5, "--lora", "style:0.7", "--lora", "style.safetensors", "--clip-skip", 2]
+    (path,) = written(local(tiny_models, tmp_path / "local", *request))
+    with Image.open(path) as image:
+        parameters = image.info["parameters"]
+    assert parameters.startswith("a red fox <lora:style:0.7> <lora:style:1>\n")
+    assert "Clip skip: 2" in parameters and re.search(r'Lora hashes: "style: [0-9a-f]{12}, style: [0-9a-f]{12}"',
+                                                      parameters)
+    (plain,) = written(local(tiny_models, tmp_path / "plain", "a red fox", *SMALL, "--seed", 5, "--clip-skip", 2))
+    assert plain.read_bytes() != path.read_bytes()
+    (remote,) = written(run(*request, *trust(server_factory()), "--out", tmp_path / "remote"))
+    assert remote.read_bytes() == path.read_bytes()

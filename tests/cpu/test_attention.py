@@ -102,15 +102,15 @@ def bf16_rounded(x: np.ndarray) -> np.ndarray:
     return bits.view(np.float32).astype(np.float64)
 
 
-@pytest.mark.skipif(gemm() is None or gemm().bf16 is None, reason="no bf16 GEMM here")
-def test_bf16_value_product_rounds_weights_and_values_only(monkeypatch) -> None:
-    """Exactly the rounding the bf16 path without AMX promises: the unnormalised softmax weights
-    and v to bf16, products and sums in fp32, normalised by the sum of the unrounded weights.
-    (The AMX form, which also rounds q and k, is tested in test_amx_attention.py.)"""
+@pytest.mark.usefixtures("each_bf16_gemm")
+def test_bf16_attention_rounds_q_k_weights_and_values_only(monkeypatch) -> None:
+    """Exactly the rounding the bf16 path without AMX promises, the AMX form's
+    (test_amx_attention.py): q and k to bf16 for the scores, the unnormalised softmax weights and
+    v to bf16 for the value product, sums in fp32, normalised by the sum of the unrounded weights."""
     monkeypatch.setattr(kernels, "amx_ready", lambda: False)
     q, k, v = inputs((2, 3, 200, 40), 300, spread=1.0, seed=3)
     out = run(q, k, v, 40**-0.5, bf16_products=True)
-    s = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k.astype(np.float64)) * 40**-0.5
+    s = np.einsum("bhqd,bhkd->bhqk", bf16_rounded(q), bf16_rounded(k)) * 40**-0.5
     p = np.exp(s - s.max(-1, keepdims=True))
     expected = np.einsum("bhqk,bhkd->bhqd", bf16_rounded(p), bf16_rounded(v)) / p.sum(-1, keepdims=True)
     error, off_fp32 = np.abs(out - expected), np.abs(out - reference(q, k, v, 40**-0.5))

@@ -79,7 +79,7 @@ def test_fp32_conv_matches_float64(shape: tuple, out_channels: int, kernel: int,
     assert relative_error(ours, reference) < 1e-6
 
 
-@needs_bf16
+@pytest.mark.usefixtures("each_bf16_gemm")
 @pytest.mark.parametrize(("shape", "out_channels", "kernel"), CONV_CASES)
 def test_bf16_conv_is_exact_on_bf16_operands(shape: tuple, out_channels: int, kernel: int, conv_form: str) -> None:
     """Products of bf16 values are exact in fp32, so only fp32 accumulation error remains."""
@@ -91,7 +91,7 @@ def test_bf16_conv_is_exact_on_bf16_operands(shape: tuple, out_channels: int, ke
     assert relative_error(ours, reference) < 1e-6
 
 
-@needs_bf16
+@pytest.mark.usefixtures("each_bf16_gemm")
 # On two or more cores, under 16 rows per core split the output's columns (400: pieces of 208 and
 # 192) over the pool, more split the rows (165: 83 and 82); one row is the time embedding's case.
 # Every case reads more than the pool's 32Ki values (the weights alone are 38400). 19 outputs,
@@ -125,7 +125,7 @@ def test_the_linear_kernel_takes_fp32_operands_with_sgemm(rows: int) -> None:
     assert np.abs(out - reference).max() / np.abs(reference).max() < 1e-6
 
 
-@needs_bf16
+@pytest.mark.usefixtures("each_bf16_gemm")
 def test_bf16_matmul_of_bf16_bits_is_exact_on_bf16_operands() -> None:
     rng = np.random.default_rng(5)
     a, b = (rng.standard_normal(shape, dtype=np.float32) for shape in ((33, 300), (300, 20)))

@@ -163,6 +163,7 @@ def test_image_kernels_refuse_rows_out_of_range() -> None:
 
 def test_a_library_of_another_version_is_refused(monkeypatch, caplog) -> None:
     built = kernels.kernels()
+    kernels._library.cache_clear()
     kernels.kernels.cache_clear()
     monkeypatch.setattr(kernels, "ABI_VERSION", kernels.ABI_VERSION + 1)
     try:
@@ -170,6 +171,7 @@ def test_a_library_of_another_version_is_refused(monkeypatch, caplog) -> None:
             assert kernels.kernels() is None
         assert "reinstalled" in caplog.text
     finally:
+        kernels._library.cache_clear()
         kernels.kernels.cache_clear()
     monkeypatch.undo()
     assert kernels.kernels() is not None and built is not None

@@ -25,7 +25,7 @@ def values(*shape: int, seed: int = 0) -> np.ndarray:
 
 
 def test_the_pool_has_a_thread_per_core_where_mkl_limits_each_threads_gemms() -> None:
-    mkl = gemm() is not None and gemm().set_local_threads is not None
+    mkl = gemm() is not None and gemm().per_thread
     assert kernels.kernels().pool_threads() == (threads.cores() if mkl else 1)
 
 

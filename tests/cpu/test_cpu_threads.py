@@ -13,17 +13,20 @@ pytestmark = pytest.mark.skipif(threads._pool() is None, reason="no pool here (o
 
 
 class Counting:
-    """Stands in for the BLAS's per-thread thread count."""
+    """Stands in for the GEMMs' per-thread thread counts (blas.Gemm)."""
 
     def __init__(self) -> None:
         self.local: dict[int, int] = {}
         self.seen: dict[int, int] = {}
 
-    def set_local_threads(self, count: int) -> int:
+    def one_thread(self) -> int:
         me = threading.get_ident()
         previous = self.local.get(me, 0)
-        self.local[me] = count
+        self.local[me] = 1
         return previous
+
+    def restore(self, previous: int) -> None:
+        self.local[threading.get_ident()] = previous
 
 
 def test_chunks_cover_the_range_once_and_the_caller_runs_one_with_one_blas_thread(monkeypatch) -> None:

@@ -79,10 +79,14 @@ def build_configuration(explicit: Iterable[str] = (), **fields: Any) -> bytes:
             offsets[name] = builder.CreateString(value)
         elif kind == "files":
             tables = []
-            for file in value:
+            for entry in value:  # a file name, or a LoRA's (file, weight, mode)
+                file, *rest = (entry,) if isinstance(entry, str) else entry
                 file_offset = builder.CreateString(file)
                 builder.StartObject(3)
                 builder.PrependUOffsetTRelativeSlot(0, file_offset, 0)
+                if rest:
+                    builder.PrependFloat32Slot(1, rest[0], 0.6)
+                    builder.PrependInt8Slot(2, rest[1], 0)
                 tables.append(builder.EndObject())
             builder.StartVector(4, len(tables), 4)
             for table in reversed(tables):

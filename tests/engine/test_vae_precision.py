@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -13,7 +14,7 @@ from mlx.utils import tree_map
 
 from convert import SD1Models
 from convert.families import SDXL, Family
-from mlx_sd.engine.model_store import LoadedModel, ModelStore
+from mlx_sd.engine.model_store import ModelStore
 from mlx_sd.engine.pipeline import _decode
 from mlx_sd.engine.vae_precision import vae_dtype
 from mlx_sd.models.vae import AutoencoderKL, VAEConfig
@@ -70,8 +71,10 @@ def test_force_upcast_is_read_from_config_json() -> None:
     assert VAEConfig.from_dict({}).force_upcast is True  # diffusers' default where a config lacks it
 
 
-def loaded(vae: AutoencoderKL, family: Family) -> LoadedModel:
-    return LoadedModel(SD1Models(None, None, vae, family=family), None, "tiny", "0", mx.float16)
+def loaded(vae: AutoencoderKL, family: Family) -> SimpleNamespace:
+    """What the pipeline's decode reads of a loaded model (its VAE, family and activation dtype) on
+    fp16, as on Metal; a LoadedModel itself needs a UNet (for its LoRA merger)."""
+    return SimpleNamespace(models=SD1Models(None, None, vae, family=family), activation_dtype=mx.float16)
 
 
 def test_the_pipelines_decode_of_an_sdxl_model_in_fp16_is_finite_and_right(latents: mx.array) -> None:

@@ -28,13 +28,13 @@ def test_the_slot_table_agrees_with_the_clients_and_has_every_slot() -> None:
 def test_fields_written_are_read_and_omitted_ones_take_the_schemas_defaults() -> None:
     config = read_configuration(build_configuration(
         start_width=12, start_height=8, seed=4294967295, steps=30, guidance_scale=4.5, model="m.safetensors",
-        sampler=10, batch_size=3, hires_fix=True, hires_fix_start_width=6, loras=["a.safetensors", "b.ckpt"],
+        sampler=10, batch_size=3, hires_fix=True, hires_fix_start_width=6, loras=["a.safetensors", ("b.ckpt", 0.5, 2)],
         seed_mode=2, stochastic_sampling_gamma=0.25))
     assert {k: config[k] for k in ("start_width", "start_height", "seed", "steps", "model", "sampler", "batch_size",
                                    "hires_fix", "hires_fix_start_width", "loras", "seed_mode")} == {
         "start_width": 12, "start_height": 8, "seed": 4294967295, "steps": 30, "model": "m.safetensors",
         "sampler": 10, "batch_size": 3, "hires_fix": True, "hires_fix_start_width": 6,
-        "loras": ("a.safetensors", "b.ckpt"), "seed_mode": 2}
+        "loras": (("a.safetensors", pytest.approx(0.6), 0), ("b.ckpt", 0.5, 2)), "seed_mode": 2}
     assert config["guidance_scale"] == 4.5 and config["stochastic_sampling_gamma"] == pytest.approx(0.25)
     # Omitted: the schema's defaults, including the non-zero ones.
     assert (config["batch_count"], config["hires_fix_strength"], config["clip_skip"], config["shift"],

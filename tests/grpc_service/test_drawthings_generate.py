@@ -101,7 +101,6 @@ def test_the_hires_fix_runs_a_second_pass_from_its_start_size(server_factory, dt
 
 
 @pytest.mark.parametrize(("config", "setting"), [
-    (dict(loras=["style.safetensors"]), "loras"),
     (dict(controls=["canny.safetensors"]), "controls"),
     (dict(shift=2.0), "shift"),
 ])

@@ -54,6 +54,8 @@ SPEC_MESSAGES = {
         "chunk_data": (2, FieldType.TYPE_BYTES, False),
     },
     "UploadFileResponse": {"success": (1, FieldType.TYPE_BOOL, False), "message": (2, FieldType.TYPE_STRING, False)},
+    # ours: a request's LoRAs (ImageGenerationRequest.loras, field 30)
+    "LoraWeight": {"file": (1, FieldType.TYPE_STRING, False), "weight": (2, FieldType.TYPE_FLOAT, False)},
 }
 SPEC_EVENT_TYPES = [
     "TEXT_ENCODED",
@@ -145,6 +147,9 @@ def test_messages_are_the_specs() -> None:
         actual = {f.name: (f.number, f.type, f.label == FieldType.LABEL_REPEATED) for f in messages[name].field}
         assert {field: actual.get(field) for field in fields} == fields, name
     assert {f.name: f.number for f in messages["UploadFileRequest"].field}["sha256"] == 3  # our addition
+    ours = {f.name: (f.number, f.type, f.type_name) for f in messages["ImageGenerationRequest"].field}
+    assert ours["loras"] == (30, FieldType.TYPE_MESSAGE, ".mlxsd.v1.LoraWeight")
+    assert ours["clip_skip"] == (31, FieldType.TYPE_INT32, "")
     assert messages["ImageGenerationResponse"].field[2].type_name == ".mlxsd.v1.SignpostEvent"
     event_enum = messages["SignpostEvent"].enum_type[0]
     assert event_enum.name == "EventType"

@@ -1,0 +1,60 @@
+"""A request's LoRAs and embeddings, made ready before its prompts are encoded.
+
+A request names LoRAs in its `loras` field and with `<lora:name:weight>` tags in its prompt (A1111's
+syntax; the tags are taken out of the text that is encoded). The model's `LoraMerger` merges the
+set, embeddings are read for the prompts that use them, and the images' parameters record each
+LoRA with A1111's short hash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlx_sd.engine import embeddings, lora, lora_merge, prompt_weights
+from mlx_sd.engine.lora import LoraWeight
+from mlx_sd.engine.lora_merge import LoraMerger
+
+
+@dataclass(frozen=True)
+class Prepared:
+    prompt: str  # the prompts without their LoRA tags
+    negative_prompt: str
+    embeddings: dict[str, dict[str, np.ndarray]]  # text encoder -> embedding name -> its vectors
+    lora_hashes: tuple[tuple[str, str], ...]  # (name, short hash) of each LoRA merged
+    added_tags: str  # `<lora:name:weight>` of the LoRAs the prompt did not name, for the parameters
+
+
+class ExtraNetworks:
+    """Prepares requests against the model directory; hashes are remembered per unchanged file."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self._models_dir = Path(models_dir)
+        self._hashes: dict[tuple, str] = {}
+
+    def prepare(self, merger: LoraMerger, text_widths: Mapping[str, int], prompt: str, negative_prompt: str,
+                loras: Sequence[LoraWeight] = ()) -> Prepared:
+        """Merge the request's LoRAs into the model (`merger`'s) and read its embeddings for each of
+        its text encoders (`text_widths`: an encoder's name -> its width)."""
+        prompt, tagged = prompt_weights.extract_loras(prompt)
+        negative_prompt, _ = prompt_weights.extract_loras(negative_prompt)
+        wanted = lora.validated([*loras, *(LoraWeight(name, weight) for name, weight in tagged)])
+        paths = [(lora_merge.lora_path(self._models_dir, w.file), w.weight) for w in wanted]
+        found = {encoder: embeddings.referenced(self._models_dir, [prompt, negative_prompt], width, encoder)
+                 for encoder, width in text_widths.items()}
+        merger.apply(paths)
+        hashes = tuple((Path(w.file).stem, self._hash(path)) for w, (path, _) in zip(wanted, paths))
+        added = " ".join(f"<lora:{Path(w.file).stem}:{w.weight:g}>" for w in loras)
+        return Prepared(prompt, negative_prompt, found, hashes, added)
+
+    def _hash(self, path: Path) -> str:
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if key not in self._hashes:
+            if len(self._hashes) >= 1024:  # files replaced again and again: start over
+                self._hashes.clear()
+            self._hashes[key] = lora_merge.short_hash(path)
+        return self._hashes[key]
