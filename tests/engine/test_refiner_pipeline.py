@@ -12,13 +12,16 @@ import json
 import shutil
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from mlx_sd.engine import conditioning, refiner
 from mlx_sd.engine.backends import Backend
 from mlx_sd.engine.errors import InvalidRequest
 from mlx_sd.engine.extra_networks import ExtraNetworks
+from mlx_sd.engine.lora import LoraWeight
 from mlx_sd.engine.model_store import ModelStore
 from mlx_sd.engine.pipeline import Pipeline
 from mlx_sd.engine.request import GenerationRequest
@@ -67,6 +70,23 @@ def test_without_the_refiner_the_image_is_the_base_models(pipeline: Pipeline) ->
     base_only = np.load(REFINER / "pipeline.npz")["euler/base_only"].astype(np.float64) * 255
     assert np.abs(result.images[0].pixels.astype(np.float64) - base_only).max() <= 0.5 + IMAGE_ATOL * 255
     assert "Refiner" not in result.images[0].parameters.text()
+
+
+def test_a_requests_loras_merge_into_the_base_model_only(pipeline: Pipeline, models_dir: Path) -> None:
+    (models_dir / "lora").mkdir(exist_ok=True)
+    shutil.copy(FIXTURES / "lora_sdxl" / "kohya.safetensors", models_dir / "lora" / "style.safetensors")
+    request, expected = case_request("euler", loras=(LoraWeight("style", 1.0),))
+    _, result = run(pipeline, request)
+    assert np.abs(result.images[0].pixels.astype(np.float64) - expected).max() > 1  # the base's LoRA shows
+    text = result.images[0].parameters.text()
+    assert "Lora hashes: \"style: " in text and "Refiner: refiner [" in text
+    # the SDXL base's LoRA has no layer in the refiner: its weights are still the file's
+    held = tree_flatten(pipeline._refiners.get("refiner").models.unet.parameters())
+    fresh = ModelStore(models_dir, backend=pipeline._store.backend).get("refiner")
+    fresh = dict(tree_flatten(fresh.models.unet.parameters()))
+    assert all(mx.array_equal(value, fresh[name]).item() for name, value in held)
+    _, again = run(pipeline, case_request("euler")[0])  # the next request without it: the base restored
+    assert np.abs(again.images[0].pixels.astype(np.float64) - expected).max() <= 0.5 + IMAGE_ATOL * 255
 
 
 @pytest.mark.parametrize(("model", "refiner", "message"), [
