@@ -42,10 +42,15 @@ class TinyServer:
 
 
 @contextmanager
-def tiny_server(**settings: object) -> Iterator[TinyServer]:
+def tiny_server(model: Path = TINY_MODEL, **settings: object) -> Iterator[TinyServer]:
+    """A server on `model` (a diffusers folder, copied; or a single file, linked) as its default model."""
     with tempfile.TemporaryDirectory(prefix="mlx-sd-bench-") as folder:
         models = Path(folder) / "models"
-        shutil.copytree(TINY_MODEL, models / "stable-diffusion")
+        if model.is_dir():
+            shutil.copytree(model, models / "stable-diffusion")
+        else:
+            (models / "stable-diffusion").mkdir(parents=True)
+            (models / "stable-diffusion" / "model.safetensors").symlink_to(model.resolve())
         running = start_server(ServerSettings(models_dir=models, config_dir=Path(folder) / "config",
                                               host="127.0.0.1", port=0, **settings))
         assert running.tls is not None

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -201,20 +202,20 @@ def run_diffusers(stage: str, repeat: int, threads: int, dtype: str) -> dict:
         return result | {"times": timed(fn, repeat), "peak_rss_gib": peak_rss_gib()}
 
 
-def child(python: Path, args: list[str]) -> dict:
+def child(python: Path, script: str, args: list[str]) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run([str(python), __file__, "--child", *args], capture_output=True, text=True, env=env)
+    done = subprocess.run([str(python), script, "--child", *args], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"rc {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def interleaved(runs: list[tuple[Path, list[str]]], rounds: int) -> list[dict]:
-    """Children started together (each loads meanwhile) and then timed in turns: each run of
-    each child waits until the previous child's run has finished, `rounds` rounds (the warm-up
-    included)."""
+def interleaved(script: str, runs: list[tuple[Path, list[str]]], rounds: int) -> list[dict]:
+    """Children of `script` started together (each loads meanwhile) and then timed in turns: each
+    run of each child waits until the previous child's run has finished, `rounds` rounds (the
+    warm-up included)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), RUN_SD15_PACED="1")
-    children = [subprocess.Popen([str(python), __file__, "--child", *args], stdin=subprocess.PIPE,
+    children = [subprocess.Popen([str(python), script, "--child", *args], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                 for python, args in runs]
     last: list[str] = [""] * len(children)
@@ -266,29 +267,45 @@ def fmt(result: dict) -> str:
     return f"{statistics.median(times):.2f} s{low} / {result['peak_rss_gib']:.1f} GiB"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", default=",".join(STAGES))
+@dataclass(frozen=True)
+class Benchmark:
+    """What a model's comparison runs: its stages and each side's runner of one stage."""
+
+    title: str
+    doc: str  # the script's docstring, its --help
+    script: str  # the file whose `--child` runs one (side, stage)
+    stages: tuple[str, ...]
+    ours_only: frozenset[str]
+    run_ours: Callable[[str, int, Path, str], dict]  # stage, repeat, cache folder, dtype
+    run_diffusers: Callable[[str, int, int, str], dict]  # stage, repeat, torch threads, dtype
+    results: str  # the results file's name after the date
+    ref_dtypes: str = "float32,bfloat16"
+
+
+def main(bench: Benchmark | None = None) -> None:
+    bench = bench or SD15
+    parser = argparse.ArgumentParser(description=bench.doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", default=",".join(bench.stages))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--ours-dtypes", default="float32")
-    parser.add_argument("--ref-dtypes", default="float32,bfloat16")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / f"{date.today()}-linux-cpu.md")
+    parser.add_argument("--ref-dtypes", default=bench.ref_dtypes)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / f"{date.today()}-{bench.results}.md")
     parser.add_argument("--interleave", action="store_true",
                         help="run ours and diffusers (one dtype each) in turns, one run at a time")
     parser.add_argument("--child", nargs=5, metavar=("SIDE", "STAGE", "DTYPE", "REPEAT", "ARG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         side, stage, dtype, repeat, arg = args.child
-        out = (run_ours(stage, int(repeat), Path(arg), dtype) if side == "ours"
-               else run_diffusers(stage, int(repeat), int(arg), dtype))
+        out = (bench.run_ours(stage, int(repeat), Path(arg), dtype) if side == "ours"
+               else bench.run_diffusers(stage, int(repeat), int(arg), dtype))
         print(json.dumps(out))
         return
 
     # load_first goes last: the caches it writes would push the other stages' files out of the page cache.
     stages = sorted(args.stages.split(","), key=lambda stage: stage == "load_first")
     rows = []
-    lines = [f"# SD-1.5 (random weights, full size) on {machine()}", "",
+    lines = [f"# {bench.title} (random weights, full size) on {machine()}", "",
              f"{date.today()}; ours: mlx-sd (MLX CPU); reference: diffusers + torch {args.threads} threads; "
              f"median of {args.repeat} after a warm-up (end to end and loads: one run); time / peak RSS; "
              "ratio = ours / diffusers' faster dtype (lower is better). Our activations are fp32: "
@@ -301,20 +318,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mlx-sd-bench-") as cache_dir:
         if any(s not in ("load_cold", "load_first") for s in stages):  # the converted cache that "cached" loads read
             for dtype in args.ours_dtypes.split(","):
-                child(OURS_PY, ["ours", "load_cached", dtype, "1", cache_dir])
+                child(OURS_PY, bench.script, ["ours", "load_cached", dtype, "1", cache_dir])
         for stage in stages:
-            if args.interleave:
+            if args.interleave and stage not in bench.ours_only:
                 (ours_dtype,), (ref_dtype,) = args.ours_dtypes.split(","), args.ref_dtypes.split(",")
-                rounds = 1 if stage == "e2e512" else args.repeat + 1
-                mine, theirs = interleaved([(OURS_PY, ["ours", stage, ours_dtype, str(args.repeat), cache_dir]),
+                rounds = 1 if stage.startswith("e2e") else args.repeat + 1
+                mine, theirs = interleaved(bench.script,
+                                           [(OURS_PY, ["ours", stage, ours_dtype, str(args.repeat), cache_dir]),
                                             (REF_PY, ["diffusers", stage, ref_dtype, str(args.repeat),
                                                       str(args.threads)])], rounds)
                 ours, ref = {ours_dtype: mine}, {ref_dtype: theirs}
             else:
-                ours = {d: child(OURS_PY, ["ours", stage, d, str(args.repeat), cache_dir])
+                ours = {d: child(OURS_PY, bench.script, ["ours", stage, d, str(args.repeat), cache_dir])
                         for d in args.ours_dtypes.split(",")}
-                ref = {d: {} if stage in OURS_ONLY
-                       else child(REF_PY, ["diffusers", stage, d, str(args.repeat), str(args.threads)])
+                ref = {d: {} if stage in bench.ours_only
+                       else child(REF_PY, bench.script, ["diffusers", stage, d, str(args.repeat), str(args.threads)])
                        for d in args.ref_dtypes.split(",")}
             ok_ours = [r for r in ours.values() if "times" in r]
             ok_ref = [r for r in ref.values() if "times" in r]
@@ -335,6 +353,8 @@ def main() -> None:
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
 
+
+SD15 = Benchmark("SD-1.5", __doc__, __file__, STAGES, frozenset(OURS_ONLY), run_ours, run_diffusers, "linux-cpu")
 
 if __name__ == "__main__":
     main()

@@ -175,6 +175,9 @@ def plan_sources(layout: CheckpointLayout) -> tuple[dict[str, NetworkSource], li
         header = read_header(layout.vae_override)
         keys = _weight_keys(header)
         sources["vae"].add_file(header, {k: k for k in keys}, _vae_keymap(keys))
+        # A config.json beside a standalone VAE describes it (the SDXL fp16-fix VAE's says force_upcast: false).
+        has_config = (layout.vae_override.parent / "config.json").is_file()
+        sources["vae"].config_json = read_config(layout.vae_override) if has_config else None
     return sources, stray, family
 
 

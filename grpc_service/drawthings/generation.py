@@ -4,10 +4,10 @@ Every setting of the configuration is in one group (a test checks that the group
 - MAPPED onto GenerationRequest (size, seed, steps, guidance, sampler, hires fix, ...);
 - IGNORED_FOR_SPEED: they only tune speed or memory; the image is the same without them (logged);
 - NOT_FOR_SD1: Draw Things itself ignores them for SD 1.x models, and they concern none of the
-  families served (SD 1.x, SD 2.x, SDXL) but SDXL's refiner (logged); SDXL's size
-  micro-conditioning is MAPPED (SD 1.x and SD 2.x ignore it);
-- DEPENDENT: they act only through another setting that is refused when present (the refiner,
-  compression artifacts), or are the configuration's bookkeeping;
+  families served (SD 1.x, SD 2.x, SDXL) but SDXL's refiner, whose aesthetic scores stay at their
+  defaults, 6 and 2.5 (logged); SDXL's size micro-conditioning is MAPPED (SD 1.x and SD 2.x ignore it);
+- DEPENDENT: they act only through another setting that is refused when present (compression
+  artifacts), or are the configuration's bookkeeping;
 - REFUSED: they would change the image and we cannot honour them (FAILED_PRECONDITION naming them).
 
 Known difference: a guidance scale or step count of 0 takes our documented default (7, 20), as 0
@@ -50,6 +50,7 @@ MAPPED = (
     "hires_fix", "hires_fix_start_width", "hires_fix_start_height", "hires_fix_strength", "seed_mode", "clip_skip",
     "face_restoration", "stochastic_sampling_gamma", "upscaler", "upscaler_scale_factor", "strength", "mask_blur",
     "preserve_original_after_inpaint", "mask_blur_outset", "loras",
+    "refiner_model", "refiner_start",
     *(SDXL_SIZES := {"original_image_width": "original_width", "original_image_height": "original_height",
                      "crop_top": "crop_top", "crop_left": "crop_left", "target_image_width": "target_width",
                      "target_image_height": "target_height", "negative_original_image_width": "negative_original_width",
@@ -69,13 +70,11 @@ NOT_FOR_SD1 = (
     "causal_inference_pad", "cfg_zero_star", "cfg_zero_init_steps",
 )
 DEPENDENT = (
-    "refiner_start",
     "compression_artifacts_quality", "id", "name", "decode_with_attention",
     "hires_fix_decode_with_attention",
 )
 REFUSED: Mapping[str, str] = {
     "controls": "control networks are not supported yet",
-    "refiner_model": "a refiner model is not supported yet",
     "sharpness": "sharpness is not supported",
     "shift": "a shifted noise schedule is not supported",
     "zero_negative_prompt": "a zeroed negative prompt is not supported",
@@ -135,6 +134,8 @@ def generation_request(message: pb.ImageGenerationRequest) -> GenerationRequest:
         # Any upscaler named runs as the one installed in the model directory (upscaler/model.safetensors).
         upscale=bool(config["upscaler"]),
         upscale_factor=config["upscaler_scale_factor"],
+        refiner_model=config["refiner_model"],
+        refiner_start=config["refiner_start"],
         # Image to image and inpainting (grpc_service/drawthings/inputs.py)
         source=source,
         mask_blur=round(config["mask_blur"]) if math.isfinite(config["mask_blur"]) else -1,

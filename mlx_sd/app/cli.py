@@ -458,6 +458,13 @@ def generate(
     resize_mode: Annotated[
         ResizeChoice, typer.Option(help="How the init image is fitted to --width x --height.")
     ] = ResizeChoice.just,
+    refiner: Annotated[
+        str, typer.Option("--refiner", help="SDXL refiner file (relative to the model directory) that finishes "
+                                            "the sampling.")
+    ] = "",
+    refiner_start: Annotated[
+        float, typer.Option(help="Fraction of the denoising after which the refiner takes over (0-1; 0 means 0.7).")
+    ] = 0.0,
     lora: Annotated[
         list[str] | None,
         typer.Option("--lora", help="A LoRA from the models' lora/ folder, as FILE or FILE:WEIGHT (-10 to 10, "
@@ -526,6 +533,7 @@ def generate(
             mask_blur=mask_blur, mask_outset=mask_outset, resize_mode=list(ResizeChoice).index(resize_mode),
             loras=lora_weights(lora or []), clip_skip=clip_skip,
             model=model,
+            refiner_model=refiner, refiner_start=refiner_start,
         ))
     except InvalidRequest as exc:
         fail(option_error(exc), code=2)

@@ -49,6 +49,8 @@ OPTION_OF_FIELD = {
     "mask_blur": "--mask-blur",
     "mask_outset": "--mask-outset",
     "enable_hr": "--hires",
+    "refiner_model": "--refiner",
+    "refiner_start": "--refiner-start",
     "loras": "--lora",
     "clip_skip": "--clip-skip",
 }
@@ -61,6 +63,7 @@ def validated_as_sent(request: GenerationRequest) -> GenerationRequest:
     request = request.validated()
     return dataclasses.replace(
         request, cfg_scale=_float32(request.cfg_scale), denoising_strength=_float32(request.denoising_strength),
+        refiner_start=_float32(request.refiner_start),
         seed=request.seed if request.seed >= 0 else secrets.randbelow(2**32),
         loras=tuple(dataclasses.replace(lora, weight=_float32(lora.weight)) for lora in request.loras),
     )

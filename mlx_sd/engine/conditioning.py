@@ -52,7 +52,7 @@ def encode_prompts(model: LoadedModel, request: GenerationRequest, extras: Prepa
                                       "which runs only as the second stage of a base model")
     if models.text_encoder_2 is None:
         return _single_encoder(model, request, extras)
-    return _sdxl(model, request, extras)
+    return sdxl(model, request, extras)
 
 
 def _check_clip_skip(request: GenerationRequest, layers: int, limit: int) -> None:
@@ -71,13 +71,16 @@ def _single_encoder(model: LoadedModel, request: GenerationRequest, extras: Prep
     return {"context": hidden[:1]}, {"context": hidden[1:]}
 
 
-def _sdxl(model: LoadedModel, request: GenerationRequest, extras: Prepared) -> tuple[Conditioning, Conditioning]:
-    encoders = (model.models.text_encoder, model.models.text_encoder_2)
+def sdxl(model: LoadedModel, request: GenerationRequest, extras: Prepared) -> tuple[Conditioning, Conditioning]:
+    """SDXL's conditioning from the text encoders `model` has: both for a base model, OpenCLIP bigG
+    alone for the refiner (whose `time_ids` mlx_sd.engine.refiner replaces)."""
+    names = [name for name in TEXT_ENCODERS if getattr(model.models, name) is not None]
+    encoders = [getattr(model.models, name) for name in names]
     layers = min(len(encoder.encoder.layers) for encoder in encoders)
     _check_clip_skip(request, layers, layers - 1)
     prompts = [extras.prompt, extras.negative_prompt]
-    tokenizers = (model.tokenizer, model.tokenizer_2)
-    found = [extras.embeddings.get(name) for name in TEXT_ENCODERS]
+    tokenizers = [model.tokenizer if name == TEXT_ENCODERS[0] else model.tokenizer_2 for name in names]
+    found = [extras.embeddings.get(name) for name in names]
     encoded = [prompt_weights.weighted_windows(t, prompts, e) for t, e in zip(tokenizers, found)]
     windows = max(e[0].ids.shape[0] for e in encoded)  # the vocabularies may split a prompt differently
     encoded = [e if e[0].ids.shape[0] == windows else prompt_weights.weighted_windows(t, prompts, f, windows)

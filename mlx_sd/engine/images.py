@@ -30,6 +30,8 @@ class Parameters:
     face_restoration: str | None = None  # the restorer's name, when faces were restored
     clip_skip: int = 1
     upscaled_by: int | None = None  # the finished image's upscale factor (Real-ESRGAN), when it was upscaled
+    refiner: str | None = None  # SDXL's refiner, "name [hash]" as A1111 writes it, and where it took over
+    refiner_switch_at: float | None = None
     img2img: tuple[tuple[str, str], ...] = ()  # image to image's fields (mlx_sd.engine.img2img.parameters)
     # LoRAs: (name, A1111's short hash) of each, and the tags of those the prompt did not name
     lora_hashes: tuple[tuple[str, str], ...] = ()
@@ -57,6 +59,8 @@ class Parameters:
                 ("Hires resize", f"{self.width}x{self.height}"),
                 ("Hires upscaler", self.upscaler or "Lanczos"),
             ]
+        if self.refiner is not None:
+            fields += [("Refiner", self.refiner), ("Refiner switch at", _number(self.refiner_switch_at or 0.0))]
         fields += self.img2img
         if self.upscaled_by is not None:  # A1111's names for its extras tab's upscaling
             fields += [("Postprocess upscale by", self.upscaled_by), ("Postprocess upscaler", "Real-ESRGAN")]

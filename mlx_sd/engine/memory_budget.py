@@ -14,8 +14,9 @@ b = the activations' bytes per value: 2 for fp16 on Metal, 4 for fp32 on the CPU
   matmul-softmax-matmul and holds the whole matrix, counted once on the assumption that the
   softmax reuses the scores' buffer (MLX donates an input whose only reader is the op). The UNet's
   other activations (a few maps of 320 channels at T) are under a tenth of this term, left out;
-- VAE decode: the full-resolution feature maps, height x width x C x batch x b x live maps, plus
-  the mid-block's single-head attention (head width 512, unfused too), T^2 x batch x b.
+- VAE decode: the full-resolution feature maps, height x width x C x batch x b_vae x live maps,
+  plus the mid-block's single-head attention (head width 512, unfused too), T^2 x batch x b_vae,
+  where b_vae is b except for SDXL's VAE upcast to fp32 (mlx_sd.engine.vae_precision): 4.
 
 The live maps differ by device:
 - Metal (VAE_LIVE_MAPS = 8, derived, not measured: no Mac runs the tests): MLX convolves 3x3
@@ -62,9 +63,10 @@ class ModelShape:
     attention_heads: int = 8  # in the UNet's first level with attention
     vae_full_resolution_channels: int = 256  # the widest feature map the VAE decoder holds at full size
     attention_level: int = 0  # that level: its tokens are T / 4**level
+    vae_itemsize: int | None = None  # bytes per VAE activation where not the other networks' (an upcast)
 
     @classmethod
-    def of(cls, unet_config: Any, vae_config: Any) -> ModelShape:
+    def of(cls, unet_config: Any, vae_config: Any, vae_itemsize: int | None = None) -> ModelShape:
         """The shape of a loaded model, from its UNet and VAE configs (diffusers' field names)."""
         heads = unet_config.num_attention_heads or unet_config.attention_head_dim  # diffusers' naming
         levels = len(unet_config.block_out_channels)
@@ -72,7 +74,7 @@ class ModelShape:
         level = next((i for i, kind in enumerate(unet_config.down_block_types) if kind.startswith("CrossAttn")), 0)
         channels = vae_config.block_out_channels
         return cls(attention_heads=int(heads[level]), vae_full_resolution_channels=int(channels[min(1, len(channels) - 1)]),
-                   attention_level=level)
+                   attention_level=level, vae_itemsize=vae_itemsize)
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ def estimate_request_bytes(width: int, height: int, batch_size: int, itemsize: i
         latents=batch_size * LATENT_CHANNELS * tokens * 4 * LATENT_COPIES,
         unet_attention=(tokens // 4**shape.attention_level)**2 * shape.attention_heads * batch_size * GUIDANCE_PASSES
         * itemsize,
-        vae_decode=batch_size * itemsize * (
+        vae_decode=batch_size * (shape.vae_itemsize or itemsize) * (
             width * height * shape.vae_full_resolution_channels * vae_live_maps + tokens**2),
     )
 

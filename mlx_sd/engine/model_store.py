@@ -10,6 +10,7 @@ frees the previous one before the next is read, so memory peaks at one model.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -121,6 +122,12 @@ class ModelStore:
     @property
     def backend(self) -> Backend:
         return self._backend
+
+    def sibling(self) -> ModelStore:
+        """A store of the same settings with a slot of its own: SDXL's refiner, held beside the base."""
+        other = copy.copy(self)
+        other._current = None
+        return other
 
     def get(self, model: str = "") -> LoadedModel:
         """The model named `model` ("" the default), loaded if another one (or none) is held.

@@ -10,6 +10,7 @@ torch-compatible CPU generator, so an image can be reproduced alone from the see
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 
-from mlx_sd.engine import conditioning, hires, img2img
+from mlx_sd.engine import conditioning, hires, img2img, refiner
 from mlx_sd.engine.conditioning import Conditioning
 from mlx_sd.engine.extra_networks import ExtraNetworks
 from mlx_sd.engine.events import EventType, GeneratedImage, GenerationResult, ProgressEvent
@@ -28,6 +29,7 @@ from mlx_sd.engine.model_store import LoadedModel, ModelStore
 from mlx_sd.engine.random import BatchGenerator
 from mlx_sd.engine.request import GenerationRequest
 from mlx_sd.engine.restoration import Restoration
+from mlx_sd.engine.vae_precision import vae_dtype
 from mlx_sd.sampling import catalog, schedules
 from mlx_sd.sampling.catalog import SamplerSpec
 from mlx_sd.engine.prediction import V
@@ -68,12 +70,13 @@ class Pipeline:
         upscale_by = (request.upscale_factor or upscaler.scale) if upscaler is not None else None
         model = self._store.get(request.model)
         request = request.with_native_size(model.native_size)
+        refining = refiner.load(self._refiners, model, request) if request.refiner_model else None
         if self._memory_budget is not None:  # before this request allocates anything
             unet, vae = model.models.unet, model.models.vae
             on_cpu = mx.default_device() == mx.cpu
             self._memory_budget.check(request.width, request.height, request.batch_size,
                                       model.activation_dtype.size, mx.get_active_memory(),
-                                      ModelShape.of(unet.config, vae.config),
+                                      ModelShape.of(unet.config, vae.config, _vae_dtype(model).size),
                                       VAE_LIVE_MAPS_CPU if on_cpu else VAE_LIVE_MAPS)
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
         extras = self._extra_networks.prepare(model.loras, conditioning.text_widths(model.models),
@@ -82,6 +85,10 @@ class Pipeline:
         if model.release_text_encoder is not None:
             model.release_text_encoder()
             model.loras.forget(conditioning.TEXT_ENCODERS)
+        # the refiner's own encoder, given the base's prompts as read (embeddings; its LoRAs are the base's only)
+        refined = refiner.encode_prompts(refining, request, extras) if refining is not None else None
+        if refining is not None and refining.release_text_encoder is not None:
+            refining.release_text_encoder()
         yield ProgressEvent(EventType.TEXT_ENCODED, "text encoded")
 
         first_pass = _first_pass(request, model.native_size)
@@ -93,8 +100,10 @@ class Pipeline:
         generated = []
         for start in range(0, len(indices), request.batch_size):
             seeds = [seed + i for i in indices[start:start + request.batch_size]]
+            # SDXL's refiner: the denoiser that takes over below its cutoff
+            finish = self._denoiser(refining, request, len(seeds), *refined) if refining is not None else None
             pixels = yield from self._batch(model, request, seeds, cond, uncond, first_pass, strength, prepared,
-                                            is_cancelled)
+                                            finish, is_cancelled)
             if pixels is None:
                 return
             if restorer is not None:
@@ -115,14 +124,35 @@ class Pipeline:
                     face_restoration="GFPGAN" if restorer is not None else None, clip_skip=request.clip_skip,
                     upscaled_by=upscale_by, lora_hashes=extras.lora_hashes, lora_tags=extras.added_tags,
                     img2img=img2img.parameters(request) if prepared is not None else (),
+                    refiner=f"{refining.name} [{refining.hash}]" if refining is not None else None,
+                    refiner_switch_at=request.refiner_start if refining is not None else None,
                 )
                 generated.append(GeneratedImage(image, item_seed, parameters))
         yield GenerationResult(generated)
 
+    @functools.cached_property
+    def _refiners(self) -> ModelStore:
+        """SDXL's refiners: a store of their own, so that a refiner is held beside its base model."""
+        return self._store.sibling()
+
+    def _denoiser(self, model: LoadedModel, request: GenerationRequest, batch: int, cond: Conditioning,
+                  uncond: Conditioning, unet: EpsModel | None = None) -> Denoiser:
+        """The request's sampler's denoiser over `model`'s UNet (or `unet`, which wraps it), guided by the
+        conditioning."""
+        spec = catalog.sampler_spec(request.sampler, request.stochastic_sampling_gamma)
+        prediction_denoiser = v_denoiser if model.prediction == V else eps_denoiser
+        return spec.denoiser(
+            prediction_denoiser(guided(unet or _unet_in_its_dtype(model), _batched(cond, batch),
+                                       _batched(uncond, batch), request.cfg_scale), self._train_sigmas),
+            self._train_sigmas,
+        )
+
     def _batch(self, model: LoadedModel, request: GenerationRequest, seeds: list[int], cond: Conditioning,
                uncond: Conditioning, first_pass: tuple[int, int] | None, strength: float,
-               prepared: img2img.Prepared | None, is_cancelled: Callable[[], bool]) -> Iterator[Event]:
-        """Sample and decode one batch; returns its (B, H, W, 3) uint8 pixels, or None if cancelled."""
+               prepared: img2img.Prepared | None, finish: Denoiser | None,
+               is_cancelled: Callable[[], bool]) -> Iterator[Event]:
+        """Sample and decode one batch; returns its (B, H, W, 3) uint8 pixels, or None if cancelled.
+        `finish`: the refiner's denoiser, which takes over below its cutoff."""
         spec = catalog.sampler_spec(request.sampler, request.stochastic_sampling_gamma)
         width, height = first_pass or (request.width, request.height)
         unet = _unet_in_its_dtype(model)
@@ -130,12 +160,9 @@ class Pipeline:
             mask, masked_image = img2img.inpainting_conditioning(prepared, width, height, LATENT_SCALE)
             masked_latents = _encode(model, masked_image)
             unet = img2img.conditioned(unet, _batched(mask, len(seeds)), _batched(masked_latents, len(seeds)))
-        prediction_denoiser = v_denoiser if model.prediction == V else eps_denoiser
-        denoise = spec.denoiser(
-            prediction_denoiser(guided(unet, _batched(cond, len(seeds)), _batched(uncond, len(seeds)),
-                                       request.cfg_scale), self._train_sigmas),
-            self._train_sigmas,
-        )
+        denoise = self._denoiser(model, request, len(seeds), cond, uncond, unet)
+        if finish is not None:
+            denoise = refiner.switched(denoise, finish, request.refiner_start, self._train_sigmas)
         noise = noise_source(BatchGenerator(seeds, request.seed_mode))
         sigmas = spec.sigmas(request.steps, self._train_sigmas)
         first = noise((len(seeds), height // LATENT_SCALE, width // LATENT_SCALE, 4))
@@ -224,9 +251,13 @@ def _unet_in_its_dtype(model: LoadedModel) -> EpsModel:
                                                                 condition.items()}).astype(mx.float32)
 
 
+def _vae_dtype(model: LoadedModel) -> mx.Dtype:
+    return vae_dtype(model.activation_dtype, model.models.family.name, model.models.vae.config)
+
+
 def _decode(model: LoadedModel, latents: mx.array) -> np.ndarray:
     vae = model.models.vae
-    dtype = model.activation_dtype
+    dtype = _vae_dtype(model)
     images = vae.decode((latents / vae.config.scaling_factor).astype(dtype)).astype(mx.float32)
     pixels = mx.round(mx.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(mx.uint8)
     return np.array(pixels)
@@ -240,7 +271,7 @@ def _encode_image(model: LoadedModel, pixels: np.ndarray) -> mx.array:
 def _encode(model: LoadedModel, images: mx.array) -> mx.array:
     """Latents of (B, H, W, 3) images in [-1, 1]: the posterior mean, so the result is deterministic."""
     vae = model.models.vae
-    mean, _ = vae.encode(images.astype(model.activation_dtype))
+    mean, _ = vae.encode(images.astype(_vae_dtype(model)))
     return mean.astype(mx.float32) * vae.config.scaling_factor
 
 

@@ -45,6 +45,7 @@ MAX_UPSCALED_BYTES = 2 * 1024**3  # bounds a request's upscaled pixels, all imag
 MICRO_CONDITIONING = ("original_width", "original_height", "crop_top", "crop_left", "target_width", "target_height",
                       "negative_original_width", "negative_original_height")
 MAX_MICRO_CONDITIONING = 16384  # pixels; SDXL was trained on sizes up to ~4k
+DEFAULT_REFINER_START = 0.7  # Draw Things' default
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
@@ -105,6 +106,10 @@ class GenerationRequest:
     target_height: int = 0
     negative_original_width: int = 0
     negative_original_height: int = 0
+    # SDXL's refiner: a model file (as `model`) that takes over the sampling after `refiner_start`, a
+    # fraction of the denoising schedule (0: DEFAULT_REFINER_START); "": none.
+    refiner_model: str = ""
+    refiner_start: float = 0.0
 
     def with_native_size(self, native: int) -> GenerationRequest:
         """A validated request whose width or height of 0 (the model's native size) is now `native`,
@@ -155,6 +160,7 @@ class GenerationRequest:
         gamma = _float_in_range("stochastic_sampling_gamma", self.stochastic_sampling_gamma, 0.0, 1.0)
         if self.model and (problem := name_problem(self.model)) is not None:
             raise InvalidRequest("model", f"{shown_name(self.model)!r} {problem}")
+        refiner_start = self._refiner_start()
         sampler = canonical_sampler_name(self.sampler)
         if sampler is None:
             raise InvalidRequest("sampler", f"unknown sampler {self.sampler!r}; supported: {', '.join(SAMPLER_NAMES)}")
@@ -180,7 +186,19 @@ class GenerationRequest:
             preview_every=preview_every,
             stochastic_sampling_gamma=gamma,
             upscale_factor=upscale_factor,
+            refiner_start=refiner_start,
         )
+
+    def _refiner_start(self) -> float:
+        """The validated refiner's take-over fraction (0 without a refiner)."""
+        if not self.refiner_model:
+            return 0.0
+        if (problem := name_problem(self.refiner_model)) is not None:
+            raise InvalidRequest("refiner_model", f"{shown_name(self.refiner_model)!r} {problem}")
+        start = self.refiner_start or DEFAULT_REFINER_START
+        if not (math.isfinite(start) and 0.0 < start < 1.0):
+            raise InvalidRequest("refiner_start", f"must be a fraction of the steps between 0 and 1 (got {start})")
+        return float(start)
 
     def _source(self) -> Source | None:
         """The decoded init image and mask, once the image settings are in range; None for text to image."""

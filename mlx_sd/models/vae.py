@@ -30,6 +30,10 @@ class VAEConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
     sample_size: int = 512
+    # diffusers' flag (its default, True, where a config.json lacks it): the VAE overflows fp16 and
+    # runs in fp32. Only SDXL's pipelines heed it (see mlx_sd.engine.vae_precision); SDXL's fp16-fix
+    # VAE says False.
+    force_upcast: bool = True
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> VAEConfig:

@@ -83,6 +83,7 @@ def test_hires_second_pass_steps_join_the_progress(tiny_models: Path, tmp_path: 
         (("--cfg", "31"), "--cfg (cfg_scale)"),
         (("--sampler", "Nope"), "--sampler (sampler)"),
         (("--denoise", "1.5"), "--denoise (denoising_strength)"),
+        (("--refiner", "r.safetensors", "--refiner-start", "1.5"), "--refiner-start (refiner_start)"),
         (("--lora", "style:11"), "--lora (loras)"),
         (("--clip-skip", "13"), "--clip-skip (clip_skip)"),
     ],
@@ -214,6 +215,15 @@ def test_a_bad_init_image_names_its_option(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--mask (mask)" in result.stderr
     result = run("a fox", "--init-image", picture_file(tmp_path / "a.png"), "--mask-outset", -101, "--out", tmp_path)
     assert result.exit_code == 2 and "--mask-outset (mask_outset)" in result.stderr
+
+
+def test_an_sdxl_refiner_finishes_the_image(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(FIXTURES / "sdxl_tiny" / "diffusers", models / "stable-diffusion")
+    shutil.copytree(FIXTURES / "sdxl_refiner_tiny" / "diffusers", models / "refiner")
+    (path,) = written(local(models, tmp_path, "a red fox", *SMALL, "--seed", 3, "--refiner", "refiner",
+                            "--refiner-start", 0.5))
+    assert re.search(r"Refiner: refiner \[\w+\], Refiner switch at: 0\.5", Image.open(path).text["parameters"])
 
 
 def test_loras_and_clip_skip_locally_and_remotely(server_factory, tiny_models: Path, tmp_path: Path) -> None:

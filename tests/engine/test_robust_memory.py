@@ -53,6 +53,15 @@ def test_sdxls_attention_is_counted_at_its_first_attention_level() -> None:
     assert estimate.unet_attention == (64 * 64) ** 2 * 10 * 2 * 2
 
 
+def test_an_upcast_vae_is_counted_in_fp32() -> None:
+    shape = ModelShape.of(UNetConfig(), VAEConfig(), vae_itemsize=4)
+    assert shape == ModelShape(vae_itemsize=4)
+    fp16 = estimate_request_bytes(1024, 1024, 1, 2, ModelShape())
+    upcast = estimate_request_bytes(1024, 1024, 1, 2, shape)
+    assert upcast.vae_decode == 4 * (1024 * 1024 * 256 * VAE_LIVE_MAPS + 16384**2) == 2 * fp16.vae_decode
+    assert upcast.unet_attention == fp16.unet_attention
+
+
 def test_a_request_that_could_never_fit_is_an_invalid_argument_naming_the_limit() -> None:
     with pytest.raises(InvalidRequest, match=r"memory budget of 1\.00 GiB") as caught:
         MemoryBudget(1024**3).check(2048, 2048, 8, 2, in_use=0)

@@ -103,7 +103,6 @@ def test_the_hires_fix_runs_a_second_pass_from_its_start_size(server_factory, dt
 @pytest.mark.parametrize(("config", "setting"), [
     (dict(controls=["canny.safetensors"]), "controls"),
     (dict(shift=2.0), "shift"),
-    (dict(refiner_model="refiner.safetensors"), "refiner_model"),
 ])
 def test_settings_that_would_change_the_image_are_refused_by_name(server_factory, dt_connect, tiny_models, config,
                                                                    setting) -> None:
@@ -111,6 +110,29 @@ def test_settings_that_would_change_the_image_are_refused_by_name(server_factory
     with pytest.raises(grpc.RpcError) as caught:
         list(client.generate(dt_request(client, **config)))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and caught.value.details().startswith(setting)
+
+
+def test_a_refiner_takes_over_as_in_the_documented_api(server_factory, stub_for, dt_connect, models_dir) -> None:
+    shutil.copytree(FIXTURES / "sdxl_tiny" / "diffusers", models_dir / "stable-diffusion")
+    shutil.copytree(FIXTURES / "sdxl_refiner_tiny" / "diffusers", models_dir / "refiner")
+    server = server_factory()
+    client = dt_connect(server)
+    images, _ = collect_images(client.generate(dt_request(client, refiner_model="refiner", refiner_start=0.5)))
+    refined = documented_pixels(stub_for, server, refiner_model="refiner", refiner_start=0.5)
+    assert np.array_equal(decode_image(images[0]), refined[0])
+    assert not np.array_equal(refined[0], documented_pixels(stub_for, server)[0])
+
+
+def test_a_refiner_after_an_sd1_model_is_an_invalid_argument_naming_it(server_factory, stub_for, dt_connect,
+                                                                       tiny_models) -> None:
+    shutil.copytree(FIXTURES / "sdxl_refiner_tiny" / "diffusers", tiny_models / "refiner")
+    server = server_factory()
+    for call in (lambda: list(dt_connect(server).generate(dt_request(dt_connect(server), refiner_model="refiner"))),
+                 lambda: documented_pixels(stub_for, server, refiner_model="refiner")):
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details().startswith("refiner_model: refiner refines SDXL models")
 
 
 def test_an_upscaler_upscales_the_finished_images_with_the_installed_one(server_factory, dt_connect, stub_for,
