@@ -11,6 +11,7 @@
 - Every command of the CLI is shown somewhere, and the README's Quick start test command is
   the one CI runs (`.ci/run`).
 - Scripts that shell blocks run (`benchmarks/run_sd15.py`, ...) exist.
+- No page holds a merge's conflict markers.
 
 New pages under docs/ are covered as they are added.
 """
@@ -395,3 +396,12 @@ def test_quick_start_is_what_ci_runs() -> None:
     assert ci[0] == tests
     assert all(line.startswith("MLX_SD_BACKEND=mlx .venv/bin/python -m pytest -q ") for line in ci[1:])
     assert serve.endswith(".venv/bin/mlx-sd serve") and tests.endswith("pytest -q")
+
+
+CONFLICT_MARKER = re.compile(r"^(<{7}|={7}|>{7})( |$)")
+
+
+@pytest.mark.parametrize("path", DOCS, ids=rel)
+def test_no_page_holds_conflict_markers(path: Path) -> None:
+    marked = [line.number for line in doc_lines(path) if CONFLICT_MARKER.match(line.text)]
+    assert not marked, f"{rel(path)}: merge conflict markers on lines {marked}"
