@@ -53,7 +53,8 @@ class SD1Configs:
 
     def to_dict(self) -> dict[str, dict[str, Any] | None]:
         # An absent second text encoder is left out, so SD 1.x's cache names stay as they were.
-        return {n: dataclasses.asdict(c) if (c := getattr(self, n)) else None for n in NETWORKS
+        configs = {n: getattr(self, n) for n in NETWORKS}
+        return {n: dataclasses.asdict(c) if c else None for n, c in configs.items()
                 if n != "text_encoder_2" or c is not None}
 
     @classmethod

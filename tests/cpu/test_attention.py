@@ -15,7 +15,6 @@ import pytest
 
 from mlx_sd.cpu import kernels
 from mlx_sd.cpu.attention import attention
-from mlx_sd.cpu.blas import gemm
 from mlx_sd.models import layers
 
 TOL = 1e-5
