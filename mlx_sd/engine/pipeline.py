@@ -156,7 +156,8 @@ class Pipeline:
         spec = catalog.sampler_spec(request.sampler, request.stochastic_sampling_gamma)
         width, height = first_pass or (request.width, request.height)
         unet = _unet_in_its_dtype(model)
-        if model.models.unet.config.in_channels == img2img.INPAINTING_CHANNELS:  # an inpainting checkpoint
+        inpainting_unet = model.models.unet.config.in_channels == img2img.INPAINTING_CHANNELS
+        if inpainting_unet:
             mask, masked_image = img2img.inpainting_conditioning(prepared, width, height, LATENT_SCALE)
             masked_latents = _encode(model, masked_image)
             unet = img2img.conditioned(unet, _batched(mask, len(seeds)), _batched(masked_latents, len(seeds)))
@@ -175,7 +176,7 @@ class Pipeline:
             latent_mask = prepared.latent_mask(LATENT_SCALE)
             if strength < 1.0:
                 x = img2img.start_latents(encoded, first, float(sigmas[0]), request.inpainting_fill, latent_mask)
-            if latent_mask is not None and model.models.unet.config.in_channels != img2img.INPAINTING_CHANNELS:
+            if latent_mask is not None and not inpainting_unet:
                 known = (encoded, latent_mask)
                 denoise = img2img.blended(denoise, encoded, first, latent_mask, float(sigmas[0]))
         latents = encoded if len(sigmas) == 1 else (  # strength 0: the encoded image as it is
