@@ -8,14 +8,15 @@ b = the activations' bytes per value: 2 for fp16 on Metal, 4 for fp32 on the CPU
   denoised and history latents);
 - UNet attention: the score matrix of the largest self-attention, at the first level that has
   attention (full latent resolution for SD 1.x and 2.x; half for SDXL, T/4 tokens there):
-  T^2 x heads x batch x 2 (conditional and unconditional passes) x b. SD 2.x's and SDXL's heads are
+  T^2 x heads x 2 (conditional and unconditional passes) x b, for one image: the UNet runs image by
+  image (mlx_sd.sampling.denoisers.guided), and so does the VAE. SD 2.x's and SDXL's heads are
   64 wide, which the fused kernel takes, so on Metal this term overestimates theirs. On Metal MLX's fused
   attention kernel takes head widths 64, 80 and 128 only; SD 1.x's is 40, so MLX computes
   matmul-softmax-matmul and holds the whole matrix, counted once on the assumption that the
   softmax reuses the scores' buffer (MLX donates an input whose only reader is the op). The UNet's
   other activations (a few maps of 320 channels at T) are under a tenth of this term, left out;
-- VAE decode: the full-resolution feature maps, height x width x C x batch x b_vae x live maps,
-  plus the mid-block's single-head attention (head width 512, unfused too), T^2 x batch x b_vae,
+- VAE decode: one image's full-resolution feature maps, height x width x C x b_vae x live maps,
+  plus the mid-block's single-head attention (head width 512, unfused too), T^2 x b_vae,
   where b_vae is b except for SDXL's VAE upcast to fp32 (mlx_sd.engine.vae_precision): 4.
 
 The live maps differ by device:
@@ -46,7 +47,7 @@ from mlx_sd.engine.errors import InvalidRequest, MemoryBudgetExceeded
 LATENT_SCALE = 8  # pixels per latent cell in each direction
 LATENT_CHANNELS = 4
 LATENT_COPIES = 4
-GUIDANCE_PASSES = 2  # classifier-free guidance runs the conditional and unconditional passes as one batch
+GUIDANCE_PASSES = 2  # classifier-free guidance runs an image's conditional and unconditional passes as one batch
 # Full-resolution feature maps alive at the decoder's peak (see the module doc): Metal, CPU.
 VAE_LIVE_MAPS = 8
 VAE_LIVE_MAPS_CPU = 8
@@ -94,9 +95,8 @@ def estimate_request_bytes(width: int, height: int, batch_size: int, itemsize: i
     tokens = (width // LATENT_SCALE) * (height // LATENT_SCALE)
     return MemoryEstimate(
         latents=batch_size * LATENT_CHANNELS * tokens * 4 * LATENT_COPIES,
-        unet_attention=(tokens // 4**shape.attention_level)**2 * shape.attention_heads * batch_size * GUIDANCE_PASSES
-        * itemsize,
-        vae_decode=batch_size * (shape.vae_itemsize or itemsize) * (
+        unet_attention=(tokens // 4**shape.attention_level)**2 * shape.attention_heads * GUIDANCE_PASSES * itemsize,
+        vae_decode=(shape.vae_itemsize or itemsize) * (
             width * height * shape.vae_full_resolution_channels * vae_live_maps + tokens**2),
     )
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_map
 
 from mlx_sd.engine import conditioning, hires, img2img, refiner
 from mlx_sd.engine.conditioning import Conditioning
@@ -101,7 +100,7 @@ class Pipeline:
         for start in range(0, len(indices), request.batch_size):
             seeds = [seed + i for i in indices[start:start + request.batch_size]]
             # SDXL's refiner: the denoiser that takes over below its cutoff
-            finish = self._denoiser(refining, request, len(seeds), *refined) if refining is not None else None
+            finish = self._denoiser(refining, request, *refined) if refining is not None else None
             pixels = yield from self._batch(model, request, seeds, cond, uncond, first_pass, strength, prepared,
                                             finish, is_cancelled)
             if pixels is None:
@@ -135,15 +134,15 @@ class Pipeline:
         """SDXL's refiners: a store of their own, so that a refiner is held beside its base model."""
         return self._store.sibling()
 
-    def _denoiser(self, model: LoadedModel, request: GenerationRequest, batch: int, cond: Conditioning,
+    def _denoiser(self, model: LoadedModel, request: GenerationRequest, cond: Conditioning,
                   uncond: Conditioning, unet: EpsModel | None = None) -> Denoiser:
         """The request's sampler's denoiser over `model`'s UNet (or `unet`, which wraps it), guided by the
-        conditioning."""
+        conditioning (one image's: the UNet runs image by image, see `guided`)."""
         spec = catalog.sampler_spec(request.sampler, request.stochastic_sampling_gamma)
         prediction_denoiser = v_denoiser if model.prediction == V else eps_denoiser
         return spec.denoiser(
-            prediction_denoiser(guided(unet or _unet_in_its_dtype(model), _batched(cond, batch),
-                                       _batched(uncond, batch), request.cfg_scale), self._train_sigmas),
+            prediction_denoiser(guided(unet or _unet_in_its_dtype(model), cond, uncond, request.cfg_scale),
+                                self._train_sigmas),
             self._train_sigmas,
         )
 
@@ -160,8 +159,8 @@ class Pipeline:
         if inpainting_unet:
             mask, masked_image = img2img.inpainting_conditioning(prepared, width, height, LATENT_SCALE)
             masked_latents = _encode(model, masked_image)
-            unet = img2img.conditioned(unet, _batched(mask, len(seeds)), _batched(masked_latents, len(seeds)))
-        denoise = self._denoiser(model, request, len(seeds), cond, uncond, unet)
+            unet = img2img.conditioned(unet, mask, masked_latents)
+        denoise = self._denoiser(model, request, cond, uncond, unet)
         if finish is not None:
             denoise = refiner.switched(denoise, finish, request.refiner_start, self._train_sigmas)
         noise = noise_source(BatchGenerator(seeds, request.seed_mode))
@@ -170,7 +169,7 @@ class Pipeline:
         x = spec.initial_latents(first, sigmas)
         known = None  # inpainting with a 4-channel UNet: the init latents and the latent mask
         if prepared is not None:
-            encoded = _batched(_encode_image(model, prepared.pixels[None]), len(seeds))
+            encoded = mx.repeat(_encode_image(model, prepared.pixels[None]), len(seeds), axis=0)
             yield ProgressEvent(EventType.IMAGE_ENCODED, "image encoded")
             sigmas = sigmas[img2img.start_index(request.steps, strength):]
             latent_mask = prepared.latent_mask(LATENT_SCALE)
@@ -238,11 +237,6 @@ def _first_pass(request: GenerationRequest, native: int) -> tuple[int, int] | No
     return hires.first_pass_size(request.width, request.height, native)
 
 
-def _batched(value: Conditioning | mx.array, size: int) -> Conditioning | mx.array:
-    """Each array (of a conditioning's) repeated `size` times along the batch axis."""
-    return tree_map(lambda array: mx.repeat(array, size, axis=0), value)
-
-
 def _unet_in_its_dtype(model: LoadedModel) -> EpsModel:
     """The UNet, fed in its compute dtype (fp16 weights on Metal: fp16) and answering in fp32, the
     samplers' dtype."""
@@ -257,16 +251,21 @@ def _vae_dtype(model: LoadedModel) -> mx.Dtype:
 
 
 def _decode(model: LoadedModel, latents: mx.array) -> np.ndarray:
+    """(B, H, W, 3) uint8 pixels, decoded image by image as the UNet runs (see `guided`)."""
     vae = model.models.vae
     dtype = _vae_dtype(model)
-    images = vae.decode((latents / vae.config.scaling_factor).astype(dtype)).astype(mx.float32)
-    pixels = mx.round(mx.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(mx.uint8)
-    return np.array(pixels)
+
+    def decode(one: mx.array) -> np.ndarray:
+        images = vae.decode((one / vae.config.scaling_factor).astype(dtype)).astype(mx.float32)
+        return np.array(mx.round(mx.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(mx.uint8))
+
+    return np.concatenate([decode(latents[i:i + 1]) for i in range(latents.shape[0])])
 
 
 def _encode_image(model: LoadedModel, pixels: np.ndarray) -> mx.array:
-    """Latents of (B, H, W, 3) uint8 images."""
-    return _encode(model, mx.array(pixels).astype(mx.float32) / 127.5 - 1.0)
+    """Latents of (B, H, W, 3) uint8 images, encoded image by image as the UNet runs (see `guided`)."""
+    return mx.concatenate([_encode(model, mx.array(image[None]).astype(mx.float32) / 127.5 - 1.0)
+                           for image in pixels])
 
 
 def _encode(model: LoadedModel, images: mx.array) -> mx.array:

@@ -27,20 +27,38 @@ Denoiser = Callable[[mx.array, float], mx.array]
 
 
 def guided(model: EpsModel, cond: Any, uncond: Any | None, cfg_scale: float) -> Predictor:
-    """Classifier-free guidance: uncond + scale * (cond - uncond), both halves in one batched call.
+    """Classifier-free guidance: uncond + scale * (cond - uncond), one model call per image with both
+    halves batched. `cond` and `uncond` are one image's (batch 1).
 
-    At cfg_scale <= 1 (or without an unconditional context) only the conditional pass runs: at
-    exactly 1 that is the same result for half the work; below 1 guidance is simply off.
+    Each image is computed alone, as a batch of its own would be, because a matrix product over more
+    rows may round differently in the last bit: an image is then the same, bit for bit, whatever batch
+    (or rank, mlx_sd.engine.distributed) makes it. At cfg_scale <= 1 (or without an unconditional
+    context) only the conditional pass runs: at exactly 1 that is the same result for half the work;
+    below 1 guidance is simply off.
     """
     if uncond is None or cfg_scale <= 1.0:
-        return lambda x, t: model(x, t, cond)
+        return _each_image(lambda x, t: model(x, t, cond))
+    both = tree_map(lambda u, c: mx.concatenate([u, c]), uncond, cond)  # an array, or a dict of them
 
     def predict(x: mx.array, t: mx.array) -> mx.array:
-        both = tree_map(lambda u, c: mx.concatenate([u, c]), uncond, cond)  # an array, or a dict of them
         out_uncond, out_cond = mx.split(model(mx.concatenate([x, x]), mx.concatenate([t, t]), both), 2)
         return out_uncond + cfg_scale * (out_cond - out_uncond)
 
-    return predict
+    return _each_image(predict)
+
+
+def _each_image(predict: Predictor) -> Predictor:
+    """`predict` over a batch, one image at a time; each is evaluated before the next is built, so that
+    one image's activations are live at once."""
+
+    def each(x: mx.array, t: mx.array) -> mx.array:
+        outputs = []
+        for i in range(x.shape[0]):
+            outputs.append(predict(x[i:i + 1], t[i:i + 1]))
+            mx.eval(outputs[-1])
+        return mx.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+
+    return each
 
 
 def _timesteps(x: mx.array, sigma: float, sigmas: np.ndarray) -> mx.array:

@@ -81,7 +81,7 @@ def run(case: str) -> list[mx.array]:
     train = train_sigmas()
     sigmas = spec.sigmas(steps, train)
     noise = noise_source(BatchGenerator.consecutive(SEED, batch), channels_last=False)  # torch's NCHW
-    denoise = spec.denoiser(eps_denoiser(guided(analytic_eps, mx.zeros((batch, 1)), None, 1.0), train), train)
+    denoise = spec.denoiser(eps_denoiser(guided(analytic_eps, mx.zeros((1, 1)), None, 1.0), train), train)
     x = spec.initial_latents(noise((batch, *SHAPE)), sigmas)
     xs = [step.x for step in (override or spec.sample)(denoise, x, sigmas, noise)]
     if spec.vp_start:
@@ -131,19 +131,26 @@ def test_lms_coefficients_integrate_the_lagrange_basis() -> None:
     assert np.dot(weights, [cubic(sigmas[3 - k]) for k in range(4)]) == pytest.approx(integral, rel=1e-12)
 
 
-def test_guidance_combines_one_batched_call() -> None:
+def test_guidance_batches_the_two_halves_of_each_image_and_runs_images_one_by_one() -> None:
     calls = []
 
     def model(x: mx.array, t: mx.array, context: mx.array) -> mx.array:
         calls.append(x.shape[0])
-        return x * context.reshape(-1, 1)
+        # A stand-in whose result depends on the batch it is in, as a matrix product's rounding may.
+        return x * context.reshape(-1, 1) + 1e-3 * x.shape[0]
 
     x, t = mx.array([[1.0, 2.0]]), mx.array([10.0])
     cond, uncond = mx.array([[3.0]]), mx.array([[1.0]])
     out = guided(model, cond, uncond, 7.5)(x, t)
     assert calls == [2]
-    np.testing.assert_allclose(np.array(out), [[1.0 + 7.5 * 2.0, 2.0 + 7.5 * 4.0]])
-    assert np.array_equal(np.array(guided(model, cond, uncond, 1.0)(x, t)), [[3.0, 6.0]]) and calls == [2, 1]
+    np.testing.assert_allclose(np.array(out), [[1.0 + 7.5 * 2.0 + 2e-3, 2.0 + 7.5 * 4.0 + 2e-3]], rtol=1e-6)
+    np.testing.assert_allclose(np.array(guided(model, cond, uncond, 1.0)(x, t)), [[3.001, 6.001]], rtol=1e-6)
+    assert calls == [2, 1]
+    calls.clear()
+    batch = mx.array([[1.0, 2.0], [-4.0, 0.5], [1.0, 2.0]])
+    together = np.array(guided(model, cond, uncond, 7.5)(batch, mx.full((3,), 10.0)))
+    assert calls == [2, 2, 2]  # one call per image, its two halves in one
+    assert np.array_equal(together[0], np.array(out)[0]) and np.array_equal(together[2], np.array(out)[0])
 
 
 def test_eps_and_v_denoisers_match_their_definitions() -> None:
