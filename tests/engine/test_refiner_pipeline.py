@@ -103,6 +103,14 @@ def test_a_refiner_that_does_not_fit_the_base_is_refused_naming_it(pipeline: Pip
     assert error.value.field == "refiner_model"
 
 
+def test_a_refiner_named_as_the_model_is_refused(pipeline: Pipeline) -> None:
+    request = GenerationRequest(prompt="x", width=64, height=64, steps=1, model="refiner").validated()
+    with pytest.raises(InvalidRequest, match="refiner is an SDXL refiner model, which runs only as the second "
+                                             "stage of a base model") as error:
+        list(pipeline(request))
+    assert error.value.field == "model"
+
+
 @pytest.mark.parametrize("start", [1.0, 1.5, -0.1, float("nan")])
 def test_refiner_start_must_be_a_fraction(start: float) -> None:
     with pytest.raises(InvalidRequest) as error:

@@ -98,3 +98,17 @@ def test_a_standalone_vaes_config_json_is_read(tmp_path: Path, force_upcast: boo
     (models_dir / "vae" / "config.json").write_text(json.dumps(config))
     vae = ModelStore(models_dir).get().models.vae
     assert vae.config.force_upcast is force_upcast
+
+
+def test_the_converted_cache_is_remade_when_a_standalone_vaes_config_json_changes(tmp_path: Path) -> None:
+    source = FIXTURES / "sdxl_tiny" / "diffusers"
+    models_dir = tmp_path / "models"
+    shutil.copytree(source, models_dir / "stable-diffusion")
+    (models_dir / "vae").mkdir()
+    shutil.copy(source / "vae" / "diffusion_pytorch_model.safetensors", models_dir / "vae" / "model.safetensors")
+    config = json.loads((source / "vae" / "config.json").read_text())
+    for force_upcast in (True, False):
+        (models_dir / "vae" / "config.json").write_text(json.dumps(config | {"force_upcast": force_upcast}))
+        vae = ModelStore(models_dir, cache_dir=tmp_path / "cache").get().models.vae
+        assert vae.config.force_upcast is force_upcast
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # the same entry, remade

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 
 from convert import SD1Models, load_sd1
 from convert.families import SDXL_REFINER
@@ -49,3 +50,19 @@ def test_refiner_text_encoder_is_bigg_with_its_projection(refiner: SD1Models) ->
     hidden, pooled = refiner.text_encoder_2.hidden_and_pooled(text["text_input_ids_2"])
     assert relative_error(pooled, text["text_2_pooled"]) <= TOLERANCES[mx.bfloat16]
     assert relative_error(hidden, text["text_2_hidden_penultimate"]) <= TOLERANCES[mx.bfloat16]
+
+
+def test_the_refiner_as_a_single_file_holds_the_weights_of_its_diffusers_form(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    from tests.fixtures.family_keymap import single_file_from_diffusers
+
+    folder = load_sd1(REFINER / "diffusers")
+    path = tmp_path / "sd_xl_refiner.safetensors"  # SGM's layout: bigG alone, as conditioner.embedders.0
+    save_file(single_file_from_diffusers(REFINER, "sdxl_refiner"), str(path))
+    single = load_sd1(path, configs=folder.configs)
+    assert single.family is SDXL_REFINER and single.text_encoder is None
+    for network in ("unet", "vae", "text_encoder_2"):
+        ours, theirs = (dict(tree_flatten(getattr(models, network).parameters())) for models in (single, folder))
+        assert ours.keys() == theirs.keys()
+        assert all(mx.array_equal(ours[name], theirs[name]) for name in ours), network
