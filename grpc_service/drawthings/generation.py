@@ -4,8 +4,8 @@ Every setting of the configuration is in one group (a test checks that the group
 - MAPPED onto GenerationRequest (size, seed, steps, guidance, sampler, hires fix, ...);
 - IGNORED_FOR_SPEED: they only tune speed or memory; the image is the same without them (logged);
 - NOT_FOR_SD1: Draw Things itself ignores them for SD 1.x models, and they concern none of the
-  families served (SD 1.x, SD 2.x, SDXL) but SDXL's refiner, whose aesthetic scores stay at their
-  defaults, 6 and 2.5 (logged); SDXL's size micro-conditioning is MAPPED (SD 1.x and SD 2.x ignore it);
+  families served (SD 1.x, SD 2.x, SDXL) (logged); SDXL's size micro-conditioning and its refiner's
+  aesthetic scores are MAPPED (the other families ignore them);
 - DEPENDENT: they act only through another setting that is refused when present (compression
   artifacts), or are the configuration's bookkeeping;
 - REFUSED: they would change the image and we cannot honour them (FAILED_PRECONDITION naming them).
@@ -50,7 +50,7 @@ MAPPED = (
     "hires_fix", "hires_fix_start_width", "hires_fix_start_height", "hires_fix_strength", "seed_mode", "clip_skip",
     "face_restoration", "stochastic_sampling_gamma", "upscaler", "upscaler_scale_factor", "strength", "mask_blur",
     "preserve_original_after_inpaint", "mask_blur_outset", "loras",
-    "refiner_model", "refiner_start",
+    "refiner_model", "refiner_start", "aesthetic_score", "negative_aesthetic_score",
     *(SDXL_SIZES := {"original_image_width": "original_width", "original_image_height": "original_height",
                      "crop_top": "crop_top", "crop_left": "crop_left", "target_image_width": "target_width",
                      "target_image_height": "target_height", "negative_original_image_width": "negative_original_width",
@@ -63,7 +63,7 @@ IGNORED_FOR_SPEED = (
 )
 NOT_FOR_SD1 = (
     "image_guidance_scale", "clip_weight", "negative_prompt_for_image_prior", "image_prior_steps",
-    "aesthetic_score", "negative_aesthetic_score", "fps_id", "motion_bucket_id", "cond_aug", "start_frame_cfg", "num_frames",
+    "fps_id", "motion_bucket_id", "cond_aug", "start_frame_cfg", "num_frames",
     "stage_2_steps", "stage_2_cfg", "stage_2_shift", "t5_text_encoder", "separate_clip_l", "clip_l_text",
     "separate_open_clip_g", "open_clip_g_text", "speed_up_with_guidance_embed", "guidance_embed",
     "resolution_dependent_shift", "separate_t5", "t5_text", "causal_inference_enabled", "causal_inference",
@@ -136,6 +136,8 @@ def generation_request(message: pb.ImageGenerationRequest) -> GenerationRequest:
         upscale_factor=config["upscaler_scale_factor"],
         refiner_model=config["refiner_model"],
         refiner_start=config["refiner_start"],
+        aesthetic_score=config["aesthetic_score"],
+        negative_aesthetic_score=config["negative_aesthetic_score"],
         # Image to image and inpainting (grpc_service/drawthings/inputs.py)
         source=source,
         mask_blur=round(config["mask_blur"]) if math.isfinite(config["mask_blur"]) else -1,

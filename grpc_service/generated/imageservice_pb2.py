@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12imageservice.proto\x12\x08mlxsd.v1\"\r\n\x0b\x45\x63hoRequest\"\x1f\n\x0c\x45\x63hoResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\"\"\n\x11\x46ilesExistRequest\x12\r\n\x05\x66iles\x18\x01 \x03(\t\"C\n\x12\x46ilesExistResponse\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12\x0e\n\x06\x65xists\x18\x02 \x03(\x08\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t\"\xf5\x06\n\x16ImageGenerationRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x11\n\tcfg_scale\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x0f\n\x07sampler\x18\x08 \x01(\t\x12\x15\n\rrestore_faces\x18\t \x01(\x08\x12\x11\n\tenable_hr\x18\n \x01(\x08\x12\x1a\n\x12\x64\x65noising_strength\x18\x0b \x01(\x02\x12\x12\n\nbatch_size\x18\x0c \x01(\x05\x12\x13\n\x0b\x62\x61tch_count\x18\r \x01(\x05\x12\x0f\n\x07upscale\x18\x0e \x01(\x08\x12\x16\n\x0eupscale_factor\x18\x0f \x01(\x05\x12\x15\n\rrefiner_model\x18\x10 \x01(\t\x12\x15\n\rrefiner_start\x18\x11 \x01(\x02\x12\r\n\x05model\x18\x12 \x01(\t\x12\x12\n\ninit_image\x18\x14 \x01(\x0c\x12\x0c\n\x04mask\x18\x15 \x01(\x0c\x12\x11\n\tmask_blur\x18\x16 \x01(\x05\x12@\n\x0bresize_mode\x18\x17 \x01(\x0e\x32+.mlxsd.v1.ImageGenerationRequest.ResizeMode\x12\x18\n\x10inpaint_full_res\x18\x18 \x01(\x08\x12 \n\x18inpaint_full_res_padding\x18\x19 \x01(\x05\x12H\n\x0finpainting_fill\x18\x1a \x01(\x0e\x32/.mlxsd.v1.ImageGenerationRequest.InpaintingFill\x12\x1a\n\x12inpaint_no_overlay\x18\x1b \x01(\x08\x12\x13\n\x0bmask_outset\x18\x1c \x01(\x05\x12#\n\x05loras\x18\x1e \x03(\x0b\x32\x14.mlxsd.v1.LoraWeight\x12\x11\n\tclip_skip\x18\x1f \x01(\x05\"G\n\nResizeMode\x12\x0f\n\x0bJUST_RESIZE\x10\x00\x12\x13\n\x0f\x43ROP_AND_RESIZE\x10\x01\x12\x13\n\x0fRESIZE_AND_FILL\x10\x02\"N\n\x0eInpaintingFill\x12\x0c\n\x08ORIGINAL\x10\x00\x12\x08\n\x04\x46ILL\x10\x01\x12\x10\n\x0cLATENT_NOISE\x10\x02\x12\x12\n\x0eLATENT_NOTHING\x10\x03\"*\n\nLoraWeight\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"`\n\x17ImageGenerationResponse\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0c\n\x04info\x18\x02 \x03(\t\x12\'\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x17.mlxsd.v1.SignpostEvent\"\xd1\x02\n\rSignpostEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\x12/\n\x04type\x18\x03 \x01(\x0e\x32!.mlxsd.v1.SignpostEvent.EventType\x12\x0c\n\x04step\x18\x04 \x01(\x05\x12\r\n\x05total\x18\x05 \x01(\x05\"\xd0\x01\n\tEventType\x12\x10\n\x0cTEXT_ENCODED\x10\x00\x12\x11\n\rIMAGE_DECODED\x10\x01\x12\x11\n\rIMAGE_ENCODED\x10\x02\x12\x0c\n\x08SAMPLING\x10\x03\x12\x11\n\rFACE_RESTORED\x10\x04\x12\x12\n\x0eIMAGE_UPSCALED\x10\x05\x12\x1d\n\x19SECOND_PASS_IMAGE_DECODED\x10\x06\x12\x1d\n\x19SECOND_PASS_IMAGE_ENCODED\x10\x07\x12\x18\n\x14SECOND_PASS_SAMPLING\x10\x08\"I\n\x11UploadFileRequest\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x12\n\nchunk_data\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"6\n\x12UploadFileResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\xbb\x02\n\x16ImageGenerationService\x12\x35\n\x04\x45\x63ho\x12\x15.mlxsd.v1.EchoRequest\x1a\x16.mlxsd.v1.EchoResponse\x12G\n\nFilesExist\x12\x1b.mlxsd.v1.FilesExistRequest\x1a\x1c.mlxsd.v1.FilesExistResponse\x12V\n\rGenerateImage\x12 .mlxsd.v1.ImageGenerationRequest\x1a!.mlxsd.v1.ImageGenerationResponse0\x01\x12I\n\nUploadFile\x12\x1b.mlxsd.v1.UploadFileRequest\x1a\x1c.mlxsd.v1.UploadFileResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12imageservice.proto\x12\x08mlxsd.v1\"\r\n\x0b\x45\x63hoRequest\"\x1f\n\x0c\x45\x63hoResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\"\"\n\x11\x46ilesExistRequest\x12\r\n\x05\x66iles\x18\x01 \x03(\t\"C\n\x12\x46ilesExistResponse\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12\x0e\n\x06\x65xists\x18\x02 \x03(\x08\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t\"\xb0\x07\n\x16ImageGenerationRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x11\n\tcfg_scale\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x0f\n\x07sampler\x18\x08 \x01(\t\x12\x15\n\rrestore_faces\x18\t \x01(\x08\x12\x11\n\tenable_hr\x18\n \x01(\x08\x12\x1a\n\x12\x64\x65noising_strength\x18\x0b \x01(\x02\x12\x12\n\nbatch_size\x18\x0c \x01(\x05\x12\x13\n\x0b\x62\x61tch_count\x18\r \x01(\x05\x12\x0f\n\x07upscale\x18\x0e \x01(\x08\x12\x16\n\x0eupscale_factor\x18\x0f \x01(\x05\x12\x15\n\rrefiner_model\x18\x10 \x01(\t\x12\x15\n\rrefiner_start\x18\x11 \x01(\x02\x12\x17\n\x0f\x61\x65sthetic_score\x18\x13 \x01(\x02\x12 \n\x18negative_aesthetic_score\x18  \x01(\x02\x12\r\n\x05model\x18\x12 \x01(\t\x12\x12\n\ninit_image\x18\x14 \x01(\x0c\x12\x0c\n\x04mask\x18\x15 \x01(\x0c\x12\x11\n\tmask_blur\x18\x16 \x01(\x05\x12@\n\x0bresize_mode\x18\x17 \x01(\x0e\x32+.mlxsd.v1.ImageGenerationRequest.ResizeMode\x12\x18\n\x10inpaint_full_res\x18\x18 \x01(\x08\x12 \n\x18inpaint_full_res_padding\x18\x19 \x01(\x05\x12H\n\x0finpainting_fill\x18\x1a \x01(\x0e\x32/.mlxsd.v1.ImageGenerationRequest.InpaintingFill\x12\x1a\n\x12inpaint_no_overlay\x18\x1b \x01(\x08\x12\x13\n\x0bmask_outset\x18\x1c \x01(\x05\x12#\n\x05loras\x18\x1e \x03(\x0b\x32\x14.mlxsd.v1.LoraWeight\x12\x11\n\tclip_skip\x18\x1f \x01(\x05\"G\n\nResizeMode\x12\x0f\n\x0bJUST_RESIZE\x10\x00\x12\x13\n\x0f\x43ROP_AND_RESIZE\x10\x01\x12\x13\n\x0fRESIZE_AND_FILL\x10\x02\"N\n\x0eInpaintingFill\x12\x0c\n\x08ORIGINAL\x10\x00\x12\x08\n\x04\x46ILL\x10\x01\x12\x10\n\x0cLATENT_NOISE\x10\x02\x12\x12\n\x0eLATENT_NOTHING\x10\x03\"*\n\nLoraWeight\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"`\n\x17ImageGenerationResponse\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0c\n\x04info\x18\x02 \x03(\t\x12\'\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x17.mlxsd.v1.SignpostEvent\"\xd1\x02\n\rSignpostEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\x12/\n\x04type\x18\x03 \x01(\x0e\x32!.mlxsd.v1.SignpostEvent.EventType\x12\x0c\n\x04step\x18\x04 \x01(\x05\x12\r\n\x05total\x18\x05 \x01(\x05\"\xd0\x01\n\tEventType\x12\x10\n\x0cTEXT_ENCODED\x10\x00\x12\x11\n\rIMAGE_DECODED\x10\x01\x12\x11\n\rIMAGE_ENCODED\x10\x02\x12\x0c\n\x08SAMPLING\x10\x03\x12\x11\n\rFACE_RESTORED\x10\x04\x12\x12\n\x0eIMAGE_UPSCALED\x10\x05\x12\x1d\n\x19SECOND_PASS_IMAGE_DECODED\x10\x06\x12\x1d\n\x19SECOND_PASS_IMAGE_ENCODED\x10\x07\x12\x18\n\x14SECOND_PASS_SAMPLING\x10\x08\"I\n\x11UploadFileRequest\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x12\n\nchunk_data\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"6\n\x12UploadFileResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\xbb\x02\n\x16ImageGenerationService\x12\x35\n\x04\x45\x63ho\x12\x15.mlxsd.v1.EchoRequest\x1a\x16.mlxsd.v1.EchoResponse\x12G\n\nFilesExist\x12\x1b.mlxsd.v1.FilesExistRequest\x1a\x1c.mlxsd.v1.FilesExistResponse\x12V\n\rGenerateImage\x12 .mlxsd.v1.ImageGenerationRequest\x1a!.mlxsd.v1.ImageGenerationResponse0\x01\x12I\n\nUploadFile\x12\x1b.mlxsd.v1.UploadFileRequest\x1a\x1c.mlxsd.v1.UploadFileResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,23 +40,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILESEXISTRESPONSE']._serialized_start=116
   _globals['_FILESEXISTRESPONSE']._serialized_end=183
   _globals['_IMAGEGENERATIONREQUEST']._serialized_start=186
-  _globals['_IMAGEGENERATIONREQUEST']._serialized_end=1071
-  _globals['_IMAGEGENERATIONREQUEST_RESIZEMODE']._serialized_start=920
-  _globals['_IMAGEGENERATIONREQUEST_RESIZEMODE']._serialized_end=991
-  _globals['_IMAGEGENERATIONREQUEST_INPAINTINGFILL']._serialized_start=993
-  _globals['_IMAGEGENERATIONREQUEST_INPAINTINGFILL']._serialized_end=1071
-  _globals['_LORAWEIGHT']._serialized_start=1073
-  _globals['_LORAWEIGHT']._serialized_end=1115
-  _globals['_IMAGEGENERATIONRESPONSE']._serialized_start=1117
-  _globals['_IMAGEGENERATIONRESPONSE']._serialized_end=1213
-  _globals['_SIGNPOSTEVENT']._serialized_start=1216
-  _globals['_SIGNPOSTEVENT']._serialized_end=1553
-  _globals['_SIGNPOSTEVENT_EVENTTYPE']._serialized_start=1345
-  _globals['_SIGNPOSTEVENT_EVENTTYPE']._serialized_end=1553
-  _globals['_UPLOADFILEREQUEST']._serialized_start=1555
-  _globals['_UPLOADFILEREQUEST']._serialized_end=1628
-  _globals['_UPLOADFILERESPONSE']._serialized_start=1630
-  _globals['_UPLOADFILERESPONSE']._serialized_end=1684
-  _globals['_IMAGEGENERATIONSERVICE']._serialized_start=1687
-  _globals['_IMAGEGENERATIONSERVICE']._serialized_end=2002
+  _globals['_IMAGEGENERATIONREQUEST']._serialized_end=1130
+  _globals['_IMAGEGENERATIONREQUEST_RESIZEMODE']._serialized_start=979
+  _globals['_IMAGEGENERATIONREQUEST_RESIZEMODE']._serialized_end=1050
+  _globals['_IMAGEGENERATIONREQUEST_INPAINTINGFILL']._serialized_start=1052
+  _globals['_IMAGEGENERATIONREQUEST_INPAINTINGFILL']._serialized_end=1130
+  _globals['_LORAWEIGHT']._serialized_start=1132
+  _globals['_LORAWEIGHT']._serialized_end=1174
+  _globals['_IMAGEGENERATIONRESPONSE']._serialized_start=1176
+  _globals['_IMAGEGENERATIONRESPONSE']._serialized_end=1272
+  _globals['_SIGNPOSTEVENT']._serialized_start=1275
+  _globals['_SIGNPOSTEVENT']._serialized_end=1612
+  _globals['_SIGNPOSTEVENT_EVENTTYPE']._serialized_start=1404
+  _globals['_SIGNPOSTEVENT_EVENTTYPE']._serialized_end=1612
+  _globals['_UPLOADFILEREQUEST']._serialized_start=1614
+  _globals['_UPLOADFILEREQUEST']._serialized_end=1687
+  _globals['_UPLOADFILERESPONSE']._serialized_start=1689
+  _globals['_UPLOADFILERESPONSE']._serialized_end=1743
+  _globals['_IMAGEGENERATIONSERVICE']._serialized_start=1746
+  _globals['_IMAGEGENERATIONSERVICE']._serialized_end=2061
 # @@protoc_insertion_point(module_scope)

@@ -34,7 +34,7 @@ class FilesExistResponse(_message.Message):
     def __init__(self, files: _Optional[_Iterable[str]] = ..., exists: _Optional[_Iterable[bool]] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ImageGenerationRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "sampler", "restore_faces", "enable_hr", "denoising_strength", "batch_size", "batch_count", "upscale", "upscale_factor", "refiner_model", "refiner_start", "model", "init_image", "mask", "mask_blur", "resize_mode", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_fill", "inpaint_no_overlay", "mask_outset", "loras", "clip_skip")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "sampler", "restore_faces", "enable_hr", "denoising_strength", "batch_size", "batch_count", "upscale", "upscale_factor", "refiner_model", "refiner_start", "aesthetic_score", "negative_aesthetic_score", "model", "init_image", "mask", "mask_blur", "resize_mode", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_fill", "inpaint_no_overlay", "mask_outset", "loras", "clip_skip")
     class ResizeMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         JUST_RESIZE: _ClassVar[ImageGenerationRequest.ResizeMode]
@@ -70,6 +70,8 @@ class ImageGenerationRequest(_message.Message):
     UPSCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
     REFINER_MODEL_FIELD_NUMBER: _ClassVar[int]
     REFINER_START_FIELD_NUMBER: _ClassVar[int]
+    AESTHETIC_SCORE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_AESTHETIC_SCORE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INIT_IMAGE_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +101,8 @@ class ImageGenerationRequest(_message.Message):
     upscale_factor: int
     refiner_model: str
     refiner_start: float
+    aesthetic_score: float
+    negative_aesthetic_score: float
     model: str
     init_image: bytes
     mask: bytes
@@ -111,7 +115,7 @@ class ImageGenerationRequest(_message.Message):
     mask_outset: int
     loras: _containers.RepeatedCompositeFieldContainer[LoraWeight]
     clip_skip: int
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., restore_faces: _Optional[bool] = ..., enable_hr: _Optional[bool] = ..., denoising_strength: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_count: _Optional[int] = ..., upscale: _Optional[bool] = ..., upscale_factor: _Optional[int] = ..., refiner_model: _Optional[str] = ..., refiner_start: _Optional[float] = ..., model: _Optional[str] = ..., init_image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., mask_blur: _Optional[int] = ..., resize_mode: _Optional[_Union[ImageGenerationRequest.ResizeMode, str]] = ..., inpaint_full_res: _Optional[bool] = ..., inpaint_full_res_padding: _Optional[int] = ..., inpainting_fill: _Optional[_Union[ImageGenerationRequest.InpaintingFill, str]] = ..., inpaint_no_overlay: _Optional[bool] = ..., mask_outset: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraWeight, _Mapping]]] = ..., clip_skip: _Optional[int] = ...) -> None: ...
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., restore_faces: _Optional[bool] = ..., enable_hr: _Optional[bool] = ..., denoising_strength: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_count: _Optional[int] = ..., upscale: _Optional[bool] = ..., upscale_factor: _Optional[int] = ..., refiner_model: _Optional[str] = ..., refiner_start: _Optional[float] = ..., aesthetic_score: _Optional[float] = ..., negative_aesthetic_score: _Optional[float] = ..., model: _Optional[str] = ..., init_image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., mask_blur: _Optional[int] = ..., resize_mode: _Optional[_Union[ImageGenerationRequest.ResizeMode, str]] = ..., inpaint_full_res: _Optional[bool] = ..., inpaint_full_res_padding: _Optional[int] = ..., inpainting_fill: _Optional[_Union[ImageGenerationRequest.InpaintingFill, str]] = ..., inpaint_no_overlay: _Optional[bool] = ..., mask_outset: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraWeight, _Mapping]]] = ..., clip_skip: _Optional[int] = ...) -> None: ...
 
 class LoraWeight(_message.Message):
     __slots__ = ("file", "weight")

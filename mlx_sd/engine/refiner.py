@@ -37,8 +37,6 @@ if TYPE_CHECKING:
     from mlx_sd.engine.extra_networks import Prepared
     from mlx_sd.engine.model_store import LoadedModel, ModelStore
 
-AESTHETIC_SCORE = 6.0
-NEGATIVE_AESTHETIC_SCORE = 2.5
 TRAIN_TIMESTEPS = 1000
 
 
@@ -66,7 +64,7 @@ def encode_prompts(refiner: LoadedModel, request: GenerationRequest, extras: Pre
 
 def _time_ids(request: GenerationRequest, negative: bool) -> mx.array:
     """(1, 5): the base's original size and crop (the request's micro-conditioning), then the score."""
-    score = NEGATIVE_AESTHETIC_SCORE if negative else AESTHETIC_SCORE
+    score = request.negative_aesthetic_score if negative else request.aesthetic_score
     return mx.concatenate([size_time_ids(request, negative)[:, :4], mx.array([[score]])], axis=1)
 
 

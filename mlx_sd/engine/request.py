@@ -46,6 +46,9 @@ MICRO_CONDITIONING = ("original_width", "original_height", "crop_top", "crop_lef
                       "negative_original_width", "negative_original_height")
 MAX_MICRO_CONDITIONING = 16384  # pixels; SDXL was trained on sizes up to ~4k
 DEFAULT_REFINER_START = 0.7  # Draw Things' default
+# SDXL's refiner's aesthetic scores of the prompt and of the negative prompt: diffusers' and Draw Things' defaults.
+DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
+MAX_AESTHETIC_SCORE = 10.0  # the scale of the aesthetic predictor the refiner was trained with
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
@@ -110,6 +113,9 @@ class GenerationRequest:
     # fraction of the denoising schedule (0: DEFAULT_REFINER_START); "": none.
     refiner_model: str = ""
     refiner_start: float = 0.0
+    # The refiner's aesthetic-score conditioning of the prompt and of the negative prompt (0: the defaults).
+    aesthetic_score: float = 0.0
+    negative_aesthetic_score: float = 0.0
 
     def with_native_size(self, native: int) -> GenerationRequest:
         """A validated request whose width or height of 0 (the model's native size) is now `native`,
@@ -161,6 +167,11 @@ class GenerationRequest:
         if self.model and (problem := name_problem(self.model)) is not None:
             raise InvalidRequest("model", f"{shown_name(self.model)!r} {problem}")
         refiner_start = self._refiner_start()
+        aesthetic_score = _float_in_range("aesthetic_score", self.aesthetic_score or DEFAULT_AESTHETIC_SCORE, 0.0,
+                                          MAX_AESTHETIC_SCORE)
+        negative_aesthetic_score = _float_in_range(
+            "negative_aesthetic_score", self.negative_aesthetic_score or DEFAULT_NEGATIVE_AESTHETIC_SCORE, 0.0,
+            MAX_AESTHETIC_SCORE)
         sampler = canonical_sampler_name(self.sampler)
         if sampler is None:
             raise InvalidRequest("sampler", f"unknown sampler {self.sampler!r}; supported: {', '.join(SAMPLER_NAMES)}")
@@ -187,6 +198,8 @@ class GenerationRequest:
             stochastic_sampling_gamma=gamma,
             upscale_factor=upscale_factor,
             refiner_start=refiner_start,
+            aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score,
         )
 
     def _refiner_start(self) -> float:

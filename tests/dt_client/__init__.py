@@ -36,6 +36,7 @@ CONFIG_SLOTS: dict[str, tuple[int, str, Any]] = {
     "original_image_height": (29, "Uint32", 0), "original_image_width": (30, "Uint32", 0), "crop_top": (31, "Int32", 0),
     "crop_left": (32, "Int32", 0), "target_image_height": (33, "Uint32", 0), "target_image_width": (34, "Uint32", 0),
     "negative_original_image_height": (39, "Uint32", 0), "negative_original_image_width": (40, "Uint32", 0),
+    "aesthetic_score": (35, "Float32", 6.0), "negative_aesthetic_score": (36, "Float32", 2.5),
     "zero_negative_prompt": (37, "Bool", False), "refiner_start": (38, "Float32", 0.7),
     "sharpness": (48, "Float32", 0.0), "shift": (49, "Float32", 1.0),
     "tiled_decoding": (53, "Bool", False), "stochastic_sampling_gamma": (57, "Float32", 0.3),

@@ -8,6 +8,7 @@ is SD 1.x's (tests/engine/test_pipeline.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -136,3 +137,14 @@ def test_the_refiner_is_given_the_bases_size_conditioning_and_the_aesthetic_scor
     assert cond["time_ids"].tolist() == [[64, 512, 16, 0, 6.0]]
     assert uncond["time_ids"].tolist() == [[32, 512, 16, 0, 2.5]]
     assert cond["context"].shape == (1, 77, 32) and cond["text_embeds"].shape == (1, 24)  # bigG alone
+    scored = dataclasses.replace(request, aesthetic_score=7.5, negative_aesthetic_score=1.0).validated()
+    cond, uncond = refiner.encode_prompts(loaded, scored, extras)
+    assert cond["time_ids"][0, 4].item() == 7.5 and uncond["time_ids"][0, 4].item() == 1.0
+
+
+@pytest.mark.parametrize(("field", "value"), [("aesthetic_score", 10.5), ("negative_aesthetic_score", -1.0),
+                                              ("aesthetic_score", float("nan"))])
+def test_an_aesthetic_score_outside_0_to_10_is_refused(field: str, value: float) -> None:
+    with pytest.raises(InvalidRequest) as error:
+        GenerationRequest(prompt="x", refiner_model="refiner", **{field: value}).validated()
+    assert error.value.field == field

@@ -121,6 +121,10 @@ def test_a_refiner_takes_over_as_in_the_documented_api(server_factory, stub_for,
     refined = documented_pixels(stub_for, server, refiner_model="refiner", refiner_start=0.5)
     assert np.array_equal(decode_image(images[0]), refined[0])
     assert not np.array_equal(refined[0], documented_pixels(stub_for, server)[0])
+    scores = dict(refiner_model="refiner", refiner_start=0.5, aesthetic_score=9.0, negative_aesthetic_score=1.0)
+    images, _ = collect_images(client.generate(dt_request(client, **scores)))
+    scored = documented_pixels(stub_for, server, **scores)
+    assert np.array_equal(decode_image(images[0]), scored[0]) and not np.array_equal(scored[0], refined[0])
 
 
 def test_a_refiner_after_an_sd1_model_is_an_invalid_argument_naming_it(server_factory, stub_for, dt_connect,
