@@ -109,3 +109,17 @@ def test_padding_is_exact_through_a_unet_and_switches_per_module() -> None:
     np.testing.assert_allclose(np.array(padded), np.array(plain), rtol=1e-4, atol=1e-5)
     pad_attention_heads(unet, False)
     assert not any(m.pad_heads for m in unet.modules() if isinstance(m, Attention))
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.32.4"])
+@pytest.mark.parametrize("side", [512, 768])
+def test_every_sd2_attention_call_is_fused_so_fp16_scores_need_no_upcast(version: str, side: int) -> None:
+    # diffusers upcasts SD 2.1's attention scores to fp32 (`upcast_attention`); the fused kernel computes
+    # them and their softmax in fp32 anyway (docs/models.md). SD 2.x: 64-wide heads at three UNet
+    # levels and the mid block, self- and cross-attention (77 keys), and OpenCLIP-H's causal self-attention.
+    latent = side // 8
+    calls = [fa.AttentionCall(batch=2, heads=heads, queries=(latent >> level) ** 2, keys=keys, head_dim=64)
+             for level, heads in ((0, 5), (1, 10), (2, 20), (3, 20))
+             for keys in ((latent >> level) ** 2, 77)]
+    calls.append(fa.AttentionCall(batch=2, heads=16, queries=77, keys=77, head_dim=64, causal=True))
+    assert [fa.fallback_reason(call, version) for call in calls] == [None] * len(calls)
