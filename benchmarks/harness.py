@@ -21,6 +21,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as `python benchmarks/x.py` from a checkout
 
+from mlx_sd.cpu.runtime import configure  # noqa: E402
+
+configure()  # the BLAS, before the server's modules import MLX, as `mlx-sd serve` does
+
 from grpc_service.client import ClientSettings, open_channel  # noqa: E402
 from grpc_service.generated import imageservice_pb2 as pb  # noqa: E402
 from grpc_service.generated import imageservice_pb2_grpc as pb_grpc  # noqa: E402

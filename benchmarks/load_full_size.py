@@ -36,7 +36,8 @@ def peak_rss_gib() -> float:
 
 
 def serve(checkpoint: Path, cache_dir: Path, dtype: str, size: int, steps: int) -> dict:
-    """One image through a server's documented API: its size and seconds (load included)."""
+    """One image through a server's documented API: its size, and the seconds from the request to
+    each stage's signpost (the first, text encoded, includes loading and caching the model)."""
     import io
 
     from PIL import Image
@@ -45,13 +46,24 @@ def serve(checkpoint: Path, cache_dir: Path, dtype: str, size: int, steps: int) 
 
     start = time.perf_counter()
     with harness.tiny_server(checkpoint, cache_dir=cache_dir, dtype=dtype) as server:
-        last = list(server.stub().GenerateImage(harness.generation(size, steps)))[-1]
-    image = Image.open(io.BytesIO(last.images[0]))
-    return {"seconds": time.perf_counter() - start, "peak_rss_gib": peak_rss_gib(), "image": list(image.size),
-            "parameters": last.info[0].splitlines()[-1]}
+        requested = time.time()
+        responses = list(server.stub().GenerateImage(harness.generation(size, steps)))
+    seconds = time.perf_counter() - start
+    stages, last = {}, requested
+    for event in (event for response in responses for event in response.events):
+        name = harness.pb.SignpostEvent.EventType.Name(event.type).lower()
+        label = f"{name} {event.step}/{event.total}" if event.total else name
+        stages[label] = event.timestamp / 1000 - last
+        last = event.timestamp / 1000
+    image = Image.open(io.BytesIO(responses[-1].images[0]))
+    return {"seconds": seconds, "peak_rss_gib": peak_rss_gib(), "image": list(image.size),
+            "parameters": responses[-1].info[0].splitlines()[-1], "stages": stages}
 
 
 def run_phase(phase: str, checkpoint: Path, cache_dir: Path, dtype: str, size: int, steps: int) -> dict:
+    from mlx_sd.cpu.runtime import configure
+
+    configure()  # the BLAS, before anything imports mlx.core, as the entry points do
     import mlx.core as mx
 
     from convert import convert_checkpoint, load_sd1
@@ -119,6 +131,8 @@ def main() -> None:
             extra = "" if "finite" not in result else f"  finite={result['finite']}"
             extra += "" if "image" not in result else f"  image {result['image']}: {result['parameters']}"
             print(f"{label:>18}: {result['seconds']:7.1f} s   peak RSS {result['peak_rss_gib']:5.2f} GiB{extra}")
+            for stage, seconds in result.get("stages", {}).items():
+                print(f"{stage:>26}: {seconds:7.1f} s after the previous")
 
 
 if __name__ == "__main__":

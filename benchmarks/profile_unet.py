@@ -1,11 +1,12 @@
 """Where a full-size UNet forward (or VAE decode) spends its time on MLX's CPU device, by kind
 of operation: on the CPU kernels, or on MLX's own ops with MLX_SD_BACKEND=mlx.
 
-    nice .venv/bin/python benchmarks/profile_unet.py [--size 512] [--batch 2] [--vae] [--dtype float32]
+    nice .venv/bin/python benchmarks/profile_unet.py [--size 512] [--batch 2] [--vae] [--dtype float32] [--family sdxl]
 
 Each profiled operation evaluates its inputs first and its output after, so its time is its
 own; the sum is a little above an unprofiled forward (no overlap between ops). Needs the random
-SD-1.5 checkpoint (benchmarks/build_sd15_checkpoint.py) and writes its converted cache.
+SD-1.5 or SDXL checkpoint (benchmarks/build_sd15_checkpoint.py, build_sdxl_checkpoint.py) and writes
+its converted cache.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from mlx_sd.cpu.norms import GroupNorm, LayerNorm  # noqa: E402
 from mlx_sd.models import layers, unet, vae  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKPOINT = REPO / ".cache" / "sd15-random" / "stable-diffusion" / "model.safetensors"
+CHECKPOINTS = {family: REPO / ".cache" / f"{family}-random" / "stable-diffusion" / "model.safetensors"
+               for family in ("sd15", "sdxl")}
 
 
 def timed(totals: dict[str, float], name: str, fn: Callable) -> Callable:
@@ -52,16 +54,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--vae", action="store_true", help="profile a VAE decode instead")
     parser.add_argument("--dtype", default="float32", help="weights: float32, float16 or bfloat16")
+    parser.add_argument("--family", choices=sorted(CHECKPOINTS), default="sd15", help="which built checkpoint")
     args = parser.parse_args()
     backend = from_environment()
-    models = backend.prepare_models(load_sd1(CHECKPOINT, dtype=args.dtype, cache_dir=REPO / ".cache" / "converted",
+    models = backend.prepare_models(load_sd1(CHECKPOINTS[args.family], dtype=args.dtype,
+                                             cache_dir=REPO / ".cache" / "converted",
                                              reader=backend.reader))
     dtype = backend.activation_dtype(models.unet.conv_in.weight.dtype)
+    config = models.unet.config
     key = mx.random.key(0)
     x = mx.random.normal((args.batch, args.size // 8, args.size // 8, 4), key=key).astype(dtype)
-    context = mx.random.normal((args.batch, 77, 768), key=key).astype(dtype)
+    context = mx.random.normal((args.batch, 77, config.cross_attention_dim), key=key).astype(dtype)
     t = mx.array([500] * args.batch)
-    forward = (lambda: models.vae.decode(x)) if args.vae else (lambda: models.unet(x, t, context))
+    added = {}
+    if config.addition_embed_type == "text_time":  # SDXL: pooled text and size micro-conditioning
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = {"text_embeds": mx.random.normal((args.batch, pooled), key=key).astype(dtype),
+                 "time_ids": mx.array([[args.size, args.size, 0, 0, args.size, args.size]] * args.batch, dtype=dtype)}
+    forward = (lambda: models.vae.decode(x)) if args.vae else (lambda: models.unet(x, t, context, **added))
     mx.eval(forward())  # warm-up
 
     start = time.perf_counter()

@@ -233,7 +233,8 @@ def release_memory() -> None:
 def configure() -> Blas:
     """Pick and load the BLAS once per process; call before `mlx.core` is imported.
 
-    Logs one line naming the BLAS in use.
+    Logs one line naming the BLAS in use. Called after `mlx.core` was imported, it still loads the
+    BLAS for the CPU kernels, and warns that MLX's own products keep the BLAS MLX bound.
     """
     if sys.platform == "darwin":
         return ACCELERATE  # MLX uses Accelerate (and Metal); nothing to do
@@ -241,9 +242,7 @@ def configure() -> Blas:
         return REFERENCE
     keep_heap_pages()
     keep_numpy_pages_small(os.environ)
-    if "mlx.core" in sys.modules:
-        log.warning("mlx.core was imported before the BLAS was chosen; keeping the one it bound")
-        return Blas("already-bound")
+    late = "mlx.core" in sys.modules
     paths = candidate_paths(
         Path(sysconfig.get_paths()["data"]),
         Path(sysconfig.get_paths()["purelib"]),
@@ -254,7 +253,14 @@ def configure() -> Blas:
     blas = preload(chosen, os.environ)
     if blas is not chosen:
         return blas  # preload logged the failure and the fallback
-    if blas.path is None:
+    if late and blas.path is not None:
+        # MLX bound its bundled BLAS when it was imported (Python loads extensions with RTLD_NOW), so
+        # its own products stay on it; the CPU kernels, which call the BLAS loaded here, and their
+        # pool of threads are unaffected (without it they would run on one thread).
+        log.warning("mlx.core was imported before the BLAS was chosen: MLX's own matrix products keep its "
+                    "bundled reference BLAS (several times slower); the CPU kernels use %s. Call "
+                    "mlx_sd.cpu.runtime.configure() before importing mlx.core", blas.name)
+    elif blas.path is None:
         log.info("BLAS: MLX's bundled reference BLAS (slow; `pip install mkl` or install OpenBLAS)")
     else:
         coretype = os.environ.get("OPENBLAS_CORETYPE", "") if blas.name == "openblas" else ""

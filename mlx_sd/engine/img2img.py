@@ -19,7 +19,6 @@ The steps, in A1111's order (docs/api.md, "Image to image and inpainting"):
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -28,27 +27,14 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageFilter
 
-from mlx_sd.engine.init_images import ResizeMode, Source, resize
+from mlx_sd.engine.init_images import InpaintingFill, ResizeMode, Source, resize
 from mlx_sd.sampling.denoisers import Denoiser, EpsModel
 
 if TYPE_CHECKING:
     from mlx_sd.engine.request import GenerationRequest
 
-MAX_MASK_BLUR = 64  # pixels
-MAX_MASK_OUTSET = 100  # pixels either way, Draw Things' range
-MAX_PADDING = 256  # pixels around the mask for "only masked"
 INPAINTING_CHANNELS = 9  # latents, mask, masked image's latents
 _FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))  # A1111's (blur radius, repeats)
-
-
-class InpaintingFill(enum.IntEnum):
-    """What the masked region starts from; the values are the API's InpaintingFill (A1111 numbers
-    them fill 0, original 1, latent noise 2, latent nothing 3)."""
-
-    ORIGINAL = 0
-    FILL = 1  # the surrounding colours, blurred in
-    LATENT_NOISE = 2  # the seed's noise instead of the image's latents
-    LATENT_NOTHING = 3  # zero latents
 
 
 _FILL_NAMES = {InpaintingFill.ORIGINAL: "original", InpaintingFill.FILL: "fill",

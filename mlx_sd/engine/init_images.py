@@ -25,6 +25,9 @@ from mlx_sd.engine.errors import InvalidRequest
 FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_SIDE = 4096  # either side of an init image or mask, in pixels
 MAX_BYTES = 24 * 1024 * 1024  # an encoded image (two fit in one 64 MiB message)
+MAX_MASK_BLUR = 64  # pixels
+MAX_MASK_OUTSET = 100  # pixels either way, Draw Things' range
+MAX_PADDING = 256  # pixels around the mask for "only masked"
 _WHITE = 255
 
 
@@ -34,6 +37,16 @@ class ResizeMode(enum.IntEnum):
     JUST_RESIZE = 0  # stretch to the size
     CROP_AND_RESIZE = 1  # cover the size keeping the aspect ratio, cropping the overflow (centred)
     RESIZE_AND_FILL = 2  # fit inside keeping the aspect ratio, the bands filled by stretching the edges
+
+
+class InpaintingFill(enum.IntEnum):
+    """What the masked region starts from; the values are the API's InpaintingFill (A1111 numbers
+    them fill 0, original 1, latent noise 2, latent nothing 3)."""
+
+    ORIGINAL = 0
+    FILL = 1  # the surrounding colours, blurred in
+    LATENT_NOISE = 2  # the seed's noise instead of the image's latents
+    LATENT_NOTHING = 3  # zero latents
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 
 from mlx_sd.engine import init_images
 from mlx_sd.engine.errors import InvalidRequest
-from mlx_sd.engine.img2img import MAX_MASK_BLUR, MAX_MASK_OUTSET, MAX_PADDING, InpaintingFill
-from mlx_sd.engine.init_images import ResizeMode, Source
+from mlx_sd.engine.init_images import MAX_MASK_BLUR, MAX_MASK_OUTSET, MAX_PADDING, InpaintingFill, ResizeMode, Source
 from mlx_sd.engine.lora import LoraWeight
 from mlx_sd.engine.lora import validated as validated_loras
 from mlx_sd.engine.model_names import name_problem, shown_name

@@ -168,6 +168,15 @@ def test_serve_runs_until_sigterm(tmp_path: Path) -> None:
         process.kill()
     assert process.returncode == 0, err
     assert out.strip() == "stopped" and "SIGTERM" in err
+    assert "imported before the BLAS was chosen" not in err
+
+
+def test_importing_the_cli_loads_no_mlx() -> None:
+    """The commands choose the BLAS before their heavy imports; MLX binds the BLAS it finds when it is
+    imported, so a module-level import of it anywhere under the CLI left every command on the slow one."""
+    probe = "import sys, mlx_sd.app.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlx'))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(("flag", "padded"), [([], False), (["--pad-attention-heads"], True)])

@@ -133,6 +133,40 @@ def test_an_unloadable_blas_falls_back_to_the_reference(tmp_path: Path) -> None:
     assert len(log_lines) == 1 and "could not load openblas BLAS" in log_lines[0]
 
 
+ORDER_CHILD = """
+import json, sys
+if sys.argv[1] == "late":
+    import mlx.core  # as a script that imports MLX before the engine would
+from mlx_sd.cpu.runtime import configure
+blas = configure()
+from mlx_sd.cpu import blas as cpu_blas, kernels
+functions = cpu_blas.gemm()
+print(json.dumps({"blas": blas.name, "gemm": None if functions is None else functions.choice.describe(),
+                  "pool": kernels.kernels().pool_threads()}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="BLAS preloading is Linux-only")
+def test_the_cpu_kernels_get_the_fast_blas_and_their_threads_whatever_the_import_order() -> None:
+    """A late configure() (mlx.core imported first) once left the kernels without their GEMMs and
+    pool: a server started that way sampled on one core."""
+    from mlx_sd.cpu.apply import available
+
+    paths = runtime.candidate_paths(Path(sysconfig.get_paths()["data"]), Path(sysconfig.get_paths()["purelib"]),
+                                    sysconfig.get_config_var("MULTIARCH"))
+    if not runtime.find_candidates(paths) or not available():
+        pytest.skip("no fast BLAS installed, or the CPU kernels are not built")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    children = {order: subprocess.run([sys.executable, "-c", ORDER_CHILD, order], env=env, capture_output=True,
+                                      text=True, timeout=300, check=True) for order in ("early", "late")}
+    early, late = (json.loads(children[order].stdout.strip().splitlines()[-1]) for order in ("early", "late"))
+    assert early["blas"] != "reference" and early["gemm"] is not None
+    assert late == early
+    if early["blas"] == "mkl":  # MKL's per-thread setting lets the kernels run a thread per core
+        assert early["pool"] == len(os.sched_getaffinity(0))
+    assert "imported before the BLAS was chosen" in children["late"].stderr
+
+
 class FakeLibc:
     def __init__(self, accepts: bool = True) -> None:
         self.calls: list[tuple] = []

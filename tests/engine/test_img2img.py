@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from mlx_sd.engine import img2img
+from mlx_sd.engine import img2img, init_images
 from mlx_sd.engine.errors import InvalidRequest
 from mlx_sd.engine.events import EventType, GenerationResult, ProgressEvent
 from mlx_sd.engine.images import encode_png
@@ -178,9 +178,10 @@ def test_the_resize_mode_fits_the_init_image_to_the_request(pipeline: Pipeline) 
 
 def test_image_settings_are_validated() -> None:
     image = png(picture())
-    for field, value in (("mask_blur", -1), ("mask_blur", img2img.MAX_MASK_BLUR + 1), ("resize_mode", 3),
-                         ("mask_outset", img2img.MAX_MASK_OUTSET + 1), ("mask_outset", -img2img.MAX_MASK_OUTSET - 1),
-                         ("inpainting_fill", 4), ("inpaint_full_res_padding", img2img.MAX_PADDING + 1)):
+    outset = init_images.MAX_MASK_OUTSET
+    for field, value in (("mask_blur", -1), ("mask_blur", init_images.MAX_MASK_BLUR + 1), ("resize_mode", 3),
+                         ("mask_outset", outset + 1), ("mask_outset", -outset - 1),
+                         ("inpainting_fill", 4), ("inpaint_full_res_padding", init_images.MAX_PADDING + 1)):
         with pytest.raises(InvalidRequest) as caught:
             request(init_image=image, **{field: value})
         assert caught.value.field == field
