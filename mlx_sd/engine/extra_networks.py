@@ -29,7 +29,7 @@ class Prepared:
     embeddings: dict[str, dict[str, np.ndarray]]  # text encoder -> embedding name -> its vectors
     lora_hashes: tuple[tuple[str, str], ...]  # (name, short hash) of each LoRA merged
     added_tags: str  # `<lora:name:weight>` of the LoRAs the prompt did not name, for the parameters
-    ti_hashes: tuple[tuple[str, str], ...] = ()  # (name, short hash) of each embedding the prompts use
+    ti_hashes: tuple[tuple[str, str], ...]  # (name, short hash) of each embedding the prompts use
 
 
 class ExtraNetworks:
@@ -51,7 +51,8 @@ class ExtraNetworks:
         found = {encoder: embeddings.referenced(self._models_dir, prompts, width, encoder)
                  for encoder, width in conditioning.text_widths(model.models).items()}
         model.loras.apply(paths)
-        hashes = tuple((Path(w.file).stem, self._hash(path, lora_merge.short_hash)) for w, (path, _) in zip(wanted, paths))
+        hashes = tuple((Path(w.file).stem, self._hash(path, lora_merge.short_hash))
+                       for w, (path, _) in zip(wanted, paths))
         added = " ".join(f"<lora:{Path(w.file).stem}:{w.weight:g}>" for w in loras)
         used = prompt_weights.used_embeddings(model.tokenizer, prompts, found.get(conditioning.TEXT_ENCODERS[0], {}))
         files = [embeddings.file_of(self._models_dir, name) for name in used]
