@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 class Prepared:
     prompt: str  # the prompts without their LoRA tags
     negative_prompt: str
-    embeddings: dict[str, dict[str, np.ndarray]]  # text encoder -> embedding name -> its vectors
+    # text encoder -> embedding name (`embedding:name` where referenced explicitly) -> its vectors
+    embeddings: dict[str, dict[str, np.ndarray]]
     lora_hashes: tuple[tuple[str, str], ...]  # (name, short hash) of each LoRA merged
     added_tags: str  # `<lora:name:weight>` of the LoRAs the prompt did not name, for the parameters
     ti_hashes: tuple[tuple[str, str], ...]  # (name, short hash) of each embedding the prompts use
