@@ -105,7 +105,7 @@ def run_ours(stage: str, repeat: int, cache_dir: Path, dtype: str) -> dict:
     return result | {"times": sd15.timed(fn, repeat), "peak_rss_gib": sd15.peak_rss_gib()}
 
 
-def _diffusers_networks(names: tuple[str, ...], torch_dtype: object) -> dict:
+def _diffusers_networks(names: tuple[str, ...], torch_dtype: object, single: Path = SINGLE) -> dict:
     """SDXL base's networks from the single file, one network's tensors in memory at a time."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -116,9 +116,9 @@ def _diffusers_networks(names: tuple[str, ...], torch_dtype: object) -> dict:
     prefixes = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
                 "text_encoder": "conditioner.embedders.0.transformer.", "text_encoder_2": "conditioner.embedders.1.model."}
     out = {}
-    with safe_open(SINGLE, framework="pt") as single:
+    with safe_open(single, framework="pt") as tensors:
         for name in names:
-            state = {k: single.get_tensor(k).to(torch_dtype) for k in single.keys() if k.startswith(prefixes[name])}
+            state = {k: tensors.get_tensor(k).to(torch_dtype) for k in tensors.keys() if k.startswith(prefixes[name])}
             with torch.device("meta"):
                 if name in ("unet", "vae"):
                     cls = UNet2DConditionModel if name == "unet" else AutoencoderKL

@@ -1,5 +1,6 @@
 """Textual inversion embeddings: `<models>/embeddings/<name>.safetensors`, used where a prompt
-writes `name` (as A1111 matches them: by the name's tokens, case-insensitively).
+writes `name` (as A1111 matches them: by the name's tokens, case-insensitively) or, on purpose,
+`embedding:name` (ComfyUI's reference, which fails the request when the file is absent).
 
 A1111's safetensors form holds `emb_params`, (vectors, width); SDXL's holds `clip_l` and `clip_g`,
 one per text encoder. A file with one tensor of a name none of these is read as that tensor. Only the files
@@ -14,7 +15,10 @@ import mlx.core as mx
 import numpy as np
 
 from convert.formats import read_header
-from mlx_sd.engine.errors import InvalidRequest
+from mlx_sd.engine import prompt_weights
+from mlx_sd.engine.errors import InvalidRequest, ModelNotFound
+from mlx_sd.engine.model_hash import sha256_of
+from mlx_sd.engine.model_names import file_in_folder
 from mlx_sd.engine.tokenizer import WINDOW
 
 EMBEDDINGS_DIR = "embeddings"
@@ -26,16 +30,21 @@ KEYS = {"text_encoder": ("emb_params", "clip_l"), "text_encoder_2": ("clip_g",)}
 
 def referenced(models_dir: Path, prompts: list[str], width: int, encoder: str = "text_encoder",
                ) -> dict[str, np.ndarray]:
-    """name -> (vectors, width) float32 of every embedding whose name occurs in `prompts`.
+    """name -> (vectors, width) float32 of every embedding whose name occurs in `prompts`, and
+    `embedding:name` -> its vectors for every one they reference explicitly.
 
-    Raises InvalidRequest naming the file when its vectors do not fit the text encoder (another
-    family's embedding) or exceed a 75-token window, CheckpointError for a file that is not safetensors.
+    Raises ModelNotFound naming the file an explicit reference means when it is absent, InvalidRequest
+    naming the file when its vectors do not fit the text encoder (another family's embedding) or
+    exceed a 75-token window, CheckpointError for a file that is not safetensors (a pickle).
     """
+    found = {}
+    for written in dict.fromkeys(name for prompt in prompts for name in prompt_weights.references(prompt)):
+        name, path = _reference(models_dir, written)
+        found[prompt_weights.REFERENCE + name] = _vectors(path, width, encoder)
     folder = Path(models_dir) / EMBEDDINGS_DIR
     if not folder.is_dir():
-        return {}
+        return found
     text = " ".join(prompts).lower()
-    found = {}
     for n, path in enumerate(sorted(folder.glob("*" + SUFFIX))):
         if n == MAX_FILES:
             break
@@ -43,6 +52,30 @@ def referenced(models_dir: Path, prompts: list[str], width: int, encoder: str = 
             continue
         found[path.stem] = _vectors(path, width, encoder)
     return found
+
+
+def file_of(models_dir: Path, name: str) -> Path:
+    """The file of an embedding `referenced` read, by its key there."""
+    if name.startswith(prompt_weights.REFERENCE):
+        return _reference(models_dir, name[len(prompt_weights.REFERENCE):])[1]
+    return Path(models_dir) / EMBEDDINGS_DIR / (name + SUFFIX)
+
+
+def short_hash(path: Path) -> str:
+    """A1111's embedding hash: the first 12 hex digits of the SHA-256 of the whole file."""
+    return sha256_of(path)[:12]
+
+
+def _reference(models_dir: Path, name: str) -> tuple[str, Path]:
+    """(name, file) of `embedding:name`: as ComfyUI, a name with trailing commas that no file has
+    means the name without them."""
+    try:
+        return name, file_in_folder(models_dir, EMBEDDINGS_DIR, name, "prompt", "embedding")
+    except ModelNotFound:
+        if name.rstrip(",") in ("", name):
+            raise
+    name = name.rstrip(",")
+    return name, file_in_folder(models_dir, EMBEDDINGS_DIR, name, "prompt", "embedding")
 
 
 def _vectors(path: Path, width: int, encoder: str) -> np.ndarray:

@@ -36,6 +36,7 @@ class Parameters:
     # LoRAs: (name, A1111's short hash) of each, and the tags of those the prompt did not name
     lora_hashes: tuple[tuple[str, str], ...] = ()
     lora_tags: str = ""
+    ti_hashes: tuple[tuple[str, str], ...] = ()  # (name, A1111's short hash) of each embedding used
 
     def text(self) -> str:
         fields = [
@@ -64,8 +65,9 @@ class Parameters:
         fields += self.img2img
         if self.upscaled_by is not None:  # A1111's names for its extras tab's upscaling
             fields += [("Postprocess upscale by", self.upscaled_by), ("Postprocess upscaler", "Real-ESRGAN")]
-        if self.lora_hashes:
-            fields.append(("Lora hashes", '"' + ", ".join(f"{n}: {h}" for n, h in self.lora_hashes) + '"'))
+        for label, hashes in (("Lora hashes", self.lora_hashes), ("TI hashes", self.ti_hashes)):
+            if hashes:
+                fields.append((label, '"' + ", ".join(f"{n}: {h}" for n, h in hashes) + '"'))
         lines = [" ".join(filter(None, (self.prompt, self.lora_tags)))]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")

@@ -16,33 +16,24 @@ restores what was merged: the model is never left half-applied.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from convert.formats import PICKLE_SUFFIXES, read_header
+from convert.formats import read_header
 from convert.lora_keys import DOWN, UP, Target, module_table, split_key
-from mlx_sd.engine.errors import InvalidRequest, ModelNotFound, UnsupportedModelFormat
+from mlx_sd.engine.errors import InvalidRequest, UnsupportedModelFormat
+from mlx_sd.engine.model_names import file_in_folder
 
 LORA_DIR = "lora"
-SUFFIX = ".safetensors"
 _LYCORIS = ("hada_", "lokr_")
 
 
 def lora_path(models_dir: Path, file: str) -> Path:
     """The file a LoRA name means, inside `<models>/lora/` (ModelNotFound naming it when absent)."""
-    root = (Path(models_dir) / LORA_DIR).resolve()
-    # Named with or without the suffix; a pickle's suffix is kept, so that it is refused as such.
-    name = file if Path(file).suffix.lower() in (SUFFIX, *PICKLE_SUFFIXES) else file + SUFFIX
-    path = Path(os.path.realpath(root / name))
-    if root not in path.parents:
-        raise InvalidRequest("loras", f"{file!r} leads outside the LoRA folder")
-    if not path.is_file():
-        raise ModelNotFound(f"{LORA_DIR}/{name}", "LoRA file not found")
-    return path
+    return file_in_folder(models_dir, LORA_DIR, file, "loras", "LoRA")
 
 
 def short_hash(path: Path) -> str:

@@ -78,8 +78,7 @@ class Pipeline:
                                       ModelShape.of(unet.config, vae.config, _vae_dtype(model).size),
                                       VAE_LIVE_MAPS_CPU if on_cpu else VAE_LIVE_MAPS)
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
-        extras = self._extra_networks.prepare(model.loras, conditioning.text_widths(model.models),
-                                              request.prompt, request.negative_prompt, request.loras)
+        extras = self._extra_networks.prepare(model, request.prompt, request.negative_prompt, request.loras)
         cond, uncond = conditioning.encode_prompts(model, request, extras)
         if model.release_text_encoder is not None:
             model.release_text_encoder()
@@ -122,6 +121,7 @@ class Pipeline:
                     upscaler=self._restoration.upscaler_name() if first_pass else None,
                     face_restoration="GFPGAN" if restorer is not None else None, clip_skip=request.clip_skip,
                     upscaled_by=upscale_by, lora_hashes=extras.lora_hashes, lora_tags=extras.added_tags,
+                    ti_hashes=extras.ti_hashes,
                     img2img=img2img.parameters(request) if prepared is not None else (),
                     refiner=f"{refining.name} [{refining.hash}]" if refining is not None else None,
                     refiner_switch_at=request.refiner_start if refining is not None else None,

@@ -12,6 +12,11 @@ within 20 tokens after a comma moves the words after the comma into the next win
 embedding among them, which A1111 leaves behind); a textual inversion embedding is never split
 across windows. After the text encoder, each token's output is
 multiplied by its weight and the window's mean restored ("Original" emphasis).
+
+Besides A1111's implicit match of an embedding's name, ComfyUI's explicit reference names one on
+purpose: a word (text between spaces, within one stretch of the emphasis syntax, so
+`(embedding:name:1.2)` weighs it) that starts with `embedding:`; the rest of the word is the name,
+and when no file has it, trailing commas are taken off it and stay prompt text.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ _ATTENTION = re.compile(r"""\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 # A1111's extra-network tags: <kind:arguments>; only `lora` is ours, others are removed too.
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+REFERENCE = "embedding:"  # ComfyUI's explicit embedding reference; also how `embeddings` maps keep them
+_REFERENCE = re.compile(r"(?<!\S)" + REFERENCE + r"(\S+)")
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:
@@ -109,6 +116,21 @@ def extract_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     return _EXTRA_NETWORK.sub("", prompt), loras
 
 
+def references(prompt: str) -> list[str]:
+    """The names of the embeddings a prompt references explicitly (`embedding:name`), as written."""
+    return [name for text, weight in parse_attention(prompt) if (text, weight) != BREAK
+            for name in _REFERENCE.findall(text)]
+
+
+def referenced_name(name: str, embeddings: Mapping[str, np.ndarray]) -> tuple[str, str]:
+    """(the name an `embedding:name` reference means, the prompt text it leaves): `name` itself, or
+    without its trailing commas when only that is in `embeddings` (keyed `embedding:name`)."""
+    stripped = name.rstrip(",")
+    if REFERENCE + name in embeddings or stripped == name:
+        return name, ""
+    return stripped, name[len(stripped):]
+
+
 @dataclass
 class Windows:
     """A prompt as the text encoder's input: (W, 77) token ids and weights, and where textual
@@ -151,11 +173,8 @@ def windows(tokenizer: CLIPTokenizer, prompt: str,
         if (text, weight) == BREAK:
             close()
             continue
-        tokens = tokenizer.encode(text)
-        position = 0
-        while position < len(tokens):
-            token = tokens[position]
-            if token == comma:
+        for item in _items(tokenizer, text, by_first, embeddings or {}):
+            if isinstance(item, int) and item == comma:
                 last_comma = len(current.tokens)
             elif len(current.tokens) == WINDOW and last_comma != -1 and WINDOW - last_comma <= COMMA_BACKTRACK:
                 cut = last_comma + 1
@@ -167,21 +186,27 @@ def windows(tokenizer: CLIPTokenizer, prompt: str,
                 current = moved
             if len(current.tokens) == WINDOW:
                 close()
-            name, vectors = _embedding_at(tokens, position, by_first)
-            if vectors is None:
-                current.tokens.append(token)
+            if isinstance(item, int):
+                current.tokens.append(item)
                 current.weights.append(weight)
-                position += 1
                 continue
-            if len(current.tokens) + len(vectors) > WINDOW:
+            if len(current.tokens) + len(item) > WINDOW:
                 close()
-            current.fixes.append((len(current.tokens), vectors))
-            current.tokens += [0] * len(vectors)
-            current.weights += [weight] * len(vectors)
-            position += len(name)
+            current.fixes.append((len(current.tokens), item))
+            current.tokens += [0] * len(item)
+            current.weights += [weight] * len(item)
     if current.tokens or not done:
         close()
     return done
+
+
+def used_embeddings(tokenizer: CLIPTokenizer, prompts: list[str], embeddings: Mapping[str, np.ndarray]) -> list[str]:
+    """The names (keys of `embeddings`) of the embeddings that `prompts` use, in the order they occur."""
+    if not embeddings:
+        return []
+    names = {id(vectors): name for name, vectors in embeddings.items()}
+    return list(dict.fromkeys(names[id(vectors)] for prompt in prompts
+                              for window in windows(tokenizer, prompt, embeddings) for _, vectors in window.fixes))
 
 
 def weighted_windows(tokenizer: CLIPTokenizer, prompts: list[str],
@@ -215,11 +240,37 @@ def emphasised(hidden: mx.array, weights: np.ndarray) -> mx.array:
     return weighted * (original / mx.mean(weighted, axis=(1, 2), keepdims=True))
 
 
+def _items(tokenizer: CLIPTokenizer, text: str, by_first: dict[int, list[tuple[list[int], np.ndarray]]],
+           embeddings: Mapping[str, np.ndarray]) -> list[int | np.ndarray]:
+    """A stretch of prompt text as token ids, with an embedding's vectors where it is named, implicitly
+    (by its name's tokens) or explicitly (`embedding:name`; one left unread stays text)."""
+    items: list[int | np.ndarray] = []
+    parts = _REFERENCE.split(text)  # text, name, text, name, ..., text
+    for i, part in enumerate(parts):
+        if i % 2:
+            name, rest = referenced_name(part, embeddings)
+            if REFERENCE + name in embeddings:
+                items.append(embeddings[REFERENCE + name])
+                part = rest
+            else:
+                part = REFERENCE + part
+        tokens = tokenizer.encode(part)
+        position = 0
+        while position < len(tokens):
+            ids, vectors = _embedding_at(tokens, position, by_first)
+            items.append(tokens[position] if vectors is None else vectors)
+            position += len(ids) or 1
+    return items
+
+
 def _embeddings_by_first_token(tokenizer: CLIPTokenizer, embeddings: Mapping[str, np.ndarray],
                                ) -> dict[int, list[tuple[list[int], np.ndarray]]]:
-    """Embeddings by the first token of their name, longest name first (A1111's lookup)."""
+    """Embeddings by the first token of their name, longest name first (A1111's lookup); those
+    referenced explicitly are not matched by their tokens."""
     table: dict[int, list[tuple[list[int], np.ndarray]]] = {}
     for name, vectors in embeddings.items():
+        if name.startswith(REFERENCE):
+            continue
         ids = tokenizer.encode(name)
         if ids:
             table.setdefault(ids[0], []).append((ids, vectors))

@@ -1,5 +1,7 @@
 """LoRAs merged into the tiny SD-1 model against diffusers' `load_lora_weights` + `fuse_lora`
-(fixtures: tests/fixtures/make_lora_fixtures.py), restoring, and bad LoRA files."""
+(fixtures: tests/fixtures/make_lora_fixtures.py), restoring, and bad LoRA files; the same parity
+for the tiny SD 2.x model (`lora_sd2/`), whose OpenCLIP ViT-H-kind text encoder kohya names in
+transformers' CLIP names (`lora_te_text_model_encoder_layers_N_...`)."""
 
 from __future__ import annotations
 
@@ -35,8 +37,8 @@ def golden() -> dict[str, mx.array]:
     return mx.load(str(LORAS / "golden.safetensors"))
 
 
-def load(backend: Backend, bits: int | None = None):
-    models = load_sd1(FIXTURES / "sd1_tiny" / "diffusers", dtype=mx.float32, reader=backend.reader)
+def load(backend: Backend, bits: int | None = None, model: str = "sd1_tiny"):
+    models = load_sd1(FIXTURES / model / "diffusers", dtype=mx.float32, reader=backend.reader)
     if bits is not None:
         quantize(models.unet, bits)
     models = backend.prepare_models(models)
@@ -61,13 +63,22 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return backend_or_skip(request.param)
 
 
+@pytest.mark.parametrize(("model", "loras"), [("sd1_tiny", "lora"), ("sd2_tiny", "lora_sd2")])
 @pytest.mark.parametrize("form", ["kohya", "peft"])
-def test_outputs_match_diffusers_with_the_lora_fused(backend: Backend, golden: dict, form: str) -> None:
-    models, merger = load(backend)
+def test_outputs_match_diffusers_with_the_lora_fused(backend: Backend, model: str, loras: str, form: str) -> None:
+    golden = mx.load(str(FIXTURES / loras / "golden.safetensors"))
+    weight = json.loads((FIXTURES / loras / "golden.json").read_text())["weight"]
+    models, merger = load(backend, model=model)
     eps, hidden = outputs(models, golden)
     assert relative_error(eps, golden["none.unet"]) <= REL_TOL  # the baseline agrees
+    assert relative_error(hidden, golden["none.text_encoder"]) <= REL_TOL
 
-    merger.apply([(LORAS / f"{form}.safetensors", WEIGHT)])
+    path = FIXTURES / loras / f"{form}.safetensors"
+    if form == "kohya":  # the text encoder's layers as kohya names them, and LoCon's 3x3 convolutions
+        tensors = mx.load(str(path))
+        assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in tensors)
+        assert any(k.endswith("conv1.lora_down.weight") and v.shape[-1] == 3 for k, v in tensors.items())
+    merger.apply([(path, weight)])
     eps, hidden = outputs(models, golden)
     assert relative_error(eps, golden[f"{form}.unet"]) <= REL_TOL
     assert relative_error(hidden, golden[f"{form}.text_encoder"]) <= REL_TOL

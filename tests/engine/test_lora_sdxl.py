@@ -15,7 +15,7 @@ import pytest
 from convert import load_sd1
 from mlx_sd.engine import conditioning, embeddings, lora_merge, prompt_weights
 from mlx_sd.engine.backends import Backend
-from mlx_sd.engine.errors import InvalidRequest
+from mlx_sd.engine.errors import InvalidRequest, ModelNotFound
 from mlx_sd.engine.extra_networks import ExtraNetworks
 from mlx_sd.engine.model_store import LoadedModel, ModelStore
 from mlx_sd.engine.request import GenerationRequest
@@ -84,8 +84,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
 def encode(model: LoadedModel, prompt: str, models_dir: Path) -> tuple[dict, dict]:
     """The conditioning of `prompt`, with the embeddings in `models_dir`."""
     request = GenerationRequest(prompt=prompt, negative_prompt="blurry", width=64, height=64).validated()
-    extras = ExtraNetworks(models_dir).prepare(model.loras, conditioning.text_widths(model.models),
-                                               request.prompt, request.negative_prompt)
+    extras = ExtraNetworks(models_dir).prepare(model, request.prompt, request.negative_prompt)
     return conditioning.encode_prompts(model, request, extras)
 
 
@@ -115,9 +114,14 @@ def test_clip_l_and_clip_g_embeddings_stand_in_for_their_vectors(model: LoadedMo
                                                ("clip_g", model.models.text_encoder_2, model.tokenizer_2))}
     mx.save_safetensors(str(folder / "MyStyle.safetensors"), vectors)
     with_embedding, _ = encode(model, "a photo, mystyle", tmp_path)
+    referenced, _ = encode(model, "a photo, (embedding:MyStyle:1.2)", tmp_path)  # ComfyUI's explicit reference
     plain, _ = encode(model, "a photo, red dog", tmp_path)
+    weighted, _ = encode(model, "a photo, (red dog:1.2)", tmp_path)
     for key in ("context", "text_embeds"):
         assert np.allclose(np.array(with_embedding[key]), np.array(plain[key]), atol=1e-5), key
+        assert np.allclose(np.array(referenced[key]), np.array(weighted[key]), atol=1e-5), key
+    with pytest.raises(ModelNotFound, match=r"embeddings/missing\.safetensors"):
+        encode(model, "a photo, embedding:missing", tmp_path)
     # an SD 1.x embedding has nothing for the second encoder
     mx.save_safetensors(str(folder / "MyStyle.safetensors"), {"emb_params": vectors["clip_l"]})
     with pytest.raises(InvalidRequest, match=r"MyStyle.safetensors: none of clip_g"):

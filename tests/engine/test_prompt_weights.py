@@ -14,7 +14,7 @@ import pytest
 from convert import load_sd1
 from mlx_sd.engine import embeddings, prompt_weights
 from mlx_sd.engine.backends import Backend
-from mlx_sd.engine.errors import InvalidRequest
+from mlx_sd.engine.errors import CheckpointError, InvalidRequest, ModelNotFound
 from mlx_sd.engine.tokenizer import default_tokenizer
 from tests.conftest import backend_or_skip
 
@@ -129,3 +129,38 @@ def test_an_embedding_for_another_family_is_refused_by_name(tmp_path: Path) -> N
     with pytest.raises(InvalidRequest, match="embeddings/wide.safetensors: 'emb_params' has vectors of width 768"):
         embeddings.referenced(tmp_path, ["wide"], 32)
     assert embeddings.referenced(tmp_path, ["neither"], 32) == {}
+
+
+def test_an_explicit_reference_reads_its_embedding_with_the_weight_around_it(text_encoder, tmp_path: Path) -> None:
+    # ComfyUI's `embedding:name`: the name (with or without its suffix) up to a space, in a stretch
+    # of emphasis; trailing commas are prompt text when no file has them
+    ids = TOKENIZER.encode("red dog")
+    folder = tmp_path / embeddings.EMBEDDINGS_DIR
+    (folder / "sub").mkdir(parents=True)
+    vectors = text_encoder.embeddings.token_embedding.weight[mx.array(ids)]
+    mx.save_safetensors(str(folder / "sub" / "My.Style.safetensors"), {"emb_params": vectors})
+    prompts = ["a photo, (embedding:sub/My.Style:1.3) cat", "embedding:sub/My.Style.safetensors,, cat"]
+    assert [prompt_weights.references(p) for p in prompts] == [["sub/My.Style"], ["sub/My.Style.safetensors,,"]]
+    found = embeddings.referenced(tmp_path, prompts, 32)
+    assert sorted(found) == ["embedding:sub/My.Style", "embedding:sub/My.Style.safetensors"]
+    referenced = prompt_weights.encode(text_encoder, TOKENIZER, prompts, embeddings=found)
+    plain = prompt_weights.encode(text_encoder, TOKENIZER, ["a photo, (red dog:1.3) cat", "red dog,, cat"])
+    assert np.allclose(np.array(referenced), np.array(plain), atol=1e-5)
+    # unread (no models folder given), a reference is its text
+    assert rows("embedding:x")[0].tokens == rows("embedding : x")[0].tokens
+
+
+def test_a_missing_explicit_reference_is_not_found_naming_it(tmp_path: Path) -> None:
+    # an unknown word is a word (A1111's implicit rule); a reference names a file on purpose
+    assert embeddings.referenced(tmp_path, ["missing"], 32) == {}
+    for prompts in (["a embedding:missing, cat"], ["a cat", "(embedding:missing:0.5)"]):
+        with pytest.raises(ModelNotFound, match=r"embedding file not found: embeddings/missing\.safetensors"):
+            embeddings.referenced(tmp_path, prompts, 32)
+    with pytest.raises(InvalidRequest, match="prompt: '../up' contains '..'"):
+        embeddings.referenced(tmp_path, ["embedding:../up"], 32)
+    (tmp_path / embeddings.EMBEDDINGS_DIR).mkdir()
+    (tmp_path / embeddings.EMBEDDINGS_DIR / "old.pt").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(CheckpointError, match="pickle"):
+        embeddings.referenced(tmp_path, ["embedding:old.pt"], 32)
+    # escaped, it is not a reference: `\(` is text, the word starts with '('
+    assert prompt_weights.references("\\(embedding:missing\\)") == []

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_sd.engine import conditioning, refiner
+from mlx_sd.engine import refiner
 from mlx_sd.engine.backends import Backend
 from mlx_sd.engine.errors import InvalidRequest
 from mlx_sd.engine.extra_networks import ExtraNetworks
@@ -131,8 +131,7 @@ def test_the_refiner_is_given_the_bases_size_conditioning_and_the_aesthetic_scor
     loaded = ModelStore(models_dir).get("refiner")
     request = GenerationRequest(prompt="x", width=128, height=64, original_width=512, crop_top=16,
                                 negative_original_height=32, refiner_model="refiner").validated()
-    extras = ExtraNetworks(models_dir).prepare(loaded.loras, conditioning.text_widths(loaded.models),
-                                               request.prompt, request.negative_prompt)
+    extras = ExtraNetworks(models_dir).prepare(loaded, request.prompt, request.negative_prompt)
     cond, uncond = refiner.encode_prompts(loaded, request, extras)
     assert cond["time_ids"].tolist() == [[64, 512, 16, 0, 6.0]]
     assert uncond["time_ids"].tolist() == [[32, 512, 16, 0, 2.5]]

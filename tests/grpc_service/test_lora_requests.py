@@ -1,5 +1,6 @@
-"""LoRAs and clip skip through both protocols, end to end on the tiny SD-1 model: what the images'
-parameters record, that a LoRA changes the image and is taken out again, and the statuses of bad input."""
+"""LoRAs, embeddings and clip skip through both protocols, end to end on the tiny SD-1 model: what the
+images' parameters record, that a LoRA changes the image and is taken out again, and the statuses of
+bad input."""
 
 from __future__ import annotations
 
@@ -75,6 +76,37 @@ def test_seventeen_loras_are_too_many(server_factory, stub_for, style) -> None:
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 16" in caught.value.details()
 
 
+@pytest.fixture
+def embedding(tiny_models):
+    import mlx.core as mx
+
+    (tiny_models / "embeddings").mkdir()
+    path = tiny_models / "embeddings" / "glow.safetensors"
+    mx.save_safetensors(str(path), {"emb_params": mx.random.normal((2, 32), key=mx.random.key(3))})
+    return path
+
+
+def test_embeddings_are_used_and_recorded_with_their_hashes(server_factory, stub_for, embedding) -> None:
+    stub = stub_for(server_factory())
+    _, (plain_info,) = generate(stub, prompt="a lighthouse, glue")
+    (implicit,), (info,) = generate(stub, prompt="a lighthouse, glow")
+    (explicit,), (explicit_info,) = generate(stub, prompt="a lighthouse, embedding:glow")
+    _, (negative_info,) = generate(stub, negative_prompt="(embedding:glow.safetensors:1.2)")
+    assert np.array_equal(implicit, explicit)  # as text, the two would be different tokens
+    # A1111's embedding hash: the whole file's SHA-256 (a LoRA's skips the header)
+    expected = f'TI hashes: "glow: {hashlib.sha256(embedding.read_bytes()).hexdigest()[:12]}"'
+    assert expected in info and expected in explicit_info and expected in negative_info
+    assert "TI hashes" not in plain_info
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_a_missing_embedding_reference_is_not_found_naming_it(server_factory, stub_for, embedding, field) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(stub_for(server_factory()), **{field: "a lighthouse, (embedding:missing:1.1)"})
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "embeddings/missing.safetensors" in caught.value.details()
+
+
 def test_a_lora_for_another_family_names_the_file_and_key(server_factory, stub_for, tiny_models) -> None:
     import mlx.core as mx
 
@@ -88,8 +120,8 @@ def test_a_lora_for_another_family_names_the_file_and_key(server_factory, stub_f
     assert f"xl.safetensors: '{key}'" in caught.value.details()
 
 
-def dt_pixels(client, **config) -> np.ndarray:
-    request = client.pb.GenerateRequest(prompt="a lighthouse", negativePrompt="fog", user="tests", device=2,
+def dt_pixels(client, prompt: str = "a lighthouse", **config) -> np.ndarray:
+    request = client.pb.GenerateRequest(prompt=prompt, negativePrompt="fog", user="tests", device=2,
                                         configuration=build_configuration(
                                             start_width=1, start_height=1, steps=2, guidance_scale=5.0, seed=9,
                                             sampler=0, **config))
@@ -107,3 +139,12 @@ def test_draw_things_loras_and_their_modes(server_factory, dt_connect, style) ->
         dt_pixels(client, loras=[("missing_lora_f16.safetensors", 1.0, 0)])
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert "lora/missing_lora_f16.safetensors" in caught.value.details()
+
+
+def test_draw_things_embedding_references(server_factory, dt_connect, embedding) -> None:
+    client = dt_connect(server_factory())
+    assert np.array_equal(dt_pixels(client, "a lighthouse, embedding:glow"), dt_pixels(client, "a lighthouse, glow"))
+    with pytest.raises(grpc.RpcError) as caught:
+        dt_pixels(client, "a lighthouse, embedding:missing")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "embeddings/missing.safetensors" in caught.value.details()
