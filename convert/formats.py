@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_sd.engine.errors import CheckpointError, ModelNotFound, UnsupportedModelFormat
+from mlx_sd.engine.model_names import PICKLE_SUFFIXES
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database
 # A safetensors header is JSON; real SD headers are ~100 KB, so anything huge is not one.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024

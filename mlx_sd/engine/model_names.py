@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path, PureWindowsPath
 
-from convert.formats import PICKLE_SUFFIXES
 from mlx_sd.engine.errors import InvalidRequest, ModelNotFound
 
+# Pickle checkpoints, refused everywhere (convert.formats); defined here, where no import loads MLX.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 MAX_NAME_CHARS = 1024
 MAX_COMPONENT_BYTES = 255  # the usual file-system limit for one path component
 
