@@ -50,7 +50,8 @@ def test_the_request_travels_as_json_of_every_field() -> None:
                                 original_width=1024, original_height=768, crop_top=8, crop_left=16,
                                 target_width=1024, target_height=960, negative_original_width=512,
                                 negative_original_height=640,
-                                refiner_model="refiner/model.safetensors", refiner_start=0.75,
+                                refiner_model="refiner/model.safetensors", refiner_start=0.75, aesthetic_score=7.5,
+                                negative_aesthetic_score=1.5,
                                 loras=(LoraWeight("styles/ink", 0.7), LoraWeight("detail.safetensors", -1.5)))
     travelling = [f for f in request.__dataclass_fields__ if f not in ("init_image", "mask", "source")]
     assert all(getattr(request, f) != getattr(GenerationRequest(), f) for f in travelling)
