@@ -33,7 +33,7 @@ import ctypes
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd.cpu import kernels
+from mlx_sd.cpu import kernels, onednn
 from mlx_sd.cpu.blas import gemm
 from mlx_sd.cpu.buffers import as_fp32, bf16_view, new_array
 
@@ -52,6 +52,10 @@ IM2COL_ROWS = 1024
 # soon as it is summed: a 512² bf16 VAE decode peaked at 3.1 GiB against 3.4 GiB, in the same
 # 2.4-2.6 s. Below it, one run over the whole batch keeps the UNet's GEMMs larger.
 SUMS_BYTES = 64 << 20
+# Whether bf16 convolutions take oneDNN's direct convolution where this class has it
+# (`gemm().conv`, onednn.py): 0.3-0.7x the time of either GEMM form below on a Zen 4
+# (benchmarks/cpu_gemm.py). Benchmarks and tests turn it off to run the GEMM forms.
+DIRECT = True
 # Rows per block of feed_forward: each block's projection (up to 10240 wide) and gated
 # activations live in reused per-thread scratch. At 128 rows the BLAS calls cost more (33-35 ms
 # against 26-28 for the 64² feed-forward), at 512 the scratch outgrew the cache (20 against 17
@@ -196,11 +200,30 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int, a
     if residual is not None and residual.shape[1:3] == (1, 1):  # one vector per image: part of the bias
         bias_rows = residual.reshape(batch, out_channels) + (0 if bias_rows is None else bias_rows)
         residual = None
+    direct = gemm().conv if bf16 and DIRECT else None
+    y = None if direct is None else _conv_direct(direct, image, w, bias_rows, residual)
+    if y is not None:
+        return y
     if image.size // image.shape[-1] <= IM2COL_ROWS:
         y = _conv_unfolded(image, w, bias_rows, residual, padding, bf16)
     else:
         y = _conv_shifted(image, w, bias_rows, residual, padding, bf16)
     kernels.check_gemms()
+    return y
+
+
+def _conv_direct(direct: onednn.Convolutions, image: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
+                 residual: np.ndarray | None) -> mx.array | None:
+    """The convolution by oneDNN (bf16 bits `w`), or None where it has no fast form for this shape.
+    A bias per image (B, out) goes image by image, as oneDNN's bias is one vector."""
+    batch, height, width, _ = image.shape
+    bits = bf16_bits(image)
+    y, out = new_array((batch, height, width, w.shape[0]))
+    per_image = bias is not None and bias.ndim == 2
+    for i, part in enumerate([slice(i, i + 1) for i in range(batch)] if per_image else [slice(None)]):
+        image_bias = bias[i] if per_image else bias
+        if not direct.conv2d(bits[part], w, image_bias, None if residual is None else residual[part], out[part]):
+            return None
     return y
 
 
