@@ -5,7 +5,8 @@
 Shapes are SD-1.5's at 512²: the VAE decoder's 3x3 convolutions (batch 1) and the UNet's 3x3
 convolutions, linear layers and feed-forward blocks (CFG batch 2). Reports GFLOP/s, peak MLX memory and the time
 ratio new / MLX (lower is better). The bf16 rows need a bf16 GEMM for this processor's class
-(MKL's on AMX, oneDNN's with AVX-512 BF16: mlx_sd/cpu/dispatch.py).
+(MKL's on AMX, oneDNN's with AVX-512 BF16: mlx_sd/cpu/dispatch.py). Where the class has
+oneDNN's direct convolution, it is timed beside the GEMM forms ("bf16": the GEMMs).
 """
 
 from __future__ import annotations
@@ -34,13 +35,17 @@ CONVS = [  # (batch, height, width, in, out)
     ("unet 8² 1280", (2, 8, 8, 1280, 1280)),
 ]
 # Shapes around cpu_gemm.IM2COL_ROWS, where conv2d switches from shifted GEMMs to one GEMM over
-# the unfolded input: both forms, forced.
+# the unfolded input: both forms, forced, and oneDNN's direct convolution (bf16, where the class
+# has it); then the VAE decoder's first and last convolutions, whose channel counts (4 in, 3
+# out) leave the GEMMs narrow.
 FORMS = [
     ("unet 4² 1280", (2, 4, 4, 1280, 1280)),
     ("unet 8² 1280", (2, 8, 8, 1280, 1280)),
     ("unet 16² 640", (2, 16, 16, 640, 640)),
     ("unet 32² 320", (2, 32, 32, 320, 320)),
     ("unet 32² 640", (2, 32, 32, 640, 640)),
+    ("vae conv_in 64² 4", (1, 64, 64, 4, 512)),
+    ("vae conv_out 512² 3", (1, 512, 512, 128, 3)),
 ]
 LINEARS = [  # (rows, in, out)
     ("unet proj 64² 320", (8192, 320, 320)),
@@ -75,13 +80,14 @@ def report(name: str, flops: float, variants: dict[str, Callable[[], mx.array]],
     print(f"{name:22s} " + " | ".join(cells), flush=True)
 
 
-def forced(im2col_rows: int, fn: Callable[[], mx.array]) -> Callable[[], mx.array]:
+def forced(im2col_rows: int, fn: Callable[[], mx.array], direct: bool = False) -> Callable[[], mx.array]:
     def run() -> mx.array:
-        chosen, cpu_gemm.IM2COL_ROWS = cpu_gemm.IM2COL_ROWS, im2col_rows
+        chosen = cpu_gemm.IM2COL_ROWS, cpu_gemm.DIRECT
+        cpu_gemm.IM2COL_ROWS, cpu_gemm.DIRECT = im2col_rows, direct
         try:
             return fn()
         finally:
-            cpu_gemm.IM2COL_ROWS = chosen
+            cpu_gemm.IM2COL_ROWS, cpu_gemm.DIRECT = chosen
 
     return run
 
@@ -106,17 +112,23 @@ def main() -> None:
             "fp32": lambda: cpu_gemm.conv2d(x, weight, None, 1),
         }
         if bf16:
-            variants["bf16"] = lambda: cpu_gemm.conv2d(x, weight16, None, 1)
+            variants["bf16"] = forced(cpu_gemm.IM2COL_ROWS, lambda: cpu_gemm.conv2d(x, weight16, None, 1))
+        if gemm.conv is not None:
+            variants["bf16 direct"] = forced(0, lambda: cpu_gemm.conv2d(x, weight16, None, 1), direct=True)
         report(name, 2 * b * h * w * cin * cout * 9, variants, args.repeat)
-    print(f"shifted against unfolded (im2col) convolutions; conv2d unfolds up to {cpu_gemm.IM2COL_ROWS} pixels")
+    print(f"shifted against unfolded (im2col) convolutions; conv2d unfolds up to {cpu_gemm.IM2COL_ROWS} pixels"
+          + ("; direct: oneDNN's convolution" if gemm.conv is not None else ""))
     for name, (b, h, w, cin, cout) in FORMS:
         x = mx.random.normal((b, h, w, cin), key=key)
         weight = (mx.random.normal((cout, 3, 3, cin), key=key) * 0.05).astype(mx.bfloat16 if bf16 else mx.float32)
         mx.eval(x, weight)
-        report(name, 2 * b * h * w * cin * cout * 9, {
+        variants = {
             "shifted": forced(0, lambda: cpu_gemm.conv2d(x, weight, None, 1)),
             "unfolded": forced(1 << 30, lambda: cpu_gemm.conv2d(x, weight, None, 1)),
-        }, args.repeat)
+        }
+        if gemm.conv is not None:
+            variants["direct"] = forced(0, lambda: cpu_gemm.conv2d(x, weight, None, 1), direct=True)
+        report(name, 2 * b * h * w * cin * cout * 9, variants, args.repeat)
     if bf16:
         for name, (rows, k, n) in LINEARS:
             x = mx.random.normal((rows, k), key=key)

@@ -52,9 +52,12 @@ IM2COL_ROWS = 1024
 # soon as it is summed: a 512² bf16 VAE decode peaked at 3.1 GiB against 3.4 GiB, in the same
 # 2.4-2.6 s. Below it, one run over the whole batch keeps the UNet's GEMMs larger.
 SUMS_BYTES = 64 << 20
-# Whether bf16 convolutions take oneDNN's direct convolution where this class has it
-# (`gemm().conv`, onednn.py): 0.3-0.7x the time of either GEMM form below on a Zen 4
-# (benchmarks/cpu_gemm.py). Benchmarks and tests turn it off to run the GEMM forms.
+# Whether bf16 convolutions of more than IM2COL_ROWS pixels take oneDNN's direct convolution where
+# this class has it (`gemm().conv`, onednn.py): 0.3-0.5x the time of the shifted GEMMs at the
+# VAE's layers and 0.8-0.9x at the UNet's 32² and 64² ones on a Zen 4 (benchmarks/cpu_gemm.py).
+# At the UNet's smaller levels the unfolded GEMM was as fast or faster (8x8x1280: 36 ms against
+# 41): reordering the weights into oneDNN's layout, on every call, costs more there. Benchmarks
+# and tests turn it off to run the GEMM forms.
 DIRECT = True
 # Rows per block of feed_forward: each block's projection (up to 10240 wide) and gated
 # activations live in reused per-thread scratch. At 128 rows the BLAS calls cost more (33-35 ms
@@ -190,7 +193,8 @@ def feed_forward(x: mx.array, proj_weight: mx.array, proj_bias: mx.array | None,
 def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int, add: mx.array | None = None) -> mx.array:
     """A stride-1 NHWC convolution with an odd square kernel (`weight` is (out, k, k, in)) and
     `padding` = k // 2: as one GEMM over the unfolded input for images of at most IM2COL_ROWS
-    pixels, else as shifted GEMMs; bf16 products when `weight` is bf16, else fp32. `add`, the
+    pixels, else by oneDNN's direct convolution (bf16, DIRECT, where the class has it) or as
+    shifted GEMMs; bf16 products when `weight` is bf16, else fp32. `add`, the
     result's shape (a residual) or (B, 1, 1, out) (a vector per image), is added in the same
     pass as the bias."""
     bf16 = uses_bf16(weight)
@@ -201,12 +205,9 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int, a
         bias_rows = residual.reshape(batch, out_channels) + (0 if bias_rows is None else bias_rows)
         residual = None
     direct = gemm().conv if bf16 and DIRECT else None
-    y = None if direct is None else _conv_direct(direct, image, w, bias_rows, residual)
-    if y is not None:
-        return y
     if image.size // image.shape[-1] <= IM2COL_ROWS:
         y = _conv_unfolded(image, w, bias_rows, residual, padding, bf16)
-    else:
+    elif direct is None or (y := _conv_direct(direct, image, w, bias_rows, residual)) is None:
         y = _conv_shifted(image, w, bias_rows, residual, padding, bf16)
     kernels.check_gemms()
     return y
