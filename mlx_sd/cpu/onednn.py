@@ -2,12 +2,11 @@
 
 The shifted-GEMM convolution (gemm.py) runs a 3x3 convolution as nine GEMMs of C terms whose
 fp32 sums every tap reads and writes again. oneDNN's own convolution (`brgconv`, on the
-`vdpbf16ps` instructions) keeps the sums in registers over all nine taps: on a Zen 4, bf16, one
-convolution in 0.28-0.57x the time of the shifted GEMMs at the VAE's 512² to 64² layers and
-0.33-0.69x at the UNet's (benchmarks/cpu_gemm.py --direct). torch's bf16 convolutions on the
-CPU are the same kernels. So the AVX-512 BF16 class, which already takes oneDNN's bf16 GEMM,
-takes its convolutions too (mlx_sd.cpu.dispatch); a probe at first use refuses it where it
-does not run, or would run oneDNN's slow reference form.
+`vdpbf16ps` instructions) keeps the sums in registers over all nine taps, as torch's bf16
+convolutions on the CPU do: on a Zen 4, 0.3-0.5x the shifted GEMMs' time at the VAE's layers and
+0.8-0.9x at the UNet's 32² and 64² ones (benchmarks/cpu_gemm.py). So the AVX-512 BF16 class,
+which already takes oneDNN's bf16 GEMM, takes its convolutions too (gemm.conv2d); a probe at
+first use (blas.py) refuses them where they do not run right.
 
 Weights arrive as (out, k, k, in) bf16 and are reordered on each call into the blocked layout
 the kernel wants (a few ms; kept nowhere, so no second copy of the weights is held). The input
