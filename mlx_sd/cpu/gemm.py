@@ -53,10 +53,11 @@ IM2COL_ROWS = 1024
 # 2.4-2.6 s. Below it, one run over the whole batch keeps the UNet's GEMMs larger.
 SUMS_BYTES = 64 << 20
 # Whether bf16 convolutions of more than IM2COL_ROWS pixels take oneDNN's direct convolution where
-# this class has it (`gemm().conv`, onednn.py): 0.3-0.5x the time of the shifted GEMMs at the
-# VAE's layers and 0.8-0.9x at the UNet's 32² and 64² ones on a Zen 4 (benchmarks/cpu_gemm.py).
-# At the UNet's smaller levels the unfolded GEMM was as fast or faster (8x8x1280: 36 ms against
-# 41): reordering the weights into oneDNN's layout, on every call, costs more there. Benchmarks
+# this class has it (`gemm().conv`, onednn.py): 0.70-1.02x the time of the shifted GEMMs at the
+# VAE's layers, 0.38x at its last (3 outputs), 0.82-0.89x at the UNet's 32² and 64² ones on a
+# Zen 4 (benchmarks/cpu_gemm.py). At the UNet's smaller levels the unfolded GEMM was as fast in
+# one run and faster in another (8x8x1280: 36 ms against 41): reordering the weights into
+# oneDNN's layout, on every call, costs most there. Benchmarks
 # and tests turn it off to run the GEMM forms.
 DIRECT = True
 # Rows per block of feed_forward: each block's projection (up to 10240 wide) and gated

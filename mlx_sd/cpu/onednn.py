@@ -3,8 +3,8 @@
 The shifted-GEMM convolution (gemm.py) runs a 3x3 convolution as nine GEMMs of C terms whose
 fp32 sums every tap reads and writes again. oneDNN's own convolution (`brgconv`, on the
 `vdpbf16ps` instructions) keeps the sums in registers over all nine taps, as torch's bf16
-convolutions on the CPU do: on a Zen 4, 0.3-0.5x the shifted GEMMs' time at the VAE's layers and
-0.8-0.9x at the UNet's 32² and 64² ones (benchmarks/cpu_gemm.py). So the AVX-512 BF16 class,
+convolutions on the CPU do: on a Zen 4, 0.70-1.02x the shifted GEMMs' time at the VAE's layers,
+0.38x at its last (3 outputs), 0.82-0.89x at the UNet's 32² and 64² ones (benchmarks/cpu_gemm.py). So the AVX-512 BF16 class,
 which already takes oneDNN's bf16 GEMM, takes its convolutions too (gemm.conv2d); a probe at
 first use (blas.py) refuses them where they do not run right.
 
