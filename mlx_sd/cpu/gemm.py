@@ -12,7 +12,9 @@ Two gaps in MLX's CPU backend (measured with benchmarks/cpu_gemm.py on a 2-core 
   write the padded input, already in the GEMM's input type, and the cropped output plus bias,
   on all cores: MLX's pad, cast, slice and add each make a single-threaded pass, which had cost
   as much as the GEMMs at the VAE's 512² layers. Small images (the UNet's 8x8 and 16x16
-  levels) instead unfold their input (im2col, also a kernel) into one larger GEMM.
+  levels) instead unfold their input (im2col, also a kernel) into one larger GEMM. Where the
+  processor's class takes oneDNN's bf16 GEMM, larger bf16 convolutions run on oneDNN's direct
+  convolution instead (onednn.py).
 - MLX has no bf16 GEMM on the CPU: bf16 weights are widened to fp32 on every call. A bf16 GEMM
   (bf16 inputs, fp32 sums) is faster where the processor has bf16 units: MKL's on AMX
   (860-1800 GFLOP/s for the convolutions and 730-1150 for the linear layers, 2 cores), oneDNN's
@@ -57,8 +59,8 @@ SUMS_BYTES = 64 << 20
 # VAE's layers, 0.38x at its last (3 outputs), 0.82-0.89x at the UNet's 32² and 64² ones on a
 # Zen 4 (benchmarks/cpu_gemm.py). At the UNet's smaller levels the unfolded GEMM was as fast in
 # one run and faster in another (8x8x1280: 36 ms against 41): reordering the weights into
-# oneDNN's layout, on every call, costs most there. Benchmarks
-# and tests turn it off to run the GEMM forms.
+# oneDNN's layout, on every call, costs most there. Benchmarks and tests turn it off to run the
+# GEMM forms.
 DIRECT = True
 # Rows per block of feed_forward: each block's projection (up to 10240 wide) and gated
 # activations live in reused per-thread scratch. At 128 rows the BLAS calls cost more (33-35 ms

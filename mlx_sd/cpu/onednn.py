@@ -4,15 +4,15 @@ The shifted-GEMM convolution (gemm.py) runs a 3x3 convolution as nine GEMMs of C
 fp32 sums every tap reads and writes again. oneDNN's own convolution (`brgconv`, on the
 `vdpbf16ps` instructions) keeps the sums in registers over all nine taps, as torch's bf16
 convolutions on the CPU do: on a Zen 4, 0.70-1.02x the shifted GEMMs' time at the VAE's layers,
-0.38x at its last (3 outputs), 0.82-0.89x at the UNet's 32² and 64² ones (benchmarks/cpu_gemm.py). So the AVX-512 BF16 class,
-which already takes oneDNN's bf16 GEMM, takes its convolutions too (gemm.conv2d); a probe at
-first use (blas.py) refuses them where they do not run right.
+0.38x at its last (3 outputs), 0.82-0.89x at the UNet's 32² and 64² ones (benchmarks/cpu_gemm.py).
+So the AVX-512 BF16 class, which already takes oneDNN's bf16 GEMM, takes its convolutions too
+(gemm.conv2d); a probe at first use (blas.py) refuses them where they do not run right.
 
 Weights arrive as (out, k, k, in) bf16 and are reordered on each call into the blocked layout
-the kernel wants (a few ms; kept nowhere, so no second copy of the weights is held). The input
-is rounded to bf16 on all cores (kernels.to_bf16); the result, bias included, is written in
-fp32 straight into the output, a residual added in the same pass (a binary post-op). Primitive
-descriptors are created per call: oneDNN's primitive cache makes a repeated shape cost ~20 µs.
+the kernel wants (a few ms; kept nowhere, so no second copy of the weights is held); the input
+arrives rounded to bf16. The result, bias included, is written in fp32 straight into the
+output, a residual added in the same pass (a binary post-op). Primitive descriptors are created
+per call: oneDNN's primitive cache makes a repeated shape cost ~20 µs.
 """
 
 from __future__ import annotations
@@ -107,6 +107,11 @@ class Convolutions:
         return self._make(stack, "dnnl_memory_desc_create_with_strides", "dnnl_memory_desc_destroy", 4,
                           _dims(n, c, h, w), dtype, _dims(h * w * c, 1, w * c, c))
 
+    def _vector(self, stack: ExitStack, length: int) -> _P:
+        """A memory descriptor of an fp32 vector (a bias)."""
+        return self._make(stack, "dnnl_memory_desc_create_with_strides", "dnnl_memory_desc_destroy", 1,
+                          _dims(length), _F32, _dims(1))
+
     def _memory(self, stack: ExitStack, descriptor: _P, data: int) -> _P:
         return self._make(stack, "dnnl_memory_create", "dnnl_memory_destroy", descriptor, self._engine, _P(data))
 
@@ -126,8 +131,7 @@ class Convolutions:
         destination = self._nhwc(stack, (batch, height, width, out_channels), _F32)
         weights = self._make(stack, "dnnl_memory_desc_create_with_tag", "dnnl_memory_desc_destroy", 4,
                              _dims(out_channels, channels, kernel, kernel), _BF16, _ANY)
-        bias_desc = (self._make(stack, "dnnl_memory_desc_create_with_strides", "dnnl_memory_desc_destroy", 1,
-                                _dims(out_channels), _F32, _dims(1)) if bias else None)
+        bias_desc = self._vector(stack, out_channels) if bias else None
         attr = self._make(stack, "dnnl_primitive_attr_create", "dnnl_primitive_attr_destroy")
         if residual:
             post_ops = self._make(stack, "dnnl_post_ops_create", "dnnl_post_ops_destroy")
@@ -165,9 +169,7 @@ class Convolutions:
                     (_WEIGHTS, blocked_memory), (_DST, self._memory(stack, destination, out.ctypes.data))]
             if bias is not None:
                 bias = np.ascontiguousarray(bias, np.float32)
-                bias_desc = self._make(stack, "dnnl_memory_desc_create_with_strides", "dnnl_memory_desc_destroy", 1,
-                                       _dims(out_channels), _F32, _dims(1))
-                args.append((_BIAS, self._memory(stack, bias_desc, bias.ctypes.data)))
+                args.append((_BIAS, self._memory(stack, self._vector(stack, out_channels), bias.ctypes.data)))
             if residual is not None:
                 residual = np.ascontiguousarray(residual, np.float32)
                 args.append((_POST_OP_SRC1, self._memory(stack, destination, residual.ctypes.data)))
