@@ -62,6 +62,7 @@ _SIGNATURES: dict[str, list] = {
     "dnnl_memory_destroy": [_P],
     "dnnl_primitive_execute": [_P, _P, ctypes.c_int, ctypes.POINTER(_Arg)],
     "dnnl_stream_wait": [_P],
+    "dnnl_stream_destroy": [_P],
 }
 
 
@@ -74,7 +75,7 @@ def _dims(*values: int) -> ctypes.Array:
 
 
 class Convolutions:
-    """oneDNN's bf16 convolutions on one CPU engine and stream of a loaded libdnnl."""
+    """oneDNN's bf16 convolutions on a CPU engine of a loaded libdnnl; any thread may call them."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._lib = library
@@ -85,9 +86,8 @@ class Convolutions:
         library.dnnl_primitive_desc_query_md.restype = _P
         library.dnnl_memory_desc_get_size.argtypes = [_P]
         library.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
-        self._engine, self._stream = _P(), _P()
+        self._engine = _P()
         self._call("dnnl_engine_create", ctypes.byref(self._engine), _CPU, 0)
-        self._call("dnnl_stream_create", ctypes.byref(self._stream), self._engine, _IN_ORDER)
 
     def _call(self, name: str, *args: object) -> None:
         status = getattr(self._lib, name)(*args)
@@ -115,9 +115,9 @@ class Convolutions:
     def _memory(self, stack: ExitStack, descriptor: _P, data: int) -> _P:
         return self._make(stack, "dnnl_memory_create", "dnnl_memory_destroy", descriptor, self._engine, _P(data))
 
-    def _run(self, primitive: _P, args: list[tuple[int, _P]]) -> None:
-        self._call("dnnl_primitive_execute", primitive, self._stream, len(args), (_Arg * len(args))(*args))
-        self._call("dnnl_stream_wait", self._stream)
+    def _run(self, stream: _P, primitive: _P, args: list[tuple[int, _P]]) -> None:
+        self._call("dnnl_primitive_execute", primitive, stream, len(args), (_Arg * len(args))(*args))
+        self._call("dnnl_stream_wait", stream)
 
     def _implementation(self, primitive_desc: _P) -> str:
         """The name of the implementation oneDNN picked (e.g. brgconv:avx512_core_bf16)."""
@@ -156,6 +156,8 @@ class Convolutions:
             conv = self._descriptor(stack, image.shape, out_channels, kernel, bias is not None, residual is not None)
             if "ref" in self._implementation(conv):
                 return False
+            # A stream per call (a few µs): oneDNN's streams are not to be shared between threads.
+            stream = self._make(stack, "dnnl_stream_create", "dnnl_stream_destroy", self._engine, _IN_ORDER)
             plain = self._nhwc(stack, weight.shape, _BF16)
             blocked_desc = self._lib.dnnl_primitive_desc_query_md(conv, _QUERY_WEIGHTS_MD, 0)
             blocked = np.empty(self._lib.dnnl_memory_desc_get_size(blocked_desc), np.uint8)
@@ -163,7 +165,8 @@ class Convolutions:
                                       plain, self._engine, _P(blocked_desc), self._engine, None)
             reorder = self._make(stack, "dnnl_primitive_create", "dnnl_primitive_destroy", reorder_desc)
             blocked_memory = self._memory(stack, _P(blocked_desc), blocked.ctypes.data)
-            self._run(reorder, [(_FROM, self._memory(stack, plain, weight.ctypes.data)), (_TO, blocked_memory)])
+            source = self._memory(stack, plain, weight.ctypes.data)
+            self._run(stream, reorder, [(_FROM, source), (_TO, blocked_memory)])
             destination = self._nhwc(stack, out.shape, _F32)
             args = [(_SRC, self._memory(stack, self._nhwc(stack, image.shape, _BF16), image.ctypes.data)),
                     (_WEIGHTS, blocked_memory), (_DST, self._memory(stack, destination, out.ctypes.data))]
@@ -173,5 +176,5 @@ class Convolutions:
             if residual is not None:
                 residual = np.ascontiguousarray(residual, np.float32)
                 args.append((_POST_OP_SRC1, self._memory(stack, destination, residual.ctypes.data)))
-            self._run(self._make(stack, "dnnl_primitive_create", "dnnl_primitive_destroy", conv), args)
+            self._run(stream, self._make(stack, "dnnl_primitive_create", "dnnl_primitive_destroy", conv), args)
         return True
