@@ -1,7 +1,8 @@
 """ctypes bindings to the GEMMs the CPU kernels call directly (gemm.py, layers.c, the attention):
 the fp32 GEMM of the BLAS that `mlx_sd.cpu.runtime` loaded, the bf16 GEMM that
 `mlx_sd.cpu.dispatch` picks for this processor (MKL's, or oneDNN's through an adapter in
-layers.c with MKL's arguments), and the per-thread thread counts of their runtimes."""
+layers.c with MKL's arguments), with oneDNN's its direct bf16 convolutions (onednn.py), and the
+per-thread thread counts of their runtimes."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_sd.cpu import dispatch, runtime
+from mlx_sd.cpu import dispatch, onednn, runtime
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ ONEDNN = Path(sysconfig.get_paths()["data"]) / "lib" / "libdnnl.so.3"
 @dataclass(frozen=True)
 class Gemm:
     """The GEMM entry points, each with cblas_sgemm's arguments: `sgemm` always; `bf16` where
-    `choice` names a bf16 GEMM. `set_local_threads` (MKL's) and `set_omp_threads` (the OpenMP
+    `choice` names a bf16 GEMM; `conv`, oneDNN's direct bf16 convolutions, where its bf16 GEMM is
+    the choice and they run here. `set_local_threads` (MKL's) and `set_omp_threads` (the OpenMP
     runtime oneDNN runs on) set the calling thread's own thread count, where present."""
 
     sgemm: ctypes._CFuncPtr
@@ -35,6 +37,7 @@ class Gemm:
     set_local_threads: ctypes._CFuncPtr | None
     set_omp_threads: ctypes._CFuncPtr | None = None
     get_omp_threads: ctypes._CFuncPtr | None = None
+    conv: onednn.Convolutions | None = None
 
     @property
     def per_thread(self) -> bool:
@@ -145,7 +148,8 @@ def bound(setting: str) -> Gemm | None:
         elif not _runs(_bind(adapter)):
             choice = choice.without("oneDNN's bf16 GEMM does not run on this processor")
         else:
-            return Gemm(sgemm, _bind(adapter), choice, local_threads, *_omp_threads(onednn))
+            return Gemm(sgemm, _bind(adapter), choice, local_threads, *_omp_threads(onednn),
+                        conv=_convolutions(onednn))
     return Gemm(sgemm, None, choice, local_threads)
 
 
@@ -158,3 +162,24 @@ def _runs(bf16: ctypes._CFuncPtr) -> bool:
     bits, out = (a.view(np.uint32) >> 16).astype(np.uint16), np.zeros((2, 2), np.float32)
     bf16(101, 111, 112, 2, 2, 2, 1.0, bits.ctypes.data, 2, bits.ctypes.data, 2, 0.0, out.ctypes.data, 2)
     return kernels._library().gemm_failures() == 0 and np.array_equal(out, a @ a.T)
+
+
+def _convolutions(library: ctypes.CDLL) -> onednn.Convolutions | None:
+    """oneDNN's direct bf16 convolutions, where they compute a small one right here, else None
+    (logged): the bf16 GEMM then computes them as shifted GEMMs."""
+    rng = np.random.default_rng(0)  # quarters in [-2, 2): exact in bf16, and so every sum
+    x, w = (rng.integers(-8, 8, shape).astype(np.float32) / 4 for shape in ((1, 5, 6, 16), (8, 3, 3, 16)))
+    bits = [(a.view(np.uint32) >> 16).astype(np.uint16) for a in (x, w)]
+    padded = np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+    expected = sum(padded[:, dy:dy + 5, dx:dx + 6] @ w[:, dy, dx].T for dy in range(3) for dx in range(3))
+    out = np.empty((1, 5, 6, 8), np.float32)
+    try:
+        convolutions = onednn.Convolutions(library)
+        runs = convolutions.conv2d(*bits, None, None, out)
+    except (AttributeError, onednn.ConvolutionError) as exc:
+        log.warning("oneDNN's convolutions cannot be used (%s): bf16 convolutions run as GEMMs", exc)
+        return None
+    if not runs or not np.array_equal(out, expected):
+        log.warning("oneDNN's bf16 convolution does not run right here: bf16 convolutions run as GEMMs")
+        return None
+    return convolutions

@@ -7,7 +7,8 @@ results in benchmarks/results/2026-12-07-amd-epyc-zen4.md), as time against MKL'
 - AMX (Intel Sapphire Rapids and later): MKL's `cblas_gemm_bf16bf16f32` runs on the tiles, 3-5x
   faster than fp32; bf16 is the faster dtype (measured on a Xeon, benchmarks/README.md).
 - AVX-512 BF16 without AMX (AMD Zen 4 and later, Intel Cooper Lake): oneDNN's
-  `dnnl_gemm_bf16bf16f32` (`vdpbf16ps`) takes 0.30-0.52x the time; MKL's bf16 GEMM takes
+  `dnnl_gemm_bf16bf16f32` (`vdpbf16ps`) takes 0.30-0.52x the time, and its direct
+  convolution (onednn.py) computes the larger bf16 convolutions; MKL's bf16 GEMM takes
   0.94-1.83x (a slow path on AMD), so MKL's is never used here, and without oneDNN bf16 weights
   are computed in fp32 and fp32 is the faster dtype.
 - AVX-512 without BF16 (Skylake-X to Ice Lake, Zen 3 is AVX2): oneDNN emulates bf16 (2.1-3.3x),

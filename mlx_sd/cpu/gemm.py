@@ -12,7 +12,9 @@ Two gaps in MLX's CPU backend (measured with benchmarks/cpu_gemm.py on a 2-core 
   write the padded input, already in the GEMM's input type, and the cropped output plus bias,
   on all cores: MLX's pad, cast, slice and add each make a single-threaded pass, which had cost
   as much as the GEMMs at the VAE's 512² layers. Small images (the UNet's 8x8 and 16x16
-  levels) instead unfold their input (im2col, also a kernel) into one larger GEMM.
+  levels) instead unfold their input (im2col, also a kernel) into one larger GEMM. Where the
+  processor's class takes oneDNN's bf16 GEMM, larger bf16 convolutions run on oneDNN's direct
+  convolution instead (onednn.py).
 - MLX has no bf16 GEMM on the CPU: bf16 weights are widened to fp32 on every call. A bf16 GEMM
   (bf16 inputs, fp32 sums) is faster where the processor has bf16 units: MKL's on AMX
   (860-1800 GFLOP/s for the convolutions and 730-1150 for the linear layers, 2 cores), oneDNN's
@@ -33,7 +35,7 @@ import ctypes
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd.cpu import kernels
+from mlx_sd.cpu import kernels, onednn
 from mlx_sd.cpu.blas import gemm
 from mlx_sd.cpu.buffers import as_fp32, bf16_view, new_array
 
@@ -52,6 +54,14 @@ IM2COL_ROWS = 1024
 # soon as it is summed: a 512² bf16 VAE decode peaked at 3.1 GiB against 3.4 GiB, in the same
 # 2.4-2.6 s. Below it, one run over the whole batch keeps the UNet's GEMMs larger.
 SUMS_BYTES = 64 << 20
+# Whether bf16 convolutions of more than IM2COL_ROWS pixels take oneDNN's direct convolution where
+# this class has it (`gemm().conv`, onednn.py): 0.70-1.02x the time of the shifted GEMMs at the
+# VAE's layers, 0.38x at its last (3 outputs), 0.82-0.89x at the UNet's 32² and 64² ones on a
+# Zen 4 (benchmarks/cpu_gemm.py). At the UNet's smaller levels the unfolded GEMM was as fast in
+# one run and faster in another (8x8x1280: 36 ms against 41): reordering the weights into
+# oneDNN's layout, on every call, costs most there. Benchmarks and tests turn it off to run the
+# GEMM forms.
+DIRECT = True
 # Rows per block of feed_forward: each block's projection (up to 10240 wide) and gated
 # activations live in reused per-thread scratch. At 128 rows the BLAS calls cost more (33-35 ms
 # against 26-28 for the 64² feed-forward), at 512 the scratch outgrew the cache (20 against 17
@@ -186,7 +196,8 @@ def feed_forward(x: mx.array, proj_weight: mx.array, proj_bias: mx.array | None,
 def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int, add: mx.array | None = None) -> mx.array:
     """A stride-1 NHWC convolution with an odd square kernel (`weight` is (out, k, k, in)) and
     `padding` = k // 2: as one GEMM over the unfolded input for images of at most IM2COL_ROWS
-    pixels, else as shifted GEMMs; bf16 products when `weight` is bf16, else fp32. `add`, the
+    pixels, else by oneDNN's direct convolution (bf16, DIRECT, where the class has it) or as
+    shifted GEMMs; bf16 products when `weight` is bf16, else fp32. `add`, the
     result's shape (a residual) or (B, 1, 1, out) (a vector per image), is added in the same
     pass as the bias."""
     bf16 = uses_bf16(weight)
@@ -196,11 +207,27 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int, a
     if residual is not None and residual.shape[1:3] == (1, 1):  # one vector per image: part of the bias
         bias_rows = residual.reshape(batch, out_channels) + (0 if bias_rows is None else bias_rows)
         residual = None
+    direct = gemm().conv if bf16 and DIRECT else None
     if image.size // image.shape[-1] <= IM2COL_ROWS:
         y = _conv_unfolded(image, w, bias_rows, residual, padding, bf16)
-    else:
+    elif direct is None or (y := _conv_direct(direct, image, w, bias_rows, residual)) is None:
         y = _conv_shifted(image, w, bias_rows, residual, padding, bf16)
     kernels.check_gemms()
+    return y
+
+
+def _conv_direct(direct: onednn.Convolutions, image: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
+                 residual: np.ndarray | None) -> mx.array | None:
+    """The convolution by oneDNN (bf16 bits `w`), or None where it has no fast form for this shape.
+    A bias per image (B, out) goes image by image, as oneDNN's bias is one vector."""
+    batch, height, width, _ = image.shape
+    bits = bf16_bits(image)
+    y, out = new_array((batch, height, width, w.shape[0]))
+    per_image = bias is not None and bias.ndim == 2
+    for i, part in enumerate([slice(i, i + 1) for i in range(batch)] if per_image else [slice(None)]):
+        image_bias = bias[i] if per_image else bias
+        if not direct.conv2d(bits[part], w, image_bias, None if residual is None else residual[part], out[part]):
+            return None
     return y
 
 

@@ -51,9 +51,11 @@ def random(*shape: int, seed: int) -> np.ndarray:
 CONV_CASES = [((2, 5, 7, 3), 4, 3), ((1, 9, 6, 13), 8, 3), ((1, 4, 4, 6), 5, 5), ((1, 70, 66, 8), 16, 3)]
 
 
-@pytest.fixture(params=["shifted", "shifted in row blocks", "unfolded"])
+@pytest.fixture(params=["shifted", "shifted in row blocks", "unfolded", "direct"])
 def conv_form(request, monkeypatch) -> str:
-    """Every case through each form of the convolution, whatever its size would pick."""
+    """Every case through each form of the convolution, whatever its size would pick: the GEMM
+    forms, or (bf16, where this class has it) oneDNN's direct convolution."""
+    monkeypatch.setattr(gemm, "DIRECT", request.param == "direct")
     monkeypatch.setattr(gemm, "IM2COL_ROWS", 1 << 30 if request.param == "unfolded" else 0)
     monkeypatch.setattr(gemm, "SUMS_BYTES", 0 if request.param == "shifted in row blocks" else 1 << 40)
     monkeypatch.setattr(gemm, "BLOCK_ROWS", 512)  # several blocks of shifted GEMMs in the largest case
@@ -71,6 +73,8 @@ def addend(kind: str, shape: tuple, out_channels: int) -> np.ndarray | None:
 @pytest.mark.parametrize("add", ["none", "per-image", "residual"])
 @pytest.mark.parametrize(("shape", "out_channels", "kernel"), CONV_CASES)
 def test_fp32_conv_matches_float64(shape: tuple, out_channels: int, kernel: int, add: str, conv_form: str) -> None:
+    if conv_form == "direct":
+        pytest.skip("the direct convolution is bf16's")
     x, w, b = random(*shape, seed=0), random(out_channels, kernel, kernel, shape[-1], seed=1), random(out_channels, seed=2)
     extra = addend(add, shape, out_channels)
     ours = gemm.conv2d(mx.array(x), mx.array(w), mx.array(b), kernel // 2, None if extra is None else mx.array(extra))
@@ -80,15 +84,26 @@ def test_fp32_conv_matches_float64(shape: tuple, out_channels: int, kernel: int,
 
 
 @pytest.mark.usefixtures("each_bf16_gemm")
+@pytest.mark.parametrize("add", ["none", "per-image", "residual"])
 @pytest.mark.parametrize(("shape", "out_channels", "kernel"), CONV_CASES)
-def test_bf16_conv_is_exact_on_bf16_operands(shape: tuple, out_channels: int, kernel: int, conv_form: str) -> None:
+def test_bf16_conv_is_exact_on_bf16_operands(shape: tuple, out_channels: int, kernel: int, add: str,
+                                              conv_form: str, monkeypatch) -> None:
     """Products of bf16 values are exact in fp32, so only fp32 accumulation error remains."""
+    if conv_form == "direct" and gemm.gemm().conv is None:
+        pytest.skip("no direct bf16 convolution with this bf16 GEMM here")
     x, w, b = random(*shape, seed=3), random(out_channels, kernel, kernel, shape[-1], seed=4), random(out_channels, seed=5)
+    extra = addend(add, shape, out_channels)
     weight = mx.array(w).astype(mx.bfloat16)
-    ours = gemm.conv2d(mx.array(x), weight, mx.array(b).astype(mx.bfloat16), kernel // 2)
+    forms = []
+    for name in ("_conv_direct", "_conv_unfolded", "_conv_shifted"):
+        real = getattr(gemm, name)
+        monkeypatch.setattr(gemm, name, lambda *args, real=real, name=name: forms.append(name) or real(*args))
+    ours = gemm.conv2d(mx.array(x), weight, mx.array(b).astype(mx.bfloat16), kernel // 2,
+                       None if extra is None else mx.array(extra))
     reference = conv_reference(bf16_rounded(x), bf16_rounded(w), bf16_rounded(b), kernel // 2)
     assert ours.dtype == mx.float32
-    assert relative_error(ours, reference) < 1e-6
+    assert relative_error(ours, reference + (0 if extra is None else extra)) < 1e-6
+    assert (forms[0] == "_conv_direct") == (conv_form == "direct")
 
 
 @pytest.mark.usefixtures("each_bf16_gemm")

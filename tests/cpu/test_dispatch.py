@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_sd.cpu import apply, blas, kernels
+from mlx_sd.cpu import apply, blas, gemm, kernels, onednn
 from mlx_sd.cpu.dispatch import Bf16Gemm, CpuClass, choose, cpu_class
 
 BASE = {"sse2", "avx", "avx2", "fma"}
@@ -108,3 +109,61 @@ def test_a_bf16_model_says_where_bf16_is_slower(flags: set[str], warned: bool, m
     finally:
         apply._bf16_note.cache_clear()
     assert ("bfloat16 is slower than float32" in caplog.text) is warned
+
+
+needs_onednn = pytest.mark.skipif(Bf16Gemm.ONEDNN not in blas.installed(), reason="oneDNN is not installed")
+
+
+@needs_kernels
+@needs_onednn
+@pytest.mark.parametrize(("flags", "direct"), [(SAPPHIRE_RAPIDS, False), (ZEN4, True), (SKYLAKE_X, False),
+                                               (HASWELL, False)])
+def test_only_the_class_on_onednn_takes_its_direct_convolutions(flags: set[str], direct: bool, monkeypatch) -> None:
+    """The AVX-512 BF16 class's convolutions are oneDNN's; the AMX class keeps MKL's GEMMs and the
+    classes without bf16 units compute bf16 weights in fp32, so none of them can enter it."""
+    monkeypatch.setattr(blas, "_runs", lambda bf16: True)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(blas, "_convolutions", lambda library: SimpleNamespace())
+    assert (blas.bound("auto").conv is not None) is direct
+
+
+@needs_kernels
+@needs_onednn
+def test_direct_convolutions_that_fail_their_probe_are_not_used(monkeypatch, caplog) -> None:
+    """Where oneDNN's convolution errs or computes wrong (an emulator's CPU model, say), bf16
+    convolutions stay on the bf16 GEMM."""
+    monkeypatch.setattr(blas, "_runs", lambda bf16: True)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: ZEN4)
+
+    def wrong(self, image, weight, bias, residual, out) -> bool:
+        out[...] = 0
+        return True
+
+    def failing(self, *args) -> bool:
+        raise onednn.ConvolutionError("oneDNN dnnl_primitive_create failed with status 5")
+
+    for conv2d in (wrong, failing, lambda self, *args: False):
+        monkeypatch.setattr(onednn.Convolutions, "conv2d", conv2d)
+        with caplog.at_level(logging.WARNING, logger=blas.__name__):
+            functions = blas.bound("auto")
+        assert functions.bf16 is not None and functions.conv is None
+        assert "convolutions run as GEMMs" in caplog.text
+        caplog.clear()
+
+
+@needs_kernels
+@needs_onednn
+def test_a_shape_oneDNN_has_only_its_reference_form_for_runs_on_the_gemm(monkeypatch) -> None:
+    functions = blas.bound("onednn")
+    if functions.conv is None:
+        pytest.skip("oneDNN's convolutions do not run here")
+    monkeypatch.setattr(gemm, "gemm", lambda: functions)
+    monkeypatch.setattr(onednn.Convolutions, "_implementation", lambda self, desc: "ref:any")
+    shifted = []
+    real = gemm._conv_shifted
+    monkeypatch.setattr(gemm, "_conv_shifted", lambda *args: shifted.append(1) or real(*args))
+    x = mx.random.normal((1, 40, 40, 8), key=mx.random.key(0))
+    w = (mx.random.normal((8, 3, 3, 8), key=mx.random.key(1)) * 0.1).astype(mx.bfloat16)
+    y = gemm.conv2d(x, w, None, 1)
+    monkeypatch.setattr(gemm, "DIRECT", False)
+    assert shifted == [1] and mx.array_equal(y, gemm.conv2d(x, w, None, 1)).item()
