@@ -49,6 +49,14 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def reset_peak_rss() -> None:
+    """Count the peak RSS from now on (Linux resets its high-water mark through clear_refs; elsewhere
+    the peak stays the process's)."""
+    clear = Path("/proc/self/clear_refs")
+    if clear.exists():
+        clear.write_text("5")
+
+
 # With --interleave each child waits for the parent's word before every run (warm-up included),
 # so that the two sides' runs alternate instead of meeting different loads on a shared machine.
 PACED = os.environ.get("RUN_SD15_PACED") == "1"

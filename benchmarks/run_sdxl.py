@@ -7,8 +7,11 @@ reference environment `.venv-ref`. The same harness as `run_sd15.py` (each (side
 subprocess, medians of --repeat after a warm-up, ratios = ours / diffusers' faster dtype). Stages:
 `load_cold` (the single file converted as it loads; ours also `load_cached`, from our converted
 cache), `text` (both text encoders on a CFG batch of 2), `unet512` and `unet1024` (one UNet step on
-a CFG batch of 2 with the pooled embedding and size micro-conditioning), `vae1024` (one decode; the
-VAE in fp32 on both sides, as SDXL's overflows fp16), `e2e1024` (text + 20 Euler steps + decode).
+a CFG batch of 2 with the pooled embedding and size micro-conditioning), `vae1024` (one decode;
+diffusers upcasts the VAE to fp32, as SDXL's overflows fp16; ours keeps bf16 weights and products with
+fp32 activations), `e2e1024` (text + 20 Euler steps + decode). Peak RSS: the loads' peak for the load
+stages; for the others, both sides hold only the networks the stage runs and count from after the
+load (the networks held plus the stage's working memory).
 
 diffusers' loads here convert one network at a time: its `from_single_file` reads the whole 6.9 GB
 file into memory before converting, more than a shared 24 GB machine gives one process. Weights
@@ -18,6 +21,7 @@ are converted to the run's dtype as they are read. diffusers' default dtype here
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +35,9 @@ ROOT = REPO / ".cache" / "sdxl-random"
 SINGLE = ROOT / "stable-diffusion" / "model.safetensors"
 FOLDER = ROOT / "diffusers"
 STAGES = ("load_cold", "load_cached", "text", "unet512", "unet1024", "vae1024", "e2e1024")
+# The networks each stage runs (the others: all of them).
+NEEDS = {"text": ("text_encoder", "text_encoder_2"), "unet512": ("unet",), "unet1024": ("unet",), "vae1024": ("vae",)}
+ALL = ("unet", "vae", "text_encoder", "text_encoder_2")
 STEPS = 20
 GUIDANCE = 5.0
 TOKENS = 77
@@ -49,6 +56,7 @@ def run_ours(stage: str, repeat: int, cache_dir: Path, dtype: str) -> dict:
     import mlx.core as mx
 
     from convert import load_sd1
+    from mlx_sd.cpu.runtime import release_memory
     from mlx_sd.engine.backends import from_environment
 
     backend = from_environment()
@@ -61,6 +69,11 @@ def run_ours(stage: str, repeat: int, cache_dir: Path, dtype: str) -> dict:
     if stage.startswith("load"):
         return result | {"times": [load_s], "peak_rss_gib": sd15.peak_rss_gib()}
     act = backend.activation_dtype(models.unet.conv_in.weight.dtype)
+    for name in set(ALL) - set(NEEDS.get(stage, ALL)):  # hold what the stage runs, as diffusers' side does
+        setattr(models, name, None)
+    gc.collect()
+    release_memory()
+    sd15.reset_peak_rss()
     key = mx.random.key(0)
     ids = mx.full((2, TOKENS), 49407, dtype=mx.int32)
     context = mx.random.normal((2, TOKENS, CONTEXT), key=key).astype(act)
@@ -148,14 +161,14 @@ def run_diffusers(stage: str, repeat: int, threads: int, dtype: str) -> dict:
 
     torch.set_num_threads(threads)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    needs = {"load_cold": ("unet", "vae", "text_encoder", "text_encoder_2"), "text": ("text_encoder", "text_encoder_2"),
-             "unet512": ("unet",), "unet1024": ("unet",), "vae1024": ("vae",)}
     start = time.perf_counter()
-    nets = _diffusers_networks(needs.get(stage, ("unet", "vae", "text_encoder", "text_encoder_2")), torch_dtype)
+    nets = _diffusers_networks(NEEDS.get(stage, ALL), torch_dtype)
     load_s = time.perf_counter() - start
     result: dict = {"dtype": dtype, "threads": threads}
     if stage.startswith("load"):
         return result | {"times": [load_s], "peak_rss_gib": sd15.peak_rss_gib()}
+    gc.collect()
+    sd15.reset_peak_rss()
     if "vae" in nets:
         nets["vae"].to(torch.float32)  # as diffusers' SDXL pipelines (force_upcast)
     gen = torch.Generator().manual_seed(0)
