@@ -60,7 +60,7 @@ def file_fingerprint(path: Path, header: bytes = b"") -> dict[str, Any]:
 def source_fingerprints(layout: CheckpointLayout) -> list[dict[str, Any]]:
     """Every file the conversion reads: the weights, and the config.json beside a diffusers folder's
     or a standalone VAE's (hashed whole: a changed config, say the VAE's force_upcast, is a new model)."""
-    configs = [path.parent / "config.json" for path in layout.files if path != layout.single_file]
+    configs = dict.fromkeys(path.parent / "config.json" for path in layout.files if path != layout.single_file)
     return [fingerprint(path) for path in layout.files] + [
         file_fingerprint(config, config.read_bytes()) for config in configs if config.is_file()]
 

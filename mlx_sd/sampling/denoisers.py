@@ -56,7 +56,7 @@ def _each_image(predict: Predictor) -> Predictor:
         for i in range(x.shape[0]):
             outputs.append(predict(x[i:i + 1], t[i:i + 1]))
             mx.eval(outputs[-1])
-        return mx.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+        return mx.concatenate(outputs)
 
     return each
 
