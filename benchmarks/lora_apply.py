@@ -32,9 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import run_sd15 as sd15  # the benchmarks' shared paths and peak-RSS reset (stdlib only)
+
+REPO = sd15.REPO
 sys.path.insert(0, str(REPO))
-OURS_PY, REF_PY = REPO / ".venv" / "bin" / "python", REPO / ".venv-ref" / "bin" / "python"
+OURS_PY, REF_PY = sd15.OURS_PY, sd15.REF_PY
 MODEL = REPO / ".cache" / "sd15-random" / "diffusers"
 SDXL_MODEL = REPO / ".cache" / "sdxl-random" / "stable-diffusion" / "model.safetensors"
 # family -> (default model, dtype on both sides, what the results call it)
@@ -51,7 +53,7 @@ def rss_gib() -> float:
 
 def start_peak() -> float:
     """Resets the process's peak RSS (Linux's VmHWM) to now; returns the RSS now."""
-    Path("/proc/self/clear_refs").write_text("5")
+    sd15.reset_peak_rss()
     return rss_gib()
 
 
