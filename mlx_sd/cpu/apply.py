@@ -35,6 +35,8 @@ REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
     layers.ResnetBlock2D: cpu.ResnetBlock2D,
     layers.Attention: cpu.Attention,
     vae.SpatialSelfAttention: cpu.SpatialSelfAttention,
+    vae.DecoderUpsample: cpu.DecoderUpsample,
+    unet.Upsample2D: cpu.Upsample2D,
     unet.GEGLU: cpu.GEGLU,
     unet.FeedForward: cpu.FeedForward,
     unet.BasicTransformerBlock: cpu.BasicTransformerBlock,

@@ -52,15 +52,16 @@ def unfilled(shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array | None:
     return None if make is None else make(list(shape), dtype)
 
 
-def new_array(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
-    """A new fp32 MLX array of unspecified contents and a writable numpy view of its buffer."""
-    out = unfilled(shape, mx.float32)
+def new_array(shape: tuple[int, ...], dtype: mx.Dtype = mx.float32) -> tuple[mx.array, np.ndarray]:
+    """A new fp32 (or bf16) MLX array of unspecified contents and a writable numpy view of its
+    buffer (bf16 as uint16 bits)."""
+    out = unfilled(shape, dtype)
     if out is None:
-        out = mx.zeros(shape, mx.float32)
+        out = mx.zeros(shape, dtype)
         mx.eval(out)
-    view = np.asarray(out)
-    if not (view.flags.c_contiguous and view.flags.writeable):
-        raise RuntimeError(f"MLX returned a {view.strides}-strided array for a new {shape} buffer")
+    view = np.asarray(out) if dtype == mx.float32 else bf16_view(out)
+    if view is None or not (view.flags.c_contiguous and view.flags.writeable):
+        raise RuntimeError(f"MLX returned an unwritable or strided array for a new {shape} buffer")
     return out, view
 
 

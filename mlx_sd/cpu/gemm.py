@@ -31,6 +31,7 @@ With no fast BLAS loaded, the layers (layers.py) keep MLX's ops.
 from __future__ import annotations
 
 import ctypes
+import math
 
 import mlx.core as mx
 import numpy as np
@@ -193,35 +194,48 @@ def feed_forward(x: mx.array, proj_weight: mx.array, proj_bias: mx.array | None,
     return y
 
 
+def reads_bf16(weight: mx.array, shape: tuple[int, ...]) -> bool:
+    """Whether `conv2d` of an input of this shape by `weight` reads that input as bf16 (oneDNN's
+    direct convolution): a bf16 input then spares it rounding a copy."""
+    return (uses_bf16(weight) and DIRECT and gemm().conv is not None and weight.shape[1] > 1
+            and math.prod(shape[:-1]) > IM2COL_ROWS)
+
+
 def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int, add: mx.array | None = None) -> mx.array:
     """A stride-1 NHWC convolution with an odd square kernel (`weight` is (out, k, k, in)) and
     `padding` = k // 2: as one GEMM over the unfolded input for images of at most IM2COL_ROWS
     pixels, else by oneDNN's direct convolution (bf16, DIRECT, where the class has it) or as
     shifted GEMMs; bf16 products when `weight` is bf16, else fp32. `add`, the
     result's shape (a residual) or (B, 1, 1, out) (a vector per image), is added in the same
-    pass as the bias."""
+    pass as the bias. `x` may be bf16 where `reads_bf16` holds; any other input is read as fp32."""
     bf16 = uses_bf16(weight)
-    image, w = as_fp32(x), _weights(weight, bf16)
-    batch, out_channels = image.shape[0], weight.shape[0]
+    w = _weights(weight, bf16)
+    batch, out_channels = x.shape[0], weight.shape[0]
     bias_rows, residual = _fp32_or_none(bias), _fp32_or_none(add)
     if residual is not None and residual.shape[1:3] == (1, 1):  # one vector per image: part of the bias
         bias_rows = residual.reshape(batch, out_channels) + (0 if bias_rows is None else bias_rows)
         residual = None
-    direct = gemm().conv if bf16 and DIRECT else None
+    if reads_bf16(weight, x.shape):
+        bits = bf16_view(x)
+        y = _conv_direct(gemm().conv, bf16_bits(as_fp32(x)) if bits is None else bits, w, bias_rows, residual)
+        if y is not None:
+            kernels.check_gemms()
+            return y
+    image = as_fp32(x)
     if image.size // image.shape[-1] <= IM2COL_ROWS:
         y = _conv_unfolded(image, w, bias_rows, residual, padding, bf16)
-    elif direct is None or (y := _conv_direct(direct, image, w, bias_rows, residual)) is None:
+    else:
         y = _conv_shifted(image, w, bias_rows, residual, padding, bf16)
     kernels.check_gemms()
     return y
 
 
-def _conv_direct(direct: onednn.Convolutions, image: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
+def _conv_direct(direct: onednn.Convolutions, bits: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
                  residual: np.ndarray | None) -> mx.array | None:
-    """The convolution by oneDNN (bf16 bits `w`), or None where it has no fast form for this shape.
-    A bias per image (B, out) goes image by image, as oneDNN's bias is one vector."""
-    batch, height, width, _ = image.shape
-    bits = bf16_bits(image)
+    """The convolution by oneDNN of the bf16 bits of an image (bf16 bits `w`), or None where it
+    has no fast form for this shape. A bias per image (B, out) goes image by image, as oneDNN's
+    bias is one vector."""
+    batch, height, width, _ = bits.shape
     y, out = new_array((batch, height, width, w.shape[0]))
     per_image = bias is not None and bias.ndim == 2
     for i, part in enumerate([slice(i, i + 1) for i in range(batch)] if per_image else [slice(None)]):

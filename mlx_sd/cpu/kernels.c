@@ -160,37 +160,56 @@ void sigmoid_gate(const float *x, ptrdiff_t n, float slope, float *out) {
 
 struct scale_shift_job {
     const float *x, *scale, *offset;
-    float *out;
+    float *f32;
+    uint16_t *bf16;
     ptrdiff_t rows_per_image, channels;
     int silu;
 };
 
+/* Channels per pass of a bf16 output: the row's fp32 results wait in a stack buffer this long. */
+#define SCALE_SHIFT_BLOCK 256
+
 MULTIVERSION
+static void scale_shift_values(const float *in, const float *scale, const float *offset, ptrdiff_t n, int silu,
+                               float *y) {
+    if (silu) {
+#pragma omp simd
+        for (ptrdiff_t c = 0; c < n; c++)
+            y[c] = sigmoid_gate_one(in[c] * scale[c] + offset[c], 1.0f);
+    } else {
+#pragma omp simd
+        for (ptrdiff_t c = 0; c < n; c++)
+            y[c] = in[c] * scale[c] + offset[c];
+    }
+}
+
 static void scale_shift_chunk(void *context, ptrdiff_t first, ptrdiff_t last) {
     struct scale_shift_job *job = context;
     ptrdiff_t channels = job->channels;
+    float block[SCALE_SHIFT_BLOCK];
     for (ptrdiff_t i = first; i < last; i++) {
         const float *in = job->x + i * channels, *scale = job->scale + i / job->rows_per_image * channels;
         const float *offset = job->offset + i / job->rows_per_image * channels;
-        float *y = job->out + i * channels;
-        if (job->silu) {
-#pragma omp simd
-            for (ptrdiff_t c = 0; c < channels; c++)
-                y[c] = sigmoid_gate_one(in[c] * scale[c] + offset[c], 1.0f);
-        } else {
-#pragma omp simd
-            for (ptrdiff_t c = 0; c < channels; c++)
-                y[c] = in[c] * scale[c] + offset[c];
+        if (job->f32 != NULL) {
+            scale_shift_values(in, scale, offset, channels, job->silu, job->f32 + i * channels);
+            continue;
+        }
+        for (ptrdiff_t c = 0; c < channels; c += SCALE_SHIFT_BLOCK) {
+            ptrdiff_t n = channels - c < SCALE_SHIFT_BLOCK ? channels - c : SCALE_SHIFT_BLOCK;
+            scale_shift_values(in + c, scale + c, offset + c, n, job->silu, block);
+            to_bf16_values(block, n, job->bf16 + i * channels + c);
         }
     }
 }
 
 /* out[i, c] = x[i, c] * scale[c] + offset[c], then SiLU if `silu`, for x and out (rows x
  * channels), whose rows are images of `rows_per_image` rows, each with its own row of scale and
- * offset (images x channels). */
+ * offset (images x channels). out is float32 (`f32`) or, when `f32` is NULL, bf16 (`bf16`),
+ * rounded to nearest even as to_bf16 rounds: what a bf16 product would make of the float32
+ * result, without the float32 result ever being stored. */
 void scale_shift(const float *x, ptrdiff_t rows, ptrdiff_t rows_per_image, ptrdiff_t channels, const float *scale,
-                 const float *offset, int silu, float *out) {
-    struct scale_shift_job job = {x, scale, offset, out, rows_per_image, channels, silu};
+                 const float *offset, int silu, float *f32, uint16_t *bf16) {
+    struct scale_shift_job job = {x, scale, offset, f32, bf16, rows_per_image, channels, silu};
     pool_run(scale_shift_chunk, &job, rows, rows * channels);
 }
 

@@ -38,7 +38,7 @@ _SIGNATURES = {  # name: (argument types, result type)
     "softmax_numerators": ([_POINTER, _SIZE, _SIZE, _POINTER, _POINTER], None),
     "geglu": ([_POINTER, _SIZE, _SIZE, _POINTER], None),
     "sigmoid_gate": ([_POINTER, _SIZE, _FLOAT, _POINTER], None),
-    "scale_shift": ([_POINTER, _SIZE, _SIZE, _SIZE, _POINTER, _POINTER, _INT, _POINTER], None),
+    "scale_shift": ([_POINTER, _SIZE, _SIZE, _SIZE, _POINTER, _POINTER, _INT, _POINTER, _POINTER], None),
     "channel_moments": ([_POINTER, _SIZE, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER], _INT),
     "layer_norm": ([_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _FLOAT, _POINTER], None),
     "to_bf16": ([_POINTER, _SIZE, _POINTER], None),
@@ -173,12 +173,13 @@ def sigmoid_gate(x: np.ndarray, slope: float, out: np.ndarray) -> None:
 
 def scale_shift(x: np.ndarray, scale: np.ndarray, offset: np.ndarray, silu: bool, out: np.ndarray) -> None:
     """out = x * scale + offset (then SiLU if `silu`) for x and out (B, N, C), with a row of
-    scale and offset (B, C) per image."""
+    scale and offset (B, C) per image; out is fp32 or, as uint16, bf16 bits (rounded to nearest
+    even, as `to_bf16` rounds)."""
     images, rows, channels = x.shape
     if out.shape != x.shape or scale.shape != (images, channels) or offset.shape != (images, channels):
         raise ValueError(f"shape mismatch: {x.shape}, {scale.shape}, {offset.shape}, {out.shape}")
     kernels().scale_shift(_pointer(x), images * rows, rows, channels, _pointer(scale), _pointer(offset), int(silu),
-                          _pointer(out))
+                          *_f32_or_bf16(out))
 
 
 def channel_moments(x: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

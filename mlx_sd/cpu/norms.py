@@ -62,11 +62,14 @@ class GroupNorm(nn.GroupNorm):
     def __call__(self, x: mx.array) -> mx.array:
         return self._normalize(x, then_silu=False)
 
-    def with_silu(self, x: mx.array) -> mx.array:
-        """silu(self(x)); on the CPU the SiLU is applied in the same pass as the normalisation."""
-        return self._normalize(x, then_silu=True)
+    def with_silu(self, x: mx.array, bf16: bool = False) -> mx.array:
+        """silu(self(x)); on the CPU the SiLU is applied in the same pass as the normalisation.
+        With `bf16`, for a convolution that reads bf16 (layers.Conv2d.reads_bf16), an fp32 input's
+        result comes rounded to bf16 as that convolution would round it, so that the fp32 map,
+        twice the size, is never held."""
+        return self._normalize(x, then_silu=True, bf16=bf16)
 
-    def _normalize(self, x: mx.array, then_silu: bool) -> mx.array:
+    def _normalize(self, x: mx.array, then_silu: bool, bf16: bool = False) -> mx.array:
         if x.dtype != mx.float32 or not self.pytorch_compatible:
             y = super().__call__(x)
             return silu(y) if then_silu else y
@@ -80,7 +83,7 @@ class GroupNorm(nn.GroupNorm):
                         for n, d in (("weight", 1.0), ("bias", 0.0)))
         scale = (rstd * weight).astype(np.float32)
         offset = (bias - mean * rstd * weight).astype(np.float32)
-        result, out = new_array(x.shape)
+        result, out = new_array(x.shape, mx.bfloat16 if bf16 else mx.float32)
         kernels.scale_shift(flat, scale, offset, then_silu, out.reshape(flat.shape))
         return result
 

@@ -27,6 +27,16 @@ def test_new_arrays_are_separate_writable_buffers_that_mlx_reads() -> None:
     np.testing.assert_array_equal(np.array(first * 2 + second), np.broadcast_to([3, 4, 5], (64, 3)))
 
 
+@pytest.mark.parametrize("unfilled", [True, False], ids=["unfilled", "zero-filled"])
+def test_new_bf16_arrays_are_written_as_bits(unfilled: bool, monkeypatch) -> None:
+    if not unfilled:
+        monkeypatch.setattr(buffers, "unfilled", lambda shape, dtype: None)
+    array, bits = new_array((4, 5), mx.bfloat16)
+    assert array.dtype == mx.bfloat16 and bits.dtype == np.uint16 and bits.shape == (4, 5) and bits.flags.writeable
+    bits[...] = 0x3FC0  # 1.5
+    assert mx.array_equal(array, mx.full((4, 5), 1.5, mx.bfloat16))
+
+
 def test_new_arrays_of_nothing_and_of_bad_shapes() -> None:
     empty, view = new_array((0, 5))
     assert empty.shape == (0, 5) and view.size == 0

@@ -13,7 +13,9 @@ from mlx_sd.cpu import gemm, kernels
 from mlx_sd.cpu.apply import accelerate
 from mlx_sd.cpu.activations import geglu
 from mlx_sd.cpu.layers import Conv2d, Linear, output_plus
-from mlx_sd.models.unet import FeedForward
+from mlx_sd.models.layers import ResnetBlock2D
+from mlx_sd.models.unet import FeedForward, Upsample2D
+from mlx_sd.models.vae import DecoderUpsample
 
 pytestmark = pytest.mark.skipif(gemm.gemm() is None, reason="no fast BLAS loaded (reference BLAS)")
 needs_bf16 = pytest.mark.skipif(
@@ -86,9 +88,12 @@ def test_fp32_conv_matches_float64(shape: tuple, out_channels: int, kernel: int,
 @pytest.mark.usefixtures("each_bf16_gemm")
 @pytest.mark.parametrize("add", ["none", "per-image", "residual"])
 @pytest.mark.parametrize(("shape", "out_channels", "kernel"), CONV_CASES)
+@pytest.mark.parametrize("input_dtype", [mx.float32, mx.bfloat16], ids=["fp32 input", "bf16 input"])
 def test_bf16_conv_is_exact_on_bf16_operands(shape: tuple, out_channels: int, kernel: int, add: str,
-                                              conv_form: str, monkeypatch) -> None:
-    """Products of bf16 values are exact in fp32, so only fp32 accumulation error remains."""
+                                              conv_form: str, input_dtype: mx.Dtype, monkeypatch) -> None:
+    """Products of bf16 values are exact in fp32, so only fp32 accumulation error remains. An
+    input already in bf16 (a GroupNorm's for a convolution that reads bf16) is read as it is by
+    the direct form, widened by the others."""
     if conv_form == "direct" and gemm.gemm().conv is None:
         pytest.skip("no direct bf16 convolution with this bf16 GEMM here")
     x, w, b = random(*shape, seed=3), random(out_channels, kernel, kernel, shape[-1], seed=4), random(out_channels, seed=5)
@@ -98,12 +103,40 @@ def test_bf16_conv_is_exact_on_bf16_operands(shape: tuple, out_channels: int, ke
     for name in ("_conv_direct", "_conv_unfolded", "_conv_shifted"):
         real = getattr(gemm, name)
         monkeypatch.setattr(gemm, name, lambda *args, real=real, name=name: forms.append(name) or real(*args))
-    ours = gemm.conv2d(mx.array(x), weight, mx.array(b).astype(mx.bfloat16), kernel // 2,
+    ours = gemm.conv2d(mx.array(x).astype(input_dtype), weight, mx.array(b).astype(mx.bfloat16), kernel // 2,
                        None if extra is None else mx.array(extra))
     reference = conv_reference(bf16_rounded(x), bf16_rounded(w), bf16_rounded(b), kernel // 2)
     assert ours.dtype == mx.float32
     assert relative_error(ours, reference + (0 if extra is None else extra)) < 1e-6
-    assert (forms[0] == "_conv_direct") == (conv_form == "direct")
+    assert (forms[0] == "_conv_direct") == (conv_form == "direct") == gemm.reads_bf16(weight, shape)
+
+
+def _rounded_inputs_are_taken(block: nn.Module, x: mx.array, monkeypatch, *args: object) -> None:
+    """`block` (a CPU form, bf16 weights) hands its convolutions bf16 inputs where they read bf16,
+    and its result is bit for bit the one it gives handing them fp32."""
+    seen = []
+    real = gemm.conv2d
+    with monkeypatch.context() as patch:
+        patch.setattr(gemm, "conv2d", lambda x, *rest: seen.append(x.dtype) or real(x, *rest))
+        rounded = block(x, *args)
+        assert seen and set(seen) == {mx.bfloat16}
+        patch.setattr(Conv2d, "reads_bf16", lambda self, shape: False)
+        seen.clear()
+        assert mx.array_equal(block(x, *args), rounded)
+        assert set(seen) == {mx.float32}
+
+
+@pytest.mark.usefixtures("each_bf16_gemm")
+def test_blocks_hand_convolutions_that_read_bf16_their_input_rounded(monkeypatch) -> None:
+    if gemm.gemm().conv is None:
+        pytest.skip("no direct bf16 convolution with this bf16 GEMM here")
+    mx.random.seed(3)
+    resnet = accelerate(ResnetBlock2D(32, 64, 16, 8, 1e-6))
+    for upsampler, args in ((accelerate(DecoderUpsample(32)), ()), (accelerate(Upsample2D(32)), ((48, 40),))):
+        upsampler.set_dtype(mx.bfloat16)
+        _rounded_inputs_are_taken(upsampler, mx.random.normal((1, 24, 20, 32)), monkeypatch, *args)
+    resnet.set_dtype(mx.bfloat16)
+    _rounded_inputs_are_taken(resnet, mx.random.normal((2, 40, 30, 32)), monkeypatch, mx.random.normal((2, 16)))
 
 
 @pytest.mark.usefixtures("each_bf16_gemm")

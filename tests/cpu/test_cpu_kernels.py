@@ -64,6 +64,20 @@ def test_scale_shift_matches_float64_with_a_scale_and_offset_per_image(silu: boo
     np.testing.assert_allclose(out, expected, rtol=2e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("rows", [50, 500], ids=["calling thread", "pool"])
+def test_scale_shift_writes_bf16_rounded_to_nearest_even(silu: bool, rows: int) -> None:
+    """The bf16 output is the fp32 one rounded to nearest even; 300 channels span more than one
+    of the kernel's 256-channel blocks."""
+    rng = np.random.default_rng(2)
+    x, scale, offset = (rng.standard_normal(shape, dtype=np.float32) * 4 for shape in ((2, rows, 300), (2, 300), (2, 300)))
+    wide, bits = np.empty_like(x), np.empty(x.shape, np.uint16)
+    kernels.scale_shift(x, scale, offset, silu, wide)
+    kernels.scale_shift(x, scale, offset, silu, bits)
+    words = wide.view(np.uint32).astype(np.uint64)
+    np.testing.assert_array_equal(bits, ((words + 0x7FFF + ((words >> 16) & 1)) >> 16).astype(np.uint16))
+
+
 @pytest.mark.parametrize("bad", [np.zeros((8, 8), np.float64), np.zeros((8, 16), np.float32)[:, ::2]],
                          ids=["float64", "strided"])
 def test_raw_pointer_inputs_must_be_contiguous_float32(bad: np.ndarray) -> None:

@@ -135,3 +135,11 @@ def test_with_silu_fuses_the_activation(shape: tuple[int, ...]) -> None:
     np.testing.assert_allclose(np.array(new.with_silu(mx.array(x))), expected, rtol=TOL, atol=TOL)
     half = mx.array(x).astype(mx.float16)  # the fallback path
     assert mx.array_equal(new.with_silu(half), silu(new(half)))
+
+
+def test_with_silu_rounds_to_bf16_for_a_convolution_that_reads_bf16() -> None:
+    new, _ = modules(32, 128)
+    x = mx.array(normal((1, 37, 41, 128), mean=0.5, std=2.0))
+    rounded = new.with_silu(x, bf16=True)
+    assert rounded.dtype == mx.bfloat16
+    assert mx.array_equal(rounded, new.with_silu(x).astype(mx.bfloat16))
