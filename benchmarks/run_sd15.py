@@ -49,12 +49,16 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def reset_peak_rss() -> None:
+def reset_peak_rss() -> dict:
     """Count the peak RSS from now on (Linux resets its high-water mark through clear_refs; elsewhere
-    the peak stays the process's)."""
+    the peak stays the process's). Returns the RSS held at this point, where /proc tells it, to
+    report beside the peak: what a stage adds is the difference."""
     clear = Path("/proc/self/clear_refs")
-    if clear.exists():
-        clear.write_text("5")
+    if not clear.exists():
+        return {}
+    clear.write_text("5")
+    status = Path("/proc/self/status").read_text().splitlines()
+    return {"held_rss_gib": next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 2**20}
 
 
 # With --interleave each child waits for the parent's word before every run (warm-up included),
@@ -272,7 +276,8 @@ def fmt(result: dict) -> str:
         return f"error: {result['error'][:60]}"
     times = result["times"]
     low = f" (min {min(times):.2f})" if len(times) > 1 else ""
-    return f"{statistics.median(times):.2f} s{low} / {result['peak_rss_gib']:.1f} GiB"
+    held = f" ({result['held_rss_gib']:.1f} held)" if "held_rss_gib" in result else ""
+    return f"{statistics.median(times):.2f} s{low} / {result['peak_rss_gib']:.1f} GiB{held}"
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ def run_ours(stage: str, repeat: int, cache_dir: Path, dtype: str) -> dict:
         setattr(models, name, None)
     gc.collect()
     release_memory()
-    sd15.reset_peak_rss()
+    result |= sd15.reset_peak_rss()
     key = mx.random.key(0)
     ids = mx.full((2, TOKENS), 49407, dtype=mx.int32)
     context = mx.random.normal((2, TOKENS, CONTEXT), key=key).astype(act)
@@ -168,7 +168,7 @@ def run_diffusers(stage: str, repeat: int, threads: int, dtype: str) -> dict:
     if stage.startswith("load"):
         return result | {"times": [load_s], "peak_rss_gib": sd15.peak_rss_gib()}
     gc.collect()
-    sd15.reset_peak_rss()
+    result |= sd15.reset_peak_rss()
     if "vae" in nets:
         nets["vae"].to(torch.float32)  # as diffusers' SDXL pipelines (force_upcast)
     gen = torch.Generator().manual_seed(0)
