@@ -52,11 +52,12 @@ def measure(repeat: int, unet: bool) -> dict:
         "conv_320_64x64_s": median_seconds(lambda: mx.eval(mx.conv2d(x, w, padding=1)), repeat),
     }
     if unet:
-        from convert import load_sd1
+        from convert import load_networks
         from mlx_sd.engine.backends import from_environment
 
         backend = from_environment()
-        model = backend.prepare(load_sd1(CHECKPOINT, dtype="float32", cache_dir=CACHE_DIR, reader=backend.reader).unet)
+        networks = load_networks(CHECKPOINT, dtype="float32", cache_dir=CACHE_DIR, reader=backend.reader)
+        model = backend.prepare(networks.unet)
         latents = mx.random.normal((2, 32, 32, 4), key=key)
         context = mx.random.normal((2, 77, 768), key=key)
         result["unet_256_b2_s"] = median_seconds(lambda: mx.eval(model(latents, mx.array([500, 500]), context)), repeat)

@@ -30,7 +30,7 @@ configure()
 
 import mlx.core as mx  # noqa: E402  (after the BLAS is chosen)
 
-from convert import load_sd1  # noqa: E402
+from convert import load_networks  # noqa: E402
 
 CHECKPOINT = REPO / ".cache" / "sd15-random" / "stable-diffusion" / "model.safetensors"
 
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    models = load_sd1(args.checkpoint)  # plain networks: MLX's own ops everywhere, as on the GPU
+    models = load_networks(args.checkpoint)  # plain networks: MLX's own ops everywhere, as on the GPU
     dtype = models.unet.conv_in.weight.dtype
     key = mx.random.key(0)
     side = args.size // 8

@@ -98,13 +98,13 @@ def forced(im2col_rows: int, fn: Callable[[], mx.array], direct: bool = False) -
 
 def vae_decode(repeat: int) -> None:
     """A bf16 VAE decode at 512², its convolutions by oneDNN and as GEMMs, in turns."""
-    from convert import load_sd1
+    from convert import load_networks
     from mlx_sd.engine.backends import from_environment
 
     repo = Path(__file__).resolve().parents[1]
     backend = from_environment()
-    models = backend.prepare_models(load_sd1(repo / ".cache" / "sd15-random" / "stable-diffusion" / "model.safetensors",
-                                             dtype="bfloat16", reader=backend.reader))
+    checkpoint = repo / ".cache" / "sd15-random" / "stable-diffusion" / "model.safetensors"
+    models = backend.prepare_models(load_networks(checkpoint, dtype="bfloat16", reader=backend.reader))
     latents = mx.random.normal((1, 64, 64, 4), key=mx.random.key(0))
     decode = {"direct": forced(cpu_gemm.IM2COL_ROWS, lambda: models.vae.decode(latents), direct=True),
               "gemms": forced(cpu_gemm.IM2COL_ROWS, lambda: models.vae.decode(latents))}

@@ -66,7 +66,7 @@ def run_phase(phase: str, checkpoint: Path, cache_dir: Path, dtype: str, size: i
     configure()  # the BLAS, before anything imports mlx.core, as the entry points do
     import mlx.core as mx
 
-    from convert import convert_checkpoint, load_sd1
+    from convert import convert_checkpoint, load_networks
     from mlx_sd.engine.backends import from_environment
 
     if phase == "serve":
@@ -76,8 +76,8 @@ def run_phase(phase: str, checkpoint: Path, cache_dir: Path, dtype: str, size: i
     if phase == "convert":
         convert_checkpoint(checkpoint, cache_dir, dtype, reader=backend.reader)
         return {"seconds": time.perf_counter() - start, "peak_rss_gib": peak_rss_gib()}
-    models = backend.prepare_models(load_sd1(checkpoint, dtype=dtype, cache_dir=cache_dir if phase != "cold" else None,
-                                             reader=backend.reader))
+    cache = cache_dir if phase != "cold" else None
+    models = backend.prepare_models(load_networks(checkpoint, dtype=dtype, cache_dir=cache, reader=backend.reader))
     result = {"seconds": time.perf_counter() - start, "peak_rss_gib": peak_rss_gib()}
     if phase == "step":
         weight_dtype = backend.activation_dtype(models.unet.conv_in.weight.dtype)

@@ -125,12 +125,12 @@ def run_ours(family: str, model: Path, lora: Path) -> dict:
     configure()  # the BLAS, before mlx.core is imported, as `mlx-sd serve` does
     import mlx.core as mx
 
-    from convert.loader import load_sd1
+    from convert.loader import load_networks
     from mlx_sd.engine.backends import from_environment
     from mlx_sd.engine.lora_merge import LoraMerger, unet_levels
 
     backend = from_environment()
-    models = backend.prepare_models(load_sd1(model, dtype=FAMILIES[family][1], reader=backend.reader))
+    models = backend.prepare_models(load_networks(model, dtype=FAMILIES[family][1], reader=backend.reader))
     networks = {name: getattr(models, name) for name in ("unet", "text_encoder", "text_encoder_2")}
     networks = {name: network for name, network in networks.items() if network is not None}
     mx.eval([network.parameters() for network in networks.values()])

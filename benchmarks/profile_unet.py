@@ -24,7 +24,7 @@ configure()
 import mlx.core as mx  # noqa: E402  (after the BLAS is chosen)
 import mlx.nn as nn  # noqa: E402
 
-from convert import load_sd1  # noqa: E402
+from convert import load_networks  # noqa: E402
 from mlx_sd.engine.backends import Backend, from_environment  # noqa: E402
 from mlx_sd.cpu import activations as cpu_activations  # noqa: E402
 from mlx_sd.cpu import layers as cpu_layers  # noqa: E402
@@ -57,9 +57,9 @@ def main() -> None:
     parser.add_argument("--family", choices=sorted(CHECKPOINTS), default="sd15", help="which built checkpoint")
     args = parser.parse_args()
     backend = from_environment()
-    models = backend.prepare_models(load_sd1(CHECKPOINTS[args.family], dtype=args.dtype,
-                                             cache_dir=REPO / ".cache" / "converted",
-                                             reader=backend.reader))
+    models = backend.prepare_models(load_networks(CHECKPOINTS[args.family], dtype=args.dtype,
+                                                  cache_dir=REPO / ".cache" / "converted",
+                                                  reader=backend.reader))
     dtype = backend.activation_dtype(models.unet.conv_in.weight.dtype)
     config = models.unet.config
     key = mx.random.key(0)

@@ -101,15 +101,15 @@ def run_ours(stage: str, repeat: int, cache_dir: Path, dtype: str) -> dict:
     blas = configure()
     import mlx.core as mx
 
-    from convert import load_sd1
+    from convert import load_networks
     from mlx_sd.engine.backends import from_environment
 
     backend = from_environment()
     if stage == "load_first":
         cache_dir = Path(tempfile.mkdtemp(dir=cache_dir))
     start = time.perf_counter()
-    models = backend.prepare_models(load_sd1(SINGLE, dtype=dtype, cache_dir=cache_dir if stage != "load_cold" else None,
-                                             reader=backend.reader))
+    cache = cache_dir if stage != "load_cold" else None
+    models = backend.prepare_models(load_networks(SINGLE, dtype=dtype, cache_dir=cache, reader=backend.reader))
     mx.eval(models.unet.parameters(), models.vae.parameters(), models.text_encoder.parameters())
     load_s = time.perf_counter() - start
     result: dict = {"blas": blas.name, "backend": backend.value, "dtype": dtype}

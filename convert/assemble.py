@@ -42,9 +42,9 @@ EVAL_GROUP_BYTES = 64 << 20  # converted tensors evaluated together (see assembl
 
 
 @dataclass(frozen=True)
-class SD1Configs:
-    """Per-network configs of a model of any family (the name is historical); a None entry is read
-    from the checkpoint (config.json or shapes)."""
+class NetworkConfigs:
+    """Per-network configs of a model of any family; a None entry is read from the checkpoint
+    (config.json or shapes)."""
 
     text_encoder: CLIPTextConfig | None = None
     unet: UNetConfig | None = None
@@ -58,14 +58,14 @@ class SD1Configs:
                 if n != "text_encoder_2" or c is not None}
 
     @classmethod
-    def from_dict(cls, data: dict[str, dict[str, Any] | None]) -> SD1Configs:
+    def from_dict(cls, data: dict[str, dict[str, Any] | None]) -> NetworkConfigs:
         return cls(**{n: CONFIG_TYPES[n].from_dict(data[n]) if data.get(n) else None for n in NETWORKS})
 
 
 @dataclass
-class SD1Models:
-    """The networks of a model of any family (the name is historical): those its family lacks are
-    None (SDXL's refiner has no `text_encoder`; only SDXL has `text_encoder_2`)."""
+class ModelNetworks:
+    """The networks of a model of any family: those its family lacks are None (SDXL's refiner has
+    no `text_encoder`; only SDXL has `text_encoder_2`)."""
 
     text_encoder: CLIPTextModel | None
     unet: UNet2DConditionModel
@@ -74,8 +74,8 @@ class SD1Models:
     family: Family = SD1
 
     @property
-    def configs(self) -> SD1Configs:
-        return SD1Configs(**{n: network.config for n in NETWORKS if (network := getattr(self, n)) is not None})
+    def configs(self) -> NetworkConfigs:
+        return NetworkConfigs(**{n: network.config for n in NETWORKS if (network := getattr(self, n)) is not None})
 
     def networks(self) -> dict[str, nn.Module]:
         """The family's networks by name."""
@@ -244,11 +244,11 @@ def _groups(source: NetworkSource, expected: dict[str, mx.array]) -> list[list[t
     return groups
 
 
-def assemble(layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | None = None,
-             reader: ReaderFactory = TensorReader) -> SD1Models:
+def assemble(layout: CheckpointLayout, dtype: mx.Dtype, configs: NetworkConfigs | None = None,
+             reader: ReaderFactory = TensorReader) -> ModelNetworks:
     """Build the three networks from a checkpoint layout, reading the tensors with a `reader()`;
     raises `CheckpointError` on any mismatch."""
-    configs = configs or SD1Configs()
+    configs = configs or NetworkConfigs()
     sources, stray, family = plan_sources(layout)
     networks = family.networks
     # Parameters start as unevaluated random-init graphs, so building costs no memory until loaded.
@@ -287,4 +287,5 @@ def assemble(layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | No
             weights += [(name, tensor) for (name, _), tensor in zip(group, converted)]
         mx.eval(previous)
         models[network].load_weights(weights, strict=True)
-    return SD1Models(models.get("text_encoder"), models["unet"], models["vae"], models.get("text_encoder_2"), family)
+    return ModelNetworks(models.get("text_encoder"), models["unet"], models["vae"], models.get("text_encoder_2"),
+                         family)

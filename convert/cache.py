@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from convert.assemble import MODEL_TYPES, SD1Configs, SD1Models
+from convert.assemble import MODEL_TYPES, ModelNetworks, NetworkConfigs
 from convert.families import FAMILIES, SD1
 from convert.formats import CheckpointLayout, read_header
 from convert.reader import ReaderFactory, Request, TensorReader
@@ -69,14 +69,14 @@ def is_converted(path: Path) -> bool:
     return path.suffix == ".safetensors" and read_header(path).metadata.get("format") == FORMAT
 
 
-def cache_entry(cache_dir: Path, layout: CheckpointLayout, dtype: mx.Dtype, configs: SD1Configs | None) -> Path:
+def cache_entry(cache_dir: Path, layout: CheckpointLayout, dtype: mx.Dtype, configs: NetworkConfigs | None) -> Path:
     """The entry's name depends on which files are read (however the model was named: a model
     directory, its checkpoint file, a diffusers folder) and what was asked for; whether it is
     still valid, on the files' contents."""
     request = {
         "sources": [str(path.resolve()) for path in layout.files],
         "dtype": dtype_name(dtype),
-        "configs": (configs or SD1Configs()).to_dict(),
+        "configs": (configs or NetworkConfigs()).to_dict(),
     }
     key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:24]
     return cache_dir / f"sd1-{key}.safetensors"
@@ -97,7 +97,7 @@ def is_fresh(entry: Path, sources: list[dict[str, Any]]) -> bool:
     )
 
 
-def write_converted(models: SD1Models, path: Path, sources: list[dict[str, Any]]) -> None:
+def write_converted(models: ModelNetworks, path: Path, sources: list[dict[str, Any]]) -> None:
     """Save the model's networks atomically (temporary file, fsync, rename)."""
     arrays = {f"{n}.{k}": v for n, network in models.networks().items() for k, v in tree_flatten(network.parameters())}
     dtypes = {v.dtype for v in arrays.values()}
@@ -121,7 +121,7 @@ def write_converted(models: SD1Models, path: Path, sources: list[dict[str, Any]]
         tmp.unlink(missing_ok=True)
 
 
-def read_converted(path: Path, dtype: mx.Dtype, reader: ReaderFactory = TensorReader) -> SD1Models:
+def read_converted(path: Path, dtype: mx.Dtype, reader: ReaderFactory = TensorReader) -> ModelNetworks:
     """Load a converted file, its tensors read with a `reader()`: no renaming or re-layout, only a
     cast when `dtype` differs."""
     header = read_header(path)
@@ -130,7 +130,7 @@ def read_converted(path: Path, dtype: mx.Dtype, reader: ReaderFactory = TensorRe
         raise CheckpointError(
             f"{path} is not an mlx-sd converted file of format version {FORMAT_VERSION}; convert the source again"
         )
-    configs = SD1Configs.from_dict(json.loads(metadata["configs"]))
+    configs = NetworkConfigs.from_dict(json.loads(metadata["configs"]))
     family = FAMILIES.get(metadata.get("family", SD1.name))
     if family is None:
         raise CheckpointError(f"{path}: converted file of an unknown model family {metadata['family']!r}")
@@ -151,7 +151,8 @@ def read_converted(path: Path, dtype: mx.Dtype, reader: ReaderFactory = TensorRe
         models[network] = model
     if tensors:
         raise CheckpointError(f"{path}: damaged converted file (unexpected keys: {sorted(tensors)[:10]})")
-    return SD1Models(models.get("text_encoder"), models["unet"], models["vae"], models.get("text_encoder_2"), family)
+    return ModelNetworks(models.get("text_encoder"), models["unet"], models["vae"], models.get("text_encoder_2"),
+                         family)
 
 
 def _take_network(arrays: dict[str, mx.array], network: str, dtype: mx.Dtype) -> list[tuple[str, mx.array]]:

@@ -1,4 +1,4 @@
-"""Public entry points: load an SD-1 model for inference, or convert it once for fast loads."""
+"""Public entry points: load a model (SD 1.x, SD 2.x, SDXL) for inference, or convert it once for fast loads."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from convert.assemble import SD1Configs, SD1Models, assemble
+from convert.assemble import ModelNetworks, NetworkConfigs, assemble
 from convert.cache import cache_entry, is_converted, is_fresh, read_converted, source_fingerprints, write_converted
 from convert.formats import find_layout
 from convert.reader import ReaderFactory, TensorReader
@@ -30,16 +30,16 @@ def resolve_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype:
     return dtype
 
 
-def load_sd1(
+def load_networks(
     source: str | Path,
     *,
     dtype: mx.Dtype | str | None = None,
     vae_path: str | Path | None = None,
-    configs: SD1Configs | None = None,
+    configs: NetworkConfigs | None = None,
     cache_dir: str | Path | None = None,
     reader: ReaderFactory = TensorReader,
-) -> SD1Models:
-    """Load the text encoder, UNet and VAE of an SD-1 model.
+) -> ModelNetworks:
+    """Load the networks of a model of any family (text encoders, UNet, VAE).
 
     `source` is a single-file checkpoint, a diffusers folder, a model directory
     (`stable-diffusion/` + optional `vae/model.safetensors`) or a file written by `convert_checkpoint`.
@@ -77,12 +77,12 @@ def convert_checkpoint(
     dtype: mx.Dtype | str = "float32",
     *,
     vae_path: str | Path | None = None,
-    configs: SD1Configs | None = None,
+    configs: NetworkConfigs | None = None,
     reader: ReaderFactory = TensorReader,
 ) -> Path:
     """Write the MLX-layout weights of `source` and return the file written.
 
-    A `destination` directory is used as a cache directory (the entry `load_sd1(source,
+    A `destination` directory is used as a cache directory (the entry `load_networks(source,
     cache_dir=destination)` looks for), and so is a new name without a suffix, created as one;
     otherwise it names the `.safetensors` file to write.
     """

@@ -24,7 +24,7 @@ from typing import TypeVar
 import mlx.core as mx
 import mlx.nn as nn
 
-from convert.assemble import SD1Models
+from convert.assemble import ModelNetworks
 from convert.reader import ReaderFactory, TensorReader
 from mlx_sd.cpu.apply import accelerate, available
 from mlx_sd.cpu.reader import ParallelTensorReader
@@ -43,7 +43,7 @@ class Backend(enum.Enum):
         """A loaded (and quantized) network made ready to run here."""
         return accelerate(model) if self is Backend.CPU else model
 
-    def prepare_models(self, models: SD1Models) -> SD1Models:
+    def prepare_models(self, models: ModelNetworks) -> ModelNetworks:
         """`prepare` for each network of a model."""
         return dataclasses.replace(models, **{n: self.prepare(network) for n, network in models.networks().items()})
 

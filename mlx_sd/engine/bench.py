@@ -32,7 +32,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from convert.assemble import SD1Configs, SD1Models
+from convert.assemble import ModelNetworks, NetworkConfigs
 from convert.loader import resolve_dtype
 from mlx_sd import __version__
 from mlx_sd.engine.backends import Backend
@@ -56,7 +56,7 @@ TIMESTEP = 500
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 TITLE = "### mlx-sd bench"
 HEADS = {False: "as they are", True: "padded"}
-SD15 = SD1Configs(CLIPTextConfig(), UNetConfig(), VAEConfig())  # the networks' defaults are SD 1.5's
+SD15 = NetworkConfigs(CLIPTextConfig(), UNetConfig(), VAEConfig())  # the networks' defaults are SD 1.5's
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def load_model(models_dir: Path, dtype: str | None, backend: Backend, cache_dir:
     except ModelNotFound:
         pass
     weights = resolve_dtype(dtype)
-    models = SD1Models(CLIPTextModel(SD15.text_encoder), UNet2DConditionModel(SD15.unet), AutoencoderKL(SD15.vae))
+    models = ModelNetworks(CLIPTextModel(SD15.text_encoder), UNet2DConditionModel(SD15.unet), AutoencoderKL(SD15.vae))
     for network in (models.text_encoder, models.unet, models.vae):
         network.set_dtype(weights)
         mx.eval(network.parameters())
@@ -173,7 +173,7 @@ def _image(pipeline: Pipeline, request: GenerationRequest) -> mx.array:
     return mx.array(0)
 
 
-def attention_calls(configs: SD1Configs, size: int) -> dict[str, Counter[AttentionCall]]:
+def attention_calls(configs: NetworkConfigs, size: int) -> dict[str, Counter[AttentionCall]]:
     """The attention calls of each network for one image of side `size` (the UNet's with CFG's batch
     of 2), counted, from a forward pass over fresh networks that is never evaluated."""
     side = size // LATENT_SCALE

@@ -27,7 +27,7 @@ from mlx_sd.engine.errors import InvalidRequest
 from mlx_sd.engine.request import GenerationRequest
 
 if TYPE_CHECKING:
-    from convert.assemble import SD1Models
+    from convert.assemble import ModelNetworks
     from mlx_sd.engine.extra_networks import Prepared
     from mlx_sd.engine.model_store import LoadedModel
 
@@ -35,7 +35,7 @@ Conditioning = dict[str, mx.array]
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # the networks that encode prompts, in a family's order
 
 
-def text_widths(models: SD1Models) -> dict[str, int]:
+def text_widths(models: ModelNetworks) -> dict[str, int]:
     """Each text encoder's name -> its width (what a textual inversion embedding for it must have)."""
     encoders = {name: getattr(models, name) for name in TEXT_ENCODERS}
     return {name: encoder.config.hidden_size for name, encoder in encoders.items() if encoder is not None}

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from convert.assemble import SD1Configs, SD1Models
+from convert.assemble import ModelNetworks, NetworkConfigs
 from convert.families import SD2, SD2_V_NATIVE_SIZE
 from convert.formats import MODEL_FILE, SINGLE_FILE_DIR, VAE_DIR, CheckpointLayout, find_layout
 from convert.cache import cache_entry, lazy_network_weights
-from convert.loader import load_sd1, resolve_dtype
+from convert.loader import load_networks, resolve_dtype
 from mlx_sd.engine.backends import Backend, choose, from_environment
 from mlx_sd.engine import prediction
 from mlx_sd.engine.errors import CheckpointError, InvalidRequest, ModelNotFound
@@ -43,7 +43,7 @@ CHECKPOINT = f"{SINGLE_FILE_DIR}/{MODEL_FILE}"
 
 @dataclass(frozen=True)
 class LoadedModel:
-    models: SD1Models
+    models: ModelNetworks
     tokenizer: CLIPTokenizer
     name: str  # shown in each image's parameters
     hash: str  # A1111's short model hash: the first 10 hex digits of the checkpoint's SHA-256
@@ -64,7 +64,7 @@ class LoadedModel:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """What `load_sd1` reads for one model: a single file or a diffusers folder, and the VAE that
+    """What `load_networks` reads for one model: a single file or a diffusers folder, and the VAE that
     replaces its own (None: its own)."""
 
     path: Path
@@ -92,7 +92,7 @@ class ModelStore:
     """
 
     def __init__(self, models_dir: Path, *, dtype: mx.Dtype | str | None = None,
-                 cache_dir: Path | None = None, configs: SD1Configs | None = None,
+                 cache_dir: Path | None = None, configs: NetworkConfigs | None = None,
                  quantize_bits: int | None = None, low_memory: bool = False,
                  backend: Backend | str | None = None, pad_attention_heads: bool = False,
                  prediction_type: str = "auto") -> None:
@@ -169,8 +169,8 @@ class ModelStore:
 
     def _load(self, source: ModelSource) -> LoadedModel:
         started = time.monotonic()
-        models = load_sd1(source.path, dtype=self._dtype, vae_path=source.vae, cache_dir=self._cache_dir,
-                          configs=self._configs, reader=self._backend.reader)
+        models = load_networks(source.path, dtype=self._dtype, vae_path=source.vae, cache_dir=self._cache_dir,
+                               configs=self._configs, reader=self._backend.reader)
         layout = source.layout()
         predicts = prediction.decide(self._prediction_type, layout, models.unet, models.family.name)
         if self._quantize_bits is not None:  # the VAE is all convolutions, which MLX cannot quantize
@@ -197,9 +197,9 @@ class ModelStore:
         return LoadedModel(models, tokenizers.get("text_encoder"), name, model_hash, dtype, release,
                            tokenizers.get("text_encoder_2"), predicts, native)
 
-    def _text_encoder_release(self, models: SD1Models, source: ModelSource) -> Callable[[], None] | None:
+    def _text_encoder_release(self, models: ModelNetworks, source: ModelSource) -> Callable[[], None] | None:
         """A function that swaps the text encoders' weights for unevaluated reads of the cache entry
-        `load_sd1` used, freeing their memory until they are next used; it is run once now."""
+        `load_networks` used, freeing their memory until they are next used; it is run once now."""
         dtype = resolve_dtype(self._dtype)
         entry = cache_entry(Path(self._cache_dir), source.layout(), dtype, self._configs)
         if not entry.is_file():

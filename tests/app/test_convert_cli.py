@@ -8,7 +8,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
-from convert import load_sd1
+from convert import load_networks
 from mlx_sd.app.cli import app
 
 DIFFUSERS = Path(__file__).parents[1] / "fixtures" / "sd1_tiny" / "diffusers"
@@ -18,8 +18,8 @@ def test_convert_writes_fp16_weights_that_load_like_the_source(tmp_path: Path) -
     destination = tmp_path / "model.safetensors"
     result = CliRunner().invoke(app, ["convert", str(DIFFUSERS), str(destination), "--dtype", "float16"])
     assert result.exit_code == 0, result.output
-    converted = dict(tree_flatten(load_sd1(destination, dtype=mx.float16).unet.parameters()))
-    direct = dict(tree_flatten(load_sd1(DIFFUSERS, dtype=mx.float16).unet.parameters()))
+    converted = dict(tree_flatten(load_networks(destination, dtype=mx.float16).unet.parameters()))
+    direct = dict(tree_flatten(load_networks(DIFFUSERS, dtype=mx.float16).unet.parameters()))
     assert converted.keys() == direct.keys()
     assert all(mx.array_equal(converted[k], direct[k]) for k in direct)
 

@@ -15,7 +15,7 @@ import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 
-from convert import load_sd1
+from convert import load_networks
 from convert.families import SD1, SD2, SDXL, detect_single_file
 from convert.formats import find_layout
 from mlx_sd.engine import prediction
@@ -53,7 +53,7 @@ def test_an_unknown_layout_is_refused_with_the_keys_looked_for(tmp_path: Path, s
     path = edited(sdxl_file, tmp_path / "unet_only.safetensors",
                   lambda a: [a.pop(k) for k in list(a) if k.startswith("conditioner.")])
     with pytest.raises(CheckpointError) as error:
-        load_sd1(path)
+        load_networks(path)
     for prefix in ("cond_stage_model.transformer.", "cond_stage_model.model.", "conditioner.embedders.1.model."):
         assert prefix in str(error.value)
 
@@ -63,7 +63,7 @@ def test_a_checkpoint_mixing_families_is_refused_naming_the_keys(tmp_path: Path,
         arrays[SD1_TEXT] = np.zeros((4, 8), np.float16)
 
     with pytest.raises(CheckpointError, match="mixes model families") as error:
-        load_sd1(edited(sdxl_file, tmp_path / "mixed.safetensors", add_sd1_encoder))
+        load_networks(edited(sdxl_file, tmp_path / "mixed.safetensors", add_sd1_encoder))
     assert SD1_TEXT in str(error.value) and "conditioner.embedders.0.transformer." in str(error.value)
 
 
@@ -71,14 +71,14 @@ def test_sdxl_text_encoders_without_the_added_embedding_are_refused(tmp_path: Pa
     path = edited(sdxl_file, tmp_path / "no_label_emb.safetensors",
                   lambda a: [a.pop(k) for k in list(a) if ".label_emb." in k])
     with pytest.raises(CheckpointError, match="lacks model.diffusion_model.label_emb.0.0.weight"):
-        load_sd1(path)
+        load_networks(path)
 
 
 def test_a_diffusers_folder_mixing_families_is_refused(tmp_path: Path) -> None:
     folder = shutil.copytree(fixture_dir("sdxl") / "diffusers", tmp_path / "model")
     shutil.rmtree(folder / "text_encoder_2")
     with pytest.raises(CheckpointError, match="addition_embed_type 'text_time'"):
-        load_sd1(folder)
+        load_networks(folder)
 
 
 def test_pickles_are_refused_in_every_family(tmp_path: Path) -> None:
@@ -86,14 +86,14 @@ def test_pickles_are_refused_in_every_family(tmp_path: Path) -> None:
     (folder / "text_encoder_2" / "model.safetensors").unlink()
     (folder / "text_encoder_2" / "pytorch_model.bin").write_bytes(b"\x80\x02")
     with pytest.raises(CheckpointError, match="pickle"):
-        load_sd1(folder)
+        load_networks(folder)
 
 
 def test_strict_loading_names_the_network(tmp_path: Path, sdxl_file: Path) -> None:
     key = "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"
     path = edited(sdxl_file, tmp_path / "damaged.safetensors", lambda a: a.pop(key))
     with pytest.raises(CheckpointError) as error:
-        load_sd1(path, configs=tiny_configs("sdxl"))
+        load_networks(path, configs=tiny_configs("sdxl"))
     message = str(error.value)
     assert "SDXL architecture" in message and "text_encoder_2: 3 missing: encoder.layers.1.self_attn.q_proj" in message
 
@@ -102,15 +102,15 @@ def test_a_fused_projection_of_the_wrong_height_is_reported(tmp_path: Path, sd2_
     key = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_bias"
     path = edited(sd2_file, tmp_path / "short.safetensors", lambda a: a.update({key: a[key][:-3]}))
     with pytest.raises(CheckpointError, match="with a wrong shape"):
-        load_sd1(path, configs=tiny_configs("sd2"))
+        load_networks(path, configs=tiny_configs("sd2"))
 
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_the_converted_cache_keeps_the_family(family: str, tmp_path: Path) -> None:
     source = write_single_file(family, tmp_path / "model.safetensors")
-    first = load_sd1(source, dtype=mx.float32, configs=tiny_configs(family), cache_dir=tmp_path / "cache")
+    first = load_networks(source, dtype=mx.float32, configs=tiny_configs(family), cache_dir=tmp_path / "cache")
     (entry,) = (tmp_path / "cache").iterdir()
-    again = load_sd1(entry, dtype=mx.float32)
+    again = load_networks(entry, dtype=mx.float32)
     assert again.family is first.family and again.configs == first.configs
     for name, network in first.networks().items():
         ours = dict(tree_flatten(again.networks()[name].parameters()))
@@ -121,7 +121,7 @@ def test_a_standalone_vae_replaces_the_sdxl_vae(tmp_path: Path, sdxl_file: Path)
     path = edited(sdxl_file, tmp_path / "no_vae.safetensors",
                   lambda a: [a.pop(k) for k in list(a) if k.startswith("first_stage_model.")])
     vae = fixture_dir("sdxl") / "diffusers" / "vae" / "diffusion_pytorch_model.safetensors"
-    models = load_sd1(path, dtype=mx.float32, vae_path=vae, configs=tiny_configs("sdxl"))
+    models = load_networks(path, dtype=mx.float32, vae_path=vae, configs=tiny_configs("sdxl"))
     golden = mx.load(str(fixture_dir("sdxl") / "golden.safetensors"))
     images = nchw(models.vae.decode(nhwc(golden["vae_decode_z"])))
     assert relative_error(images, golden["vae_decode_out"]) <= FP32_REL_TOL
@@ -133,7 +133,7 @@ def test_a_standalone_vae_replaces_the_sdxl_vae(tmp_path: Path, sdxl_file: Path)
 
 @pytest.fixture(scope="module")
 def sd2_unet(sd2_file: Path):
-    return load_sd1(sd2_file, dtype=mx.float32, configs=tiny_configs("sd2")).unet
+    return load_networks(sd2_file, dtype=mx.float32, configs=tiny_configs("sd2")).unet
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -172,7 +172,7 @@ def test_the_setting_overrides_the_sidecar(tmp_path: Path, sd2_unet) -> None:
 def test_a1111s_probe_decides_for_sd2_without_a_sidecar(bias: float, expected: str, sd2_file: Path,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     """The probe's mean of (output - 0.5) moves with the UNet's output bias: both sides of -1."""
-    unet = load_sd1(sd2_file, dtype=mx.float32, configs=tiny_configs("sd2")).unet
+    unet = load_networks(sd2_file, dtype=mx.float32, configs=tiny_configs("sd2")).unet
     unet.conv_out.bias = mx.full(unet.conv_out.bias.shape, bias)
     with caplog.at_level(logging.INFO, logger="mlx_sd.engine.prediction"):
         assert prediction.decide("auto", find_layout(sd2_file), unet, "sd2") == expected
@@ -182,7 +182,7 @@ def test_a1111s_probe_decides_for_sd2_without_a_sidecar(bias: float, expected: s
 
 
 def test_sdxl_without_a_sidecar_is_epsilon(sdxl_file: Path) -> None:
-    models = load_sd1(sdxl_file, dtype=mx.float32, configs=tiny_configs("sdxl"))
+    models = load_networks(sdxl_file, dtype=mx.float32, configs=tiny_configs("sdxl"))
     assert prediction.decide("auto", find_layout(sdxl_file), models.unet, "sdxl") == "epsilon"
 
 

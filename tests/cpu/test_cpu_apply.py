@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from convert import SD1Configs
+from convert import NetworkConfigs
 from convert.reader import TensorReader
 from mlx_sd.engine import backends
 from mlx_sd.engine.backends import Backend
@@ -25,7 +25,7 @@ from mlx_sd.models.quantize import quantize
 from mlx_sd.models.unet import UNet2DConditionModel
 from mlx_sd.models.vae import AutoencoderKL
 
-CONFIGS = SD1Configs.from_dict(
+CONFIGS = NetworkConfigs.from_dict(
     json.loads((Path(__file__).parents[1] / "fixtures" / "sd1_tiny" / "golden.json").read_text())["configs"])
 NETWORKS = {"text_encoder": lambda: CLIPTextModel(CONFIGS.text_encoder),
             "unet": lambda: UNet2DConditionModel(CONFIGS.unet), "vae": lambda: AutoencoderKL(CONFIGS.vae)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from convert.assemble import SD1Configs
+from convert.assemble import NetworkConfigs
 from mlx_sd.app.cli import app
 from mlx_sd.engine import bench
 from mlx_sd.engine.backends import Backend
@@ -102,7 +102,7 @@ def test_sd15_attention_at_512() -> None:
 def test_without_a_model_a_random_sd15_is_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The tiny model's configs stand for SD 1.5's, which the CPU here would take minutes over.
     tiny = ModelStore(install_tiny_model(tmp_path / "tiny"), backend=Backend.MLX).get().models.configs
-    monkeypatch.setattr(bench, "SD15", SD1Configs(tiny.text_encoder, tiny.unet, tiny.vae))
+    monkeypatch.setattr(bench, "SD15", NetworkConfigs(tiny.text_encoder, tiny.unet, tiny.vae))
     block = bench.bench(tmp_path / "empty", sizes=(64,), steps=1, repeats=1, backend=Backend.MLX, dtype="float16")
     setup = {row["setting"]: row["value"] for row in tables(block)[0]}
     assert setup["model"].startswith("random-weight SD 1.5 built in memory") and setup["dtype"] == "float16"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from convert import load_sd1
+from convert import load_networks
 from mlx_sd.engine import lora, lora_merge
 from mlx_sd.engine.backends import Backend
 from mlx_sd.engine.errors import CheckpointError, InvalidRequest, ModelNotFound, UnsupportedModelFormat
@@ -38,7 +38,7 @@ def golden() -> dict[str, mx.array]:
 
 
 def load(backend: Backend, bits: int | None = None, model: str = "sd1_tiny"):
-    models = load_sd1(FIXTURES / model / "diffusers", dtype=mx.float32, reader=backend.reader)
+    models = load_networks(FIXTURES / model / "diffusers", dtype=mx.float32, reader=backend.reader)
     if bits is not None:
         quantize(models.unet, bits)
     models = backend.prepare_models(models)

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from convert import load_sd1
+from convert import load_networks
 from mlx_sd.engine import conditioning, embeddings, lora_merge, prompt_weights
 from mlx_sd.engine.backends import Backend
 from mlx_sd.engine.errors import InvalidRequest, ModelNotFound
@@ -38,8 +38,8 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 
 
 def load(backend: Backend):
-    models = backend.prepare_models(load_sd1(FIXTURES / "sdxl_tiny" / "diffusers", dtype=mx.float32,
-                                             reader=backend.reader))
+    models = backend.prepare_models(load_networks(FIXTURES / "sdxl_tiny" / "diffusers", dtype=mx.float32,
+                                                  reader=backend.reader))
     networks = {"unet": models.unet, "text_encoder": models.text_encoder, "text_encoder_2": models.text_encoder_2}
     return models, lora_merge.LoraMerger(networks, lora_merge.unet_levels(models.unet))
 

@@ -38,14 +38,14 @@ def models(tmp_path: Path, sd1_single_file: Path) -> Path:
 
 
 class CountingLoads:
-    """Wraps `load_sd1` as the store calls it: counts loads, and records for each whether the model
+    """Wraps `load_networks` as the store calls it: counts loads, and records for each whether the model
     held before it was already freed."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.sources: list[Path] = []
         self.previous_alive: list[bool] = []
         self.previous: weakref.ref | None = None
-        real = model_store.load_sd1
+        real = model_store.load_networks
 
         def load(source, **kwargs):
             gc.collect()
@@ -55,7 +55,7 @@ class CountingLoads:
             self.previous = weakref.ref(models)
             return models
 
-        monkeypatch.setattr(model_store, "load_sd1", load)
+        monkeypatch.setattr(model_store, "load_networks", load)
 
 
 def request(**fields) -> GenerationRequest:

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from convert import load_sd1
+from convert import load_networks
 from mlx_sd.engine import embeddings, prompt_weights
 from mlx_sd.engine.backends import Backend
 from mlx_sd.engine.errors import CheckpointError, InvalidRequest, ModelNotFound
@@ -99,7 +99,7 @@ def test_emphasis_scales_tokens_and_restores_each_windows_mean() -> None:
 @pytest.fixture(scope="module", params=[b.value for b in Backend])
 def text_encoder(request: pytest.FixtureRequest):
     backend = backend_or_skip(request.param)
-    models = load_sd1(FIXTURES / "sd1_tiny" / "diffusers", dtype=mx.float32, reader=backend.reader)
+    models = load_networks(FIXTURES / "sd1_tiny" / "diffusers", dtype=mx.float32, reader=backend.reader)
     return backend.prepare_models(models).text_encoder
 
 

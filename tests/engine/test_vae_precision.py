@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from convert import SD1Models
+from convert import ModelNetworks
 from convert.families import SDXL, Family
 from mlx_sd.engine.model_store import ModelStore
 from mlx_sd.engine.pipeline import _decode
@@ -74,7 +74,7 @@ def test_force_upcast_is_read_from_config_json() -> None:
 def loaded(vae: AutoencoderKL, family: Family) -> SimpleNamespace:
     """What the pipeline's decode reads of a loaded model (its VAE, family and activation dtype) on
     fp16, as on Metal; a LoadedModel itself needs a UNet (for its LoRA merger)."""
-    return SimpleNamespace(models=SD1Models(None, None, vae, family=family), activation_dtype=mx.float16)
+    return SimpleNamespace(models=ModelNetworks(None, None, vae, family=family), activation_dtype=mx.float16)
 
 
 def test_the_pipelines_decode_of_an_sdxl_model_in_fp16_is_finite_and_right(latents: mx.array) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from convert import SD1Configs, SD1Models, load_sd1
+from convert import ModelNetworks, NetworkConfigs, load_networks
 from convert.families import SD2, SDXL
 from mlx_sd.engine.backends import Backend
 from tests.models.test_models_parity import TOLERANCES, dtype, form, nchw, nhwc, relative_error  # noqa: F401 (fixtures)
@@ -36,13 +36,13 @@ def write_single_file(family: str, path: Path) -> Path:
     return path
 
 
-def tiny_configs(family: str) -> SD1Configs:
+def tiny_configs(family: str) -> NetworkConfigs:
     """The tiny widths, head counts and groups, which the families' conventions would not infer."""
     configs = json.loads((fixture_dir(family) / "golden.json").read_text())["configs"]
     # transformers' config dicts name the architecture only in config.json
     if "text_encoder_2" in configs:
         configs["text_encoder_2"]["architectures"] = ["CLIPTextModelWithProjection"]
-    return SD1Configs.from_dict(configs)
+    return NetworkConfigs.from_dict(configs)
 
 
 @pytest.fixture(scope="module", params=["sd2", "sdxl"])
@@ -57,12 +57,12 @@ def golden(family: str) -> dict[str, mx.array]:
 
 @pytest.fixture(scope="module")
 def models(family: str, form: str, dtype: mx.Dtype, backend: Backend,
-           tmp_path_factory: pytest.TempPathFactory) -> SD1Models:
+           tmp_path_factory: pytest.TempPathFactory) -> ModelNetworks:
     if form == "single_file":
         path = write_single_file(family, tmp_path_factory.mktemp(family) / "model.safetensors")
-        models = load_sd1(path, dtype=dtype, configs=tiny_configs(family), reader=backend.reader)
+        models = load_networks(path, dtype=dtype, configs=tiny_configs(family), reader=backend.reader)
     else:
-        models = load_sd1(fixture_dir(family) / "diffusers", dtype=dtype, reader=backend.reader)
+        models = load_networks(fixture_dir(family) / "diffusers", dtype=dtype, reader=backend.reader)
     assert models.family is FAMILIES[family]
     return backend.prepare_models(models)
 
@@ -73,7 +73,7 @@ def activations(dtype: mx.Dtype, backend: Backend) -> mx.Dtype:
     return backend.activation_dtype(dtype)
 
 
-def test_text_encoders_match_reference(family: str, models: SD1Models, dtype: mx.Dtype, golden: dict) -> None:
+def test_text_encoders_match_reference(family: str, models: ModelNetworks, dtype: mx.Dtype, golden: dict) -> None:
     tolerance = TOLERANCES[dtype]
     if family == "sd2":  # the layer before OpenCLIP's last, final-normed: what the single file's extra layer is dropped for
         assert len(models.text_encoder.encoder.layers) == 3
@@ -89,7 +89,7 @@ def test_text_encoders_match_reference(family: str, models: SD1Models, dtype: mx
 
 
 @pytest.mark.parametrize("timestep", [999, 250])
-def test_unet_matches_reference(family: str, models: SD1Models, dtype: mx.Dtype, activations: mx.Dtype,
+def test_unet_matches_reference(family: str, models: ModelNetworks, dtype: mx.Dtype, activations: mx.Dtype,
                                 golden: dict, timestep: int) -> None:
     sample = nhwc(golden["unet_sample"]).astype(activations)
     if family == "sd2":
@@ -101,7 +101,7 @@ def test_unet_matches_reference(family: str, models: SD1Models, dtype: mx.Dtype,
     assert relative_error(nchw(out), golden[f"unet_out_t{timestep}"]) <= TOLERANCES[dtype]
 
 
-def test_vae_matches_reference(models: SD1Models, dtype: mx.Dtype, activations: mx.Dtype, golden: dict) -> None:
+def test_vae_matches_reference(models: ModelNetworks, dtype: mx.Dtype, activations: mx.Dtype, golden: dict) -> None:
     images = models.vae.decode(nhwc(golden["vae_decode_z"]).astype(activations))
     assert relative_error(nchw(images), golden["vae_decode_out"]) <= TOLERANCES[dtype]
     mean, logvar = models.vae.encode(nhwc(golden["vae_encode_image"]).astype(activations))
@@ -109,12 +109,12 @@ def test_vae_matches_reference(models: SD1Models, dtype: mx.Dtype, activations: 
     assert relative_error(nchw(logvar), golden["vae_encode_logvar"]) <= TOLERANCES[dtype]
 
 
-def test_vae_scaling_factor_follows_the_family(family: str, models: SD1Models) -> None:
+def test_vae_scaling_factor_follows_the_family(family: str, models: ModelNetworks) -> None:
     assert models.vae.config.scaling_factor == FAMILIES[family].vae_scaling_factor
 
 
 def test_the_sdxl_unet_needs_its_added_conditioning(golden: dict) -> None:
-    models = load_sd1(fixture_dir("sdxl") / "diffusers", dtype=mx.float32)
+    models = load_networks(fixture_dir("sdxl") / "diffusers", dtype=mx.float32)
     context = mx.zeros((1, 77, models.unet.config.cross_attention_dim))
     with pytest.raises(ValueError, match="text_embeds and time_ids"):
         models.unet(nhwc(golden["unet_sample"])[:1], mx.array(999), context)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from convert import SD1Configs, SD1Models, load_sd1
+from convert import ModelNetworks, NetworkConfigs, load_networks
 from mlx_sd.engine.backends import Backend
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "sd1_tiny"
@@ -58,9 +58,9 @@ def golden() -> dict[str, mx.array]:
 
 
 @pytest.fixture(scope="module")
-def tiny_configs() -> SD1Configs:
+def tiny_configs() -> NetworkConfigs:
     """The tiny models' widths and head counts, which SD-1 conventions would not infer."""
-    return SD1Configs.from_dict(json.loads((FIXTURES / "golden.json").read_text())["configs"])
+    return NetworkConfigs.from_dict(json.loads((FIXTURES / "golden.json").read_text())["configs"])
 
 
 @pytest.fixture(scope="module", params=["single_file", "diffusers"])
@@ -74,12 +74,13 @@ def dtype(request: pytest.FixtureRequest) -> mx.Dtype:
 
 
 @pytest.fixture(scope="module")
-def models(form: str, dtype: mx.Dtype, backend: Backend, tiny_configs: SD1Configs, sd1_single_file: Path) -> SD1Models:
+def models(form: str, dtype: mx.Dtype, backend: Backend, tiny_configs: NetworkConfigs,
+           sd1_single_file: Path) -> ModelNetworks:
     """The networks loaded and prepared for the backend, as the model store does."""
     if form == "single_file":
-        models = load_sd1(sd1_single_file, dtype=dtype, configs=tiny_configs, reader=backend.reader)
+        models = load_networks(sd1_single_file, dtype=dtype, configs=tiny_configs, reader=backend.reader)
     else:  # configs come from the folder's config.json files
-        models = load_sd1(DIFFUSERS, dtype=dtype, reader=backend.reader)
+        models = load_networks(DIFFUSERS, dtype=dtype, reader=backend.reader)
     return backend.prepare_models(models)
 
 
@@ -89,23 +90,23 @@ def activations(dtype: mx.Dtype, backend: Backend) -> mx.Dtype:
     return backend.activation_dtype(dtype)
 
 
-def test_weights_take_the_requested_dtype(models: SD1Models, dtype: mx.Dtype) -> None:
+def test_weights_take_the_requested_dtype(models: ModelNetworks, dtype: mx.Dtype) -> None:
     for network in (models.text_encoder, models.unet, models.vae):
         assert {p.dtype for _, p in tree_flatten(network.parameters())} == {dtype}
 
 
-def test_activations_take_the_backends_dtype(models: SD1Models, activations: mx.Dtype, golden: dict) -> None:
+def test_activations_take_the_backends_dtype(models: ModelNetworks, activations: mx.Dtype, golden: dict) -> None:
     assert models.text_encoder(golden["text_input_ids"]).dtype == activations
     assert models.vae.decode(nhwc(golden["vae_decode_z"]).astype(activations)).dtype == activations
 
 
-def test_text_encoder_matches_reference(models: SD1Models, dtype: mx.Dtype, golden: dict) -> None:
+def test_text_encoder_matches_reference(models: ModelNetworks, dtype: mx.Dtype, golden: dict) -> None:
     hidden = models.text_encoder(golden["text_input_ids"])
     assert relative_error(hidden, golden["text_last_hidden_state"]) <= TOLERANCES[dtype]
 
 
 @pytest.mark.parametrize("timestep", [999, 250])
-def test_unet_matches_reference(models: SD1Models, dtype: mx.Dtype, activations: mx.Dtype, golden: dict,
+def test_unet_matches_reference(models: ModelNetworks, dtype: mx.Dtype, activations: mx.Dtype, golden: dict,
                                 timestep: int) -> None:
     eps = models.unet(
         nhwc(golden["unet_sample"]).astype(activations),
@@ -115,12 +116,14 @@ def test_unet_matches_reference(models: SD1Models, dtype: mx.Dtype, activations:
     assert relative_error(nchw(eps), golden[f"unet_eps_t{timestep}"]) <= TOLERANCES[dtype]
 
 
-def test_vae_decode_matches_reference(models: SD1Models, dtype: mx.Dtype, activations: mx.Dtype, golden: dict) -> None:
+def test_vae_decode_matches_reference(models: ModelNetworks, dtype: mx.Dtype, activations: mx.Dtype,
+                                      golden: dict) -> None:
     images = models.vae.decode(nhwc(golden["vae_decode_z"]).astype(activations))
     assert relative_error(nchw(images), golden["vae_decode_out"]) <= TOLERANCES[dtype]
 
 
-def test_vae_encode_matches_reference(models: SD1Models, dtype: mx.Dtype, activations: mx.Dtype, golden: dict) -> None:
+def test_vae_encode_matches_reference(models: ModelNetworks, dtype: mx.Dtype, activations: mx.Dtype,
+                                      golden: dict) -> None:
     mean, logvar = models.vae.encode(nhwc(golden["vae_encode_image"]).astype(activations))
     assert relative_error(nchw(mean), golden["vae_encode_mean"]) <= TOLERANCES[dtype]
     assert relative_error(nchw(logvar), golden["vae_encode_logvar"]) <= TOLERANCES[dtype]
@@ -139,40 +142,40 @@ def rewrite(source: Path, destination: Path, rename=lambda key: key) -> Path:
     return destination
 
 
-def decode(models: SD1Models, golden: dict) -> mx.array:
+def decode(models: ModelNetworks, golden: dict) -> mx.array:
     return nchw(models.vae.decode(nhwc(golden["vae_decode_z"])))
 
 
 def test_model_dir_vae_file_in_original_naming_overrides_the_checkpoint_vae(
-    tmp_path: Path, golden: dict, tiny_configs: SD1Configs, sd1_single_file: Path
+    tmp_path: Path, golden: dict, tiny_configs: NetworkConfigs, sd1_single_file: Path
 ) -> None:
     rewrite(sd1_single_file, tmp_path / "stable-diffusion" / "model.safetensors")
     rewrite(ORIGINAL_VAE, tmp_path / "vae" / "model.safetensors")
-    models = load_sd1(tmp_path, dtype=mx.float32, configs=tiny_configs)
+    models = load_networks(tmp_path, dtype=mx.float32, configs=tiny_configs)
     assert relative_error(decode(models, golden), golden["vae_original_decode_out"]) <= FP32_REL_TOL
 
 
 def test_vae_file_in_diffusers_naming_replaces_a_checkpoint_without_vae(
-    tmp_path: Path, golden: dict, tiny_configs: SD1Configs, sd1_single_file: Path
+    tmp_path: Path, golden: dict, tiny_configs: NetworkConfigs, sd1_single_file: Path
 ) -> None:
     without_vae = rewrite(
         sd1_single_file, tmp_path / "no_vae.safetensors", lambda k: None if k.startswith("first_stage_model.") else k
     )
-    models = load_sd1(without_vae, dtype=mx.float32, vae_path=DIFFUSERS_VAE, configs=tiny_configs)
+    models = load_networks(without_vae, dtype=mx.float32, vae_path=DIFFUSERS_VAE, configs=tiny_configs)
     assert relative_error(decode(models, golden), golden["vae_decode_out"]) <= FP32_REL_TOL
 
 
 def test_diffusers_folder_with_original_vae_override(golden: dict) -> None:
-    models = load_sd1(DIFFUSERS, dtype=mx.float32, vae_path=ORIGINAL_VAE)
+    models = load_networks(DIFFUSERS, dtype=mx.float32, vae_path=ORIGINAL_VAE)
     assert relative_error(decode(models, golden), golden["vae_original_decode_out"]) <= FP32_REL_TOL
 
 
 def test_single_file_with_old_clip_key_naming(
-    tmp_path: Path, golden: dict, tiny_configs: SD1Configs, sd1_single_file: Path
+    tmp_path: Path, golden: dict, tiny_configs: NetworkConfigs, sd1_single_file: Path
 ) -> None:
     old = "cond_stage_model.transformer."
     path = rewrite(sd1_single_file, tmp_path / "old_clip.safetensors", lambda k: k.replace(old + "text_model.", old))
-    models = load_sd1(path, dtype=mx.float32, configs=tiny_configs)
+    models = load_networks(path, dtype=mx.float32, configs=tiny_configs)
     hidden = models.text_encoder(golden["text_input_ids"])
     assert relative_error(hidden, golden["text_last_hidden_state"]) <= FP32_REL_TOL
 
@@ -186,7 +189,7 @@ def test_diffusers_vae_with_legacy_attention_names(tmp_path: Path, golden: dict)
         return key
 
     vae_file = rewrite(DIFFUSERS_VAE, tmp_path / "vae.safetensors", to_legacy)
-    models = load_sd1(DIFFUSERS, dtype=mx.float32, vae_path=vae_file)
+    models = load_networks(DIFFUSERS, dtype=mx.float32, vae_path=vae_file)
     assert relative_error(decode(models, golden), golden["vae_decode_out"]) <= FP32_REL_TOL
 
 
@@ -199,7 +202,7 @@ def test_bf16_source_loads(tmp_path: Path, golden: dict) -> None:
         target.parent.mkdir(parents=True)
         mx.save_safetensors(str(target), {k: v.astype(mx.bfloat16) for k, v in arrays.items()})
         shutil.copy(weights.parent / "config.json", target.parent)
-    models = load_sd1(folder, dtype=mx.float32)
+    models = load_networks(folder, dtype=mx.float32)
     hidden = models.text_encoder(golden["text_input_ids"])
     # bf16 keeps 8 bits of mantissa (unit roundoff 3.9e-3); the error budget is the fp16 one.
     assert relative_error(hidden, golden["text_last_hidden_state"]) <= FP16_REL_TOL

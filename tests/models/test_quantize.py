@@ -11,7 +11,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from convert import SD1Configs, load_sd1
+from convert import NetworkConfigs, load_networks
 from mlx_sd.models.quantize import quantize
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "sd1_tiny"
@@ -22,8 +22,8 @@ TOLERANCE = {8: 0.015, 4: 0.3}
 
 
 def load() -> object:
-    configs = SD1Configs.from_dict(json.loads((FIXTURES / "golden.json").read_text())["configs"])
-    return load_sd1(FIXTURES / "diffusers", dtype="float32", configs=configs)
+    configs = NetworkConfigs.from_dict(json.loads((FIXTURES / "golden.json").read_text())["configs"])
+    return load_networks(FIXTURES / "diffusers", dtype="float32", configs=configs)
 
 
 def relative_error(ours: mx.array, reference: mx.array) -> float:

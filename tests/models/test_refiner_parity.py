@@ -13,7 +13,7 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from convert import SD1Models, load_sd1
+from convert import ModelNetworks, load_networks
 from convert.families import SDXL_REFINER
 from mlx_sd.engine.backends import Backend
 from tests.models.test_models_parity import TOLERANCES, nchw, nhwc, relative_error
@@ -28,14 +28,15 @@ def dtype(request: pytest.FixtureRequest) -> mx.Dtype:
 
 
 @pytest.fixture(scope="module")
-def refiner(dtype: mx.Dtype, backend: Backend) -> SD1Models:
-    models = load_sd1(REFINER / "diffusers", dtype=dtype, reader=backend.reader)
+def refiner(dtype: mx.Dtype, backend: Backend) -> ModelNetworks:
+    models = load_networks(REFINER / "diffusers", dtype=dtype, reader=backend.reader)
     assert models.family is SDXL_REFINER and models.text_encoder is None
     return backend.prepare_models(models)
 
 
 @pytest.mark.parametrize("timestep", [999, 250])
-def test_refiner_unet_matches_reference(refiner: SD1Models, dtype: mx.Dtype, backend: Backend, timestep: int) -> None:
+def test_refiner_unet_matches_reference(refiner: ModelNetworks, dtype: mx.Dtype, backend: Backend,
+                                        timestep: int) -> None:
     golden = mx.load(str(REFINER / "golden.safetensors"))
     text = mx.load(str(FIXTURES / "sdxl_tiny" / "golden.safetensors"))
     act = backend.activation_dtype(dtype)
@@ -45,7 +46,7 @@ def test_refiner_unet_matches_reference(refiner: SD1Models, dtype: mx.Dtype, bac
     assert relative_error(nchw(out), golden[f"unet_out_t{timestep}"]) <= TOLERANCES[dtype]
 
 
-def test_refiner_text_encoder_is_bigg_with_its_projection(refiner: SD1Models) -> None:
+def test_refiner_text_encoder_is_bigg_with_its_projection(refiner: ModelNetworks) -> None:
     text = mx.load(str(FIXTURES / "sdxl_tiny" / "golden.safetensors"))
     hidden, pooled = refiner.text_encoder_2.hidden_and_pooled(text["text_input_ids_2"])
     assert relative_error(pooled, text["text_2_pooled"]) <= TOLERANCES[mx.bfloat16]
@@ -57,10 +58,10 @@ def test_the_refiner_as_a_single_file_holds_the_weights_of_its_diffusers_form(tm
 
     from tests.fixtures.family_keymap import single_file_from_diffusers
 
-    folder = load_sd1(REFINER / "diffusers")
+    folder = load_networks(REFINER / "diffusers")
     path = tmp_path / "sd_xl_refiner.safetensors"  # SGM's layout: bigG alone, as conditioner.embedders.0
     save_file(single_file_from_diffusers(REFINER, "sdxl_refiner"), str(path))
-    single = load_sd1(path, configs=folder.configs)
+    single = load_networks(path, configs=folder.configs)
     assert single.family is SDXL_REFINER and single.text_encoder is None
     for network in ("unet", "vae", "text_encoder_2"):
         ours, theirs = (dict(tree_flatten(getattr(models, network).parameters())) for models in (single, folder))
