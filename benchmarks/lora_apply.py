@@ -46,20 +46,9 @@ UNET_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", 
 TE_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
-def rss_gib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
 def start_peak() -> float:
     """Resets the process's peak RSS (Linux's VmHWM) to now; returns the RSS now."""
-    sd15.reset_peak_rss()
-    return rss_gib()
-
-
-def peak_rss_gib() -> float:
-    status = Path("/proc/self/status").read_text().splitlines()
-    return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 2**20
+    return sd15.reset_peak_rss()["held_rss_gib"]
 
 
 def _sd1_layers(model: Path):
@@ -139,7 +128,7 @@ def run_ours(family: str, model: Path, lora: Path) -> dict:
     start = time.perf_counter()
     merger.apply([(lora, WEIGHT)])
     apply = time.perf_counter() - start
-    held, peak = (rss_gib() - rss, mx.get_active_memory() / 2**30 - active), peak_rss_gib() - rss
+    held, peak = (sd15.rss_gib() - rss, mx.get_active_memory() / 2**30 - active), sd15.rss_gib("VmHWM") - rss
     start = time.perf_counter()
     merger.apply([(lora, WEIGHT)])
     again = time.perf_counter() - start
@@ -180,7 +169,7 @@ def run_reference(family: str, model: Path, lora: Path) -> dict:
     pipe.load_lora_weights(str(lora))
     pipe.fuse_lora(lora_scale=WEIGHT)
     apply = time.perf_counter() - start
-    return {"apply_s": apply, "held_rss_gib": rss_gib() - rss, "peak_rss_gib": peak_rss_gib() - rss,
+    return {"apply_s": apply, "held_rss_gib": sd15.rss_gib() - rss, "peak_rss_gib": sd15.rss_gib("VmHWM") - rss,
             "model_rss_gib": rss}
 
 

@@ -49,6 +49,12 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def rss_gib(field: str = "VmRSS") -> float:
+    """The process's RSS now (`VmRSS`) or its high-water mark (`VmHWM`), from /proc (Linux)."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 2**20
+
+
 def reset_peak_rss() -> dict:
     """Count the peak RSS from now on (Linux resets its high-water mark through clear_refs; elsewhere
     the peak stays the process's). Returns the RSS held at this point, where /proc tells it, to
@@ -57,8 +63,7 @@ def reset_peak_rss() -> dict:
     if not clear.exists():
         return {}
     clear.write_text("5")
-    status = Path("/proc/self/status").read_text().splitlines()
-    return {"held_rss_gib": next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 2**20}
+    return {"held_rss_gib": rss_gib()}
 
 
 # With --interleave each child waits for the parent's word before every run (warm-up included),

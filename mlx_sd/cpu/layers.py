@@ -52,7 +52,7 @@ class Conv2d(nn.Conv2d):
     def reads_bf16(self, shape: tuple[int, ...]) -> bool:
         """Whether this layer reads an input of this shape as bf16 (gemm.reads_bf16), so that the
         layer before may hand it over rounded."""
-        return self._plain_same() and gemm.fast_blas() and gemm.reads_bf16(self.weight, shape)
+        return self._plain_same() and gemm.reads_bf16(self.weight, shape)
 
     def _plain_same(self) -> bool:
         """A stride-1, undilated, ungrouped convolution with a square kernel and "same" padding."""
